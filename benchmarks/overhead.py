@@ -97,8 +97,11 @@ def run_one(cfg: dict) -> dict:
         if device_is_cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
-    # Exact bytes SAM keeps between steps (weight backup + micro-mode stash), against the trainable parameters.
+    # Exact bytes the method keeps between steps, against the trainable parameters: SAM's weight backup and
+    # micro-mode stash, MESA's EMA teacher, SAF's logit bank.
     held = list(getattr(trainer._sam_perturbation, "_backup", {}).values()) + list(trainer._sam_stash.values())
+    if trainer._sam_loss_term is not None:
+        held += list(trainer._sam_loss_term.state_dict().values())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return {
         "held_copies": sum(t.numel() * t.element_size() for t in held) / trainable,
@@ -109,6 +112,12 @@ def run_one(cfg: dict) -> dict:
         "peak_mib": peak,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
     }
+
+
+def method_args(method: str) -> dict:
+    """The method's preset; SAF's term from step 0 (a one-epoch run would never reach its default start epoch,
+    and before its lag epochs pass the term is computed in full but finds no target: the same work)."""
+    return {"sam_method": method, **({"saf_start_epoch": 0.0} if method == "saf" else {})}
 
 
 def main() -> None:
@@ -128,6 +137,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the table and json")
+    parser.add_argument("--name", default=None, help="file name of the table and json (default overhead_<device>)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     cli = parser.parse_args()
 
@@ -145,7 +155,7 @@ def main() -> None:
             cfg = {
                 "device": device, "steps": cli.steps, "warmup": cli.warmup, "hidden": cli.hidden,
                 "layers": cli.layers, "vocab": cli.vocab, "seq": cli.seq, "batch": cli.batch, "ga": cli.ga,
-                "bf16": cli.bf16, "method_args": {"sam_method": method},
+                "bf16": cli.bf16, "method_args": method_args(method),
                 "output_dir": os.path.join(cli.out, "_tmp"),
             }  # fmt: skip
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -195,10 +205,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     Path(cli.out).mkdir(parents=True, exist_ok=True)
-    (Path(cli.out) / f"overhead_{device}.md").write_text(table + "\n")
-    (Path(cli.out) / f"overhead_{device}.json").write_text(
-        json.dumps({"config": vars(cli), "summary": summary}, indent=2)
-    )
+    name = cli.name or f"overhead_{device}"
+    (Path(cli.out) / f"{name}.md").write_text(table + "\n")
+    (Path(cli.out) / f"{name}.json").write_text(json.dumps({"config": vars(cli), "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":

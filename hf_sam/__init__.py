@@ -4,6 +4,7 @@ from .arguments import SAMArgumentsMixin, SAMSeq2SeqTrainingArguments, SAMTraini
 from .methods import METHODS
 from .mixin import SAMMixin
 from .trainer import SAMSeq2SeqTrainer, SAMTrainer
+from .trajectory import add_example_index
 
 
 __version__ = "0.1.0"
@@ -16,4 +17,5 @@ __all__ = [
     "SAMSeq2SeqTrainingArguments",
     "SAMTrainer",
     "SAMTrainingArguments",
+    "add_example_index",
 ]

@@ -11,6 +11,7 @@ from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from .masks import MASKS
 from .methods import AXIS_DEFAULTS, METHODS
 from .schedules import SCHEDULES
+from .trajectory import LOSS_TERMS
 
 
 ACCUMULATION_MODES = ("window", "micro")
@@ -61,6 +62,16 @@ class SAMArgumentsMixin:
         Regex on parameter names: only matching trainable parameters are perturbed.
     sam_exclude (`str`, *optional*):
         Regex on parameter names: matching parameters are not perturbed.
+
+    > Parameters of the one-pass loss terms (`saf`, `mesa`): no perturbation, Trainer's one pass plus
+    > lambda * tau^2 * mean KL(softmax(z_hat / tau) || softmax(z / tau))
+
+    sam_loss_term (`str`, *optional*):
+        `none`, `saf` (z_hat: the example's logits `saf_lag_epochs` earlier) or `mesa` (z_hat: an EMA copy's logits).
+    saf_lambda, saf_tau, saf_lag_epochs, saf_start_epoch (*optional*, defaults to 0.3, 5, 1, 1.0):
+        SAF's weight, temperature, epoch lag of the recorded logits, and first epoch with the term.
+    mesa_lambda, mesa_tau, mesa_ema_decay, mesa_start_epoch (*optional*, defaults to 0.8, 5, 0.999, 0.0):
+        MESA's weight, temperature, EMA decay of the teacher, and first epoch with the term.
     """
 
     sam_method: str = field(default="sam", metadata={"help": _method_help(), "choices": list(METHODS)})
@@ -191,10 +202,35 @@ class SAMArgumentsMixin:
     looksam_alpha: float = field(default=0.7, metadata={"help": "LookSAM: weight of the reused component."})
     fsam_sigma: float = field(default=1.0, metadata={"help": "Friendly SAM: share of the gradient EMA removed."})
     fsam_lambda: float = field(default=0.9, metadata={"help": "Friendly SAM: EMA decay of the gradient."})
+    sam_loss_term: str | None = field(
+        default=None,
+        metadata={
+            "help": "One-pass loss term instead of the SAM passes: none, saf (logits of each example saf_lag_epochs"
+            " earlier) or mesa (logits of an EMA copy of the model). Default: from the method preset (saf, mesa).",
+            "choices": list(LOSS_TERMS),
+        },
+    )
+    saf_lambda: float = field(default=0.3, metadata={"help": "SAF: weight lambda of the KL term."})
+    saf_tau: float = field(default=5.0, metadata={"help": "SAF: softmax temperature tau (the term is times tau^2)."})
+    saf_lag_epochs: int = field(
+        default=1, metadata={"help": "SAF: an example's target logits are those recorded this many epochs earlier."}
+    )
+    saf_start_epoch: float = field(
+        default=1.0, metadata={"help": "SAF: add the term from this epoch on (fractional epochs allowed)."}
+    )
+    mesa_lambda: float = field(default=0.8, metadata={"help": "MESA: weight lambda of the KL term."})
+    mesa_tau: float = field(default=5.0, metadata={"help": "MESA: softmax temperature tau (the term is times tau^2)."})
+    mesa_ema_decay: float = field(
+        default=0.999, metadata={"help": "MESA: EMA decay beta of the teacher, v <- beta v + (1 - beta) w, in [0, 1)."}
+    )
+    mesa_start_epoch: float = field(
+        default=0.0, metadata={"help": "MESA: add the term from this epoch on (the EMA is updated from the start)."}
+    )
 
     def __post_init__(self):
         self._resolve_sam_preset()
         self._validate_sam_fields()
+        self._validate_loss_term_fields()
         if self.sam_enabled and self.deepspeed:
             # Checked before TrainingArguments.__post_init__, which would start setting DeepSpeed up.
             raise ValueError(
@@ -210,8 +246,8 @@ class SAMArgumentsMixin:
 
     @property
     def sam_enabled(self) -> bool:
-        """Whether `SAMTrainer` runs any SAM machinery (`False` only for method `none`)."""
-        return self.sam_method != "none"
+        """Whether `SAMTrainer` runs the SAM passes (`False` for `none` and the one-pass loss terms saf, mesa)."""
+        return self.sam_method != "none" and self.sam_loss_term == "none"
 
     def _resolve_sam_preset(self) -> None:
         if self.sam_method not in METHODS:
@@ -321,6 +357,54 @@ class SAMArgumentsMixin:
                     re.compile(pattern)
                 except re.error as err:
                     raise ValueError(f"{name}={pattern!r} is not a valid regular expression: {err}.") from err
+
+    def _validate_loss_term_fields(self) -> None:
+        """SAF / MESA fields, and the SAM axes a one-pass loss term cannot combine with."""
+        if self.sam_loss_term not in LOSS_TERMS:
+            raise ValueError(f"sam_loss_term={self.sam_loss_term!r} is unknown; use one of {', '.join(LOSS_TERMS)}.")
+        for name in ("saf_lambda", "saf_tau", "mesa_lambda", "mesa_tau"):
+            value = getattr(self, name)
+            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not finite or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a finite number > 0 (lambda: SAF 0.3, MESA 0.8; tau 5).")
+        for name in ("saf_start_epoch", "mesa_start_epoch"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a finite number of epochs >= 0.")
+        lag = self.saf_lag_epochs
+        if not isinstance(lag, int) or isinstance(lag, bool) or lag < 1:
+            raise ValueError(f"saf_lag_epochs={lag!r} must be an integer >= 1 (epochs between record and use).")
+        decay = self.mesa_ema_decay
+        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 <= decay < 1:
+            raise ValueError(f"mesa_ema_decay={decay!r} must lie in [0, 1); the default is 0.999.")
+        if self.sam_loss_term == "none":
+            return
+        term = self.sam_loss_term
+        if self.sam_method == "none":
+            raise ValueError(
+                f"sam_method='none' with sam_loss_term={term!r} contradict each other: 'none' is the plain Trainer."
+                f" Use --sam_method {term}."
+            )
+        # A loss-term method runs Trainer's one pass per micro-batch: the SAM-step axes have nothing to act on.
+        conflicts = {
+            "sam_rho": self.sam_rho > 0,
+            "sam_mask": self.sam_mask != "none",
+            "sam_descent": self.sam_descent != "none",
+            "sam_renormalize": bool(self.sam_renormalize),
+            "sam_micro_batches": self.sam_micro_batches > 1,
+            "sam_schedule": self.sam_schedule != "always",
+        }
+        for name, conflict in conflicts.items():
+            if conflict:
+                raise ValueError(
+                    f"sam_loss_term={term!r} runs one plain pass per step and never perturbs the weights, so"
+                    f" {name}={getattr(self, name)!r} has nothing to act on. Drop --{name}, or choose a SAM method."
+                )
+        if self.deepspeed:
+            raise ValueError(
+                f"sam_loss_term={term!r} is not supported under DeepSpeed yet (MESA's EMA copy cannot follow"
+                " ZeRO-partitioned weights; SAF is untested there). Use DDP through accelerate."
+            )
 
     def _validate_sam_against_training_args(self) -> None:
         if not self.sam_enabled:

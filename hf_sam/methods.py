@@ -65,6 +65,17 @@ METHODS: dict[str, MethodInfo] = {
     "ssam-d": MethodInfo(
         "Mi et al. 2022, arXiv 2210.05177 (dynamic mask)", "2.0 + mask work", {"sam_rho": 0.05, "sam_mask": "dynamic"}
     ),
+    # One-pass loss terms (hf_sam/trajectory.py): Trainer's own pass plus a KL term, no perturbation.
+    "saf": MethodInfo(
+        "Du et al. 2022, arXiv 2205.14083 (Sharpness-Aware training for Free)",
+        "1.0",
+        {"sam_rho": 0.0, "sam_loss_term": "saf"},
+    ),
+    "mesa": MethodInfo(
+        "Du et al. 2022, arXiv 2205.14083 (MESA, memory-efficient SAF)",
+        "about 1.15-1.35 (one no-grad forward of the EMA teacher)",
+        {"sam_rho": 0.0, "sam_loss_term": "mesa"},
+    ),
 }
 
 # Values used when neither the user nor the preset sets an axis field.
@@ -81,5 +92,6 @@ AXIS_DEFAULTS: dict[str, Any] = {
     "sam_micro_batches": 1,
     "sam_accumulation": "window",
     "sam_mask": "none",
+    "sam_loss_term": "none",
     "esam_gamma": 1.0,
 }

@@ -27,6 +27,18 @@ from .perturbation import Perturbation, select_perturbed
 from .replay import batch_norm_layers, capture_rng, frozen_bn_stats, restore_rng
 from .schedules import is_sam_step
 from .tensors import global_norm, local
+from .trajectory import (
+    INDEX_COLUMN,
+    AfterOptimizerStep,
+    EMATeacher,
+    LogitBank,
+    add_example_index,
+    gather_rows,
+    index_size,
+    kl_to_target,
+    logits_of,
+    token_mask,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -68,6 +80,11 @@ class SAMMixin:
         self._sam_clean_copy: list[torch.Tensor] | None = None
         self._sam_raw_norm: torch.Tensor | None = None
         self._sam_stash: dict[int, torch.Tensor] = {}
+        # SAF's logit bank or MESA's EMA teacher (sam_loss_term), built from the prepared model at the first step.
+        self._sam_loss_term: LogitBank | EMATeacher | None = None
+        if self.args.sam_loss_term != "none":
+            self._sam_check_loss_term_setup()
+            self.add_callback(AfterOptimizerStep(self._sam_after_optimizer_step))
         if self.args.sam_enabled:
             self._sam_check_setup()
             if self.args.sam_method == "adasam" and self.optimizer is None and self.optimizer_cls_and_kwargs is None:
@@ -112,6 +129,9 @@ class SAMMixin:
         # Parameters may be replaced between __init__ and the first step (FSDP2 sharding, model_init), so the
         # method's pieces are built again, from the prepared model, at the start of every `train()` call.
         self._sam_perturbation = None
+        self._sam_loss_term = None
+        if self.args.sam_loss_term == "saf" and self.train_dataset is not None:
+            self.train_dataset = add_example_index(self.train_dataset)  # unchanged when it has an `idx` column
         return super().train(*args, **kwargs)
 
     def _sam_build(self) -> None:
@@ -505,6 +525,185 @@ class SAMMixin:
         self._sam_metrics.add("sam/perturbed_loss", perturbed, count)
         self._sam_metrics.add("sam/sharpness", perturbed - clean, count)
 
+    # ------------------------------------------------------------------ one-pass loss terms (SAF, MESA)
+
+    def _sam_check_loss_term_setup(self) -> None:
+        term = self.args.sam_loss_term
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(f"sam_loss_term={term!r} is not supported under DeepSpeed yet: use DDP.")
+        if term == "mesa" and getattr(self, "is_fsdp_enabled", False):
+            raise ValueError(
+                "sam_method='mesa' keeps a whole EMA copy of the model, not built for FSDP-sharded weights yet."
+                " Use DDP, or sam_method='saf' (no copy of the weights)."
+            )
+
+    def _sam_keeps_index(self, description: str | None) -> bool:
+        # Only the training set keeps SAF's index column; evaluation batches stay as Trainer makes them.
+        return self.args.sam_loss_term == "saf" and str(description).lower() == "training"
+
+    @contextlib.contextmanager
+    def _sam_signature_with_index(self):
+        self._set_signature_columns_if_needed()
+        saved = self._signature_columns
+        if INDEX_COLUMN not in saved:
+            self._signature_columns = [*saved, INDEX_COLUMN]
+        try:
+            yield
+        finally:
+            self._signature_columns = saved
+
+    def _remove_unused_columns(self, dataset, description: str | None = None):
+        if not self._sam_keeps_index(description):
+            return super()._remove_unused_columns(dataset, description=description)
+        with self._sam_signature_with_index():
+            return super()._remove_unused_columns(dataset, description=description)
+
+    def _get_collator_with_removed_columns(self, data_collator, description: str | None = None):
+        if not self._sam_keeps_index(description):
+            return super()._get_collator_with_removed_columns(data_collator, description=description)
+        with self._sam_signature_with_index():
+            return super()._get_collator_with_removed_columns(data_collator, description=description)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """Trainer's loss; with `sam_loss_term` (SAF, MESA), plus lambda tau^2 mean KL on training passes.
+
+        SAF's index column is taken out of `inputs` here, so the model never receives it.
+        """
+        if self.args.sam_loss_term == "none":
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        inputs = dict(inputs)
+        index = inputs.pop(INDEX_COLUMN, None)
+        if not model.training:  # evaluation and prediction: the plain loss
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        # Trainer may pop `labels` (label smoothing) from the dict it gets: pass a copy, keep ours for MESA's mask.
+        loss, outputs = super().compute_loss(
+            model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        if self._sam_loss_term is None:
+            self._sam_loss_term_build()
+        if self.args.sam_loss_term == "saf":
+            term = self._saf_term(outputs, index, num_items_in_batch)
+        else:
+            term = self._mesa_term(inputs, outputs, num_items_in_batch)
+        if term is not None:
+            loss = loss + term
+        return (loss, outputs) if return_outputs else loss
+
+    def _sam_loss_term_build(self) -> None:
+        """SAF: the logit bank, one row per example index. MESA: the EMA teacher, a copy of the prepared model."""
+        if self.args.sam_loss_term == "saf":
+            if self.train_dataset is None:
+                raise ValueError("sam_method='saf' needs a train_dataset: it records logits per training example.")
+            self._sam_loss_term = LogitBank(index_size(self.train_dataset), self.args.saf_lag_epochs, self.args.device)
+        else:
+            self._sam_loss_term = EMATeacher(self.model, self.args.mesa_ema_decay)
+            self._mesa_shift = self._sam_loss_shifts_labels()
+
+    def _sam_loss_shifts_labels(self) -> bool:
+        """Whether the model scores the logits at t against the label at t + 1 (causal LM), as Trainer decides."""
+        if getattr(self, "_loss_shifts_labels", False):
+            return True
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        return model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+    def _sam_term_scale(self, count, num_items_in_batch):
+        """The factor that turns a sum of per-item KL values into the loss's own normalization.
+
+        Trainer takes the model's loss to be a per-micro-batch mean (and divides it by the GA steps), or, when
+        the model accepts loss kwargs and `num_items_in_batch` is known, already normalized over the whole window
+        (times the processes under `average_tokens_across_devices`). The term follows the same convention.
+        """
+        count = count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        if not scaled:
+            return 1 / count
+        if num_items_in_batch is None:
+            return 1 / (count * self.current_gradient_accumulation_steps)
+        factor = 1
+        if self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func):
+            factor = self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        return factor / num_items_in_batch
+
+    def _saf_term(self, outputs, index, num_items_in_batch) -> torch.Tensor | None:
+        """SAF: KL to the logits each example had `saf_lag_epochs` earlier; then record this batch's logits."""
+        args = self.args
+        if index is None:
+            raise ValueError(
+                f"sam_method='saf' needs the example index column {INDEX_COLUMN!r} in every training batch. SAMTrainer"
+                " adds it to a datasets.Dataset or a dataset of dicts; a custom collator must pass it through."
+            )
+        logits = logits_of(outputs, args.sam_method)
+        index = index.to(logits.device).long().reshape(-1)
+        bank = self._sam_loss_term
+        epoch = self.state.epoch or 0.0
+        whole = math.floor(epoch)
+        term = None
+        if epoch >= args.saf_start_epoch:
+            target, found = bank.lookup(logits, index, whole)
+            # Examples without a record from epoch e - lag (first epochs, drop_last) add nothing.
+            kl = torch.where(found, kl_to_target(logits, target, args.saf_tau), 0.0)
+            scale = self._sam_term_scale(index.numel(), num_items_in_batch)
+            term = args.saf_lambda * args.saf_tau**2 * kl.sum() * scale
+            hits = found.sum()
+            self._sam_metrics.add("saf/kl", kl.detach().sum() / hits.clamp(min=1))
+            self._sam_metrics.add("saf/coverage", hits / max(index.numel(), 1))
+        # Every rank records every rank's batch, so a later lookup never misses an example another rank saw.
+        all_index, all_logits = gather_rows(index, logits.detach().float(), self._train_batch_size, bank.num_examples)
+        bank.record(all_logits, all_index, whole)
+        self._sam_metrics.add("sam/passes_per_step", 1.0)
+        return term
+
+    def _mesa_term(self, inputs, outputs, num_items_in_batch) -> torch.Tensor | None:
+        """MESA: KL to the EMA teacher's logits, per example or per labelled token."""
+        args = self.args
+        if (self.state.epoch or 0.0) < args.mesa_start_epoch:
+            self._sam_metrics.add("sam/passes_per_step", 1.0)
+            return None
+        teacher_inputs = dict(inputs)
+        config = getattr(self.model, "config", None)
+        if not getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" in inputs:
+            # Labels only feed the teacher's own loss (encoder-decoders build their decoder inputs from them).
+            teacher_inputs.pop("labels", None)
+            teacher_inputs.pop("shift_labels", None)
+        with self.accelerator.autocast():
+            teacher_logits = logits_of(self._sam_loss_term(teacher_inputs), args.sam_method)
+        if "shift_labels" in inputs:
+            labels, shift = inputs["shift_labels"], False
+        else:
+            labels, shift = inputs.get("labels"), self._mesa_shift
+        logits, mask = token_mask(logits_of(outputs, args.sam_method), labels, shift)
+        teacher_logits, _ = token_mask(teacher_logits, labels, shift)
+        kl = torch.where(mask, kl_to_target(logits, teacher_logits, args.mesa_tau), 0.0)
+        count = mask.sum()
+        term = args.mesa_lambda * args.mesa_tau**2 * kl.sum() * self._sam_term_scale(count, num_items_in_batch)
+        self._sam_metrics.add("mesa/kl", kl.detach().sum() / count.clamp(min=1))
+        # A no-grad forward counted as a third of a pass (backward = 2 forwards), as ESAM's SDS forward.
+        self._sam_metrics.add("sam/passes_per_step", 1.0 + 1 / 3)
+        return term
+
+    def _sam_after_optimizer_step(self) -> None:
+        """MESA: v <- beta v + (1 - beta) w right after each optimizer step (a TrainerCallback calls this)."""
+        if isinstance(self._sam_loss_term, EMATeacher):
+            self._sam_loss_term.update()
+
     # ------------------------------------------------------------------ logging and checkpoints
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -516,10 +715,11 @@ class SAMMixin:
         super().log(logs, *args, **kwargs)
 
     def sam_state_dict(self) -> dict[str, torch.Tensor]:
-        """Method state to checkpoint, as tensors: the ascent rule's and the descent transforms'."""
+        """Method state to checkpoint, as tensors: the ascent rule's, the descent transforms', the loss term's."""
+        state = dict(self._sam_loss_term.state_dict()) if self._sam_loss_term is not None else {}
         if self._sam_perturbation is None:
-            return {}
-        state = dict(self._sam_perturbation.rule.state_dict())
+            return state
+        state.update(self._sam_perturbation.rule.state_dict())
         if self._sam_perturbation.mask is not None:
             state.update(self._sam_perturbation.mask.state_dict())
         for transform in self._sam_descent:
@@ -530,6 +730,11 @@ class SAMMixin:
         """Restore what `sam_state_dict` returned (each piece takes the keys it owns)."""
         device = self.args.device
         state = {k: v.to(device) for k, v in state.items()}
+        if self.args.sam_loss_term != "none":  # SAF's bank ("saf_*") or MESA's teacher ("mesa_*"): checked there
+            if self._sam_loss_term is None:
+                self._sam_loss_term_build()
+            self._sam_loss_term.load_state_dict(state)
+            return
         # Every state tensor is "<piece>.<parameter name>" and must fit that perturbed parameter (local shard).
         params = dict(zip(self._sam_perturbation.names, self._sam_perturbation.params))
         expected = {k: local(params[k.split(".", 1)[1]]) for k in state if k.split(".", 1)[-1] in params}
@@ -543,14 +748,14 @@ class SAMMixin:
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.sam_enabled:
+        if self.args.sam_enabled or self.args.sam_loss_term != "none":
             # Every rank writes its own file: with local ascent some state (F-SAM's EMA) differs per rank.
             save_sam_state(output_dir, self.args.sam_method, self.sam_state_dict(), self._sam_rank_suffix())
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.args.sam_enabled:
-            if self._sam_perturbation is None:
+        if checkpoint is not None and (self.args.sam_enabled or self.args.sam_loss_term != "none"):
+            if self.args.sam_enabled and self._sam_perturbation is None:
                 self._sam_build()
             state = load_sam_state(checkpoint, self.args.sam_method, self._sam_rank_suffix())
             self.load_sam_state_dict(state)

@@ -11,6 +11,9 @@
 - `rho_zero_plain` / `window_invariant` (default True): False for ESAM, whose data selection changes which
   examples the descent sees (at rho 0 every rise is 0 and the pick is arbitrary; windows select per micro-batch).
 - `optimizer`: "own" when the method brings its optimizer (AdaSAM), so the tests must not pass one.
+- `kind: "loss_term"`: the one-pass loss-term methods (SAF, MESA). They never perturb, so the SAM-only tests
+  (reference loop, rho 0) skip them; their hand-written loops are in tests/test_trajectory.py (`reference`
+  names it). The feature tests (window invariance, fp16, bf16, LoRA, resume, DDP) run them.
 """
 
 from types import SimpleNamespace
@@ -89,5 +92,18 @@ METHOD_CASES = {
         "accumulation": BOTH,
         "rho_zero_plain": False,
         "window_invariant": False,
+    },
+    # In these short runs SAF's bank fills (its term starts an epoch later); MESA's term is on from step 0.
+    "saf": {
+        "args": {"sam_method": "saf"},
+        "kind": "loss_term",
+        "reference": "tests/test_trajectory.py",
+        "accumulation": ("window",),
+    },
+    "mesa": {
+        "args": {"sam_method": "mesa", "mesa_ema_decay": 0.9},
+        "kind": "loss_term",
+        "reference": "tests/test_trajectory.py",
+        "accumulation": ("window",),
     },
 }

@@ -236,6 +236,16 @@ def test_every_method_runs_under_ddp_with_identical_ranks(ddp_methods):
         assert entry["ranks_identical"] and entry["finite"], method
 
 
+def test_saf_bank_under_ddp_is_complete_and_identical_on_every_rank(ddp_methods):
+    # The shuffled sampler moves examples between ranks each epoch: without the all-gather a rank would find
+    # about half of its lookups missing (the official code reads zeros there).
+    saf = ddp_methods["saf"]
+    assert saf["saf_steps"] == 12
+    assert saf["saf_bank_identical"] and saf["saf_bank_complete"]
+    assert saf["saf_coverage"] == [1.0] * 8  # every lookup of epochs 1 and 2 found its example
+    assert saf["saf_resume_max_diff"] == 0.0
+
+
 def test_resume_under_ddp_matches_uninterrupted_run(ddp_methods):
     resumed = {m: e["resume_max_diff"] for m, e in ddp_methods.items() if "resume_max_diff" in e}
     assert resumed, "no stateful method was resumed"

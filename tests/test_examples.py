@@ -340,6 +340,23 @@ def test_run_image_classification_arrays_from_config(run_image, monkeypatch, tmp
     assert results["train_samples"] == 24 and results["eval_samples"] == 6
 
 
+def test_examples_run_the_one_pass_loss_terms(run_glue, run_image, monkeypatch, tmp_path, tiny_bert, tiny_vit,
+                                              image_folder, text_data):  # fmt: skip
+    # SAF through the image script: its transform must pass the `idx` column SAMTrainer adds. 18 examples in
+    # batches of 8 make 3 steps an epoch, so step 4 is in epoch 1 and looks up what epoch 0 recorded.
+    out = tmp_path / "saf"
+    argv = ["--model_name_or_path", str(tiny_vit), "--dataset_name", "imagefolder", "--train_dir",
+            str(image_folder / "train"), "--validation_dir", str(image_folder / "val"), "--sam_method", "saf",
+            *common_args(out)]  # fmt: skip
+    results = run_main(run_image, monkeypatch, IMAGE_SCRIPT, argv)
+    assert results["saf/coverage"] == 1.0 and results["saf/kl"] >= 0.0 and results["sam/passes_per_step"] == 1.0
+    assert math.isfinite(results["eval_loss"])
+    # MESA through run_glue: one extra no-grad forward of the EMA teacher per micro-batch.
+    argv = glue_argv(tiny_bert, text_data, tmp_path / "mesa", "--sam_method", "mesa")
+    results = run_main(run_glue, monkeypatch, GLUE_SCRIPT, argv)
+    assert math.isfinite(results["mesa/kl"]) and results["sam/passes_per_step"] == pytest.approx(4 / 3)
+
+
 # ----------------------------------------------------------------------------- clear errors
 
 

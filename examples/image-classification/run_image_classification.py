@@ -235,11 +235,11 @@ class LogFinalStepCallback(TrainerCallback):
 
 
 def sam_summary(log_history: list[dict]) -> dict[str, float]:
-    """Mean of every logged `sam/*` metric over training (the plain Trainer, `sam_method none`, logs none)."""
+    """Mean of every logged `sam/*` (and SAF's `saf/*`, MESA's `mesa/*`) metric over training (`none` logs none)."""
     values: dict[str, list[float]] = {}
     for entry in log_history:
         for key, value in entry.items():
-            if key.startswith("sam/"):
+            if key.startswith(("sam/", "saf/", "mesa/")):
                 values.setdefault(key, []).append(float(value))
     return {key: round(float(np.mean(v)), 6) for key, v in sorted(values.items())}
 
@@ -450,7 +450,10 @@ def main(argv: list[str] | None = None) -> dict:
             labels = batch[label_column]
             if label_to_id is not None:
                 labels = [label_to_id[label] for label in labels]
-            return {"pixel_values": pixel_values, "labels": labels}
+            out = {"pixel_values": pixel_values, "labels": labels}
+            if "idx" in batch:  # the example index SAMTrainer adds for --sam_method saf
+                out["idx"] = batch["idx"]
+            return out
 
         return apply
 

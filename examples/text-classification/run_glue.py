@@ -308,11 +308,11 @@ class LogFinalStepCallback(TrainerCallback):
 
 
 def sam_summary(log_history: list[dict]) -> dict[str, float]:
-    """Mean of every logged `sam/*` metric over training (the plain Trainer, `sam_method none`, logs none)."""
+    """Mean of every logged `sam/*` (and SAF's `saf/*`, MESA's `mesa/*`) metric over training (`none` logs none)."""
     values: dict[str, list[float]] = {}
     for entry in log_history:
         for key, value in entry.items():
-            if key.startswith("sam/"):
+            if key.startswith(("sam/", "saf/", "mesa/")):
                 values.setdefault(key, []).append(float(value))
     return {key: round(float(np.mean(v)), 6) for key, v in sorted(values.items())}
 

@@ -1,0 +1,381 @@
+"""SAF and MESA (one pass + a trajectory KL term) against hand-written loops, and their plumbing in Trainer."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from safetensors import safe_open
+from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
+
+from hf_sam import SAMTrainer, SAMTrainingArguments, add_example_index
+from hf_sam.trajectory import IndexedDataset, LogitBank, index_size
+from tests.helpers import (
+    SequentialSAMTrainer,
+    assert_same_weights,
+    batches,
+    copy_model,
+    sam_args,
+    state,
+    tiny_bert,
+    tiny_dataset,
+)
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def kl(student_logits, target_logits, tau):
+    """KL(softmax(target/tau) || softmax(student/tau)) per row, written out."""
+    p = torch.softmax(target_logits.float() / tau, dim=-1)
+    log_q = torch.log_softmax(student_logits.float() / tau, dim=-1)
+    return (p * (torch.log(p) - log_q)).sum(-1)
+
+
+def train(tmp_path, model, data, trainer_cls=SequentialSAMTrainer, optimizer=True, **overrides):
+    trainer = trainer_cls(
+        model=model,
+        args=sam_args(tmp_path, **overrides),
+        train_dataset=data,
+        optimizers=(sgd(model), None) if optimizer else (None, None),
+    )
+    trainer.train()
+    return trainer
+
+
+# ---------------------------------------------------------------------- SAF
+
+
+def reference_saf(model, data, batch, ga, epochs, lam, tau, lag, start):
+    """SAF in plain PyTorch: a dict (example, epoch) -> logits, KL to the entry `lag` epochs back."""
+    optimizer = sgd(model)
+    micro = batches(data, batch)
+    for m, start_row in zip(micro, range(0, len(data), batch)):
+        m["idx"] = torch.arange(start_row, start_row + len(m["labels"]))
+    windows = [micro[k : k + ga] for k in range(0, len(micro), ga)]
+    record = {}
+    for epoch in range(epochs):
+        for s, window in enumerate(windows):
+            progress = epoch + s / len(windows)  # Trainer's state.epoch before this step
+            optimizer.zero_grad()
+            for m in window:
+                out = model(input_ids=m["input_ids"], labels=m["labels"])
+                loss = out.loss
+                if progress >= start:
+                    terms = [
+                        kl(out.logits[r], record[(i, epoch - lag)], tau) if (i, epoch - lag) in record else 0.0
+                        for r, i in enumerate(m["idx"].tolist())
+                    ]
+                    loss = loss + lam * tau**2 * sum(terms) / len(terms)
+                for r, i in enumerate(m["idx"].tolist()):
+                    record[(i, epoch)] = out.logits[r].detach()
+                (loss / len(window)).backward()
+            optimizer.step()
+    return model
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+def test_saf_matches_hand_written_loop_across_epochs(tmp_path, ga):
+    data = tiny_dataset(8)
+    model = tiny_bert()
+    reference = reference_saf(copy_model(model), data, batch=2, ga=ga, epochs=3, lam=1.0, tau=2.0, lag=1, start=1.0)
+    trainer = train(tmp_path, model, data, max_steps=-1, num_train_epochs=3, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=ga, sam_method="saf", saf_lambda=1.0, saf_tau=2.0)  # fmt: skip
+    assert trainer.state.global_step == 3 * 4 // ga
+    assert_same_weights(state(trainer.model), state(reference), exact=False, atol=1e-5)
+    # The term ran (from epoch 1 on, every example found) and changed the trajectory.
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(("saf/kl" in h) == (h["epoch"] > 1.0) for h in logs)  # logged epoch: after the step
+    assert [h["saf/coverage"] for h in logs if "saf/kl" in h] == [1.0] * (2 * 4 // ga)
+    plain = reference_saf(copy_model(tiny_bert()), data, batch=2, ga=ga, epochs=3, lam=0.0, tau=2.0, lag=1, start=1)
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(state(plain).values(), state(reference).values()))
+
+
+def test_saf_lag_two_uses_the_ring_buffer(tmp_path):
+    data = tiny_dataset(4)
+    model = tiny_bert()
+    reference = reference_saf(copy_model(model), data, batch=2, ga=1, epochs=4, lam=1.0, tau=2.0, lag=2, start=0.0)
+    trainer = train(tmp_path, model, data, max_steps=-1, num_train_epochs=4, per_device_train_batch_size=2,
+                    sam_method="saf", saf_lambda=1.0, saf_tau=2.0, saf_lag_epochs=2, saf_start_epoch=0.0)  # fmt: skip
+    assert_same_weights(state(trainer.model), state(reference), exact=False, atol=1e-5)
+    bank = trainer._sam_loss_term
+    assert bank.bank.shape == (4, 3, 3)
+    assert bank.written.tolist() == [[3, 1, 2]] * 4  # slot e % 3 holds epoch e
+
+
+def test_index_column_is_kept_for_training_and_never_reaches_the_model(tmp_path):
+    rows = tiny_dataset(8).to_dict()
+    data = Dataset.from_dict({**rows, "text": ["unused"] * 8})  # a column remove_unused_columns must drop
+    model = tiny_bert()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    trainer = SequentialSAMTrainer(model=model, args=sam_args(tmp_path, sam_method="saf", max_steps=2,
+                                   per_device_train_batch_size=2), train_dataset=data,
+                                   eval_dataset=add_example_index(data))  # fmt: skip
+    trainer.train()
+    assert "idx" in trainer.train_dataset.column_names  # added by the trainer (the helper)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert set(batch) == {"input_ids", "labels", "idx"}
+    assert set(next(iter(trainer.get_eval_dataloader()))) == {"input_ids", "labels"}
+    assert seen and all("idx" not in kwargs for kwargs in seen)
+    trainer.evaluate()  # evaluation batches carry no index, and no term
+
+
+def test_existing_index_column_and_torch_datasets(tmp_path):
+    # A GLUE-like `idx` column with gaps is used as it is: the bank has max(idx) + 1 rows.
+    rows = tiny_dataset(4).to_dict()
+    data = Dataset.from_dict({**rows, "idx": [7, 2, 0, 5]})
+    assert add_example_index(data) is data and index_size(data) == 8
+    trainer = train(tmp_path / "a", tiny_bert(), data, sam_method="saf", max_steps=2, per_device_train_batch_size=2)
+    assert trainer._sam_loss_term.written[:, 0].tolist() == [0, -1, 0, -1, -1, 0, -1, 0]
+    with pytest.raises(ValueError, match="repeats"):
+        index_size(Dataset.from_dict({**rows, "idx": [1, 1, 2, 3]}))
+
+    class Plain(torch.utils.data.Dataset):  # a map-style dataset of dicts without an index
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.tensor(rows["input_ids"][i]), "labels": torch.tensor(rows["labels"][i])}
+
+    wrapped = add_example_index(Plain())
+    assert isinstance(wrapped, IndexedDataset) and wrapped[3]["idx"] == 3 and add_example_index(wrapped) is wrapped
+    trainer = train(tmp_path / "b", tiny_bert(), Plain(), sam_method="saf", max_steps=2, per_device_train_batch_size=2)
+    assert isinstance(trainer.train_dataset, IndexedDataset)
+    assert trainer._sam_loss_term.written[:, 0].tolist() == [0, 0, 0, 0]
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def lm_dataset(n=8, seq=6):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 32, (n, seq), generator=generator)
+    labels = ids.clone()
+    for i in range(n):  # a different number of scored tokens per example (prompt masked out)
+        labels[i, : 1 + i % 4] = -100
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def test_saf_refuses_token_level_outputs_and_points_to_mesa(tmp_path):
+    with pytest.raises(ValueError, match="--sam_method mesa"):
+        train(tmp_path, tiny_llama(), lm_dataset(), sam_method="saf", max_steps=1)
+
+
+def test_saf_resume_across_the_epoch_boundary_equals_uninterrupted_run(tmp_path):
+    data = tiny_dataset(8)
+    common = dict(max_steps=-1, num_train_epochs=3, per_device_train_batch_size=2, sam_method="saf")
+    straight = SAMTrainer(model=tiny_bert(dropout=0.1), args=sam_args(tmp_path / "a", **common), train_dataset=data)
+    straight.train()
+    first = SAMTrainer(model=tiny_bert(dropout=0.1), train_dataset=data,
+                       args=sam_args(tmp_path / "b", save_strategy="steps", save_steps=6, **common))  # fmt: skip
+    first.train()
+    checkpoint = tmp_path / "b" / "checkpoint-6"  # mid epoch 1: the term is on, the bank holds epochs 0 and 1
+    with safe_open(str(checkpoint / "sam_state.safetensors"), framework="pt") as handle:
+        assert {"saf_bank", "saf_written"} <= set(handle.keys())
+    resumed = SAMTrainer(model=tiny_bert(dropout=0.1), args=sam_args(tmp_path / "b", **common), train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert_same_weights(state(straight.model), state(resumed.model))
+    other = SAMTrainer(model=tiny_bert(dropout=0.1), args=sam_args(tmp_path / "c", **common),
+                       train_dataset=tiny_dataset(10))  # fmt: skip
+    with pytest.raises(ValueError, match="training set"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+
+
+# ---------------------------------------------------------------------- MESA
+
+
+def reference_mesa(model, windows, lam, tau, decay, start, steps_per_epoch, shift=False):
+    """MESA in plain PyTorch: an EMA copy (eval mode) of the weights as teacher, updated after every step."""
+    optimizer = sgd(model)
+    teacher = copy.deepcopy(model).eval()
+    for step, window in enumerate(windows):
+        optimizer.zero_grad()
+        scored = sum(int(m["labels"][:, 1:].ne(-100).sum()) for m in window) if shift else None
+        for m in window:
+            out = model(**m)
+            if shift:  # causal LM: the model's loss is normalized over the window's scored tokens (Trainer's count)
+                loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), m["labels"][:, 1:].flatten(), reduction="sum")
+                loss = loss / scored
+            else:
+                loss = out.loss / len(window)
+            if step / steps_per_epoch >= start:
+                with torch.no_grad():
+                    target = teacher(input_ids=m["input_ids"]).logits
+                if shift:
+                    mask = m["labels"][:, 1:].ne(-100)
+                    per_token = kl(out.logits[:, :-1], target[:, :-1], tau)
+                    loss = loss + lam * tau**2 * per_token[mask].sum() / scored
+                else:
+                    loss = loss + lam * tau**2 * kl(out.logits, target, tau).mean() / len(window)
+            loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for v, w in zip(teacher.parameters(), model.parameters()):
+                v.mul_(decay).add_(w, alpha=1 - decay)
+    return model, teacher
+
+
+def test_mesa_matches_hand_written_ema_teacher_loop(tmp_path):
+    data = tiny_dataset(8)
+    model = tiny_bert()
+    windows = [[b] for b in batches(data, 2)] * 2  # 2 epochs of 4 steps
+    reference, teacher = reference_mesa(copy_model(model), windows, lam=0.8, tau=2.0, decay=0.5, start=0.5,
+                                        steps_per_epoch=4)  # fmt: skip
+    trainer = train(tmp_path, model, data, max_steps=8, per_device_train_batch_size=2, sam_method="mesa",
+                    mesa_tau=2.0, mesa_ema_decay=0.5, mesa_start_epoch=0.5)  # fmt: skip
+    assert_same_weights(state(trainer.model), state(reference), exact=False, atol=1e-5)
+    ema = trainer._sam_loss_term
+    assert_same_weights(dict(zip(ema.names, ema.ema)), state(teacher), exact=False, atol=1e-5)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [("mesa/kl" in h, h["sam/passes_per_step"]) for h in logs] == [(False, 1.0)] * 2 + [(True, 1.333333)] * 6
+    plain, _ = reference_mesa(copy_model(tiny_bert()), windows, lam=0.0, tau=2.0, decay=0.5, start=0.5,
+                              steps_per_epoch=4)  # fmt: skip
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(state(plain).values(), state(reference).values()))
+
+
+def test_mesa_token_level_matches_hand_loop_and_normalizes_over_the_window(tmp_path):
+    data = lm_dataset()
+    model = tiny_llama()
+    micro = [
+        {"input_ids": torch.tensor(data[i : i + 2]["input_ids"]), "labels": torch.tensor(data[i : i + 2]["labels"])}
+        for i in range(0, 8, 2)
+    ]
+    windows = [micro[k : k + 2] for k in (0, 2)] * 2
+    reference, _ = reference_mesa(copy_model(model), windows, lam=0.8, tau=2.0, decay=0.5, start=0.0,
+                                  steps_per_epoch=2, shift=True)  # fmt: skip
+    common = dict(max_steps=4, sam_method="mesa", mesa_tau=2.0, mesa_ema_decay=0.5)
+    # Llama takes num_items_in_batch: Trainer normalizes over the window's scored tokens, and so does the term.
+    ga = train(tmp_path / "ga", model, data, per_device_train_batch_size=2, gradient_accumulation_steps=2, **common)
+    assert_same_weights(state(ga.model), state(reference), exact=False, atol=1e-5)
+    whole = train(tmp_path / "b4", tiny_llama(), data, per_device_train_batch_size=4, **common)
+    assert_same_weights(state(ga.model), state(whole.model), exact=False, atol=1e-5)
+
+
+def test_mesa_teacher_shares_frozen_weights_under_lora_and_runs_the_class_forward(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
+    trainer = train(tmp_path, model, tiny_dataset(8), optimizer=False, sam_method="mesa", max_steps=2, bf16=True)
+    teacher = trainer._sam_loss_term
+    assert teacher.names and all(name in dict(model.named_parameters()) for name in teacher.names)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(teacher.names)
+    for (name, p), (_, v) in zip(model.named_parameters(), teacher.module.named_parameters()):
+        assert (v is p) == (not p.requires_grad), name  # the frozen base is shared, adapters are averaged copies
+    # accelerate's autocast wrapper of the model's forward is not copied (it would call the student).
+    assert "forward" not in teacher.module.__dict__ and not teacher.module.training
+    assert set(trainer.sam_state_dict()) == {f"mesa_ema.{n}" for n in teacher.names}
+
+
+def test_mesa_on_an_encoder_decoder_feeds_the_teacher_its_labels(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from hf_sam import SAMSeq2SeqTrainer, SAMSeq2SeqTrainingArguments
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2, dropout_rate=0.0,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(2, 40, (8, 4), generator=generator)
+    labels[::2, -1] = -100
+    data = Dataset.from_dict({"input_ids": torch.randint(2, 40, (8, 6), generator=generator).tolist(),
+                              "labels": labels.tolist()})  # fmt: skip
+    args = SAMSeq2SeqTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=3,
+                                       per_device_train_batch_size=4, save_strategy="no", logging_steps=1,
+                                       learning_rate=0.05, sam_method="mesa", mesa_ema_decay=0.5)  # fmt: skip
+    trainer = SAMSeq2SeqTrainer(model=T5ForConditionalGeneration(config), args=args, train_dataset=data)
+    trainer.train()
+    kls = [h["mesa/kl"] for h in trainer.state.log_history if "mesa/kl" in h]
+    assert len(kls) == 3 and kls[0] == 0.0 and all(math.isfinite(k) and k > 0 for k in kls[1:])
+
+
+# ---------------------------------------------------------------------- cost: one pass
+
+
+class CountingTrainer(SequentialSAMTrainer):
+    compute_loss_calls = 0
+
+    def compute_loss(self, *args, **kwargs):
+        CountingTrainer.compute_loss_calls += 1
+        return super().compute_loss(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["saf", "mesa"])
+def test_one_pass_per_micro_batch(tmp_path, method):
+    CountingTrainer.compute_loss_calls = 0
+    model = tiny_bert()
+    calls = {"student": 0, "other": 0, "backward": 0}
+
+    def count(key):
+        calls[key] += 1
+
+    model.register_forward_hook(lambda m, i, o: count("student" if m is model else "other"))
+    model.classifier.weight.register_hook(lambda g: count("backward"))
+    trainer = train(tmp_path, model, tiny_dataset(8), trainer_cls=CountingTrainer, max_steps=-1, num_train_epochs=2,
+                    per_device_train_batch_size=2, gradient_accumulation_steps=2, sam_method=method,
+                    saf_start_epoch=0.0)  # fmt: skip
+    micro_batches = 8
+    assert trainer.state.global_step == 4
+    assert CountingTrainer.compute_loss_calls == calls["student"] == calls["backward"] == micro_batches
+    # SAF: nothing else; MESA: one no-grad teacher forward per micro-batch (the copy keeps the hook).
+    assert calls["other"] == (micro_batches if method == "mesa" else 0)
+    assert trainer._sam_perturbation is None  # the SAM machinery never ran
+
+
+# ---------------------------------------------------------------------- arguments
+
+
+def test_presets_and_validation():
+    def make(**kw):
+        return SAMTrainingArguments(output_dir="/tmp/x", use_cpu=True, report_to="none", **kw)
+
+    saf, mesa = make(sam_method="saf"), make(sam_method="mesa")
+    assert (saf.sam_loss_term, saf.sam_rho, saf.sam_enabled) == ("saf", 0.0, False)
+    assert (saf.saf_lambda, saf.saf_tau, saf.saf_lag_epochs, saf.saf_start_epoch) == (0.3, 5.0, 1, 1.0)
+    assert (mesa.mesa_lambda, mesa.mesa_tau, mesa.mesa_ema_decay, mesa.mesa_start_epoch) == (0.8, 5.0, 0.999, 0.0)
+    assert make(sam_method="sam").sam_loss_term == "none"
+    bad = [
+        ({"saf_lambda": 0.0}, "saf_lambda"),
+        ({"saf_tau": math.inf}, "saf_tau"),
+        ({"mesa_tau": -1.0}, "mesa_tau"),
+        ({"saf_lag_epochs": 0}, "saf_lag_epochs"),
+        ({"saf_lag_epochs": 1.5}, "saf_lag_epochs"),
+        ({"mesa_ema_decay": 1.0}, "mesa_ema_decay"),
+        ({"saf_start_epoch": -1.0}, "saf_start_epoch"),
+        ({"sam_method": "saf", "sam_rho": 0.05}, "sam_rho"),
+        ({"sam_method": "mesa", "sam_schedule": "constant"}, "sam_schedule"),
+        ({"sam_method": "none", "sam_loss_term": "saf"}, "--sam_method saf"),
+        ({"sam_method": "sam", "sam_loss_term": "mesa"}, "sam_rho"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            make(**kwargs)
+    parser = HfArgumentParser(SAMTrainingArguments)
+    (parsed,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "/tmp/x", "--sam_method", "saf", "--saf_lag_epochs", "2", "--saf_start_epoch", "2.5"]
+    )
+    assert (parsed.sam_loss_term, parsed.saf_lag_epochs, parsed.saf_start_epoch) == ("saf", 2, 2.5)
+    assert "--mesa_ema_decay" in parser.format_help()
+
+
+def test_logit_bank_state_round_trip():
+    bank = LogitBank(5, lag=1, device=torch.device("cpu"))
+    logits = torch.randn(2, 3)
+    bank.record(logits, torch.tensor([4, 1]), epoch=0)
+    target, found = bank.lookup(torch.zeros(3, 3), torch.tensor([1, 2, 4]), epoch=1)
+    assert found.tolist() == [True, False, True] and torch.equal(target[[0, 2]], logits[[1, 0]])
+    # Padding rows of an all-gather carry index N (= 5): recorded nowhere in the state.
+    before = {k: v.clone() for k, v in bank.state_dict().items()}
+    bank.record(torch.randn(2, 3), torch.tensor([5, 5]), epoch=0)
+    assert all(torch.equal(v, bank.state_dict()[k]) for k, v in before.items())
+    other = LogitBank(5, lag=1, device=torch.device("cpu"))
+    other.load_state_dict({k: v.clone() for k, v in bank.state_dict().items()})
+    assert torch.equal(other.bank, bank.bank) and torch.equal(other.written, bank.written)
+    with pytest.raises(ValueError, match="saf_lag_epochs"):
+        LogitBank(5, lag=2, device=torch.device("cpu")).load_state_dict(bank.state_dict())
