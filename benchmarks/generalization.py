@@ -42,7 +42,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # Epochs of each training length, and the recipe every method of a task shares.
 TASKS = {
-    "trec": {"epochs": {"short": 1, "long": 4}, "lr": 2e-4, "batch": 32, "train": 1000, "test": 1000},
+    "trec": {"epochs": {"short": 1, "long": 3}, "lr": 2e-4, "batch": 32, "train": 1000, "test": 1000},
     "mnist": {"epochs": {"short": 10, "long": 30}, "lr": 2e-3, "batch": 128, "train": 4000, "test": 1000},
     "mnist-noisy": {"epochs": {"short": 10, "long": 30}, "lr": 2e-3, "batch": 128, "train": 4000, "test": 1000},
 }
@@ -230,7 +230,7 @@ def plan(cli) -> list[dict]:
         for length in cli.lengths:
             for seed in cli.seeds:
                 for method in cli.methods:
-                    scales = GRID_SCALES if method in cli.grid else (1.0,)
+                    scales = cli.scales if method in cli.grid else (1.0,)
                     for scale in scales if method != "none" else (1.0,):
                         configs.append({
                             "task": task, "length": length, "method": method, "scale": scale, "seed": seed,
@@ -300,7 +300,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             "acc_mean": statistics.mean(acc), "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
             "delta_mean": statistics.mean(delta) if delta else None,
             "delta_std": statistics.stdev(delta) if len(delta) > 1 else 0.0,
-            "cost_mean": statistics.mean(cost) if cost else None,
+            # median: one run slowed by other work on the machine does not move it
+            "cost_median": statistics.median(cost) if cost else None,
             "passes": statistics.mean(r["passes_per_step"] for r in group),
         })  # fmt: skip
     return summary
@@ -314,21 +315,47 @@ def markdown(summary: list[dict]) -> str:
         lines += [
             f"### {task}, {length} ({part[0]['epochs']} epochs, {device.upper()})",
             "",
-            "| method | radius | test accuracy (%) | Δ vs none (points, paired) | wall time vs none | passes/step |"
-            " seeds |",
+            "| method | radius | test accuracy (%) | Δ vs none (points, paired) | wall time vs none (median) |"
+            " passes/step | seeds |",
             "|---|---|---|---|---|---|---|",
         ]
         for s in sorted(part, key=lambda s: (s["method"] != "none", s["method"], s["scale"])):
             delta = "–" if s["method"] == "none" or s["delta_mean"] is None else (
                 f"{100 * s['delta_mean']:+.2f} ± {100 * s['delta_std']:.2f}"
             )  # fmt: skip
-            cost = f"{s['cost_mean']:.2f}" if s["cost_mean"] is not None else "–"
+            cost = f"{s['cost_median']:.2f}" if s["cost_median"] is not None else "–"
             lines.append(
                 f"| {s['method']} | {s['radius']:g} | {100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f} | {delta} |"
                 f" {cost} | {s['passes']:.2f} | {s['seeds']} |"
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def matrix(summary: list[dict]) -> str:
+    """One row per (method, radius), one column per (task, length): accuracy change vs `none` in points, paired
+    over seeds (mean ± std), bold where the mean beats `none` by more than its std. For the README."""
+    columns = sorted({(s["task"], s["length"]) for s in summary}, key=lambda t: (t[0], t[1] != "short"))
+    cells = {(s["method"], s["radius"], s["task"], s["length"]): s for s in summary}
+    rows = sorted({(s["method"], s["radius"]) for s in summary}, key=lambda r: (r[0] != "none", r[0], r[1]))
+    epochs = {(s["task"], s["length"]): s["epochs"] for s in summary}
+    header = " | ".join(f"{task} {length} ({epochs[(task, length)]} ep)" for task, length in columns)
+    lines = [f"| method | radius | {header} |", "|---|---|" + "---|" * len(columns)]
+    for method, value in rows:
+        out = []
+        for task, length in columns:
+            s = cells.get((method, value, task, length))
+            if s is None:
+                out.append("")
+            elif method == "none":
+                out.append(f"{100 * s['acc_mean']:.1f} ± {100 * s['acc_std']:.1f} (accuracy)")
+            elif s["delta_mean"] is None:
+                out.append("–")
+            else:
+                text = f"{100 * s['delta_mean']:+.1f} ± {100 * s['delta_std']:.1f}"
+                out.append(f"**{text}**" if s["delta_mean"] > s["delta_std"] else text)
+        lines.append(f"| {method} | {value:g} | " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(summary: list[dict], folder: Path) -> list[Path]:
@@ -346,7 +373,7 @@ def plot(summary: list[dict], folder: Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for s in part:
-            cost = s["cost_mean"] if s["cost_mean"] is not None else 1.0
+            cost = s["cost_median"] if s["cost_median"] is not None else 1.0
             ax.errorbar(cost, 100 * s["acc_mean"], yerr=100 * s["acc_std"], fmt="o", capsize=3)
             ax.annotate(
                 s["method"], (cost, 100 * s["acc_mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8
@@ -354,7 +381,7 @@ def plot(summary: list[dict], folder: Path) -> list[Path]:
         plain = next((s for s in part if s["method"] == "none"), None)
         if plain is not None:
             ax.axhline(100 * plain["acc_mean"], linestyle="--", color="gray", linewidth=1)
-        ax.set_xlabel("wall time relative to the plain optimizer")
+        ax.set_xlabel("training wall time relative to the plain optimizer (median over seeds)")
         ax.set_ylabel("held-out accuracy (%)")
         ax.set_title(f"{task}, {length} ({part[0]['epochs']} epochs, {part[0]['device'].upper()}), default radius")
         ax.grid(alpha=0.3)
@@ -373,6 +400,7 @@ def report(cli) -> None:
     table = markdown(summary)
     folder = path.parent
     (folder / "generalization.md").write_text(table)
+    (folder / "generalization_matrix.md").write_text(matrix(summary))
     print(table)
     for png in plot(summary, folder):
         print(f"wrote {png}")
@@ -386,6 +414,7 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="+", default=["short", "long"], choices=["short", "long"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="methods to run (none is added)")
     parser.add_argument("--grid", nargs="*", default=["sam", "asam"], help="methods run at every GRID_SCALES radius")
+    parser.add_argument("--scales", nargs="+", type=float, default=list(GRID_SCALES), help="radius multiples (--grid)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (one process each)")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="torch threads per run")

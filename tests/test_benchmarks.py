@@ -44,7 +44,7 @@ def test_summary_pairs_each_seed_with_the_plain_run_of_that_seed(bench):
     assert sam["seeds"] == 3 and sam["acc_mean"] == pytest.approx((0.92 + 0.83 + 0.99) / 3)
     assert sam["delta_mean"] == pytest.approx(0.025)
     assert sam["delta_std"] == pytest.approx(np.std([0.02, 0.03], ddof=1))
-    assert sam["cost_mean"] == pytest.approx((2.0 + 1.5) / 2)
+    assert sam["cost_median"] == pytest.approx((2.0 + 1.5) / 2)
     table = bench.markdown(bench.summarize(rows))
     assert "| sam | 0.05 | 91.33 ± 8.02 | +2.50 ± 0.71 | 1.75 | 2.00 | 3 |" in table
 
