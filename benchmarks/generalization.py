@@ -257,15 +257,12 @@ def run_all(cli) -> None:
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
             )  # fmt: skip
             running.append((proc, cfg))
-        proc, cfg = running[0]
-        for p, c in running:  # collect whichever finishes first
-            if p.poll() is not None:
-                proc, cfg = p, c
-                break
-        else:
+        finished = next(((p, c) for p, c in running if p.poll() is not None), None)  # whichever ends first
+        if finished is None:
             time.sleep(0.5)
             continue
-        running.remove((proc, cfg))
+        running.remove(finished)
+        proc, cfg = finished
         stdout, stderr = proc.communicate()
         if proc.returncode != 0:
             print(f"FAILED {key(cfg)}:\n{stderr[-2000:]}", flush=True)

@@ -80,6 +80,8 @@ class SAMMixin:
         self._sam_clean_copy: list[torch.Tensor] | None = None
         self._sam_raw_norm: torch.Tensor | None = None
         self._sam_stash: dict[int, torch.Tensor] = {}
+        # Whether the model scores logits at t against labels at t + 1 (causal LM): found once per train() call.
+        self._sam_shifts_labels: bool | None = None
         # SAF's logit bank or MESA's EMA teacher (sam_loss_term), built from the prepared model at the first step.
         self._sam_loss_term: LogitBank | EMATeacher | None = None
         if self.args.sam_loss_term != "none":
@@ -130,6 +132,7 @@ class SAMMixin:
         # method's pieces are built again, from the prepared model, at the start of every `train()` call.
         self._sam_perturbation = None
         self._sam_loss_term = None
+        self._sam_shifts_labels = None
         if self.args.sam_loss_term == "saf" and self.train_dataset is not None:
             self.train_dataset = add_example_index(self.train_dataset)  # unchanged when it has an `idx` column
         return super().train(*args, **kwargs)
@@ -330,14 +333,14 @@ class SAMMixin:
         Returns:
             `torch.Tensor` of shape `(batch,)`.
         """
-        logits = outputs["logits"] if isinstance(outputs, dict) or hasattr(outputs, "keys") else outputs[0]
+        logits = logits_of(outputs, "esam")
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError(
                 "ESAM's data selection needs `labels` in the batch to score examples. Override"
                 " `SAMTrainer.per_example_loss(outputs, inputs)`, or set --esam_gamma 1."
             )
-        return per_example_loss(logits, labels, bool(getattr(self, "_loss_shifts_labels", False)))
+        return per_example_loss(logits, labels, self._sam_loss_shifts_labels())
 
     def _sam_passes(self) -> float:
         """Forward+backward passes per micro-batch of a SAM step, a pass being F + B with B = 2F.
@@ -607,18 +610,22 @@ class SAMMixin:
             self._sam_loss_term = LogitBank(index_size(self.train_dataset), self.args.saf_lag_epochs, self.args.device)
         else:
             self._sam_loss_term = EMATeacher(self.model, self.args.mesa_ema_decay)
-            self._mesa_shift = self._sam_loss_shifts_labels()
 
     def _sam_loss_shifts_labels(self) -> bool:
-        """Whether the model scores the logits at t against the label at t + 1 (causal LM), as Trainer decides."""
-        if getattr(self, "_loss_shifts_labels", False):
-            return True
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        """Whether the model scores the logits at t against the label at t + 1 (causal LM), as Trainer decides.
 
-        model = self.accelerator.unwrap_model(self.model)
-        if hasattr(model, "get_base_model"):  # PEFT
-            model = model.get_base_model()
-        return model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        Used by ESAM's per-example losses and MESA's token mask; computed at the first call of each `train()`.
+        """
+        if self._sam_shifts_labels is None:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            model = self.accelerator.unwrap_model(self.model)
+            if hasattr(model, "get_base_model"):  # PEFT
+                model = model.get_base_model()
+            self._sam_shifts_labels = bool(getattr(self, "_loss_shifts_labels", False)) or (
+                model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+            )
+        return self._sam_shifts_labels
 
     def _sam_term_scale(self, count, num_items_in_batch):
         """The factor that turns a sum of per-item KL values into the loss's own normalization.
@@ -688,7 +695,7 @@ class SAMMixin:
         if "shift_labels" in inputs:
             labels, shift = inputs["shift_labels"], False
         else:
-            labels, shift = inputs.get("labels"), self._mesa_shift
+            labels, shift = inputs.get("labels"), self._sam_loss_shifts_labels()
         logits, mask = token_mask(logits_of(outputs, args.sam_method), labels, shift)
         teacher_logits, _ = token_mask(teacher_logits, labels, shift)
         kl = torch.where(mask, kl_to_target(logits, teacher_logits, args.mesa_tau), 0.0)

@@ -1,5 +1,6 @@
 """The benchmark scripts' own logic: the label noise, the paired summary, one real (shrunk) run, the report."""
 
+import argparse
 import importlib.util
 import json
 import math
@@ -78,6 +79,6 @@ def test_one_shrunk_run_and_the_report(bench, tmp_path, monkeypatch):
     assert none["accuracy"] != sam["accuracy"] or none["test_loss"] != sam["test_loss"]  # SAM changed the run
     path = tmp_path / "generalization.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in results))
-    bench.report(type("Cli", (), {"results": str(path)})())
+    bench.report(argparse.Namespace(results=str(path)))
     assert (tmp_path / "generalization.md").read_text().count("| sam |") == 1
     assert (tmp_path / "generalization_mnist-noisy_short.png").stat().st_size > 1000

@@ -68,3 +68,14 @@ def test_per_example_losses_by_head():
     torch.testing.assert_close(shifted, per_example_loss(tokens[:, :-1], token_labels[:, 1:], False))
     with pytest.raises(ValueError, match="per_example_loss"):
         per_example_loss(torch.randn(2, 3, 4, 5), torch.zeros(2, 3), False)
+
+
+def test_trainer_per_example_loss_reads_logits_from_any_output_form(tmp_path):
+    # A tuple (loss, logits) from return_dict=False: the logits, not the scalar loss, are scored.
+    trainer = SequentialSAMTrainer(model=tiny_bert(), train_dataset=tiny_dataset(),
+                                   args=sam_args(tmp_path, sam_method="esam"))  # fmt: skip
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    expected = F.cross_entropy(logits, labels, reduction="none")
+    for outputs in ({"logits": logits}, (torch.tensor(1.0), logits), (logits,)):
+        torch.testing.assert_close(trainer.per_example_loss(outputs, {"labels": labels}), expected)
+    assert trainer._sam_loss_shifts_labels() is False  # a sequence classifier scores unshifted labels
