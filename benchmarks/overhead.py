@@ -24,15 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run_one(cfg: dict) -> dict:
-    """Train `cfg["steps"]` steps of one method in this process and report its step times and memory."""
+def build_model(cfg: dict):
+    """The benchmark's BERT classifier from `cfg` (hidden, layers, vocab, seq), 6 labels, seeded."""
     import torch
-    from datasets import Dataset
-    from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
+    from transformers import BertConfig, BertForSequenceClassification
 
-    from hf_sam import SAMTrainer, SAMTrainingArguments
-
-    device_is_cuda = cfg["device"] == "cuda"
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=cfg["vocab"],
@@ -43,7 +39,19 @@ def run_one(cfg: dict) -> dict:
         max_position_embeddings=max(cfg["seq"], 64),
         num_labels=6,
     )
-    model = BertForSequenceClassification(config)
+    return BertForSequenceClassification(config)
+
+
+def run_one(cfg: dict) -> dict:
+    """Train `cfg["steps"]` steps of one method in this process and report its step times and memory."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from hf_sam import SAMTrainer, SAMTrainingArguments
+
+    device_is_cuda = cfg["device"] == "cuda"
+    model = build_model(cfg)
     n = cfg["batch"] * (cfg["steps"] + cfg["warmup"]) * cfg["ga"]
     generator = torch.Generator().manual_seed(0)
     data = Dataset.from_dict(

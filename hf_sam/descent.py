@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .tensors import dot, global_norm, local
+from .tensors import dot, global_norm, local, shard_group
 
 
 NORM_EPS = 1e-12
@@ -79,7 +79,8 @@ class LookAhead(DescentTransform):
             return
         g_v = [self.g_v[name] for name in names]
         if self._g_v_norm is None:  # g_v is fixed until the next SAM step: its norm too
-            self._g_v_norm = global_norm(g_v)
+            # g_v holds local shards under FSDP2: sum over the ranks the gradients are sharded over.
+            self._g_v_norm = global_norm(g_v, group=shard_group(grads))
         scale = self.args.looksam_alpha * global_norm(grads) / (self._g_v_norm + NORM_EPS)
         # g += scale * g_v in one pass, without a temporary copy of g_v (scale stays on the device).
         torch._foreach_addcmul_([local(g) for g in grads], g_v, [scale] * len(g_v))

@@ -19,13 +19,16 @@ class FriendlyAscent(AscentRule):
         super().__init__(args)
         self.ema: dict[str, torch.Tensor] = {}
 
-    def __call__(self, names, params, grads, rho, grad_unit) -> None:
+    def __call__(self, names, params, grads, rho, grad_unit, grad_norm) -> None:
         sigma, lam = self.args.fsam_sigma, self.args.fsam_lambda
         grads_local = [local(g) for g in grads]
         torch._foreach_mul_(grads_local, grad_unit)  # true gradient g
+        # A non-finite g (fp16 overflow) must not enter the EMA, or every later step would ascend by inf - inf.
+        finite = torch.isfinite(grad_norm)
         if not all(name in self.ema for name in names):
             for name, g in zip(names, grads_local):
-                self.ema.setdefault(name, g.clone())
+                if name not in self.ema:
+                    self.ema[name] = torch.where(finite, g, 0.0)
             previous = None
         else:
             previous = [self.ema[name] for name in names]
@@ -34,8 +37,8 @@ class FriendlyAscent(AscentRule):
             new_ema = torch._foreach_mul(previous, lam)
             torch._foreach_add_(new_ema, grads_local, alpha=1 - lam)
             torch._foreach_add_(grads_local, previous, alpha=-sigma)
-            for name, value in zip(names, new_ema):
-                self.ema[name].copy_(value)
+            for value, old in zip(new_ema, previous):
+                old.copy_(torch.where(finite, value, old))
         scale = rho / (global_norm(grads) + NORM_EPS)
         torch._foreach_mul_(grads_local, scale)
 

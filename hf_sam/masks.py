@@ -1,7 +1,8 @@
 """Sparse SAM's masks (Mi et al. 2022, arXiv 2210.05177): perturb only a global top-k share of the entries.
 
 eps = rho (g/||g||) * m with the norm of the full (unmasked) g, as the official code, so ||eps|| < rho.
-`sam_sparsity` s is the share of entries NOT perturbed; masks are bool tensors, identical on every rank.
+`sam_sparsity` s is the share of entries NOT perturbed; masks are bool tensors, identical on every rank. Under
+FSDP2 each rank holds the mask of its own shards, and the top-k is global over every rank's shards.
 """
 
 from __future__ import annotations
@@ -11,20 +12,84 @@ import math
 import torch
 import torch.distributed as dist
 
-from .tensors import DTensor, local
+from .tensors import DTensor, local, shard_group
 
 
 # random_tensor is ESAM's stochastic weight perturbation (hf_sam.esam): a per-tensor draw each step.
 MASKS = ("none", "fisher", "dynamic", "random_tensor")
 
 
-def top_k_mask(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Bool masks marking the k largest entries over all `scores` together (exactly k, ties broken by index)."""
-    flat = torch.cat([s.reshape(-1).float() for s in scores])
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    if k > 0:
-        chosen[torch.topk(flat, k, sorted=False).indices] = True
+def top_k_mask(scores: list[torch.Tensor], k: int, group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
+    """Bool masks marking the k largest entries over all `scores` together (exactly k).
+
+    With `group`, `scores` are this rank's shards and the k are counted over every rank's shards (FSDP2).
+    """
+    flat = torch.cat([s.reshape(-1).float() for s in scores]) if scores else torch.zeros(0)
+    if group is not None:
+        chosen = _sharded_top_k(flat, k, group)
+    else:
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        if k > 0:
+            chosen[torch.topk(flat, k, sorted=False).indices] = True
     return [part.view_as(s) for part, s in zip(chosen.split([s.numel() for s in scores]), scores)]
+
+
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys in the order of the float32 `values` (a float's bits sort like a sign-magnitude integer)."""
+    bits = values.float().contiguous().view(torch.int32)
+    return torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1)
+
+
+def _sharded_top_k(flat: torch.Tensor, k: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """The k largest entries over every rank's `flat`, without gathering them: the k-th largest value t is found
+    by bisection on the order keys (33 rounds of one all-reduced count, all on the device), entries above t are
+    taken, and the ties at t are shared out in rank order so the total is exactly k."""
+    keys = _order_keys(flat)
+    device = keys.device
+    empty = torch.tensor(-(2**32), dtype=torch.int64, device=device)  # below every key: ignored by the MAX
+    lowest = -keys.min().to(torch.int64) if keys.numel() else empty
+    highest = keys.max().to(torch.int64) if keys.numel() else empty
+    bounds = torch.stack([lowest, highest])
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)
+    low, high = -bounds[0], bounds[1] + 1  # count(keys >= low) >= k > count(keys >= high) while 0 < k <= N
+    for _ in range(33):  # the key range spans less than 2**33
+        middle = torch.div(low + high, 2, rounding_mode="floor")
+        count = (keys >= middle).sum()
+        dist.all_reduce(count, group=group)
+        enough = count >= k
+        low = torch.where(enough, middle, low)
+        high = torch.where(enough, high, middle)
+    above = keys > low
+    ties = keys == low
+    counts = torch.stack([above.sum(), ties.sum()])
+    per_rank = [torch.zeros_like(counts) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(per_rank, counts, group=group)
+    per_rank = torch.stack(per_rank)
+    rank = dist.get_rank(group)
+    need = k - per_rank[:, 0].sum()  # ties to take, over all ranks, the lower ranks first
+    mine = (need - per_rank[:rank, 1].sum()).clamp(min=0).minimum(per_rank[rank, 1])
+    taken_ties = ties & (torch.cumsum(ties, 0, dtype=torch.int64) <= mine)
+    chosen = above | taken_ties
+    if k <= 0:
+        chosen = torch.zeros_like(chosen)
+    return chosen
+
+
+def local_rand(param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """U(0, 1) draws for `param`, the same numbers a whole (unsharded) parameter gets: under FSDP2 the full
+    tensor is drawn and this rank keeps the rows of its shard (FSDP2 splits dim 0 as `torch.chunk`)."""
+    draws = torch.rand(param.shape, generator=generator)
+    if not isinstance(param, DTensor):
+        return draws
+    shard = local(param)
+    world, rank = param.device_mesh.size(), param.device_mesh.get_local_rank()
+    chunks = torch.chunk(draws, world, dim=0)
+    part = chunks[rank] if rank < len(chunks) else draws[:0]
+    if part.shape != shard.shape:
+        raise NotImplementedError(
+            f"hf_sam expected FSDP2's dim-0 chunk of shape {tuple(part.shape)}, got a shard of {tuple(shard.shape)}."
+        )
+    return part
 
 
 class SparseMask:
@@ -36,22 +101,22 @@ class SparseMask:
     """
 
     def __init__(self, args, names: list[str], params: list[torch.Tensor]):
-        if any(isinstance(p, DTensor) for p in params):
-            raise ValueError("sam_mask needs a global top-k over whole tensors; it does not support FSDP yet.")
         self.args = args
         self.kind = args.sam_mask
         self.names = names
-        self.total = sum(p.numel() for p in params)
+        self.group = shard_group(params)  # FSDP2: the ranks over which the parameters are sharded
+        self.total = sum(p.numel() for p in params)  # a DTensor's numel is the whole tensor's
         self.live = int((1 - args.sam_sparsity) * self.total)
         self.masks: dict[str, torch.Tensor] = {}
         if self.kind == "dynamic":  # the random starting mask: (1 - s) N live entries
             generator = torch.Generator().manual_seed(args.seed)
-            scores = [torch.rand(p.shape, generator=generator) for p in params]
-            self._set(top_k_mask(scores, self.live), params)
+            scores = [local_rand(p, generator) for p in params]
+            self._set(top_k_mask(scores, self.live, self.group), params)
 
     def _set(self, masks: list[torch.Tensor], params: list[torch.Tensor]) -> None:
         masks = [m.to(local(p).device) for m, p in zip(masks, params)]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Under FSDP2 the masks come from reduce-scattered gradients: each rank's shard mask is already right.
+        if self.group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Local gradients (dynamic) may differ per rank: rank 0's mask wins, so every rank perturbs alike.
             flat = torch.cat([m.reshape(-1) for m in masks]).to(torch.uint8)
             dist.broadcast(flat, src=0)
@@ -60,7 +125,7 @@ class SparseMask:
 
     def set_fisher(self, fisher: list[torch.Tensor], params: list[torch.Tensor]) -> None:
         """Keep the global top-(1 - s) N entries of the empirical Fisher."""
-        self._set(top_k_mask(fisher, self.live), params)
+        self._set(top_k_mask(fisher, self.live, self.group), params)
 
     def drop_and_grow(self, grads: list[torch.Tensor], params: list[torch.Tensor], step: int, progress: float):
         """SSAM-D update: keep the top live entries by |g|, revive as many dead ones at random."""
@@ -71,10 +136,10 @@ class SparseMask:
         # Dead entries score -1 so they are never kept; |g| >= 0 ranks the live ones.
         keep_scores = [torch.where(m, local(g).abs().float(), torch.full_like(m, -1.0, dtype=torch.float32))
                        for m, g in zip(old, grads)]  # fmt: skip
-        kept = top_k_mask(keep_scores, keep)
+        kept = top_k_mask(keep_scores, keep, self.group)
         generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
-        grow_scores = [torch.where(m, -1.0, torch.rand(m.shape, generator=generator).to(m.device)) for m in old]
-        grown = top_k_mask(grow_scores, revive)
+        grow_scores = [torch.where(m, -1.0, local_rand(p, generator).to(m.device)) for m, p in zip(old, params)]
+        grown = top_k_mask(grow_scores, revive, self.group)
         self._set([k | g for k, g in zip(kept, grown)], params)
 
     def apply_(self, names: list[str], eps: list[torch.Tensor]) -> None:
@@ -85,7 +150,11 @@ class SparseMask:
                 local(e).mul_(mask)
 
     def density(self) -> float:
-        return sum(int(m.sum()) for m in self.masks.values()) / max(1, self.total)
+        """Share of entries perturbed, over the whole model (one host sync: called at mask updates only)."""
+        live = sum((m.sum() for m in self.masks.values()), torch.zeros((), dtype=torch.int64))
+        if self.group is not None:
+            dist.all_reduce(live, group=self.group)
+        return int(live) / max(1, self.total)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"ssam_mask.{name}": m for name, m in self.masks.items()}

@@ -117,9 +117,14 @@ class SAMMixin:
                 logger.warning("FSDP shards the ascent gradient: sam_ascent_sync is set to True.")
                 self.args.sam_ascent_sync = True
         if self.args.sam_mask == "random_tensor" and self.args.sam_ascent_sync and self.accelerator.num_processes > 1:
+            fix = (
+                "FSDP always syncs the ascent: run ESAM under DDP, or use --sam_mask none under FSDP."
+                if getattr(self, "is_fsdp_enabled", False)
+                else "Drop --sam_ascent_sync or --sam_mask random_tensor."
+            )
             raise ValueError(
                 "ESAM's stochastic weight perturbation skips weight gradients in the ascent pass, which a synced"
-                " (all-reduced) ascent cannot do under DDP. Drop --sam_ascent_sync or --sam_mask random_tensor."
+                f" (all-reduced) ascent cannot do across processes. {fix}"
             )
         if not select_perturbed(self.model, self.args.sam_include, self.args.sam_exclude):
             raise ValueError(
@@ -221,7 +226,7 @@ class SAMMixin:
                 self._esam_window_examples.append(self._esam_clean_examples)
             self._sam_keep_clean_gradient()
             self._sam_ascend(grad_factor=1.0)
-            self._sam_zero_grads()
+            self._sam_release_grads()
         clean = self._sam_window_clean[index]
         perturbed = self._sam_perturbed_pass(
             model, inputs, num_items_in_batch, self._sam_window_rng[index], clean, self._esam_window_examples[index]
@@ -253,9 +258,16 @@ class SAMMixin:
                 self._sam_zero_grads()
                 if stash is not None:
                     # Back in .grad before the descent backward, so a synced backward all-reduces the full sum.
-                    torch._foreach_add_([p.grad for p in stash], list(stash.values()))
-                last_shard = j == len(shards) - 1
-                with contextlib.nullcontext() if last_shard else self.accelerator.no_sync(model):
+                    torch._foreach_add_([local(p.grad) for p in stash], list(stash.values()))
+                if getattr(self, "is_fsdp_enabled", False):
+                    # FSDP2 keeps an unsynced backward's gradient outside `.grad` (unsharded, until the next synced
+                    # backward), out of reach of the stash and of the zeroing before the next ascent: sync each one.
+                    descent_sync = self._sam_force_sync(model)
+                elif j == len(shards) - 1:
+                    descent_sync = contextlib.nullcontext()
+                else:
+                    descent_sync = self._sam_no_sync(model)
+                with descent_sync:
                     perturbed = self._sam_perturbed_pass(
                         model, shard, num_items_in_batch, rng, clean, self._esam_clean_examples
                     )
@@ -272,7 +284,7 @@ class SAMMixin:
     def _sam_clean_pass(self, model, inputs, num_items_in_batch, sync: bool):
         """Forward+backward at w; the backward syncs across ranks only if `sync` (forward included)."""
         rng = capture_rng(self.args.device) if self.args.sam_same_dropout or self._esam_sds else None
-        context = self._sam_force_sync(model) if sync else self.accelerator.no_sync(model)
+        context = self._sam_force_sync(model) if sync else self._sam_no_sync(model)
         swp = contextlib.nullcontext()
         if self._esam_swp:
             swp = frozen_tensors(self._sam_perturbation.params, self._esam_keep)
@@ -356,19 +368,32 @@ class SAMMixin:
     @contextlib.contextmanager
     def _sam_force_sync(self, model):
         """Make this backward all-reduce even inside the Trainer's `no_sync` (ascent sync on an early micro-batch)."""
+        with self._sam_gradient_sync(model, True):
+            yield
+
+    @contextlib.contextmanager
+    def _sam_no_sync(self, model):
+        """Defer this backward's all-reduce / reduce-scatter, and put back whatever was set before (accelerate's
+        `no_sync` turns FSDP2's sync back on when it exits, even inside the Trainer's own deferral)."""
+        with self._sam_gradient_sync(model, False):
+            yield
+
+    @contextlib.contextmanager
+    def _sam_gradient_sync(self, model, sync: bool):
         if hasattr(model, "require_backward_grad_sync"):  # DDP
             previous = model.require_backward_grad_sync
-            model.require_backward_grad_sync = True
+            model.require_backward_grad_sync = sync
             try:
                 yield
             finally:
                 model.require_backward_grad_sync = previous
         elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-            model.set_requires_gradient_sync(True)
+            previous = _fsdp2_gradient_sync(model)
+            model.set_requires_gradient_sync(sync)
             try:
                 yield
             finally:
-                model.set_requires_gradient_sync(self.accelerator.gradient_state.sync_gradients)
+                model.set_requires_gradient_sync(previous)
         else:
             yield
 
@@ -505,8 +530,14 @@ class SAMMixin:
             transform.after_sam_step(names, grads, clean, clean_norm)
         self._sam_clean_copy = None
 
+    def _sam_release_grads(self) -> None:
+        """Drop `.grad` (it holds eps, no longer needed): the descent backward then hands its gradient over instead
+        of adding it to zeros, which saves two passes over the parameters' size and frees eps's memory."""
+        for p in self._sam_trainable:
+            p.grad = None
+
     def _sam_zero_grads(self) -> None:
-        grads = [p.grad for p in self._sam_trainable if p.grad is not None]
+        grads = [local(p.grad) for p in self._sam_trainable if p.grad is not None]
         if grads:
             torch._foreach_zero_(grads)
 
@@ -514,11 +545,12 @@ class SAMMixin:
         """Copy the accumulated `.grad` of `params` into reusable buffers (the GA > 1 stash of micro mode)."""
         buffers = []
         for p in params:
+            grad = local(p.grad)  # this rank's shard under FSDP2
             buffer = self._sam_stash.get(id(p))
-            if buffer is None or buffer.shape != p.grad.shape:
-                buffer = self._sam_stash[id(p)] = torch.empty_like(p.grad)
+            if buffer is None or buffer.shape != grad.shape:
+                buffer = self._sam_stash[id(p)] = torch.empty_like(grad)
             buffers.append(buffer)
-        torch._foreach_copy_(buffers, [p.grad for p in params])
+        torch._foreach_copy_(buffers, [local(p.grad) for p in params])
         return dict(zip(params, buffers))
 
     def _sam_record_losses(self, clean: torch.Tensor, perturbed: torch.Tensor, first: bool) -> None:
@@ -769,6 +801,14 @@ class SAMMixin:
 
     def _sam_rank_suffix(self) -> str:
         return "" if self.accelerator.num_processes == 1 else f"-rank{self.accelerator.process_index}"
+
+
+def _fsdp2_gradient_sync(model: nn.Module) -> bool:
+    """Whether FSDP2 reduces gradients in the next backward. FSDP2 has a setter only: this reads the flag its
+    `set_requires_gradient_sync` writes on the root's parameter group (True, FSDP2's default, if absent)."""
+    get_state = getattr(model, "_get_fsdp_state", None)
+    group = getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
+    return bool(getattr(group, "reduce_grads", True))
 
 
 def _split_batch(inputs: dict[str, Any], shards: int) -> list[dict[str, Any]]:

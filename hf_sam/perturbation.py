@@ -79,12 +79,11 @@ class Perturbation:
         names, params, grads = self.with_grads()
         grad_norm = global_norm(grads)
         finite = torch.isfinite(grad_norm)
-        self.rule(names, params, grads, rho, grad_unit)
+        # A radius of 0 when g is not finite, then NaN/inf -> 0: eps = 0 everywhere, without a separate pass.
+        self.rule(names, params, grads, rho * finite, grad_unit, grad_norm)
         if self.mask is not None:
             self.mask.apply_(names, grads)
-        # eps = eps * finite, then NaN/inf -> 0: a non-finite g gives eps = 0 everywhere.
         local_grads = [local(g) for g in grads]
-        torch._foreach_mul_(local_grads, finite.to(local_grads[0].dtype) if local_grads else finite)
         zero_non_finite_(local_grads)
         local_params = [local(p) for p in params]
         backup = [self._backup_for(p) for p in params]

@@ -22,7 +22,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _shard_group(tensors: list[torch.Tensor]) -> dist.ProcessGroup | None:
+def shard_group(tensors: list[torch.Tensor]) -> dist.ProcessGroup | None:
     """The process group over which `tensors` are sharded, or `None` when they are whole on every rank."""
     for tensor in tensors:
         if isinstance(tensor, DTensor):
@@ -36,17 +36,18 @@ def _shard_group(tensors: list[torch.Tensor]) -> dist.ProcessGroup | None:
     return None
 
 
-def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+def global_norm(tensors: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """L2 norm over all `tensors` together, in fp32, summed over every rank's shard under FSDP2.
 
-    No host sync: the result stays on the device.
+    `group` sums over those ranks when `tensors` are plain local shards (method state kept as local tensors);
+    DTensors find their group themselves. No host sync: the result stays on the device.
     """
     shards = [local(t) for t in tensors]
     if not shards:
         return torch.zeros((), dtype=torch.float32)
     norms = torch._foreach_norm(shards)
     squared = torch.stack([n.float() for n in norms]).square().sum()
-    group = _shard_group(tensors)
+    group = shard_group(tensors) if group is None else group
     if group is not None:
         dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=group)
     return squared.sqrt()
@@ -56,7 +57,7 @@ def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     """Inner product of two parameter-shaped lists, in fp32, summed over shards under FSDP2."""
     products = [(local(x).float() * local(y).float()).sum() for x, y in zip(a, b)]
     total = torch.stack(products).sum() if products else torch.zeros(())
-    group = _shard_group(a)
+    group = shard_group(a)
     if group is not None:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return total

@@ -82,3 +82,30 @@ def test_one_shrunk_run_and_the_report(bench, tmp_path, monkeypatch):
     bench.report(argparse.Namespace(results=str(path)))
     assert (tmp_path / "generalization.md").read_text().count("| sam |") == 1
     assert (tmp_path / "generalization_mnist-noisy_short.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def pass_costs():
+    spec = importlib.util.spec_from_file_location("pass_costs", ROOT / "benchmarks" / "pass_costs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pass_costs_turn_pieces_into_the_logged_pass_counts(pass_costs):
+    # A device where B = 2F exactly and SWP saves exactly its share: every measured recipe equals its pass count.
+    pieces = {"full": 3.0, "forward": 1.0, "swp": 3.0 - 0.4, "subset": 1.5}
+    rows = pass_costs.implied_costs(pieces, beta=0.6, gamma=0.5)
+    assert all(measured == pytest.approx(counted) for _, measured, counted in rows)
+    esam = dict((name, measured) for name, measured, _ in rows)["esam step (clean SWP + no-grad forward + subset)"]
+    assert esam == pytest.approx(1.7)
+    # A device with a slower forward (F = 40% of a pass) makes ESAM and MESA dearer than their counts.
+    slow = pass_costs.implied_costs({**pieces, "forward": 1.2}, beta=0.6, gamma=0.5)
+    assert dict((n, m) for n, m, _ in slow)["mesa step (pass + no-grad teacher forward)"] == pytest.approx(1.4)
+
+
+def test_pass_costs_times_every_piece_on_a_tiny_model(pass_costs):
+    cfg = {"device": "cpu", "hidden": 32, "layers": 1, "vocab": 50, "seq": 8, "batch": 4}
+    pieces = pass_costs.time_pieces(cfg, repeats=1, beta=0.6, gamma=0.5)
+    assert set(pieces) == {"full", "forward", "swp", "subset"}
+    assert all(seconds > 0 for seconds in pieces.values())

@@ -11,6 +11,7 @@ from hf_sam.components import build_ascent
 from hf_sam.optim import AdaSAMOptimizer
 from hf_sam.perturbation import Perturbation, select_perturbed
 from hf_sam.schedules import SCHEDULES, is_sam_step, sam_probability
+from hf_sam.tensors import global_norm
 
 
 def rule_args(**kw):
@@ -104,14 +105,36 @@ def test_fsam_first_step_is_sam_then_subtracts_the_previous_ema():
     g2 = [torch.full_like(p, 3.0) for _, p in named]
     names, params = [n for n, _ in named], [p for _, p in named]
     eps1 = [g.clone() for g in g1]
-    rule(names, params, eps1, 1.0, 1.0)
+    rule(names, params, eps1, 1.0, 1.0, global_norm(g1))
     n1 = math.sqrt(sum(g.numel() for g in g1))
     torch.testing.assert_close(eps1[0], g1[0] / n1)  # d = g on the first step
     eps2 = [g.clone() for g in g2]
-    rule(names, params, eps2, 1.0, 1.0)
+    rule(names, params, eps2, 1.0, 1.0, global_norm(g2))
     # d = g2 - m1 with m1 = g1 (the EMA before this step's update): 3 - 1 = 2 everywhere, normalized
     torch.testing.assert_close(eps2[0], torch.full_like(eps2[0], 2.0) / (2.0 * n1))
     torch.testing.assert_close(rule.ema[names[0]], torch.full_like(eps2[0], 0.5 * 1 + 0.5 * 3))
+
+
+def test_fsam_ema_skips_a_non_finite_gradient():
+    # An fp16 overflow must not enter the EMA: with inf in m every later d would be inf - inf and SAM would
+    # silently turn into the plain optimizer for the rest of training.
+    model = mlp()
+    grads_for(model)
+    named = select_perturbed(model, None, None)
+    perturbation = Perturbation(named, build_ascent(rule_args(sam_ascent="fsam", fsam_lambda=0.5)))
+    perturbation.ascend(0.05)
+    perturbation.restore()
+    ema = {name: value.clone() for name, value in perturbation.rule.ema.items()}
+    grads_for(model)
+    model[0].weight.grad[0, 0] = math.inf
+    _, skipped = perturbation.ascend(0.05)
+    perturbation.restore()
+    assert skipped.item() == 1.0
+    assert all(torch.equal(perturbation.rule.ema[name], value) for name, value in ema.items())
+    grads_for(model)  # the next finite step ascends normally
+    _, skipped = perturbation.ascend(0.05)
+    assert skipped.item() == 0.0
+    assert all(torch.isfinite(p).all() for _, p in named)
 
 
 # ---------------------------------------------------------------- schedules (SS-SAM)

@@ -219,6 +219,83 @@ def test_fsdp_restore_is_bit_exact(fsdp):
         assert result["active_after_restore"] is False, (rank, rule)
 
 
+def test_fsdp_sparse_masks_equal_the_unsharded_masks(fsdp):
+    # Each rank holds its shards' masks; put together they are the masks of the unsharded model, for the random
+    # starting mask, a drop-and-grow update and a Fisher mask (global top-k over both ranks' shards).
+    masks = fsdp["masks"]
+    assert masks["initial_equal"] and masks["drop_and_grow_equal"] and masks["fisher_equal"], masks
+    assert masks["density"] == masks["ref_density"] and 0.3 < masks["density"] < 0.5
+    assert masks["drop_and_grow_density"] == masks["drop_and_grow_ref_density"]
+
+
+def test_fsdp_sharded_top_k_takes_exactly_k_entries_through_ties(fsdp):
+    masks = fsdp["masks"]
+    assert masks["ties_count"] == masks["ties_k"] and masks["ties_ordered"], masks
+
+
+# ---------------------------------------------------------------------- SAMTrainer under FSDP2
+
+
+@pytest.fixture(scope="module")
+def fsdp_trainer(tmp_path_factory) -> dict:
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed.fsdp")
+    from torch.distributed import fsdp as fsdp_module
+
+    if not hasattr(fsdp_module, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard")
+    return _launch("fsdp_trainer_check.py", tmp_path_factory.mktemp("fsdp_trainer") / "fsdp_trainer.json")
+
+
+@pytest.mark.parametrize("name", ["none", "sam", "stable-sam"])
+def test_trainer_under_fsdp2_equals_full_batch_training(fsdp_trainer, name):
+    result = fsdp_trainer[name]
+    assert fsdp_trainer["world_size"] == 2
+    # The Trainer really sharded the model and built its optimizer over the shards.
+    assert result["sharded_dtensor_params"] and result["optimizer_params_are_dtensors"], name
+    assert result["steps_per_rank"] == [3, 3] and result["ranks_identical"], name
+    assert result["moved_from_init"] > 1e-3, name
+    assert result["ref_max_diff"] < 1e-5, (name, result["ref_max_diff"])
+    if name != "none":
+        assert result["sam_ascent_sync"] is True
+        assert result["sam_passes_logged"] == [2.0, 2.0, 2.0], name
+
+
+def test_sam_under_fsdp2_is_not_the_plain_run(fsdp_trainer):
+    assert fsdp_trainer["max_diff_sam_vs_none"] > 1e-4
+
+
+SAME_AS_DDP = ["ssam-f", "ssam-d", "asam", "ss-sam", "adasam", "msam", "looksam", "gsam", "fsam", "saf", "sam-ga2",
+               "sam-micro-ga2"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SAME_AS_DDP)
+def test_every_method_under_fsdp2_equals_it_under_ddp_with_synced_ascent(fsdp_trainer, name):
+    # The same SAM step on both (synced ascent, global norms and top-k masks); only the sharding differs. DDP's
+    # runs are checked against hand-written loops elsewhere. AdaSAM's normalized steps amplify rounding.
+    sharded, replicated = fsdp_trainer[name], fsdp_trainer[f"{name}-ddp"]
+    assert sharded["sharded_dtensor_params"] and not replicated["sharded_dtensor_params"]
+    assert sharded["ranks_identical"] and replicated["ranks_identical"]
+    tolerance = 1e-5 if name == "adasam" else 1e-6
+    assert fsdp_trainer[f"{name}_fsdp_vs_ddp_max_diff"] < tolerance, fsdp_trainer[f"{name}_fsdp_vs_ddp_max_diff"]
+    assert fsdp_trainer[f"{name}_vs_sam_max_diff"] > 1e-5  # a different method really ran
+    assert sharded["sam_passes_logged"] == replicated["sam_passes_logged"]
+
+
+def test_saf_under_fsdp2_finds_its_targets_in_the_second_epoch(fsdp_trainer):
+    # Steps 1-2 are epoch 0 (no earlier logits yet), step 3 is epoch 1: every example of its batch has a target.
+    for run in (fsdp_trainer["saf"], fsdp_trainer["saf-ddp"]):
+        assert run["saf_coverage_logged"] == [0.0, 0.0, 1.0], run["saf_coverage_logged"]
+        assert run["saf_kl_logged"][-1] > 0
+    assert fsdp_trainer["saf"]["saf_kl_logged"] == pytest.approx(fsdp_trainer["saf-ddp"]["saf_kl_logged"])
+
+
+@pytest.mark.parametrize("name", ["ssam-f", "ssam-d"])
+def test_sparse_sam_masks_under_fsdp2_have_the_density_they_have_under_ddp(fsdp_trainer, name):
+    sharded, replicated = fsdp_trainer[name], fsdp_trainer[f"{name}-ddp"]
+    assert sharded["mask_density_logged"] == pytest.approx(replicated["mask_density_logged"])
+    assert all(0.4 < d <= 0.5 for d in sharded["mask_density_logged"]), sharded["mask_density_logged"]
+
+
 # ---------------------------------------------------------------------- every method under DDP
 
 

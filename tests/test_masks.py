@@ -27,6 +27,21 @@ def test_top_k_mask_marks_exactly_the_k_largest_entries_over_all_tensors():
     assert flat[chosen].min() > flat[~chosen].max()
 
 
+def test_order_keys_sort_like_the_floats_they_come_from():
+    # The sharded top-k (FSDP2) bisects on these integer keys; their order must be the floats' order exactly.
+    from hf_sam.masks import _order_keys
+
+    torch.manual_seed(0)
+    values = torch.cat([torch.randn(1000) * 10.0 ** torch.randint(-30, 30, (1000,)), torch.tensor(
+        [0.0, -0.0, -1.0, 1.0, 1e-45, -1e-45, 3.0e38, -3.0e38, float("inf"), float("-inf")])])  # fmt: skip
+    keys = _order_keys(values)
+    assert keys.dtype == torch.int32
+    by_key, by_value = values[torch.argsort(keys, stable=True)], torch.sort(values, stable=True).values
+    assert torch.equal(by_key, by_value)
+    distinct = values.unique()
+    assert _order_keys(distinct).unique().numel() >= distinct.numel()  # distinct floats keep distinct keys
+
+
 def test_dynamic_mask_keeps_the_live_count_through_updates():
     model = tiny_bert()
     named = select_perturbed(model, None, None)

@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import tempfile
+from types import SimpleNamespace
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -198,6 +199,60 @@ def check_rule(rule, model, reference, x, y, rank, world):
     }
 
 
+def shard_of(full_tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of `full_tensor` as FSDP2 splits `param` (dim-0 `torch.chunk`)."""
+    mesh = param.device_mesh
+    chunks = torch.chunk(full_tensor, mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    part = chunks[rank] if rank < len(chunks) else full_tensor[:0]
+    assert part.shape == local(param).shape, (part.shape, local(param).shape)
+    return part
+
+
+def whole_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The full bool mask of `param` from every rank's shard mask."""
+    shard = DTensor.from_local(
+        mask.to(torch.uint8), param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+    )
+    return shard.full_tensor().bool()
+
+
+def check_masks(model, reference, rank, world):
+    """Sparse SAM's masks on FSDP2 shards against the same masks built on the unsharded copy."""
+    from hf_sam.masks import SparseMask, top_k_mask
+
+    named, ref_named = select_perturbed(model, None, None), select_perturbed(reference, None, None)
+    names, params = [n for n, _ in named], [p for _, p in named]
+    ref_params = [p for _, p in ref_named]
+    args = SimpleNamespace(sam_mask="dynamic", seed=3, sam_sparsity=0.6, sam_mask_drop_rate=0.5)
+    sharded, single = SparseMask(args, names, params), SparseMask(args, names, ref_params)
+
+    def same_as_single() -> bool:
+        return all(torch.equal(whole_mask(sharded.masks[n], p), single.masks[n]) for n, p in zip(names, params))
+
+    out = {"initial_equal": same_as_single(), "density": sharded.density(), "ref_density": single.density()}
+    generator = torch.Generator().manual_seed(5)
+    full_grads = [torch.randn(p.shape, generator=generator) for p in ref_params]
+    sharded.drop_and_grow([shard_of(g, p) for g, p in zip(full_grads, params)], params, step=3, progress=0.25)
+    single.drop_and_grow(full_grads, ref_params, step=3, progress=0.25)
+    out["drop_and_grow_equal"] = same_as_single()
+    out["drop_and_grow_density"], out["drop_and_grow_ref_density"] = sharded.density(), single.density()
+    fisher = [torch.rand(p.shape, generator=generator) for p in ref_params]
+    sharded.set_fisher([shard_of(f, p) for f, p in zip(fisher, params)], params)
+    single.set_fisher(fisher, ref_params)
+    out["fisher_equal"] = same_as_single()
+    # Ties: scores in {0, 1, 2, 3}, so the k-th largest value is shared by many entries on both ranks.
+    tied = [torch.randint(0, 4, p.shape, generator=generator).float() for p in ref_params]
+    k = 1234 if sum(p.numel() for p in ref_params) > 1234 else sum(p.numel() for p in ref_params) // 2
+    chosen = top_k_mask([shard_of(t, p) for t, p in zip(tied, params)], k, sharded.group)
+    whole = [whole_mask(c, p) for c, p in zip(chosen, params)]
+    picked = torch.cat([t[m] for t, m in zip(tied, whole)])
+    left = torch.cat([t[~m] for t, m in zip(tied, whole)])
+    out["ties_count"], out["ties_k"] = int(sum(int(m.sum()) for m in whole)), k
+    out["ties_ordered"] = bool(picked.min() >= left.max())
+    return out
+
+
 def main():
     out_path = sys.argv[1]
     dist.init_process_group("gloo")
@@ -213,10 +268,11 @@ def main():
     x, y = data(world)
 
     results = {rule: check_rule(rule, model, reference, x, y, rank, world) for rule in ("sam", "adaptive")}
+    masks = check_masks(model, reference, rank, world)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
-        out = {"world_size": world, "per_rank": gathered}
+        out = {"world_size": world, "per_rank": gathered, "masks": masks}
         # Every rank must agree on the collective results (norms are all-reduced, weights gathered).
         out["ranks_agree"] = all(
             g[rule][key] == gathered[0][rule][key]

@@ -1,0 +1,219 @@
+"""SAMTrainer under FSDP2 through accelerate (CPU, gloo), checked against a plain-PyTorch reference.
+
+Launch: `torchrun --nproc_per_node 2 tests/distributed/fsdp_trainer_check.py OUT.json`. Rank 0 writes OUT.json;
+the asserts live in `tests/test_distributed.py`.
+
+accelerate turns FSDP on only for accelerator devices (on CPU it falls back to DDP), so after the Trainer is
+built this script switches the shared `AcceleratorState` to FSDP with the plugin the Trainer's arguments describe
+(`fsdp=True`, `fsdp_config={"version": 2}`). Everything after that is the real path: `accelerator.prepare` runs
+accelerate's `fsdp2_prepare_model` (`fully_shard` per `BertLayer` and on the root), the Trainer builds its SGD
+optimizer over the DTensor shards, and SAMTrainer's steps run on them.
+
+FSDP2 reduce-scatters every backward, so the ascent is the all-reduced gradient (`sam_ascent_sync` is forced
+on) and each configuration must end at the weights of full-batch single-process training on the union of the
+batches both ranks saw:
+
+- `none`: plain Trainer, SGD on the mean gradient;
+- `sam`: eps = rho g / ||g|| from the mean gradient, the mean descent gradient at w + eps;
+- `stable-sam`: unnormalized ascent eps = rho g, descent rescaled to ||g|| (norms over the whole model,
+  summed over both ranks' shards).
+
+Every other method that runs under FSDP runs twice, under FSDP2 and under DDP with the synced ascent, which is
+the same SAM step (DDP's methods are checked against hand-written loops elsewhere), so both runs must end at the
+same weights. Sparse SAM takes a new mask every step there: a global top-k over both ranks' shards under FSDP2,
+over whole tensors under DDP. ESAM (its SWP needs a local ascent) and MESA (a whole EMA copy) refuse FSDP.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import sys
+import tempfile
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from hf_sam import SAMTrainingArguments
+from tests.distributed.ddp_check import (
+    RecordingTrainer,
+    flat,
+    mean_ce_grad,
+    mean_of,
+    norm_of,
+    sam_eps,
+    set_grads,
+    to_batch,
+)
+from tests.helpers import tiny_bert, tiny_dataset
+
+
+LR = 0.1
+RHO = 0.05
+STEPS = 3
+BATCH = 2
+
+CONFIGS = {
+    "none": dict(sam_method="none"),
+    "sam": dict(sam_method="sam", sam_rho=RHO),
+    "stable-sam": dict(sam_method="stable-sam", sam_rho=RHO),
+    "sam-ga2": dict(sam_method="sam", sam_rho=RHO, gradient_accumulation_steps=2),
+}
+SAME_AS_DDP = {
+    "ssam-f": dict(sam_method="ssam-f", sam_mask_interval=1, sam_fisher_samples=4),
+    "ssam-d": dict(sam_method="ssam-d", sam_mask_interval=1),
+    "asam": dict(sam_method="asam"),
+    "ss-sam": dict(sam_method="ss-sam"),
+    # eps 1e-3: with v_hat starting at eps^2 = 1e-16, AdaSAM turns 1e-9 rounding differences (reduce-scatter vs
+    # all-reduce order) of near-zero gradients into steps of size lr.
+    "adasam": dict(sam_method="adasam", adam_epsilon=1e-3),
+    "msam": dict(sam_method="msam", sam_micro_batches=2),
+    "looksam": dict(sam_method="looksam", looksam_k=2),
+    "gsam": dict(sam_method="gsam"),
+    "fsam": dict(sam_method="fsam"),
+    # 8 examples = 2 steps per epoch: step 3 is in epoch 1, where SAF's targets (epoch 0's logits) exist.
+    "saf": dict(sam_method="saf", saf_start_epoch=0.0, train_size=8),
+    "sam-ga2": dict(sam_method="sam", gradient_accumulation_steps=2),  # also against the reference (CONFIGS)
+    "sam-micro-ga2": dict(sam_method="sam", gradient_accumulation_steps=2, sam_accumulation="micro"),
+}
+FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
+
+
+def force_fsdp_on_cpu(trainer) -> None:
+    """What accelerate would set up on GPUs for these arguments: distributed type FSDP with the Trainer's plugin."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    trainer.is_fsdp_enabled = True
+
+
+def full_flat(model: torch.nn.Module) -> torch.Tensor:
+    """Every parameter, whole (a collective under FSDP2: each rank must call it)."""
+    parts = []
+    for p in model.parameters():
+        value = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
+        parts.append(value.reshape(-1).clone())
+    return torch.cat(parts)
+
+
+def reference_run(initial, per_rank_batches, name):
+    """Final flat weights of single-process training on the union of the ranks' batches (no hf_sam code)."""
+    model = copy.deepcopy(initial)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    ga = len(per_rank_batches[0]) // STEPS  # micro-batches per optimizer step (window accumulation)
+    method = name.removesuffix("-ga2")
+    for step in range(STEPS):
+        batches = [to_batch(seen[step * ga + i]) for seen in per_rank_batches for i in range(ga)]
+        clean = mean_of([mean_ce_grad(model, batch) for batch in batches])
+        if method == "none":
+            descent = clean
+        elif method == "sam":
+            eps = sam_eps(clean, RHO)
+            descent = mean_of([mean_ce_grad(model, b, eps) for b in batches])
+        elif method == "stable-sam":
+            eps = {n: RHO * g for n, g in clean.items()}
+            perturbed = mean_of([mean_ce_grad(model, b, eps) for b in batches])
+            factor = norm_of(clean) / norm_of(perturbed)
+            descent = {n: g * factor for n, g in perturbed.items()}
+        else:
+            raise ValueError(name)
+        set_grads(model, descent)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+    return flat(model)
+
+
+def run_config(name, overrides, out_dir, rank, world):
+    overrides = dict(overrides)
+    train_size = overrides.pop("train_size", 32)
+    model = tiny_bert(dropout=0.0)
+    initial = copy.deepcopy(model)
+    args = SAMTrainingArguments(
+        output_dir=os.path.join(out_dir, name),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        max_grad_norm=0.0,
+        optim="sgd",
+        learning_rate=LR,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        disable_tqdm=True,
+        seed=0,
+        per_device_train_batch_size=BATCH,
+        max_steps=STEPS,
+        dataloader_num_workers=0,
+        logging_steps=1,
+        **overrides,
+    )
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=tiny_dataset(train_size))
+    if overrides.get("fsdp"):
+        force_fsdp_on_cpu(trainer)
+    trainer.train()
+    params = list(trainer.model.parameters())
+    sharded = all(isinstance(p, DTensor) for p in params)
+    final = full_flat(trainer.model)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"final": final, "seen": trainer.seen})
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    if rank != 0:
+        return None
+    reference = reference_run(initial, [g["seen"] for g in gathered], name) if name in CONFIGS else None
+    return {
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "sharded_dtensor_params": sharded,
+        "optimizer_params_are_dtensors": all(
+            isinstance(p, DTensor) for group in trainer.optimizer.param_groups for p in group["params"]
+        ),
+        "sam_ascent_sync": trainer.args.sam_ascent_sync,
+        "steps_per_rank": [len(g["seen"]) for g in gathered],
+        "ranks_identical": all(torch.equal(g["final"], gathered[0]["final"]) for g in gathered),
+        "ref_max_diff": float((gathered[0]["final"] - reference).abs().max()) if reference is not None else None,
+        "moved_from_init": float((gathered[0]["final"] - flat(initial)).abs().max()),
+        "sam_passes_logged": [e.get("sam/passes_per_step") for e in logs],
+        "mask_density_logged": [e.get("sam/mask_density") for e in logs],
+        "saf_coverage_logged": [e.get("saf/coverage") for e in logs],
+        "saf_kl_logged": [e.get("saf/kl") for e in logs],
+        "final": gathered[0]["final"].tolist(),
+    }
+
+
+def main():
+    out_path = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, overrides in CONFIGS.items():
+            results[name] = run_config(name, {**overrides, **FSDP}, tmp, rank, world)
+        for name, overrides in SAME_AS_DDP.items():
+            if name not in results:
+                results[name] = run_config(name, {**overrides, **FSDP}, tmp, rank, world)
+            results[f"{name}-ddp"] = run_config(name, {**overrides, "sam_ascent_sync": True}, tmp, rank, world)
+    if rank == 0:
+        finals = {name: torch.tensor(results[name].pop("final")) for name in results}
+        results["max_diff_sam_vs_none"] = float((finals["sam"] - finals["none"]).abs().max())
+        for name in SAME_AS_DDP:
+            results[f"{name}_fsdp_vs_ddp_max_diff"] = float((finals[name] - finals[f"{name}-ddp"]).abs().max())
+            results[f"{name}_vs_sam_max_diff"] = float((finals[name] - finals["sam"]).abs().max())
+        results["world_size"] = world
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=2)
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
