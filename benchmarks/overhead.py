@@ -146,6 +146,12 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the table and json")
     parser.add_argument("--name", default=None, help="file name of the table and json (default overhead_<device>)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every configuration in this one process: less process-to-process timing noise (on a shared CPU"
+        " it dominates), but no per-method peak memory",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     cli = parser.parse_args()
 
@@ -166,13 +172,16 @@ def main() -> None:
                 "bf16": cli.bf16, "method_args": method_args(method),
                 "output_dir": os.path.join(cli.out, "_tmp"),
             }  # fmt: skip
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-            out = subprocess.run(
-                [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env
-            )
-            if out.returncode != 0:
-                raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
+            if cli.in_process:
+                row = run_one(cfg)
+            else:
+                env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+                out = subprocess.run(
+                    [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env
+                )
+                if out.returncode != 0:
+                    raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
             results[method].append(row)
             print(f"repeat {repeat} {method:>10}: {row['mean_step_s'] * 1000:8.1f} ms/step", flush=True)
 
@@ -182,7 +191,7 @@ def main() -> None:
     lines = [
         f"Device: {device} ({os.cpu_count()} cores visible); BERT {params_m:.1f}M params, batch {cli.batch} x seq"
         f" {cli.seq}, GA {cli.ga}{', bf16' if cli.bf16 else ''}; {cli.steps} timed steps x {cli.repeats}"
-        " interleaved repeats.",
+        f" interleaved repeats{' in one process (memory column not per method)' if cli.in_process else ''}.",
         "",
         "| method | mean step (ms) | time vs plain | passes/step | one-pass steps (ms) | SAM steps (ms) |"
         " buffers held (x trainable params) |"

@@ -407,6 +407,11 @@ class SAMArgumentsMixin:
             )
 
     def _validate_sam_against_training_args(self) -> None:
+        if self.sam_loss_term == "mesa" and self.fsdp:
+            raise ValueError(
+                "sam_method='mesa' keeps a whole EMA copy of the model, not built for FSDP-sharded weights yet: train"
+                " MESA under DDP (drop --fsdp), or use sam_method='saf', which runs under FSDP."
+            )
         if not self.sam_enabled:
             return
         if self._has_descent_transform and self.sam_accumulation == "micro" and self.gradient_accumulation_steps > 1:
@@ -431,6 +436,12 @@ class SAMArgumentsMixin:
                 raise ValueError(
                     "sam_ascent_sync=False is not possible under FSDP: every rank only holds a shard of the ascent"
                     " gradient. Drop --sam_ascent_sync (it defaults to True under FSDP)."
+                )
+            if self.sam_mask == "random_tensor":
+                raise ValueError(
+                    "ESAM's stochastic weight perturbation (sam_mask='random_tensor') skips weight gradients in each"
+                    " rank's own ascent, and FSDP always syncs the ascent: run ESAM under DDP, or keep its data"
+                    " selection alone under FSDP with --sam_mask none."
                 )
             self.sam_ascent_sync = True
         elif self.sam_ascent_sync is None:

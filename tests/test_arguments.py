@@ -72,6 +72,9 @@ def test_seq2seq_arguments_have_sam_fields():
     assert args.sam_rho == 0.5 and hasattr(args, "predict_with_generate")
 
 
+FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -100,6 +103,10 @@ def test_seq2seq_arguments_have_sam_fields():
         ({"sam_rho": 0.05, "sam_rho_min": 0.1}, "sam_rho_min"),
         ({"sam_ascent": "fsam", "sam_adaptive": True}, "contradict"),
         ({"sam_ascent": "sideways"}, "sam_ascent"),
+        ({"sam_method": "esam", **FSDP2}, "FSDP always syncs the ascent"),
+        ({"sam_method": "mesa", **FSDP2}, "mesa.*FSDP"),
+        ({"sam_method": "sam", "sam_ascent_sync": False, **FSDP2}, "sam_ascent_sync"),
+        ({"sam_method": "sam", "fsdp": True, "fsdp_config": {"version": 1}}, "FSDP2"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_field(kwargs, match):
@@ -117,6 +124,12 @@ def test_plain_training_arguments_are_refused_with_the_fix(tmp_path):
 def test_regex_matching_nothing_is_refused_at_construction(tmp_path):
     with pytest.raises(ValueError, match="sam_include"):
         SAMTrainer(model=tiny_bert(), args=make(sam_include="no_such_layer"), train_dataset=tiny_dataset())
+
+
+def test_fsdp2_forces_the_synced_ascent_and_keeps_esam_data_selection():
+    assert make(sam_method="sam", **FSDP2).sam_ascent_sync is True
+    args = make(sam_method="esam", sam_mask="none", **FSDP2)  # SDS alone runs under FSDP (tested in DDP/FSDP runs)
+    assert args.sam_ascent_sync is True and args.esam_gamma == 0.5
 
 
 def test_every_registered_method_constructs():

@@ -264,8 +264,8 @@ def test_sam_under_fsdp2_is_not_the_plain_run(fsdp_trainer):
     assert fsdp_trainer["max_diff_sam_vs_none"] > 1e-4
 
 
-SAME_AS_DDP = ["ssam-f", "ssam-d", "asam", "ss-sam", "adasam", "msam", "looksam", "gsam", "fsam", "saf", "sam-ga2",
-               "sam-micro-ga2"]  # fmt: skip
+SAME_AS_DDP = ["ssam-f", "ssam-d", "asam", "ss-sam", "adasam", "msam", "looksam", "gsam", "fsam", "saf", "esam-sds",
+               "sam-ga2", "sam-micro-ga2"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", SAME_AS_DDP)

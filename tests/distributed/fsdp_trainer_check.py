@@ -79,6 +79,7 @@ SAME_AS_DDP = {
     "fsam": dict(sam_method="fsam"),
     # 8 examples = 2 steps per epoch: step 3 is in epoch 1, where SAF's targets (epoch 0's logits) exist.
     "saf": dict(sam_method="saf", saf_start_epoch=0.0, train_size=8),
+    "esam-sds": dict(sam_method="esam", sam_mask="none"),  # SDS only: SWP needs a local ascent
     "sam-ga2": dict(sam_method="sam", gradient_accumulation_steps=2),  # also against the reference (CONFIGS)
     "sam-micro-ga2": dict(sam_method="sam", gradient_accumulation_steps=2, sam_accumulation="micro"),
 }
