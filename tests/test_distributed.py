@@ -281,6 +281,15 @@ def test_every_method_under_fsdp2_equals_it_under_ddp_with_synced_ascent(fsdp_tr
     assert sharded["sam_passes_logged"] == replicated["sam_passes_logged"]
 
 
+@pytest.mark.parametrize("name", ["ssam-d", "fsam"])
+def test_resume_under_fsdp2_equals_the_uninterrupted_run(fsdp_trainer, name):
+    # Trainer's FSDP checkpoint (model, optimizer) plus hf_sam's per-rank state: the shard masks, F-SAM's EMA shards.
+    straight, resumed = fsdp_trainer[f"{name}-straight"], fsdp_trainer[f"{name}-resumed"]
+    assert straight["sharded_dtensor_params"] and resumed["sharded_dtensor_params"]
+    assert straight["steps_per_rank"] == [4, 4] and resumed["steps_per_rank"] == [2, 2]  # steps 3-4 after resuming
+    assert fsdp_trainer[f"{name}_resume_max_diff"] == 0.0, fsdp_trainer[f"{name}_resume_max_diff"]
+
+
 def test_saf_under_fsdp2_finds_its_targets_in_the_second_epoch(fsdp_trainer):
     # Steps 1-2 are epoch 0 (no earlier logits yet), step 3 is epoch 1: every example of its batch has a target.
     for run in (fsdp_trainer["saf"], fsdp_trainer["saf-ddp"]):

@@ -21,15 +21,21 @@ batches both ranks saw:
 Every other method that runs under FSDP runs twice, under FSDP2 and under DDP with the synced ascent, which is
 the same SAM step (DDP's methods are checked against hand-written loops elsewhere), so both runs must end at the
 same weights. Sparse SAM takes a new mask every step there: a global top-k over both ranks' shards under FSDP2,
-over whole tensors under DDP. ESAM (its SWP needs a local ascent) and MESA (a whole EMA copy) refuse FSDP.
+over whole tensors under DDP. ESAM's SWP (it needs a local ascent) and MESA (a whole EMA copy) refuse FSDP.
+
+Resume: Sparse SAM (its masks) and F-SAM (its EMA) run 4 steps straight, and 2 steps + checkpoint + resume + 2
+steps, with `state_dict_type` SHARDED_STATE_DICT (the Trainer's FULL_STATE_DICT save fails in this CPU setup,
+inside transformers' `save_pretrained`, before any hf_sam code).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -82,6 +88,10 @@ SAME_AS_DDP = {
     "esam-sds": dict(sam_method="esam", sam_mask="none"),  # SDS only: SWP needs a local ascent
     "sam-ga2": dict(sam_method="sam", gradient_accumulation_steps=2),  # also against the reference (CONFIGS)
     "sam-micro-ga2": dict(sam_method="sam", gradient_accumulation_steps=2, sam_accumulation="micro"),
+}
+RESUMED = {
+    "ssam-d": dict(sam_method="ssam-d", sam_mask_interval=1),  # the mask is state
+    "fsam": dict(sam_method="fsam"),  # the EMA is state
 }
 FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
 
@@ -136,9 +146,10 @@ def reference_run(initial, per_rank_batches, name):
 def run_config(name, overrides, out_dir, rank, world):
     overrides = dict(overrides)
     train_size = overrides.pop("train_size", 32)
+    resume = overrides.pop("resume_from_checkpoint", None)
     model = tiny_bert(dropout=0.0)
     initial = copy.deepcopy(model)
-    args = SAMTrainingArguments(
+    settings = dict(
         output_dir=os.path.join(out_dir, name),
         use_cpu=True,
         report_to="none",
@@ -155,12 +166,12 @@ def run_config(name, overrides, out_dir, rank, world):
         max_steps=STEPS,
         dataloader_num_workers=0,
         logging_steps=1,
-        **overrides,
     )
+    args = SAMTrainingArguments(**{**settings, **overrides})
     trainer = RecordingTrainer(model=model, args=args, train_dataset=tiny_dataset(train_size))
     if overrides.get("fsdp"):
         force_fsdp_on_cpu(trainer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     params = list(trainer.model.parameters())
     sharded = all(isinstance(p, DTensor) for p in params)
     final = full_flat(trainer.model)
@@ -195,15 +206,34 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    # One folder for every rank (checkpoints are written by several ranks and read by all of them).
+    folder = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(folder, src=0)
+    with contextlib.ExitStack() as cleanup:
+        tmp = folder[0]
+        if rank == 0:
+            cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
         for name, overrides in CONFIGS.items():
             results[name] = run_config(name, {**overrides, **FSDP}, tmp, rank, world)
         for name, overrides in SAME_AS_DDP.items():
             if name not in results:
                 results[name] = run_config(name, {**overrides, **FSDP}, tmp, rank, world)
             results[f"{name}-ddp"] = run_config(name, {**overrides, "sam_ascent_sync": True}, tmp, rank, world)
+        for name, overrides in RESUMED.items():
+            # 4 steps straight, and 2 steps + checkpoint + resume + 2 steps: the same weights (masks, EMA restored).
+            resumable = {**overrides, **FSDP, "max_steps": 4}
+            resumable["fsdp_config"] = {**FSDP["fsdp_config"], "state_dict_type": "SHARDED_STATE_DICT"}
+            results[f"{name}-straight"] = run_config(f"{name}-straight", resumable, tmp, rank, world)
+            saved = {**resumable, "save_strategy": "steps", "save_steps": 2}
+            run_config(f"{name}-saved", saved, tmp, rank, world)
+            checkpoint = os.path.join(tmp, f"{name}-saved", "checkpoint-2")
+            resumed = {**resumable, "resume_from_checkpoint": checkpoint}
+            results[f"{name}-resumed"] = run_config(f"{name}-resumed", resumed, tmp, rank, world)
     if rank == 0:
         finals = {name: torch.tensor(results[name].pop("final")) for name in results}
+        for name in RESUMED:
+            diff = (finals[f"{name}-straight"] - finals[f"{name}-resumed"]).abs().max()
+            results[f"{name}_resume_max_diff"] = float(diff)
         results["max_diff_sam_vs_none"] = float((finals["sam"] - finals["none"]).abs().max())
         for name in SAME_AS_DDP:
             results[f"{name}_fsdp_vs_ddp_max_diff"] = float((finals[name] - finals[f"{name}-ddp"]).abs().max())
