@@ -407,11 +407,6 @@ class SAMArgumentsMixin:
             )
 
     def _validate_sam_against_training_args(self) -> None:
-        if self.sam_loss_term == "mesa" and self.fsdp:
-            raise ValueError(
-                "sam_method='mesa' keeps a whole EMA copy of the model, not built for FSDP-sharded weights yet: train"
-                " MESA under DDP (drop --fsdp), or use sam_method='saf', which runs under FSDP."
-            )
         if not self.sam_enabled:
             return
         if self._has_descent_transform and self.sam_accumulation == "micro" and self.gradient_accumulation_steps > 1:

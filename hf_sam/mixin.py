@@ -26,12 +26,13 @@ from .optim import AdaSAMOptimizer
 from .perturbation import Perturbation, select_perturbed
 from .replay import batch_norm_layers, capture_rng, frozen_bn_stats, restore_rng
 from .schedules import is_sam_step
-from .tensors import global_norm, local
+from .tensors import DTensor, global_norm, local
 from .trajectory import (
     INDEX_COLUMN,
     AfterOptimizerStep,
     EMATeacher,
     LogitBank,
+    ShardedEMATeacher,
     add_example_index,
     gather_rows,
     index_size,
@@ -83,7 +84,7 @@ class SAMMixin:
         # Whether the model scores logits at t against labels at t + 1 (causal LM): found once per train() call.
         self._sam_shifts_labels: bool | None = None
         # SAF's logit bank or MESA's EMA teacher (sam_loss_term), built from the prepared model at the first step.
-        self._sam_loss_term: LogitBank | EMATeacher | None = None
+        self._sam_loss_term: LogitBank | EMATeacher | None = None  # or its FSDP2 subclass
         if self.args.sam_loss_term != "none":
             self._sam_check_loss_term_setup()
             self.add_callback(AfterOptimizerStep(self._sam_after_optimizer_step))
@@ -566,11 +567,6 @@ class SAMMixin:
         term = self.args.sam_loss_term
         if getattr(self, "is_deepspeed_enabled", False):
             raise ValueError(f"sam_loss_term={term!r} is not supported under DeepSpeed yet: use DDP.")
-        if term == "mesa" and getattr(self, "is_fsdp_enabled", False):
-            raise ValueError(
-                "sam_method='mesa' keeps a whole EMA copy of the model, not built for FSDP-sharded weights yet."
-                " Use DDP, or sam_method='saf' (no copy of the weights)."
-            )
 
     def _sam_keeps_index(self, description: str | None) -> bool:
         # Only the training set keeps SAF's index column; evaluation batches stay as Trainer makes them.
@@ -620,16 +616,18 @@ class SAMMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        if self._sam_loss_term is None:
+            self._sam_loss_term_build()
+        # MESA's teacher runs first: under FSDP2 it borrows the model's own shards (see ShardedEMATeacher).
+        teacher_logits = self._mesa_teacher_logits(inputs) if self.args.sam_loss_term == "mesa" else None
         # Trainer may pop `labels` (label smoothing) from the dict it gets: pass a copy, keep ours for MESA's mask.
         loss, outputs = super().compute_loss(
             model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
         )
-        if self._sam_loss_term is None:
-            self._sam_loss_term_build()
         if self.args.sam_loss_term == "saf":
             term = self._saf_term(outputs, index, num_items_in_batch)
         else:
-            term = self._mesa_term(inputs, outputs, num_items_in_batch)
+            term = self._mesa_term(inputs, outputs, teacher_logits, num_items_in_batch)
         if term is not None:
             loss = loss + term
         return (loss, outputs) if return_outputs else loss
@@ -640,6 +638,8 @@ class SAMMixin:
             if self.train_dataset is None:
                 raise ValueError("sam_method='saf' needs a train_dataset: it records logits per training example.")
             self._sam_loss_term = LogitBank(index_size(self.train_dataset), self.args.saf_lag_epochs, self.args.device)
+        elif any(isinstance(p, DTensor) for p in self.model.parameters()):
+            self._sam_loss_term = ShardedEMATeacher(self.model, self.args.mesa_ema_decay)
         else:
             self._sam_loss_term = EMATeacher(self.model, self.args.mesa_ema_decay)
 
@@ -710,11 +710,9 @@ class SAMMixin:
         self._sam_metrics.add("sam/passes_per_step", 1.0)
         return term
 
-    def _mesa_term(self, inputs, outputs, num_items_in_batch) -> torch.Tensor | None:
-        """MESA: KL to the EMA teacher's logits, per example or per labelled token."""
-        args = self.args
-        if (self.state.epoch or 0.0) < args.mesa_start_epoch:
-            self._sam_metrics.add("sam/passes_per_step", 1.0)
+    def _mesa_teacher_logits(self, inputs) -> torch.Tensor | None:
+        """The EMA teacher's logits for `inputs` (no gradient), or None before `mesa_start_epoch`."""
+        if (self.state.epoch or 0.0) < self.args.mesa_start_epoch:
             return None
         teacher_inputs = dict(inputs)
         config = getattr(self.model, "config", None)
@@ -723,7 +721,14 @@ class SAMMixin:
             teacher_inputs.pop("labels", None)
             teacher_inputs.pop("shift_labels", None)
         with self.accelerator.autocast():
-            teacher_logits = logits_of(self._sam_loss_term(teacher_inputs), args.sam_method)
+            return logits_of(self._sam_loss_term(teacher_inputs), self.args.sam_method)
+
+    def _mesa_term(self, inputs, outputs, teacher_logits, num_items_in_batch) -> torch.Tensor | None:
+        """MESA: KL to the EMA teacher's logits, per example or per labelled token."""
+        args = self.args
+        if teacher_logits is None:
+            self._sam_metrics.add("sam/passes_per_step", 1.0)
+            return None
         if "shift_labels" in inputs:
             labels, shift = inputs["shift_labels"], False
         else:

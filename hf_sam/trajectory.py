@@ -22,6 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
+from .tensors import local
+
+
+try:  # FSDP2's module class (public from torch 2.6 on)
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - old torch
+    FSDPModule = ()
+
 
 LOSS_TERMS = ("none", "saf", "mesa")
 INDEX_COLUMN = "idx"
@@ -323,6 +331,45 @@ class EMATeacher:
                         f"MESA state {key!r} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}."
                     )
                 value.copy_(state[key])
+
+
+class ShardedEMATeacher(EMATeacher):
+    """MESA's teacher under FSDP2: the EMA of this rank's shards, and no second model.
+
+    FSDP2 refuses a deep copy, and a whole copy would defeat sharding anyway. The teacher forward runs the sharded
+    model itself, in eval mode and without gradient, with the EMA shards copied into its parameters (FSDP2
+    all-gathers them like any weights); then every module is resharded, so no gathered EMA weight stays behind
+    for the student's passes, and the student's shards are copied back. Extra memory: two shard-sized copies.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = model
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.student = [p for _, p in named]
+        self.ema = [local(p).detach().clone() for p in self.student]
+        self._held = [torch.empty_like(v) for v in self.ema]  # the student's shards during a teacher forward
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.ema, [local(p).detach() for p in self.student], 1 - self.decay)
+
+    @torch.no_grad()
+    def __call__(self, inputs: dict[str, Any]):
+        shards = [local(p) for p in self.student]
+        torch._foreach_copy_(self._held, shards)
+        torch._foreach_copy_(shards, self.ema)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return self.module(**inputs)
+        finally:
+            for module in self.module.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+            torch._foreach_copy_(shards, self._held)
+            self.module.train(was_training)
 
 
 class AfterOptimizerStep(TrainerCallback):

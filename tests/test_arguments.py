@@ -104,7 +104,6 @@ FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}
         ({"sam_ascent": "fsam", "sam_adaptive": True}, "contradict"),
         ({"sam_ascent": "sideways"}, "sam_ascent"),
         ({"sam_method": "esam", **FSDP2}, "FSDP always syncs the ascent"),
-        ({"sam_method": "mesa", **FSDP2}, "mesa.*FSDP"),
         ({"sam_method": "sam", "sam_ascent_sync": False, **FSDP2}, "sam_ascent_sync"),
         ({"sam_method": "sam", "fsdp": True, "fsdp_config": {"version": 1}}, "FSDP2"),
     ],

@@ -264,8 +264,8 @@ def test_sam_under_fsdp2_is_not_the_plain_run(fsdp_trainer):
     assert fsdp_trainer["max_diff_sam_vs_none"] > 1e-4
 
 
-SAME_AS_DDP = ["ssam-f", "ssam-d", "asam", "ss-sam", "adasam", "msam", "looksam", "gsam", "fsam", "saf", "esam-sds",
-               "sam-ga2", "sam-micro-ga2"]  # fmt: skip
+SAME_AS_DDP = ["ssam-f", "ssam-d", "asam", "ss-sam", "adasam", "msam", "looksam", "gsam", "fsam", "saf", "mesa",
+               "esam-sds", "sam-ga2", "sam-micro-ga2"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", SAME_AS_DDP)
@@ -281,13 +281,22 @@ def test_every_method_under_fsdp2_equals_it_under_ddp_with_synced_ascent(fsdp_tr
     assert sharded["sam_passes_logged"] == replicated["sam_passes_logged"]
 
 
-@pytest.mark.parametrize("name", ["ssam-d", "fsam"])
+@pytest.mark.parametrize("name", ["ssam-d", "fsam", "mesa"])
 def test_resume_under_fsdp2_equals_the_uninterrupted_run(fsdp_trainer, name):
     # Trainer's FSDP checkpoint (model, optimizer) plus hf_sam's per-rank state: the shard masks, F-SAM's EMA shards.
     straight, resumed = fsdp_trainer[f"{name}-straight"], fsdp_trainer[f"{name}-resumed"]
     assert straight["sharded_dtensor_params"] and resumed["sharded_dtensor_params"]
     assert straight["steps_per_rank"] == [4, 4] and resumed["steps_per_rank"] == [2, 2]  # steps 3-4 after resuming
     assert fsdp_trainer[f"{name}_resume_max_diff"] == 0.0, fsdp_trainer[f"{name}_resume_max_diff"]
+
+
+def test_mesa_under_fsdp2_runs_its_teacher_on_the_ema_shards(fsdp_trainer):
+    # Under FSDP2 the teacher borrows the model's shards (no copy of the model). Were it the student, the KL would
+    # be 0; were it stale gathered weights, the run would leave the DDP run (a real copy of the model).
+    sharded, replicated = fsdp_trainer["mesa"], fsdp_trainer["mesa-ddp"]
+    assert sharded["mesa_kl_logged"] == replicated["mesa_kl_logged"]
+    assert max(sharded["mesa_kl_logged"]) > 1e-4, sharded["mesa_kl_logged"]
+    assert fsdp_trainer["mesa_fsdp_vs_ddp_max_diff"] < 1e-6
 
 
 def test_saf_under_fsdp2_finds_its_targets_in_the_second_epoch(fsdp_trainer):

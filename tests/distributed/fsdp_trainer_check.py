@@ -21,11 +21,11 @@ batches both ranks saw:
 Every other method that runs under FSDP runs twice, under FSDP2 and under DDP with the synced ascent, which is
 the same SAM step (DDP's methods are checked against hand-written loops elsewhere), so both runs must end at the
 same weights. Sparse SAM takes a new mask every step there: a global top-k over both ranks' shards under FSDP2,
-over whole tensors under DDP. ESAM's SWP (it needs a local ascent) and MESA (a whole EMA copy) refuse FSDP.
+over whole tensors under DDP. ESAM's SWP (it needs a local ascent) refuses FSDP.
 
-Resume: Sparse SAM (its masks) and F-SAM (its EMA) run 4 steps straight, and 2 steps + checkpoint + resume + 2
-steps, with `state_dict_type` SHARDED_STATE_DICT (the Trainer's FULL_STATE_DICT save fails in this CPU setup,
-inside transformers' `save_pretrained`, before any hf_sam code).
+Resume: Sparse SAM (its masks), F-SAM (its EMA) and MESA (its teacher's EMA) run 4 steps straight, and 2 steps
++ checkpoint + resume + 2 steps, with `state_dict_type` SHARDED_STATE_DICT (the Trainer's FULL_STATE_DICT save
+fails in this CPU setup, inside transformers' `save_pretrained`, before any hf_sam code).
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ SAME_AS_DDP = {
     "fsam": dict(sam_method="fsam"),
     # 8 examples = 2 steps per epoch: step 3 is in epoch 1, where SAF's targets (epoch 0's logits) exist.
     "saf": dict(sam_method="saf", saf_start_epoch=0.0, train_size=8),
+    # A fast EMA and big steps, so the teacher is far from the model and the term matters.
+    "mesa": dict(sam_method="mesa", mesa_ema_decay=0.5, learning_rate=3.0),
     "esam-sds": dict(sam_method="esam", sam_mask="none"),  # SDS only: SWP needs a local ascent
     "sam-ga2": dict(sam_method="sam", gradient_accumulation_steps=2),  # also against the reference (CONFIGS)
     "sam-micro-ga2": dict(sam_method="sam", gradient_accumulation_steps=2, sam_accumulation="micro"),
@@ -92,6 +94,7 @@ SAME_AS_DDP = {
 RESUMED = {
     "ssam-d": dict(sam_method="ssam-d", sam_mask_interval=1),  # the mask is state
     "fsam": dict(sam_method="fsam"),  # the EMA is state
+    "mesa": dict(sam_method="mesa", mesa_ema_decay=0.5, learning_rate=3.0),  # the teacher EMA is state
 }
 FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
 
@@ -196,6 +199,7 @@ def run_config(name, overrides, out_dir, rank, world):
         "mask_density_logged": [e.get("sam/mask_density") for e in logs],
         "saf_coverage_logged": [e.get("saf/coverage") for e in logs],
         "saf_kl_logged": [e.get("saf/kl") for e in logs],
+        "mesa_kl_logged": [e.get("mesa/kl") for e in logs],
         "final": gathered[0]["final"].tolist(),
     }
 
