@@ -299,6 +299,17 @@ def test_mesa_under_fsdp2_runs_its_teacher_on_the_ema_shards(fsdp_trainer):
     assert fsdp_trainer["mesa_fsdp_vs_ddp_max_diff"] < 1e-6
 
 
+def test_bf16_under_fsdp2_rho_zero_is_the_plain_run_and_sam_moves_elsewhere(fsdp_trainer):
+    # accelerate's FSDP2 mixed precision gathers bf16 copies of the fp32 shards: SAM perturbs and restores the fp32
+    # shards, so rho 0 gives the plain run bit for bit.
+    for name in ("bf16-none", "bf16-sam-rho0", "bf16-sam"):
+        run = fsdp_trainer[name]
+        assert run["sharded_dtensor_params"] and run["finite"] and run["param_dtypes"] == ["torch.float32"], name
+    assert fsdp_trainer["bf16_rho0_vs_none_max_diff"] == 0.0
+    assert fsdp_trainer["bf16_sam_vs_none_max_diff"] > 1e-3
+    assert 0 < fsdp_trainer["bf16_sam_vs_fp32_sam_max_diff"] < 1e-2  # bf16 compute, the same SAM step
+
+
 def test_saf_under_fsdp2_finds_its_targets_in_the_second_epoch(fsdp_trainer):
     # Steps 1-2 are epoch 0 (no earlier logits yet), step 3 is epoch 1: every example of its batch has a target.
     for run in (fsdp_trainer["saf"], fsdp_trainer["saf-ddp"]):

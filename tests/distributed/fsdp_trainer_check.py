@@ -91,6 +91,13 @@ SAME_AS_DDP = {
     "sam-ga2": dict(sam_method="sam", gradient_accumulation_steps=2),  # also against the reference (CONFIGS)
     "sam-micro-ga2": dict(sam_method="sam", gradient_accumulation_steps=2, sam_accumulation="micro"),
 }
+# bf16 under FSDP2 (accelerate's MixedPrecisionPolicy): rho 0 must give the plain run bit for bit (the fp32
+# shards are restored exactly, the descent pass is the clean pass), and SAM must run and move elsewhere.
+BF16 = {
+    "bf16-none": dict(sam_method="none"),
+    "bf16-sam-rho0": dict(sam_method="sam", sam_rho=0.0),
+    "bf16-sam": dict(sam_method="sam", sam_rho=RHO),
+}
 RESUMED = {
     "ssam-d": dict(sam_method="ssam-d", sam_mask_interval=1),  # the mask is state
     "fsam": dict(sam_method="fsam"),  # the EMA is state
@@ -106,6 +113,8 @@ def force_fsdp_on_cpu(trainer) -> None:
     state = trainer.accelerator.state
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if trainer.args.bf16:  # as accelerate does: FSDP2 gathers bf16 copies of the fp32 shards and reduces in bf16
+        state.fsdp_plugin.set_mixed_precision("bf16")
     trainer.is_fsdp_enabled = True
 
 
@@ -200,6 +209,8 @@ def run_config(name, overrides, out_dir, rank, world):
         "saf_coverage_logged": [e.get("saf/coverage") for e in logs],
         "saf_kl_logged": [e.get("saf/kl") for e in logs],
         "mesa_kl_logged": [e.get("mesa/kl") for e in logs],
+        "param_dtypes": sorted({str(p.dtype) for p in params}),
+        "finite": bool(torch.isfinite(final).all()),
         "final": gathered[0]["final"].tolist(),
     }
 
@@ -223,6 +234,8 @@ def main():
             if name not in results:
                 results[name] = run_config(name, {**overrides, **FSDP}, tmp, rank, world)
             results[f"{name}-ddp"] = run_config(name, {**overrides, "sam_ascent_sync": True}, tmp, rank, world)
+        for name, overrides in BF16.items():
+            results[name] = run_config(name, {**overrides, **FSDP, "bf16": True}, tmp, rank, world)
         for name, overrides in RESUMED.items():
             # 4 steps straight, and 2 steps + checkpoint + resume + 2 steps: the same weights (masks, EMA restored).
             resumable = {**overrides, **FSDP, "max_steps": 4}
@@ -235,6 +248,9 @@ def main():
             results[f"{name}-resumed"] = run_config(f"{name}-resumed", resumed, tmp, rank, world)
     if rank == 0:
         finals = {name: torch.tensor(results[name].pop("final")) for name in results}
+        results["bf16_rho0_vs_none_max_diff"] = float((finals["bf16-sam-rho0"] - finals["bf16-none"]).abs().max())
+        results["bf16_sam_vs_none_max_diff"] = float((finals["bf16-sam"] - finals["bf16-none"]).abs().max())
+        results["bf16_sam_vs_fp32_sam_max_diff"] = float((finals["bf16-sam"] - finals["sam"]).abs().max())
         for name in RESUMED:
             diff = (finals[f"{name}-straight"] - finals[f"{name}-resumed"]).abs().max()
             results[f"{name}_resume_max_diff"] = float(diff)
