@@ -265,7 +265,7 @@ def test_sam_under_fsdp2_is_not_the_plain_run(fsdp_trainer):
 
 
 SAME_AS_DDP = ["ssam-f", "ssam-d", "asam", "ss-sam", "adasam", "msam", "looksam", "gsam", "fsam", "saf", "mesa",
-               "esam-sds", "lora-sam", "sam-ga2", "sam-micro-ga2"]  # fmt: skip
+               "esam-sds", "lora-sam", "checkpointed-sam", "sam-ga2", "sam-micro-ga2"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", SAME_AS_DDP)
@@ -280,6 +280,9 @@ def test_every_method_under_fsdp2_equals_it_under_ddp_with_synced_ascent(fsdp_tr
     if name == "lora-sam":  # only the adapters (and the head) train; the sharded frozen base stays bit-identical
         assert sharded["frozen_count"] > 0 and sharded["frozen_unchanged"] and replicated["frozen_unchanged"]
         assert sharded["moved_from_init"] > 1e-3
+    elif name == "checkpointed-sam":  # recomputing activations changes nothing: the SAM run without it
+        assert sharded["gradient_checkpointing"] and replicated["gradient_checkpointing"]
+        assert fsdp_trainer[f"{name}_vs_sam_max_diff"] < 1e-6
     else:
         assert fsdp_trainer[f"{name}_vs_sam_max_diff"] > 1e-5  # a different method really ran
     assert sharded["sam_passes_logged"] == replicated["sam_passes_logged"]

@@ -88,7 +88,8 @@ SAME_AS_DDP = {
     # A fast EMA and big steps, so the teacher is far from the model and the term matters.
     "mesa": dict(sam_method="mesa", mesa_ema_decay=0.5, learning_rate=3.0),
     "esam-sds": dict(sam_method="esam", sam_mask="none"),
-    "lora-sam": dict(sam_method="sam", lora=True, learning_rate=1.0),  # SDS only: SWP needs a local ascent
+    "lora-sam": dict(sam_method="sam", lora=True, learning_rate=1.0),
+    "checkpointed-sam": dict(sam_method="sam", gradient_checkpointing=True),  # SDS only: SWP needs a local ascent
     "sam-ga2": dict(sam_method="sam", gradient_accumulation_steps=2),  # also against the reference (CONFIGS)
     "sam-micro-ga2": dict(sam_method="sam", gradient_accumulation_steps=2, sam_accumulation="micro"),
 }
@@ -224,6 +225,7 @@ def run_config(name, overrides, out_dir, rank, world):
         "mesa_kl_logged": [e.get("mesa/kl") for e in logs],
         "param_dtypes": sorted({str(p.dtype) for p in params}),
         "frozen_count": sum(not p.requires_grad for p in params),
+        "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
         "frozen_unchanged": frozen_unchanged,
         "finite": bool(torch.isfinite(final).all()),
         "final": gathered[0]["final"].tolist(),
