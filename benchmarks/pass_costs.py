@@ -1,7 +1,7 @@
 """What a pass costs on this device, measured instead of assumed.
 
 `sam/passes_per_step` counts work in passes of F + B with B = 2F. Real devices differ: on a small model on CPU the
-forward is nearer 40% of a pass than 33%, on a BERT-base-sized one it is 33%. This script times the pieces that
+forward measured 39% of a pass rather than 33%, on BERT-base shapes 35%. This script times the pieces that
 the efficient methods are built from, on the model `benchmarks/overhead.py` uses, and turns them into the step
 cost each method's recipe implies, so a measured step-time ratio can be checked against its parts:
 
