@@ -44,6 +44,8 @@ def _sharded_top_k(flat: torch.Tensor, k: int, group: dist.ProcessGroup) -> torc
     """The k largest entries over every rank's `flat`, without gathering them: the k-th largest value t is found
     by bisection on the order keys (33 rounds of one all-reduced count, all on the device), entries above t are
     taken, and the ties at t are shared out in rank order so the total is exactly k."""
+    if k <= 0:  # k is the same on every rank: all of them return here, before any collective
+        return torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keys = _order_keys(flat)
     device = keys.device
     empty = torch.tensor(-(2**32), dtype=torch.int64, device=device)  # below every key: ignored by the MAX
@@ -69,10 +71,7 @@ def _sharded_top_k(flat: torch.Tensor, k: int, group: dist.ProcessGroup) -> torc
     need = k - per_rank[:, 0].sum()  # ties to take, over all ranks, the lower ranks first
     mine = (need - per_rank[:rank, 1].sum()).clamp(min=0).minimum(per_rank[rank, 1])
     taken_ties = ties & (torch.cumsum(ties, 0, dtype=torch.int64) <= mine)
-    chosen = above | taken_ties
-    if k <= 0:
-        chosen = torch.zeros_like(chosen)
-    return chosen
+    return above | taken_ties
 
 
 def local_rand(param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

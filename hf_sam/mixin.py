@@ -263,11 +263,11 @@ class SAMMixin:
                 if getattr(self, "is_fsdp_enabled", False):
                     # FSDP2 keeps an unsynced backward's gradient outside `.grad` (unsharded, until the next synced
                     # backward), out of reach of the stash and of the zeroing before the next ascent: sync each one.
-                    descent_sync = self._sam_force_sync(model)
+                    descent_sync = self._sam_gradient_sync(model, True)
                 elif j == len(shards) - 1:
                     descent_sync = contextlib.nullcontext()
                 else:
-                    descent_sync = self._sam_no_sync(model)
+                    descent_sync = self._sam_gradient_sync(model, False)
                 with descent_sync:
                     perturbed = self._sam_perturbed_pass(
                         model, shard, num_items_in_batch, rng, clean, self._esam_clean_examples
@@ -285,7 +285,7 @@ class SAMMixin:
     def _sam_clean_pass(self, model, inputs, num_items_in_batch, sync: bool):
         """Forward+backward at w; the backward syncs across ranks only if `sync` (forward included)."""
         rng = capture_rng(self.args.device) if self.args.sam_same_dropout or self._esam_sds else None
-        context = self._sam_force_sync(model) if sync else self._sam_no_sync(model)
+        context = self._sam_gradient_sync(model, sync)
         swp = contextlib.nullcontext()
         if self._esam_swp:
             swp = frozen_tensors(self._sam_perturbation.params, self._esam_keep)
@@ -367,20 +367,10 @@ class SAMMixin:
         return clean + 1.0
 
     @contextlib.contextmanager
-    def _sam_force_sync(self, model):
-        """Make this backward all-reduce even inside the Trainer's `no_sync` (ascent sync on an early micro-batch)."""
-        with self._sam_gradient_sync(model, True):
-            yield
-
-    @contextlib.contextmanager
-    def _sam_no_sync(self, model):
-        """Defer this backward's all-reduce / reduce-scatter, and put back whatever was set before (accelerate's
-        `no_sync` turns FSDP2's sync back on when it exits, even inside the Trainer's own deferral)."""
-        with self._sam_gradient_sync(model, False):
-            yield
-
-    @contextlib.contextmanager
     def _sam_gradient_sync(self, model, sync: bool):
+        """Make the backwards inside the block all-reduce / reduce-scatter (`sync`) or defer it, whatever the Trainer's
+        own context says (an ascent synced on an early micro-batch), and put back the previous setting afterwards
+        (accelerate's `no_sync` would turn FSDP2's sync back on when it exits, even inside the Trainer's deferral)."""
         if hasattr(model, "require_backward_grad_sync"):  # DDP
             previous = model.require_backward_grad_sync
             model.require_backward_grad_sync = sync
@@ -544,14 +534,14 @@ class SAMMixin:
 
     def _sam_stash_grads(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Copy the accumulated `.grad` of `params` into reusable buffers (the GA > 1 stash of micro mode)."""
+        grads = [local(p.grad) for p in params]  # this rank's shards under FSDP2
         buffers = []
-        for p in params:
-            grad = local(p.grad)  # this rank's shard under FSDP2
+        for p, grad in zip(params, grads):
             buffer = self._sam_stash.get(id(p))
             if buffer is None or buffer.shape != grad.shape:
                 buffer = self._sam_stash[id(p)] = torch.empty_like(grad)
             buffers.append(buffer)
-        torch._foreach_copy_(buffers, [local(p.grad) for p in params])
+        torch._foreach_copy_(buffers, grads)
         return dict(zip(params, buffers))
 
     def _sam_record_losses(self, clean: torch.Tensor, perturbed: torch.Tensor, first: bool) -> None:

@@ -306,8 +306,8 @@ class EMATeacher:
 
     @torch.no_grad()
     def update(self) -> None:
-        # v + (1 - beta)(w - v) = beta v + (1 - beta) w, as one pass over the weights.
-        torch._foreach_lerp_(self.ema, [p.detach() for p in self.student], 1 - self.decay)
+        # v + (1 - beta)(w - v) = beta v + (1 - beta) w, as one pass over the weights (this rank's shards).
+        torch._foreach_lerp_(self.ema, [local(p).detach() for p in self.student], 1 - self.decay)
 
     @torch.no_grad()
     def __call__(self, inputs: dict[str, Any]):
@@ -350,10 +350,6 @@ class ShardedEMATeacher(EMATeacher):
         self.student = [p for _, p in named]
         self.ema = [local(p).detach().clone() for p in self.student]
         self._held = [torch.empty_like(v) for v in self.ema]  # the student's shards during a teacher forward
-
-    @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.ema, [local(p).detach() for p in self.student], 1 - self.decay)
 
     @torch.no_grad()
     def __call__(self, inputs: dict[str, Any]):
