@@ -42,6 +42,18 @@ def build_model(cfg: dict):
     return BertForSequenceClassification(config)
 
 
+MODEL_FIELDS = ("hidden", "layers", "vocab", "seq", "batch")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The benchmark model's shape and batch (`build_model`), shared with `pass_costs.py`."""
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--vocab", type=int, default=2000)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+
+
 def run_one(cfg: dict) -> dict:
     """Train `cfg["steps"]` steps of one method in this process and report its step times and memory."""
     import torch
@@ -136,11 +148,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per method")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--vocab", type=int, default=2000)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
+    add_model_args(parser)
     parser.add_argument("--ga", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -167,9 +175,8 @@ def main() -> None:
     for repeat in range(cli.repeats):
         for method in methods:
             cfg = {
-                "device": device, "steps": cli.steps, "warmup": cli.warmup, "hidden": cli.hidden,
-                "layers": cli.layers, "vocab": cli.vocab, "seq": cli.seq, "batch": cli.batch, "ga": cli.ga,
-                "bf16": cli.bf16, "method_args": method_args(method),
+                "device": device, "steps": cli.steps, "warmup": cli.warmup, "ga": cli.ga, "bf16": cli.bf16,
+                **{field: getattr(cli, field) for field in MODEL_FIELDS}, "method_args": method_args(method),
                 "output_dir": os.path.join(cli.out, "_tmp"),
             }  # fmt: skip
             if cli.in_process:

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.overhead import build_model  # noqa: E402
+from benchmarks.overhead import MODEL_FIELDS, add_model_args, build_model  # noqa: E402
 
 
 def time_pieces(cfg: dict, repeats: int, beta: float, gamma: float) -> dict[str, float]:
@@ -96,11 +96,7 @@ def implied_costs(pieces: dict[str, float], beta: float, gamma: float) -> list[t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--vocab", type=int, default=2000)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
+    add_model_args(parser)
     parser.add_argument("--beta", type=float, default=0.6, help="ESAM's SWP keep probability")
     parser.add_argument("--gamma", type=float, default=0.5, help="ESAM's SDS share")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds (two more run first, untimed)")
@@ -112,8 +108,7 @@ def main() -> None:
     import torch
 
     device = cli.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = {"device": device, "hidden": cli.hidden, "layers": cli.layers, "vocab": cli.vocab, "seq": cli.seq,
-           "batch": cli.batch}  # fmt: skip
+    cfg = {"device": device, **{field: getattr(cli, field) for field in MODEL_FIELDS}}
     pieces = time_pieces(cfg, cli.repeats, cli.beta, cli.gamma)
     lines = [
         f"Device: {device}; BERT hidden {cli.hidden}, {cli.layers} layers, vocab {cli.vocab}, batch {cli.batch} x seq"

@@ -13,12 +13,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("generalization", ROOT / "benchmarks" / "generalization.py")
+def load_script(name: str):
+    """A benchmark script as a module (the benchmarks folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("generalization")
 
 
 def test_method_args_scale_the_radius_of_each_method(bench):
@@ -86,10 +91,7 @@ def test_one_shrunk_run_and_the_report(bench, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def pass_costs():
-    spec = importlib.util.spec_from_file_location("pass_costs", ROOT / "benchmarks" / "pass_costs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("pass_costs")
 
 
 def test_pass_costs_turn_pieces_into_the_logged_pass_counts(pass_costs):

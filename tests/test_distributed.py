@@ -74,13 +74,17 @@ def ddp(tmp_path_factory) -> dict:
     return _launch("ddp_check.py", tmp_path_factory.mktemp("ddp") / "ddp.json")
 
 
-@pytest.fixture(scope="module")
-def fsdp(tmp_path_factory) -> dict:
+def _require_fsdp2() -> None:
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed.fsdp")
     from torch.distributed import fsdp as fsdp_module
 
     if not hasattr(fsdp_module, "fully_shard"):
         pytest.skip("this torch has no FSDP2 fully_shard")
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory) -> dict:
+    _require_fsdp2()
     return _launch("fsdp_core_check.py", tmp_path_factory.mktemp("fsdp") / "fsdp.json")
 
 
@@ -238,11 +242,7 @@ def test_fsdp_sharded_top_k_takes_exactly_k_entries_through_ties(fsdp):
 
 @pytest.fixture(scope="module")
 def fsdp_trainer(tmp_path_factory) -> dict:
-    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed.fsdp")
-    from torch.distributed import fsdp as fsdp_module
-
-    if not hasattr(fsdp_module, "fully_shard"):
-        pytest.skip("this torch has no FSDP2 fully_shard")
+    _require_fsdp2()
     return _launch("fsdp_trainer_check.py", tmp_path_factory.mktemp("fsdp_trainer") / "fsdp_trainer.json")
 
 

@@ -22,8 +22,6 @@ gives the plain mean (factor 1). The script derives the factor from the trainer 
 from __future__ import annotations
 
 import copy
-import gc
-import json
 import os
 import sys
 import tempfile
@@ -38,6 +36,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from transformers import TrainerCallback
 
 from hf_sam import SAMTrainingArguments
+from tests.distributed.process_group import start_gloo, write_and_close
 from tests.helpers import SequentialSAMTrainer, tiny_bert, tiny_dataset
 
 
@@ -287,9 +286,7 @@ def run_config(name, overrides, out_dir, rank, world):
 
 def main():
     out_path = sys.argv[1]
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
+    rank, world = start_gloo()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in CONFIGS.items():
@@ -298,11 +295,7 @@ def main():
         finals = {name: torch.tensor(results[name].pop("final_weights")) for name in results}
         results["max_diff_sam_local_vs_sync"] = float((finals["sam_local"] - finals["sam_sync"]).abs().max())
         results["max_diff_sam_local_vs_none"] = float((finals["sam_local"] - finals["none"]).abs().max())
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=2)
-    gc.collect()  # free the DDP wrappers (and their reducers) before the process group goes
-    dist.barrier()
-    dist.destroy_process_group()
+    write_and_close(out_path, results)  # its gc frees the DDP wrappers (and their reducers) first
 
 
 if __name__ == "__main__":

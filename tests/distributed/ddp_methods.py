@@ -9,7 +9,6 @@ Launch: `torchrun --nproc_per_node 2 tests/distributed/ddp_methods.py OUT.json W
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from hf_sam import SAMTrainer
+from tests.distributed.process_group import start_gloo, write_and_close
 from tests.helpers import sam_args, tiny_bert, tiny_dataset
 from tests.method_cases import METHOD_CASES
 
@@ -77,8 +77,7 @@ def saf_across_epochs(workdir: str) -> dict:
 
 def main() -> None:
     out_path, workdir = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
+    start_gloo()
     results = {}
     for method in METHOD_CASES:
         straight = run(method, os.path.join(workdir, method, "a"))
@@ -97,12 +96,7 @@ def main() -> None:
         if method == "saf":
             entry.update(saf_across_epochs(os.path.join(workdir, "saf-epochs")))
         results[method] = entry
-    if dist.get_rank() == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=2)
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    write_and_close(out_path, results)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ and that after `restore()` every local shard is bit-identical to the one before 
 from __future__ import annotations
 
 import copy
-import gc
-import json
 import os
 import sys
 import tempfile
@@ -41,6 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from hf_sam.perturbation import Perturbation, select_perturbed
 from hf_sam.tensors import dot, global_norm, local
+from tests.distributed.process_group import start_gloo, write_and_close
 
 
 RHO = {"sam": 0.05, "adaptive": 0.5}
@@ -255,9 +254,7 @@ def check_masks(model, reference, rank, world):
 
 def main():
     out_path = sys.argv[1]
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
+    rank, world = start_gloo()
     mesh = init_device_mesh("cpu", (world,))
     model = build_model()
     reference = copy.deepcopy(model)
@@ -271,6 +268,7 @@ def main():
     masks = check_masks(model, reference, rank, world)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
+    out = None
     if rank == 0:
         out = {"world_size": world, "per_rank": gathered, "masks": masks}
         # Every rank must agree on the collective results (norms are all-reduced, weights gathered).
@@ -280,14 +278,8 @@ def main():
             for rule in results
             for key in ("global_norm_grads", "ascend_grad_norm", "perturbed_max_diff", "dot_grads")
         )
-        with open(out_path, "w") as f:
-            json.dump(out, f, indent=2)
-    # Drop everything that holds the process group (mesh, FSDP state) before destroying it: left to interpreter
-    # teardown, gloo's shutdown sometimes aborts ("terminate called without an active exception", torch 2.13).
-    del model, reference, mesh
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    del model, reference, mesh  # they hold the process group (FSDP state, the mesh)
+    write_and_close(out_path, out)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
-import json
 import os
 import shutil
 import sys
@@ -57,6 +55,7 @@ from tests.distributed.ddp_check import (
     set_grads,
     to_batch,
 )
+from tests.distributed.process_group import start_gloo, write_and_close
 from tests.helpers import tiny_bert, tiny_dataset
 
 
@@ -234,9 +233,7 @@ def run_config(name, overrides, out_dir, rank, world):
 
 def main():
     out_path = sys.argv[1]
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
+    rank, world = start_gloo()
     results = {}
     # One folder for every rank (checkpoints are written by several ranks and read by all of them).
     folder = [tempfile.mkdtemp() if rank == 0 else None]
@@ -277,11 +274,7 @@ def main():
             if finals[name].shape == finals["sam"].shape:  # (LoRA adds parameters)
                 results[f"{name}_vs_sam_max_diff"] = float((finals[name] - finals["sam"]).abs().max())
         results["world_size"] = world
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=2)
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    write_and_close(out_path, results)
 
 
 if __name__ == "__main__":
