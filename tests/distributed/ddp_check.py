@@ -197,11 +197,10 @@ def reference_run(initial, per_rank_batches, mode, scale):
 # ---------------------------------------------------------------------- one configuration
 
 
-def run_config(name, overrides, out_dir, rank, world):
-    model = tiny_bert(dropout=0.0)
-    initial = copy.deepcopy(model)
-    args = SAMTrainingArguments(
-        output_dir=os.path.join(out_dir, name),
+def check_arguments(output_dir: str, **overrides) -> SAMTrainingArguments:
+    """The check scripts' Trainer settings: CPU, no clipping, constant lr, STEPS steps of BATCH, a log every step."""
+    settings = dict(
+        output_dir=output_dir,
         use_cpu=True,
         report_to="none",
         save_strategy="no",
@@ -214,8 +213,14 @@ def run_config(name, overrides, out_dir, rank, world):
         max_steps=STEPS,
         dataloader_num_workers=0,
         logging_steps=1,
-        **overrides,
     )
+    return SAMTrainingArguments(**{**settings, **overrides})
+
+
+def run_config(name, overrides, out_dir, rank, world):
+    model = tiny_bert(dropout=0.0)
+    initial = copy.deepcopy(model)
+    args = check_arguments(os.path.join(out_dir, name), **overrides)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     probe = CommProbe()
     trainer = RecordingTrainer(

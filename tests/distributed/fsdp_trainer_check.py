@@ -44,9 +44,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from hf_sam import SAMTrainingArguments
 from tests.distributed.ddp_check import (
+    LR,
+    RHO,
+    STEPS,
     RecordingTrainer,
+    check_arguments,
     flat,
     mean_ce_grad,
     mean_of,
@@ -58,11 +61,6 @@ from tests.distributed.ddp_check import (
 from tests.distributed.process_group import start_gloo, write_and_close
 from tests.helpers import tiny_bert, tiny_dataset
 
-
-LR = 0.1
-RHO = 0.05
-STEPS = 3
-BATCH = 2
 
 CONFIGS = {
     "none": dict(sam_method="none"),
@@ -119,13 +117,14 @@ def force_fsdp_on_cpu(trainer) -> None:
     trainer.is_fsdp_enabled = True
 
 
+def whole(param: torch.Tensor) -> torch.Tensor:
+    """The whole parameter (a collective under FSDP2: each rank must call it)."""
+    return param.detach().full_tensor() if isinstance(param, DTensor) else param.detach()
+
+
 def full_flat(model: torch.nn.Module) -> torch.Tensor:
-    """Every parameter, whole (a collective under FSDP2: each rank must call it)."""
-    parts = []
-    for p in model.parameters():
-        value = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
-        parts.append(value.reshape(-1).clone())
-    return torch.cat(parts)
+    """Every parameter, whole, as one vector."""
+    return torch.cat([whole(p).reshape(-1).clone() for p in model.parameters()])
 
 
 def reference_run(initial, per_rank_batches, name):
@@ -168,25 +167,9 @@ def run_config(name, overrides, out_dir, rank, world):
         config = peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"])
         model = peft.get_peft_model(model, config)
     initial = copy.deepcopy(model)
-    settings = dict(
-        output_dir=os.path.join(out_dir, name),
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        max_grad_norm=0.0,
-        optim="sgd",
-        learning_rate=LR,
-        weight_decay=0.0,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        disable_tqdm=True,
-        seed=0,
-        per_device_train_batch_size=BATCH,
-        max_steps=STEPS,
-        dataloader_num_workers=0,
-        logging_steps=1,
-    )
-    args = SAMTrainingArguments(**{**settings, **overrides})
+    # The Trainer builds SGD itself: under FSDP2 it must be built over the shards, after the model is prepared.
+    sgd = dict(optim="sgd", learning_rate=LR, weight_decay=0.0)
+    args = check_arguments(os.path.join(out_dir, name), **{**sgd, **overrides})
     trainer = RecordingTrainer(model=model, args=args, train_dataset=tiny_dataset(train_size))
     if overrides.get("fsdp"):
         force_fsdp_on_cpu(trainer)
@@ -195,9 +178,7 @@ def run_config(name, overrides, out_dir, rank, world):
     sharded = all(isinstance(p, DTensor) for p in params)
     before = dict(initial.named_parameters())
     frozen_unchanged = all(
-        torch.equal(p.detach().full_tensor() if isinstance(p, DTensor) else p.detach(), before[n].detach())
-        for n, p in trainer.model.named_parameters()
-        if not p.requires_grad
+        torch.equal(whole(p), before[n].detach()) for n, p in trainer.model.named_parameters() if not p.requires_grad
     )
     final = full_flat(trainer.model)
     gathered = [None] * world
