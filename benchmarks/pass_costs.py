@@ -6,7 +6,8 @@ the efficient methods are built from, on the model `benchmarks/overhead.py` uses
 cost each method's recipe implies, so a measured step-time ratio can be checked against its parts:
 
 - `full`: forward + backward on the batch (one plain pass)
-- `forward`: a no-grad forward on the batch (ESAM's scoring pass, MESA's teacher)
+- `forward`: a no-grad forward on the batch in training mode (ESAM's scoring pass: same dropout masks)
+- `teacher`: a no-grad forward in eval mode, no dropout (MESA's EMA teacher)
 - `swp`: forward + backward with ESAM's per-tensor draw (a fresh draw per repeat) freezing 1 - beta of the tensors
 - `subset`: forward + backward on ceil(gamma |B|) examples (ESAM's descent)
 
@@ -57,9 +58,17 @@ def time_pieces(cfg: dict, repeats: int, beta: float, gamma: float) -> dict[str,
         with torch.no_grad():
             model(input_ids=input_ids, labels=labels)
 
+    def teacher_forward() -> None:
+        model.eval()
+        try:
+            forward_only()
+        finally:
+            model.train()
+
     pieces: dict[str, Callable[[], None]] = {
         "full": lambda: train_pass(input_ids, labels),
         "forward": forward_only,
+        "teacher": teacher_forward,
         "swp": swp_pass,
         "subset": lambda: train_pass(input_ids[:k], labels[:k]),
     }
@@ -82,14 +91,16 @@ def implied_costs(pieces: dict[str, float], beta: float, gamma: float) -> list[t
     """(recipe, cost from the measured pieces in plain passes, the pass count hf_sam logs) for each recipe."""
     full = pieces["full"]
     forward = pieces["forward"] / full
+    teacher = pieces["teacher"] / full
     esam_count = 1 - (1 - beta) / 3 + 1 / 3 + gamma
     return [
         ("forward share of a pass (F / (F + B))", forward, 1 / 3),
+        ("eval-mode forward share (no dropout)", teacher, 1 / 3),
         ("esam clean pass with SWP", pieces["swp"] / full, 1 - (1 - beta) / 3),
         (f"esam descent on {gamma:g} of the batch", pieces["subset"] / full, gamma),
         ("esam step (clean SWP + no-grad forward + subset)", (pieces["swp"] + pieces["forward"] + pieces["subset"])
          / full, esam_count),
-        ("mesa step (pass + no-grad teacher forward)", 1 + forward, 1 + 1 / 3),
+        ("mesa step (pass + eval-mode teacher forward)", 1 + teacher, 1 + 1 / 3),
         ("sam step (two passes)", 2.0, 2.0),
     ]  # fmt: skip
 
@@ -111,8 +122,8 @@ def main() -> None:
     cfg = {"device": device, **{field: getattr(cli, field) for field in MODEL_FIELDS}}
     pieces = time_pieces(cfg, cli.repeats, cli.beta, cli.gamma)
     lines = [
-        f"Device: {device}; BERT hidden {cli.hidden}, {cli.layers} layers, vocab {cli.vocab}, batch {cli.batch} x seq"
-        f" {cli.seq}; median of {cli.repeats} interleaved rounds. One plain pass (forward + backward):"
+        f"Device: {device}; BERT hidden {cli.hidden}, {cli.layers} layers, vocab {cli.vocab}, dropout {cli.dropout:g},"
+        f" batch {cli.batch} x seq {cli.seq}; median of {cli.repeats} interleaved rounds. One plain pass (forward + backward):"
         f" {pieces['full'] * 1000:.1f} ms.",
         "",
         "| piece or recipe | measured (plain passes) | pass count (B = 2F) |",

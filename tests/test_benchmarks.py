@@ -96,18 +96,52 @@ def pass_costs():
 
 def test_pass_costs_turn_pieces_into_the_logged_pass_counts(pass_costs):
     # A device where B = 2F exactly and SWP saves exactly its share: every measured recipe equals its pass count.
-    pieces = {"full": 3.0, "forward": 1.0, "swp": 3.0 - 0.4, "subset": 1.5}
+    pieces = {"full": 3.0, "forward": 1.0, "teacher": 1.0, "swp": 3.0 - 0.4, "subset": 1.5}
     rows = pass_costs.implied_costs(pieces, beta=0.6, gamma=0.5)
     assert all(measured == pytest.approx(counted) for _, measured, counted in rows)
     esam = dict((name, measured) for name, measured, _ in rows)["esam step (clean SWP + no-grad forward + subset)"]
     assert esam == pytest.approx(1.7)
-    # A device with a slower forward (F = 40% of a pass) makes ESAM and MESA dearer than their counts.
-    slow = pass_costs.implied_costs({**pieces, "forward": 1.2}, beta=0.6, gamma=0.5)
-    assert dict((n, m) for n, m, _ in slow)["mesa step (pass + no-grad teacher forward)"] == pytest.approx(1.4)
+    # A slower training-mode forward (F = 40% of a pass: dropout) makes ESAM dearer than its count; MESA's teacher
+    # runs in eval mode, so only a slower eval-mode forward makes MESA dearer.
+    slow = dict((n, m) for n, m, _ in pass_costs.implied_costs({**pieces, "forward": 1.2}, beta=0.6, gamma=0.5))
+    assert slow["esam step (clean SWP + no-grad forward + subset)"] == pytest.approx(1.7 + 0.2 / 3)
+    assert slow["mesa step (pass + eval-mode teacher forward)"] == pytest.approx(1 + 1 / 3)
+    fast = pass_costs.implied_costs({**pieces, "teacher": 0.8}, beta=0.6, gamma=0.5)
+    assert dict((n, m) for n, m, _ in fast)["mesa step (pass + eval-mode teacher forward)"] == pytest.approx(1 + 0.8 / 3)
 
 
 def test_pass_costs_times_every_piece_on_a_tiny_model(pass_costs):
-    cfg = {"device": "cpu", "hidden": 32, "layers": 1, "vocab": 50, "seq": 8, "batch": 4}
+    cfg = {"device": "cpu", "hidden": 32, "layers": 1, "vocab": 50, "seq": 8, "batch": 4, "dropout": 0.1}
     pieces = pass_costs.time_pieces(cfg, repeats=1, beta=0.6, gamma=0.5)
-    assert set(pieces) == {"full", "forward", "swp", "subset"}
+    assert set(pieces) == {"full", "forward", "teacher", "swp", "subset"}
     assert all(seconds > 0 for seconds in pieces.values())
+
+
+@pytest.fixture(scope="module")
+def overhead():
+    return load_script("overhead")
+
+
+def test_overhead_model_takes_the_dropout_of_its_flags(overhead):
+    parser = argparse.ArgumentParser()
+    overhead.add_model_args(parser)
+    cli = parser.parse_args(["--hidden", "32", "--layers", "1", "--vocab", "50", "--dropout", "0"])
+    cfg = {field: getattr(cli, field) for field in overhead.MODEL_FIELDS}
+    config = overhead.build_model(cfg).config
+    assert (config.hidden_dropout_prob, config.attention_probs_dropout_prob) == (0.0, 0.0)
+    assert overhead.build_model({**cfg, "dropout": 0.1}).config.hidden_dropout_prob == 0.1
+
+
+@pytest.mark.parametrize(
+    "method, passes, held",
+    [("none", 1.0, 0.0), ("sam", 2.0, 1.0), ("mesa", 1 + 1 / 3, 1.0), ("msam", 2.0, 2.0)],
+)
+def test_overhead_run_reports_what_the_method_holds_and_counts(overhead, tmp_path, method, passes, held):
+    cfg = {
+        "device": "cpu", "steps": 2, "warmup": 1, "ga": 1, "bf16": False, "hidden": 32, "layers": 1, "vocab": 50,
+        "seq": 8, "batch": 8, "dropout": 0.1, "method_args": overhead.method_args(method), "output_dir": str(tmp_path),
+    }  # fmt: skip
+    row = overhead.run_one(cfg)
+    assert row["passes_per_step"] == pytest.approx(passes)
+    assert row["held_copies"] == pytest.approx(held)
+    assert row["mean_step_s"] > 0 and row["params_m"] > 0
