@@ -201,9 +201,10 @@ def main() -> None:
     base_mem = statistics.mean(r["peak_mib"] for r in results["none"])
     params_m = results["none"][0]["params_m"]
     lines = [
-        f"Device: {device} ({os.cpu_count()} cores visible); BERT {params_m:.1f}M params, dropout {cli.dropout:g}, batch {cli.batch}"
-        f" x seq {cli.seq}, GA {cli.ga}{', bf16' if cli.bf16 else ''}; {cli.steps} timed steps x {cli.repeats}"
-        f" interleaved repeats{' in one process (memory column not per method)' if cli.in_process else ''}.",
+        f"Device: {device} ({os.cpu_count()} cores visible); BERT {params_m:.1f}M params, dropout {cli.dropout:g},"
+        f" batch {cli.batch} x seq {cli.seq}, GA {cli.ga}{', bf16' if cli.bf16 else ''}; {cli.steps} timed steps"
+        f" x {cli.repeats} interleaved repeats"
+        f"{' in one process (memory column not per method)' if cli.in_process else ''}.",
         "",
         "| method | mean step (ms) | time vs plain | passes/step | one-pass steps (ms) | SAM steps (ms) |"
         " buffers held (x trainable params) |"

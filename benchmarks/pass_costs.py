@@ -123,8 +123,8 @@ def main() -> None:
     pieces = time_pieces(cfg, cli.repeats, cli.beta, cli.gamma)
     lines = [
         f"Device: {device}; BERT hidden {cli.hidden}, {cli.layers} layers, vocab {cli.vocab}, dropout {cli.dropout:g},"
-        f" batch {cli.batch} x seq {cli.seq}; median of {cli.repeats} interleaved rounds. One plain pass (forward + backward):"
-        f" {pieces['full'] * 1000:.1f} ms.",
+        f" batch {cli.batch} x seq {cli.seq}; median of {cli.repeats} interleaved rounds. One plain pass (forward +"
+        f" backward): {pieces['full'] * 1000:.1f} ms.",
         "",
         "| piece or recipe | measured (plain passes) | pass count (B = 2F) |",
         "|---|---|---|",
