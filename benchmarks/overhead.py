@@ -1,7 +1,9 @@
 """What each method costs: mean step time relative to the plain Trainer, passes per step, and peak memory.
 
-Every (method, repeat) runs in its own subprocess so peak memory is per configuration; repeats are interleaved
-(none, sam, asam, none, sam, ...) so machine drift hits every method alike. Runs on CPU, and unchanged on CUDA.
+Every (method, repeat) runs in its own subprocess so peak memory is per configuration. Repeats are interleaved and
+every other one runs in reverse order (none, sam, asam, asam, sam, none, ...), so machine drift hits every method
+alike, and each method's time is divided by `none`'s time in the same repeat before averaging (a paired ratio: a
+repeat that ran slow for everyone does not count against one method). Runs on CPU, and unchanged on CUDA.
 
     python benchmarks/overhead.py                       # all methods, 5.4M-parameter BERT, CPU
     python benchmarks/overhead.py --methods none sam --steps 30 --repeats 5 --hidden 256 --layers 6
@@ -145,6 +147,11 @@ def method_args(method: str) -> dict:
     return {"sam_method": method, **({"saf_start_epoch": 0.0} if method == "saf" else {})}
 
 
+def paired_ratios(times: list[float], base_times: list[float]) -> list[float]:
+    """Each repeat's step time over the plain Trainer's in the same repeat (machine drift between repeats cancels)."""
+    return [t / base for t, base in zip(times, base_times, strict=True)]
+
+
 def main() -> None:
     from hf_sam import METHODS
 
@@ -177,13 +184,19 @@ def main() -> None:
     device = cli.device or ("cuda" if torch.cuda.is_available() else "cpu")
     methods = ["none"] + [m for m in cli.methods if m != "none"]
     results: dict[str, list[dict]] = {m: [] for m in methods}
+
+    def config(method: str) -> dict:
+        return {
+            "device": device, "steps": cli.steps, "warmup": cli.warmup, "ga": cli.ga, "bf16": cli.bf16,
+            **{field: getattr(cli, field) for field in MODEL_FIELDS}, "method_args": method_args(method),
+            "output_dir": os.path.join(cli.out, "_tmp"),
+        }  # fmt: skip
+
+    if cli.in_process:  # the first Trainer in a process pays one-off costs (imports, allocator growth): untimed
+        run_one(config("none"))
     for repeat in range(cli.repeats):
-        for method in methods:
-            cfg = {
-                "device": device, "steps": cli.steps, "warmup": cli.warmup, "ga": cli.ga, "bf16": cli.bf16,
-                **{field: getattr(cli, field) for field in MODEL_FIELDS}, "method_args": method_args(method),
-                "output_dir": os.path.join(cli.out, "_tmp"),
-            }  # fmt: skip
+        for method in methods if repeat % 2 == 0 else methods[::-1]:
+            cfg = config(method)
             if cli.in_process:
                 row = run_one(cfg)
             else:
@@ -197,13 +210,13 @@ def main() -> None:
             results[method].append(row)
             print(f"repeat {repeat} {method:>10}: {row['mean_step_s'] * 1000:8.1f} ms/step", flush=True)
 
-    base_time = statistics.mean(r["mean_step_s"] for r in results["none"])
+    base_times = [r["mean_step_s"] for r in results["none"]]
     base_mem = statistics.mean(r["peak_mib"] for r in results["none"])
     params_m = results["none"][0]["params_m"]
     lines = [
         f"Device: {device} ({os.cpu_count()} cores visible); BERT {params_m:.1f}M params, dropout {cli.dropout:g},"
         f" batch {cli.batch} x seq {cli.seq}, GA {cli.ga}{', bf16' if cli.bf16 else ''}; {cli.steps} timed steps"
-        f" x {cli.repeats} interleaved repeats"
+        f" x {cli.repeats} interleaved repeats (every other one reversed), ratios paired within each repeat"
         f"{' in one process (memory column not per method)' if cli.in_process else ''}.",
         "",
         "| method | mean step (ms) | time vs plain | passes/step | one-pass steps (ms) | SAM steps (ms) |"
@@ -214,8 +227,9 @@ def main() -> None:
     summary = {}
     for method in methods:
         times = [r["mean_step_s"] for r in results[method]]
-        ratio = statistics.mean(times) / base_time
-        spread = statistics.stdev([t / base_time for t in times]) if len(times) > 1 else 0.0
+        ratios = paired_ratios(times, base_times)
+        ratio = statistics.mean(ratios)
+        spread = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
         mem = statistics.mean(r["peak_mib"] for r in results[method]) - base_mem
         passes = results[method][0]["passes_per_step"]
         held = results[method][0]["held_copies"]

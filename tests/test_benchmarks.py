@@ -122,6 +122,13 @@ def overhead():
     return load_script("overhead")
 
 
+def test_overhead_ratios_pair_each_repeat_with_its_own_plain_run(overhead):
+    # The second repeat ran 20% slow for everyone: paired, the method costs 1.5x in both.
+    assert overhead.paired_ratios([0.15, 0.18], [0.10, 0.12]) == pytest.approx([1.5, 1.5])
+    with pytest.raises(ValueError):
+        overhead.paired_ratios([0.15], [0.10, 0.12])
+
+
 def test_overhead_model_takes_the_dropout_of_its_flags(overhead):
     parser = argparse.ArgumentParser()
     overhead.add_model_args(parser)
