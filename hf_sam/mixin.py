@@ -141,7 +141,29 @@ class SAMMixin:
         self._sam_shifts_labels = None
         if self.args.sam_loss_term == "saf" and self.train_dataset is not None:
             self.train_dataset = add_example_index(self.train_dataset)  # unchanged when it has an `idx` column
-        return super().train(*args, **kwargs)
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            # Interrupted between two micro-batches of a window (a KeyboardInterrupt in the Trainer's loop or a
+            # callback), the weights would still be at w + eps.
+            self._sam_abort_step()
+            raise
+
+    def _sam_abort_step(self) -> None:
+        """Undo a SAM step cut short by an exception: w back to its bit-exact value, the step's gradients dropped.
+
+        Without it, an interrupted run (Ctrl-C in a notebook) or an out-of-memory error that `auto_find_batch_size`
+        retries with a smaller batch would carry on from, evaluate or save the perturbed weights w + eps.
+        """
+        perturbation = self._sam_perturbation
+        if perturbation is None or not perturbation.active:
+            return
+        perturbation.restore()
+        # `.grad` holds eps or a descent gradient taken at w + eps: neither belongs to any step now.
+        for p in self._sam_trainable:
+            p.grad = None
+        self._sam_window_clean, self._sam_window_rng, self._esam_window_examples = [], [], []
+        self._sam_clean_copy = None
 
     def _sam_build(self) -> None:
         args = self.args
@@ -201,9 +223,13 @@ class SAMMixin:
                         transform.after_plain_step(names, grads)
             return loss
         self._sam_metrics.add("sam/passes_per_step", self._sam_passes())
-        if self.args.sam_micro_batches > 1 or (self.args.sam_accumulation == "micro" and len(window) > 1):
-            return self._sam_micro_step(model, inputs, index, window, num_items_in_batch)
-        return self._sam_window_step(model, inputs, index, window, num_items_in_batch)
+        try:
+            if self.args.sam_micro_batches > 1 or (self.args.sam_accumulation == "micro" and len(window) > 1):
+                return self._sam_micro_step(model, inputs, index, window, num_items_in_batch)
+            return self._sam_window_step(model, inputs, index, window, num_items_in_batch)
+        except BaseException:
+            self._sam_abort_step()
+            raise
 
     def _sam_position(self, inputs) -> tuple[int, list]:
         """Index of `inputs` in the current accumulation window, and the window (`[inputs]` if called alone)."""
@@ -418,24 +444,26 @@ class SAMMixin:
         """SSAM-F: before the step that is due (the first one included), rebuild the mask from the Fisher."""
         if not self._sam_mask_due() or self._sam_perturbation.mask.kind != "fisher":
             return
-        self._sam_mask_updated_at = self.state.global_step
         perturbation = self._sam_perturbation
         fisher = [torch.zeros_like(local(p), dtype=torch.float32) for p in perturbation.params]
         model = self.model  # unwrapped: these passes must not all-reduce; every rank sees the same examples
         was_training = model.training
         model.eval()  # no dropout (a documented change from the official train mode)
-        for example in self._sam_fisher_examples():
+        try:  # an interrupt in these many passes leaves the model as it was, its mode included
+            for example in self._sam_fisher_examples():
+                model.zero_grad(set_to_none=True)
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, self._prepare_inputs(example))
+                loss.backward()
+                with torch.no_grad():
+                    for f, p in zip(fisher, perturbation.params):
+                        if p.grad is not None:
+                            f.add_(local(p.grad).float().square())
+        finally:
             model.zero_grad(set_to_none=True)
-            with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, self._prepare_inputs(example))
-            loss.backward()
-            with torch.no_grad():
-                for f, p in zip(fisher, perturbation.params):
-                    if p.grad is not None:
-                        f.add_(local(p.grad).float().square())
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+            model.train(was_training)
         perturbation.mask.set_fisher(fisher, perturbation.params)
+        self._sam_mask_updated_at = self.state.global_step
         self._sam_mask_density = perturbation.mask.density()  # one host sync per mask update, not per step
 
     def _sam_fisher_examples(self):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_sam import METHODS, SAMTrainer
 from hf_sam.optim import AdaSAMOptimizer
@@ -483,6 +483,117 @@ def test_sam_metrics_are_logged(tmp_path):
         assert entry["sam/grad_norm"] > 0
         # sharpness is perturbed minus clean loss, on the same per-step scale as Trainer's `loss`.
         assert abs(entry["sam/perturbed_loss"] - entry["sam/sharpness"] - entry["loss"]) < 1e-4
+
+
+# ---------------------------------------------------------------- faults: an aborted SAM step leaves w as it was
+
+
+class FaultyTrainer(SequentialSAMTrainer):
+    """Raises `fault` from the `fault_at`-th perturbed pass (from 1) of optimizer step `fault_step` (w + eps then)."""
+
+    def __init__(self, *args, fault, fault_step, fault_at, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fault, self.fault_step, self.fault_at, self.perturbed_passes = fault, fault_step, fault_at, 0
+
+    def _sam_perturbed_pass(self, *args, **kwargs):
+        if self.state.global_step == self.fault_step:
+            self.perturbed_passes += 1
+        if self.perturbed_passes == self.fault_at:
+            self.perturbed_passes = -(10**9)  # once (a retried loop runs through)
+            assert self._sam_perturbation.active  # the fault lands while w + eps is in the model
+            raise self.fault
+        return super()._sam_perturbed_pass(*args, **kwargs)
+
+
+class WeightsAtStepBegin(TrainerCallback):
+    """Snapshots the weights at the start of every optimizer step and of every training loop."""
+
+    def __init__(self):
+        self.step_begin, self.train_begin = None, []
+
+    def on_step_begin(self, args, state_, control, model=None, **kwargs):
+        self.step_begin = state(model)
+
+    def on_train_begin(self, args, state_, control, model=None, **kwargs):
+        self.train_begin.append(state(model))
+
+
+# (method, GA, accumulation overrides, which perturbed pass of step 1 fails): with GA 2 or mSAM's shards the
+# second, when the first one's descent gradient is already in .grad.
+FAULT_CASES = [
+    ("sam", 1, {}, 1),
+    ("sam", 2, {}, 2),
+    ("sam", 2, {"sam_accumulation": "micro"}, 2),
+    ("msam", 1, {}, 2),
+    ("esam", 1, {}, 1),
+    ("gsam", 1, {}, 1),
+]
+
+
+@pytest.mark.parametrize("method, ga, extra, fault_at", FAULT_CASES)
+def test_an_interrupted_sam_step_restores_the_weights_bit_exactly(tmp_path, method, ga, extra, fault_at):
+    snapshots = WeightsAtStepBegin()
+    trainer = FaultyTrainer(
+        model=tiny_bert(dropout=0.1),
+        args=sam_args(
+            tmp_path,
+            gradient_accumulation_steps=ga,
+            per_device_train_batch_size=4 // ga,
+            **{**METHOD_CASES[method]["args"], **extra},
+        ),
+        train_dataset=tiny_dataset(),
+        callbacks=[snapshots],
+        fault=KeyboardInterrupt(),
+        fault_step=1,
+        fault_at=fault_at,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.state.global_step == 1  # the fault hit the second optimizer step
+    assert not trainer._sam_perturbation.active
+    assert_same_weights(snapshots.step_begin, state(trainer.model))
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+class InterruptBetweenMicroBatches(TrainerCallback):
+    """Ctrl-C in the Trainer's loop after the first micro-batch of the second window (w + eps is in the model)."""
+
+    def on_substep_end(self, args, state_, control, **kwargs):
+        if state_.global_step == 1:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupt_between_two_micro_batches_of_a_window_restores_the_weights(tmp_path):
+    snapshots = WeightsAtStepBegin()
+    trainer = SequentialSAMTrainer(
+        model=tiny_bert(dropout=0.1),
+        args=sam_args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=2),
+        train_dataset=tiny_dataset(),
+        callbacks=[snapshots, InterruptBetweenMicroBatches()],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert not trainer._sam_perturbation.active
+    assert_same_weights(snapshots.step_begin, state(trainer.model))
+
+
+def test_auto_find_batch_size_retries_an_out_of_memory_sam_step_from_the_unperturbed_weights(tmp_path):
+    # accelerate's retry catches this message (a CPU allocation failure), halves the batch and reruns the loop.
+    snapshots = WeightsAtStepBegin()
+    trainer = FaultyTrainer(
+        model=tiny_bert(),
+        args=sam_args(tmp_path, auto_find_batch_size=True, per_device_train_batch_size=4, max_steps=2),
+        train_dataset=tiny_dataset(),
+        callbacks=[snapshots],
+        fault=RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes."),
+        fault_step=0,
+        fault_at=1,
+    )
+    initial = state(trainer.model)
+    trainer.train()
+    assert trainer._train_batch_size < 4 and trainer.state.global_step == 2  # accelerate retried at 90%
+    assert len(snapshots.train_begin) == 2
+    assert_same_weights(initial, snapshots.train_begin[1])  # the retry starts from w, not w + eps
 
 
 # ---------------------------------------------------------------- resume
