@@ -251,7 +251,7 @@ def test_window_batch2_ga2_equals_batch4_ga1(tmp_path, method):
 class ScalerTrainer(SequentialSAMTrainer):
     """Installs a real CPU GradScaler before `accelerator.prepare` and counts its unscale_ calls."""
 
-    def __init__(self, *args, overflow_first_clean_pass=False, **kwargs):
+    def __init__(self, *args, overflow_at_loss_call=None, **kwargs):
         super().__init__(*args, **kwargs)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         self.unscale_calls = 0
@@ -268,14 +268,13 @@ class ScalerTrainer(SequentialSAMTrainer):
         self.accelerator.unscale_gradients = lambda optimizer=None: [
             scaler.unscale_(opt.optimizer) for opt in self.accelerator._optimizers
         ]
-        self._overflow_pending = overflow_first_clean_pass
+        self._overflow_at = overflow_at_loss_call  # 1: step 0's clean pass, 2: its descent pass
         self._loss_calls = 0
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         loss = super().compute_loss(model, inputs, *args, **kwargs)
         self._loss_calls += 1
-        if self._overflow_pending and self._loss_calls == 1:  # the ascent pass of step 0 overflows
-            self._overflow_pending = False
+        if self._loss_calls == self._overflow_at:
             return loss * math.inf
         return loss
 
@@ -306,7 +305,7 @@ def test_fp16_overflowing_ascent_skips_perturbation_and_logs_it(tmp_path):
         "sgd",
         trainer_cls=ScalerTrainer,
         max_steps=1,
-        trainer_kwargs={"overflow_first_clean_pass": True},
+        trainer_kwargs={"overflow_at_loss_call": 1},
     )
     plain = train_sam(
         tmp_path / "p", tiny_bert(), data, "sgd", trainer_cls=ScalerTrainer, max_steps=1, sam_method="none"
@@ -316,6 +315,20 @@ def test_fp16_overflowing_ascent_skips_perturbation_and_logs_it(tmp_path):
     # eps = 0 for that step and the weights were restored exactly: the step is the plain one.
     assert_same_weights(state(sam.model), state(plain.model))
     assert sam.state.global_step == 1 and sam.accelerator.scaler.get_scale() == 2.0**10
+
+
+def test_fp16_overflowing_descent_skips_the_step_and_keeps_the_weights_bit_exactly(tmp_path):
+    model = tiny_bert()
+    before = state(model)
+    sam = train_sam(
+        tmp_path, model, tiny_dataset(), "sgd", trainer_cls=ScalerTrainer, max_steps=1,
+        trainer_kwargs={"overflow_at_loss_call": 2},
+    )  # fmt: skip
+    # GradScaler found inf in the descent gradient: no optimizer step, the scale halved, and w is w (restored by copy,
+    # not w + eps - eps).
+    assert sam.accelerator.scaler.get_scale() == 2.0**9
+    assert_same_weights(before, state(sam.model))
+    assert [h["sam/skipped"] for h in sam.state.log_history if "sam/skipped" in h] == [0.0]
 
 
 class RestoreCheckingTrainer(SequentialSAMTrainer):
