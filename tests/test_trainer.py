@@ -152,6 +152,40 @@ def test_rho_zero_is_plain_trainer_bit_for_bit(tmp_path, method, accumulation):
     assert_same_weights(state(plain.model), state(sam.model), exact=not shards)
 
 
+def _cross_entropy_sum_over_window(outputs, labels, num_items_in_batch=None):
+    """A `compute_loss_func` as users pass it: the window's summed CE over its item count."""
+    loss = torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum")
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss / labels.numel()
+
+
+# Trainer options that touch the loss, the forward, or what runs between steps: with rho 0 SAMTrainer must still be
+# Trainer bit for bit (NEFTune's embedding noise is drawn from the RNG, so it must be replayed like dropout).
+TRAINER_FEATURES = {
+    "label_smoothing": ({"label_smoothing_factor": 0.1}, {}),
+    "neftune": ({"neftune_noise_alpha": 5.0}, {}),
+    "eval_every_step": ({"eval_strategy": "steps", "eval_steps": 1}, {"eval_dataset": tiny_dataset(8, seed=1)}),
+    "tokens_seen": ({"include_num_input_tokens_seen": True}, {}),
+    "compute_loss_func": ({}, {"compute_loss_func": _cross_entropy_sum_over_window}),
+}
+
+
+@pytest.mark.parametrize("feature", TRAINER_FEATURES)
+def test_rho_zero_is_plain_trainer_with_trainer_options(tmp_path, feature):
+    options, trainer_kwargs = TRAINER_FEATURES[feature]
+    data = tiny_dataset()
+    plain = Trainer(model=tiny_bert(dropout=0.1), args=plain_args(tmp_path / "p", gradient_accumulation_steps=2,
+                    **options), train_dataset=data, **trainer_kwargs)  # fmt: skip
+    plain.train()
+    sam = SAMTrainer(model=tiny_bert(dropout=0.1), args=sam_args(tmp_path / "s", gradient_accumulation_steps=2,
+                     sam_rho=0.0, **options), train_dataset=data, **trainer_kwargs)  # fmt: skip
+    sam.train()
+    assert_same_weights(state(plain.model), state(sam.model))
+    for key in ("loss", "eval_loss", "num_input_tokens_seen"):
+        plain_logged = [h[key] for h in plain.state.log_history if key in h]
+        assert plain_logged == [h[key] for h in sam.state.log_history if key in h], key
+        assert plain_logged or key != "eval_loss" or feature != "eval_every_step"
+
+
 # ---------------------------------------------------------------- hand-written references
 
 
