@@ -166,6 +166,8 @@ TRAINER_FEATURES = {
     "eval_every_step": ({"eval_strategy": "steps", "eval_steps": 1}, {"eval_dataset": tiny_dataset(8, seed=1)}),
     "tokens_seen": ({"include_num_input_tokens_seen": True}, {}),
     "compute_loss_func": ({}, {"compute_loss_func": _cross_entropy_sum_over_window}),
+    "activation_checkpointing": ({"activation_checkpointing": True}, {}),  # its recompute sees the replayed masks
+    "model_init": ({}, {"model_init": lambda: tiny_bert(dropout=0.1)}),  # the model is built inside train()
 }
 
 
@@ -173,13 +175,15 @@ TRAINER_FEATURES = {
 def test_rho_zero_is_plain_trainer_with_trainer_options(tmp_path, feature):
     options, trainer_kwargs = TRAINER_FEATURES[feature]
     data = tiny_dataset()
-    plain = Trainer(model=tiny_bert(dropout=0.1), args=plain_args(tmp_path / "p", gradient_accumulation_steps=2,
-                    **options), train_dataset=data, **trainer_kwargs)  # fmt: skip
+    model = (lambda: None) if "model_init" in trainer_kwargs else (lambda: tiny_bert(dropout=0.1))
+    plain = Trainer(model=model(), args=plain_args(tmp_path / "p", gradient_accumulation_steps=2, **options),
+                    train_dataset=data, **trainer_kwargs)  # fmt: skip
     plain.train()
-    sam = SAMTrainer(model=tiny_bert(dropout=0.1), args=sam_args(tmp_path / "s", gradient_accumulation_steps=2,
-                     sam_rho=0.0, **options), train_dataset=data, **trainer_kwargs)  # fmt: skip
+    sam = SAMTrainer(model=model(), args=sam_args(tmp_path / "s", gradient_accumulation_steps=2, sam_rho=0.0,
+                     **options), train_dataset=data, **trainer_kwargs)  # fmt: skip
     sam.train()
     assert_same_weights(state(plain.model), state(sam.model))
+    assert sam.model.is_activation_checkpointing == (feature == "activation_checkpointing")
     for key in ("loss", "eval_loss", "num_input_tokens_seen"):
         plain_logged = [h[key] for h in plain.state.log_history if key in h]
         assert plain_logged == [h[key] for h in sam.state.log_history if key in h], key
