@@ -147,6 +147,20 @@ def method_args(method: str) -> dict:
     return {"sam_method": method, **({"saf_start_epoch": 0.0} if method == "saf" else {})}
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """`--set` values: `KEY=VALUE`, VALUE read as JSON when it parses (0.4, true, null), as a string otherwise."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {pair!r}: write it as KEY=VALUE, e.g. --set esam_gamma=0.4")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
 def paired_ratios(times: list[float], base_times: list[float]) -> list[float]:
     """Each repeat's step time over the plain Trainer's in the same repeat (machine drift between repeats cancels)."""
     return [t / base for t, base in zip(times, base_times, strict=True)]
@@ -161,6 +175,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per method")
     add_model_args(parser)
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE",
+        help="SAMTrainingArguments fields for every method but none, e.g. --set esam_gamma=0.4 esam_beta=0.5",
+    )  # fmt: skip
     parser.add_argument("--ga", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -183,12 +201,14 @@ def main() -> None:
 
     device = cli.device or ("cuda" if torch.cuda.is_available() else "cpu")
     methods = ["none"] + [m for m in cli.methods if m != "none"]
+    overrides = parse_overrides(cli.set)
     results: dict[str, list[dict]] = {m: [] for m in methods}
 
     def config(method: str) -> dict:
         return {
             "device": device, "steps": cli.steps, "warmup": cli.warmup, "ga": cli.ga, "bf16": cli.bf16,
-            **{field: getattr(cli, field) for field in MODEL_FIELDS}, "method_args": method_args(method),
+            **{field: getattr(cli, field) for field in MODEL_FIELDS},
+            "method_args": {**method_args(method), **(overrides if method != "none" else {})},
             "output_dir": os.path.join(cli.out, "_tmp"),
         }  # fmt: skip
 
@@ -217,6 +237,7 @@ def main() -> None:
         f"Device: {device} ({os.cpu_count()} cores visible); BERT {params_m:.1f}M params, dropout {cli.dropout:g},"
         f" batch {cli.batch} x seq {cli.seq}, GA {cli.ga}{', bf16' if cli.bf16 else ''}; {cli.steps} timed steps"
         f" x {cli.repeats} interleaved repeats (every other one reversed), ratios paired within each repeat"
+        f"{'; methods with ' + ' '.join(cli.set) if cli.set else ''}"
         f"{' in one process (memory column not per method)' if cli.in_process else ''}.",
         "",
         "| method | mean step (ms) | time vs plain | passes/step | one-pass steps (ms) | SAM steps (ms) |"

@@ -129,6 +129,14 @@ def test_overhead_ratios_pair_each_repeat_with_its_own_plain_run(overhead):
         overhead.paired_ratios([0.15], [0.10, 0.12])
 
 
+def test_overhead_set_reads_values_as_json_and_refuses_a_pair_without_a_value(overhead):
+    assert overhead.parse_overrides(["esam_gamma=0.4", "sam_adaptive=true", "sam_schedule=cosine"]) == {
+        "esam_gamma": 0.4, "sam_adaptive": True, "sam_schedule": "cosine",
+    }  # fmt: skip
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        overhead.parse_overrides(["esam_gamma"])
+
+
 def test_overhead_model_takes_the_dropout_of_its_flags(overhead):
     parser = argparse.ArgumentParser()
     overhead.add_model_args(parser)
