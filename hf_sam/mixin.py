@@ -127,6 +127,13 @@ class SAMMixin:
                 "ESAM's stochastic weight perturbation skips weight gradients in the ascent pass, which a synced"
                 f" (all-reduced) ascent cannot do across processes. {fix}"
             )
+        if self.args.sam_mask == "random_tensor" and self.args.torch_compile:
+            logger.warning(
+                "ESAM's stochastic weight perturbation changes which tensors require grad at every step, and"
+                " torch.compile recompiles the model for each new pattern (up to its recompile limit, then runs it"
+                " eagerly). Use --sam_mask none (ESAM's data selection alone) to compile once, or leave torch_compile"
+                " off."
+            )
         if not select_perturbed(self.model, self.args.sam_include, self.args.sam_exclude):
             raise ValueError(
                 f"No trainable parameter matches sam_include={self.args.sam_include!r} and"

@@ -551,6 +551,18 @@ def test_sam_metrics_are_logged(tmp_path):
         assert abs(entry["sam/perturbed_loss"] - entry["sam/sharpness"] - entry["loss"]) < 1e-4
 
 
+def test_esam_swp_under_torch_compile_warns_of_recompiles(tmp_path):
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_sam import mixin
+
+    for mask, warned in (("random_tensor", True), ("none", False)):
+        with CaptureLogger(mixin.logger) as captured:
+            args = sam_args(tmp_path, sam_method="esam", sam_mask=mask, torch_compile=True)
+            SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
+        assert ("recompiles" in captured.out) == warned
+
+
 # ---------------------------------------------------------------- faults: an aborted SAM step leaves w as it was
 
 
