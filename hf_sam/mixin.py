@@ -36,6 +36,7 @@ from .trajectory import (
     add_example_index,
     gather_rows,
     index_size,
+    is_map_style,
     kl_to_target,
     logits_of,
     token_mask,
@@ -148,6 +149,13 @@ class SAMMixin:
         self._sam_shifts_labels = None
         if self.args.sam_loss_term == "saf" and self.train_dataset is not None:
             self.train_dataset = add_example_index(self.train_dataset)  # unchanged when it has an `idx` column
+        fisher = self.args.sam_enabled and self.args.sam_mask == "fisher"
+        if fisher and self.train_dataset is not None and not is_map_style(self.train_dataset):
+            raise ValueError(
+                "sam_mask='fisher' (ssam-f) draws sam_fisher_samples training examples by position for its Fisher"
+                " mask, so it needs a map-style train_dataset with __len__, not an iterable one. Use"
+                " sam_method='ssam-d' (a dynamic mask, built from the gradients) or a map-style dataset."
+            )
         try:
             return super().train(*args, **kwargs)
         except BaseException:

@@ -57,6 +57,11 @@ class IndexedDataset(torch.utils.data.Dataset):
         return {**item, self.column: i}
 
 
+def is_map_style(dataset) -> bool:
+    """Whether `dataset` has a length and items by position (not a torch or `datasets` iterable dataset)."""
+    return not isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "__len__")
+
+
 def _is_hf_dataset(dataset) -> bool:
     try:
         import datasets
@@ -83,7 +88,7 @@ def add_example_index(dataset, column: str = INDEX_COLUMN):
         if column in dataset.column_names:
             return dataset
         return dataset.add_column(column, list(range(len(dataset))))
-    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+    if not is_map_style(dataset):
         raise ValueError(
             "SAF records logits per example, so it needs a map-style training set with __len__ (not an iterable"
             " dataset). Use sam_method='mesa', which needs no example index."

@@ -3,9 +3,11 @@
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_sam import SAMTrainer
 from hf_sam.components import build_ascent
 from hf_sam.masks import SparseMask, top_k_mask
 from hf_sam.perturbation import Perturbation, select_perturbed
@@ -103,3 +105,19 @@ def test_fisher_mask_is_the_top_k_of_a_hand_computed_fisher(tmp_path):
     assert sum(int(m.sum()) for m in got.values()) == k
     for n in names:
         assert torch.equal(got[n], expected[n]), n
+
+
+def test_fisher_mask_on_an_iterable_dataset_is_a_clear_error_before_training(tmp_path):
+    model = tiny_bert()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = SAMTrainer(model=model, args=sam_args(tmp_path, sam_method="ssam-f"),
+                         train_dataset=tiny_dataset().to_iterable_dataset())  # fmt: skip
+    with pytest.raises(ValueError, match="sam_mask='fisher'.*map-style.*ssam-d"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # The dynamic mask needs no data: it trains on the same iterable dataset.
+    dynamic = SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, sam_method="ssam-d", max_steps=2),
+                         train_dataset=tiny_dataset().to_iterable_dataset())  # fmt: skip
+    dynamic.train()
+    assert dynamic.state.global_step == 2
