@@ -168,6 +168,12 @@ TRAINER_FEATURES = {
     "compute_loss_func": ({}, {"compute_loss_func": _cross_entropy_sum_over_window}),
     "activation_checkpointing": ({"activation_checkpointing": True}, {}),  # its recompute sees the replayed masks
     "model_init": ({}, {"model_init": lambda: tiny_bert(dropout=0.1)}),  # the model is built inside train()
+    # 8 batches an epoch in windows of 3, 3 and 2 (the last one short), over 2 epochs: 6 optimizer steps.
+    "uneven_windows": ({"gradient_accumulation_steps": 3, "max_steps": -1, "num_train_epochs": 2}, {}),
+    "uneven_windows_micro": (
+        {"gradient_accumulation_steps": 3, "max_steps": -1, "num_train_epochs": 2, "sam_accumulation": "micro"},
+        {},
+    ),
 }
 
 
@@ -176,13 +182,14 @@ def test_rho_zero_is_plain_trainer_with_trainer_options(tmp_path, feature):
     options, trainer_kwargs = TRAINER_FEATURES[feature]
     data = tiny_dataset()
     model = (lambda: None) if "model_init" in trainer_kwargs else (lambda: tiny_bert(dropout=0.1))
-    plain = Trainer(model=model(), args=plain_args(tmp_path / "p", gradient_accumulation_steps=2, **options),
-                    train_dataset=data, **trainer_kwargs)  # fmt: skip
+    options = {"gradient_accumulation_steps": 2, **options}
+    plain = Trainer(model=model(), args=plain_args(tmp_path / "p", **options), train_dataset=data, **trainer_kwargs)
     plain.train()
-    sam = SAMTrainer(model=model(), args=sam_args(tmp_path / "s", gradient_accumulation_steps=2, sam_rho=0.0,
-                     **options), train_dataset=data, **trainer_kwargs)  # fmt: skip
+    sam = SAMTrainer(model=model(), args=sam_args(tmp_path / "s", sam_rho=0.0, **options), train_dataset=data,
+                     **trainer_kwargs)  # fmt: skip
     sam.train()
     assert_same_weights(state(plain.model), state(sam.model))
+    assert sam.state.global_step == plain.state.global_step == (6 if feature.startswith("uneven") else 4)
     assert sam.model.is_activation_checkpointing == (feature == "activation_checkpointing")
     for key in ("loss", "eval_loss", "num_input_tokens_seen"):
         plain_logged = [h[key] for h in plain.state.log_history if key in h]
