@@ -22,7 +22,8 @@ class FriendlyAscent(AscentRule):
     def __call__(self, names, params, grads, rho, grad_unit, grad_norm) -> None:
         sigma, lam = self.args.fsam_sigma, self.args.fsam_lambda
         grads_local = [local(g) for g in grads]
-        torch._foreach_mul_(grads_local, grad_unit)  # true gradient g
+        if not (isinstance(grad_unit, float) and grad_unit == 1.0):  # fp32/bf16 window mode: .grad already is g
+            torch._foreach_mul_(grads_local, grad_unit)  # true gradient g
         # A non-finite g (fp16 overflow) must not enter the EMA, or every later step would ascend by inf - inf.
         finite = torch.isfinite(grad_norm)
         if not all(name in self.ema for name in names):
@@ -38,7 +39,7 @@ class FriendlyAscent(AscentRule):
             torch._foreach_add_(new_ema, grads_local, alpha=1 - lam)
             torch._foreach_add_(grads_local, previous, alpha=-sigma)
             for value, old in zip(new_ema, previous):
-                old.copy_(torch.where(finite, value, old))
+                torch.where(finite, value, old, out=old)  # in place: no temporary, no copy
         scale = rho / (global_norm(grads) + NORM_EPS)
         torch._foreach_mul_(grads_local, scale)
 
