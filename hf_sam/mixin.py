@@ -174,9 +174,7 @@ class SAMMixin:
         if perturbation is None or not perturbation.active:
             return
         perturbation.restore()
-        # `.grad` holds eps or a descent gradient taken at w + eps: neither belongs to any step now.
-        for p in self._sam_trainable:
-            p.grad = None
+        self._sam_release_grads()  # `.grad` holds eps or a descent gradient at w + eps: neither belongs to a step now
         self._sam_window_clean, self._sam_window_rng, self._esam_window_examples = [], [], []
         self._sam_clean_copy = None
 

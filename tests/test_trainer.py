@@ -663,7 +663,7 @@ def test_an_interrupt_between_two_micro_batches_of_a_window_restores_the_weights
 
 
 def test_auto_find_batch_size_retries_an_out_of_memory_sam_step_from_the_unperturbed_weights(tmp_path):
-    # accelerate's retry catches this message (a CPU allocation failure), halves the batch and reruns the loop.
+    # accelerate's retry catches this message (a CPU allocation failure), shrinks the batch and reruns the loop.
     snapshots = WeightsAtStepBegin()
     trainer = FaultyTrainer(
         model=tiny_bert(),
