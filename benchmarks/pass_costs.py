@@ -89,17 +89,18 @@ def time_pieces(cfg: dict, repeats: int, beta: float, gamma: float) -> dict[str,
 
 def implied_costs(pieces: dict[str, float], beta: float, gamma: float) -> list[tuple[str, float, float]]:
     """(recipe, cost from the measured pieces in plain passes, the pass count hf_sam logs) for each recipe."""
+    from hf_sam.esam import clean_pass_cost, step_passes
+
     full = pieces["full"]
     forward = pieces["forward"] / full
     teacher = pieces["teacher"] / full
-    esam_count = 1 - (1 - beta) / 3 + 1 / 3 + gamma
     return [
         ("forward share of a pass (F / (F + B))", forward, 1 / 3),
         ("eval-mode forward share (no dropout)", teacher, 1 / 3),
-        ("esam clean pass with SWP", pieces["swp"] / full, 1 - (1 - beta) / 3),
+        ("esam clean pass with SWP", pieces["swp"] / full, clean_pass_cost(beta)),
         (f"esam descent on {gamma:g} of the batch", pieces["subset"] / full, gamma),
         ("esam step (clean SWP + no-grad forward + subset)", (pieces["swp"] + pieces["forward"] + pieces["subset"])
-         / full, esam_count),
+         / full, step_passes(beta, gamma)),
         ("mesa step (pass + eval-mode teacher forward)", 1 + teacher, 1 + 1 / 3),
         ("sam step (two passes)", 2.0, 2.0),
     ]  # fmt: skip

@@ -28,6 +28,18 @@ def kept_tensors(count: int, beta: float, seed: int, step: int) -> list[bool]:
     return keep
 
 
+def clean_pass_cost(beta: float | None) -> float:
+    """The clean pass in passes of F + B (B = 2F): SWP keeping `beta` of the tensors skips the weight-gradient third
+    of the backward for the other 1 - beta; `None` (no SWP) is a whole pass."""
+    return 1.0 if beta is None else 1.0 - (1 - beta) / 3
+
+
+def step_passes(beta: float | None, gamma: float | None) -> float:
+    """Passes per micro-batch of a SAM step: the clean pass, then with SDS (`gamma`) a no-grad forward (1/3) and a
+    descent on gamma of the batch, without it (`None`) a whole descent pass. ESAM's presets give 1.7."""
+    return clean_pass_cost(beta) + (1.0 if gamma is None else 1 / 3 + gamma)
+
+
 @contextlib.contextmanager
 def frozen_tensors(params: list[torch.nn.Parameter], keep: list[bool]) -> Iterator[None]:
     """`requires_grad=False` on the dropped tensors for the block: autograd skips their weight gradients."""

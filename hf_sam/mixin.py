@@ -19,7 +19,7 @@ from transformers.utils import logging
 
 from .checkpoint import check_state_keys, load_sam_state, save_sam_state
 from .components import build_ascent, build_descent
-from .esam import frozen_tensors, kept_tensors, per_example_loss, selected_count, take_examples
+from .esam import frozen_tensors, kept_tensors, per_example_loss, selected_count, step_passes, take_examples
 from .masks import SparseMask
 from .metrics import SAMMetrics
 from .optim import AdaSAMOptimizer
@@ -400,10 +400,8 @@ class SAMMixin:
         ESAM: SWP skips the weight-gradient half of the backward for the dropped share (1 - beta) of tensors,
         SDS adds a no-grad forward (1/3) and runs the descent on gamma of the batch.
         """
-        clean = 1.0 - (1 - self.args.esam_beta) / 3 if self._esam_swp else 1.0
-        if self._esam_sds:
-            return clean + 1 / 3 + self.args.esam_gamma
-        return clean + 1.0
+        beta = self.args.esam_beta if self._esam_swp else None
+        return step_passes(beta, self.args.esam_gamma if self._esam_sds else None)
 
     @contextlib.contextmanager
     def _sam_gradient_sync(self, model, sync: bool):

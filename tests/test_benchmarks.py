@@ -149,7 +149,8 @@ def test_overhead_model_takes_the_dropout_of_its_flags(overhead):
 
 @pytest.mark.parametrize(
     "method, passes, held",
-    [("none", 1.0, 0.0), ("sam", 2.0, 1.0), ("mesa", 1 + 1 / 3, 1.0), ("msam", 2.0, 2.0)],
+    # ESAM: SWP backs up only the tensors it has kept at least once, so up to one copy.
+    [("none", 1.0, 0.0), ("sam", 2.0, 1.0), ("mesa", 1 + 1 / 3, 1.0), ("msam", 2.0, 2.0), ("esam", 1.7, None)],
 )
 def test_overhead_run_reports_what_the_method_holds_and_counts(overhead, tmp_path, method, passes, held):
     cfg = {
@@ -158,5 +159,8 @@ def test_overhead_run_reports_what_the_method_holds_and_counts(overhead, tmp_pat
     }  # fmt: skip
     row = overhead.run_one(cfg)
     assert row["passes_per_step"] == pytest.approx(passes)
-    assert row["held_copies"] == pytest.approx(held)
+    if held is None:
+        assert 0.5 < row["held_copies"] <= 1.0
+    else:
+        assert row["held_copies"] == pytest.approx(held)
     assert row["mean_step_s"] > 0 and row["params_m"] > 0
