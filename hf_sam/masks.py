@@ -12,7 +12,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .tensors import DTensor, local, shard_group
+from .tensors import local, shard_group, shard_rows
 
 
 # random_tensor is ESAM's stochastic weight perturbation (hf_sam.esam): a per-tensor draw each step.
@@ -76,19 +76,8 @@ def _sharded_top_k(flat: torch.Tensor, k: int, group: dist.ProcessGroup) -> torc
 
 def local_rand(param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """U(0, 1) draws for `param`, the same numbers a whole (unsharded) parameter gets: under FSDP2 the full
-    tensor is drawn and this rank keeps the rows of its shard (FSDP2 splits dim 0 as `torch.chunk`)."""
-    draws = torch.rand(param.shape, generator=generator)
-    if not isinstance(param, DTensor):
-        return draws
-    shard = local(param)
-    world, rank = param.device_mesh.size(), param.device_mesh.get_local_rank()
-    chunks = torch.chunk(draws, world, dim=0)
-    part = chunks[rank] if rank < len(chunks) else draws[:0]
-    if part.shape != shard.shape:
-        raise NotImplementedError(
-            f"hf_sam expected FSDP2's dim-0 chunk of shape {tuple(part.shape)}, got a shard of {tuple(shard.shape)}."
-        )
-    return part
+    tensor is drawn and this rank keeps the rows of its shard."""
+    return shard_rows(torch.rand(param.shape, generator=generator), param)
 
 
 class SparseMask:

@@ -22,6 +22,23 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def shard_rows(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `full`, a tensor shaped like the whole `param`: under FSDP2 the dim-0 `torch.chunk`
+    the rank holds (FSDP2's split), for a plain tensor `full` itself."""
+    if not isinstance(param, DTensor):
+        return full
+    mesh = param.device_mesh
+    chunks = torch.chunk(full, mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    part = chunks[rank] if rank < len(chunks) else full[:0]
+    if part.shape != local(param).shape:
+        raise NotImplementedError(
+            f"hf_sam expected FSDP2's dim-0 chunk of shape {tuple(part.shape)}, got a shard of"
+            f" {tuple(local(param).shape)}."
+        )
+    return part
+
+
 def shard_group(tensors: list[torch.Tensor]) -> dist.ProcessGroup | None:
     """The process group over which `tensors` are sharded, or `None` when they are whole on every rank."""
     for tensor in tensors:

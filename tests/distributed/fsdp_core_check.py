@@ -38,8 +38,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from hf_sam.perturbation import Perturbation, select_perturbed
-from hf_sam.tensors import dot, global_norm, local
-from tests.distributed.process_group import start_gloo, write_and_close
+from hf_sam.tensors import dot, global_norm, local, shard_rows
+from tests.distributed.process_group import start_gloo, whole, write_and_close
 
 
 RHO = {"sam": 0.05, "adaptive": 0.5}
@@ -129,10 +129,6 @@ def make_perturbation(named, rule: str) -> Perturbation:
     return Perturbation(named, build_ascent(args))
 
 
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 def check_rule(rule, model, reference, x, y, rank, world):
     reference_grads(reference, x, y, world)
     ref_named = dict(reference.named_parameters())
@@ -148,7 +144,7 @@ def check_rule(rule, model, reference, x, y, rank, world):
     kinds = sorted({type(p).__name__ for p in params} | {type(g).__name__ for g in grads})
     local_shapes = {n: list(local(p).shape) for n, p in named}
 
-    grad_diff = max(float((full(p.grad) - ref_named[n].grad).abs().max()) for n, p in named)
+    grad_diff = max(float((whole(p.grad) - ref_named[n].grad).abs().max()) for n, p in named)
     norm_grads = float(global_norm(grads))
     norm_weights = float(global_norm([p.detach() for p in params]))
     dot_grads = float(dot(grads, grads))
@@ -160,7 +156,7 @@ def check_rule(rule, model, reference, x, y, rank, world):
     eps_abs_max = 0.0
     for n, p in named:
         expected = ref_named[n].detach() + ref_eps[n]
-        perturbed_diff = max(perturbed_diff, float((full(p.detach()) - expected).abs().max()))
+        perturbed_diff = max(perturbed_diff, float((whole(p) - expected).abs().max()))
         eps_abs_max = max(eps_abs_max, float(ref_eps[n].abs().max()))
     was_active = perturbation.active
     # The descent pass as the trainer runs it: zero .grad in place, forward+backward at w + eps. FSDP2 must
@@ -168,11 +164,11 @@ def check_rule(rule, model, reference, x, y, rank, world):
     torch._foreach_zero_([p.grad for p in params])
     loss_on(model, x, y, rank).backward()
     ref_at_eps = reference_grads_at(reference, x, y, world, ref_eps)
-    descent_diff = max(float((full(p.grad) - ref_at_eps[n]).abs().max()) for n, p in named)
+    descent_diff = max(float((whole(p.grad) - ref_at_eps[n]).abs().max()) for n, p in named)
     descent_moved = max(float((ref_at_eps[n] - ref_named[n].grad).abs().max()) for n, _ in named)
     perturbation.restore()
     restore_exact = all(torch.equal(local(p).detach(), b) for p, b in zip(params, before))
-    restore_full_diff = max(float((full(p.detach()) - ref_named[n].detach()).abs().max()) for n, p in named)
+    restore_full_diff = max(float((whole(p) - ref_named[n].detach()).abs().max()) for n, p in named)
     model.zero_grad(set_to_none=True)
     reference.zero_grad(set_to_none=True)
     return {
@@ -196,16 +192,6 @@ def check_rule(rule, model, reference, x, y, rank, world):
         "restore_exact": restore_exact,
         "restore_vs_reference_max_diff": restore_full_diff,
     }
-
-
-def shard_of(full_tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of `full_tensor` as FSDP2 splits `param` (dim-0 `torch.chunk`)."""
-    mesh = param.device_mesh
-    chunks = torch.chunk(full_tensor, mesh.size(), dim=0)
-    rank = mesh.get_local_rank()
-    part = chunks[rank] if rank < len(chunks) else full_tensor[:0]
-    assert part.shape == local(param).shape, (part.shape, local(param).shape)
-    return part
 
 
 def whole_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -232,18 +218,18 @@ def check_masks(model, reference, rank, world):
     out = {"initial_equal": same_as_single(), "density": sharded.density(), "ref_density": single.density()}
     generator = torch.Generator().manual_seed(5)
     full_grads = [torch.randn(p.shape, generator=generator) for p in ref_params]
-    sharded.drop_and_grow([shard_of(g, p) for g, p in zip(full_grads, params)], params, step=3, progress=0.25)
+    sharded.drop_and_grow([shard_rows(g, p) for g, p in zip(full_grads, params)], params, step=3, progress=0.25)
     single.drop_and_grow(full_grads, ref_params, step=3, progress=0.25)
     out["drop_and_grow_equal"] = same_as_single()
     out["drop_and_grow_density"], out["drop_and_grow_ref_density"] = sharded.density(), single.density()
     fisher = [torch.rand(p.shape, generator=generator) for p in ref_params]
-    sharded.set_fisher([shard_of(f, p) for f, p in zip(fisher, params)], params)
+    sharded.set_fisher([shard_rows(f, p) for f, p in zip(fisher, params)], params)
     single.set_fisher(fisher, ref_params)
     out["fisher_equal"] = same_as_single()
     # Ties: scores in {0, 1, 2, 3}, so the k-th largest value is shared by many entries on both ranks.
     tied = [torch.randint(0, 4, p.shape, generator=generator).float() for p in ref_params]
     k = 1234 if sum(p.numel() for p in ref_params) > 1234 else sum(p.numel() for p in ref_params) // 2
-    chosen = top_k_mask([shard_of(t, p) for t, p in zip(tied, params)], k, sharded.group)
+    chosen = top_k_mask([shard_rows(t, p) for t, p in zip(tied, params)], k, sharded.group)
     whole = [whole_mask(c, p) for c, p in zip(chosen, params)]
     picked = torch.cat([t[m] for t, m in zip(tied, whole)])
     left = torch.cat([t[~m] for t, m in zip(tied, whole)])

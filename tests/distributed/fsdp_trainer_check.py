@@ -58,7 +58,7 @@ from tests.distributed.ddp_check import (
     set_grads,
     to_batch,
 )
-from tests.distributed.process_group import start_gloo, write_and_close
+from tests.distributed.process_group import start_gloo, whole, write_and_close
 from tests.helpers import tiny_bert, tiny_dataset
 
 
@@ -115,11 +115,6 @@ def force_fsdp_on_cpu(trainer) -> None:
     if trainer.args.bf16:  # as accelerate does: FSDP2 gathers bf16 copies of the fp32 shards and reduces in bf16
         state.fsdp_plugin.set_mixed_precision("bf16")
     trainer.is_fsdp_enabled = True
-
-
-def whole(param: torch.Tensor) -> torch.Tensor:
-    """The whole parameter (a collective under FSDP2: each rank must call it)."""
-    return param.detach().full_tensor() if isinstance(param, DTensor) else param.detach()
 
 
 def full_flat(model: torch.nn.Module) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Joining and leaving the torchrun process group, shared by the two-process check scripts."""
+"""What the two-process check scripts share: joining and leaving the torchrun process group, whole tensors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def start_gloo() -> tuple[int, int]:
@@ -28,3 +29,8 @@ def write_and_close(out_path: str, results: dict | None) -> None:
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: each rank must call it), a plain tensor as it is."""
+    return tensor.detach().full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
