@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
+from transformers.utils import logging
 
 from .masks import MASKS
-from .methods import AXIS_DEFAULTS, METHODS
+from .methods import AXIS_DEFAULTS, METHODS, unknown_method_message
 from .schedules import SCHEDULES
 from .trajectory import LOSS_TERMS
 
@@ -19,6 +20,66 @@ ASCENT_CHOICES = ("sam", "adaptive", "unnormalized", "fsam")
 DESCENT_CHOICES = ("none", "gsam", "looksam")
 # Optimizers whose `step` happens inside `backward`: the perturbed pass would update the weights at w+eps.
 FUSED_BACKWARD_OPTIMS = ("lomo", "adalomo")
+# Radii above these leave the range the papers use by far (SAM 0.01-0.5, ASAM 0.5-2); a step whose loss at w + eps is
+# not finite is skipped at run time, and a run of them stops training.
+USUAL_MAX_RHO = {"adaptive": 5.0}
+USUAL_MAX_RHO_DEFAULT = 1.0
+
+logger = logging.get_logger(__name__)
+
+_PROBABILITY_SCHEDULES = ("constant", "piecewise", "linear", "cosine")
+# Fields that act only under one setting: a value given for a method without that setting would be silently
+# ignored, so it is warned about. (fields, the setting they need, whether the resolved arguments have it)
+ONLY_UNDER = (
+    (("sam_adaptive_eta",), "sam_ascent='adaptive' (asam)", lambda a: a.sam_ascent == "adaptive"),
+    (("fsam_sigma", "fsam_lambda"), "sam_ascent='fsam' (fsam)", lambda a: a.sam_ascent == "fsam"),
+    (("gsam_alpha",), "sam_descent='gsam' (gsam)", lambda a: a.sam_descent == "gsam"),
+    (("looksam_k", "looksam_alpha"), "sam_descent='looksam' (looksam)", lambda a: a.sam_descent == "looksam"),
+    (
+        ("sam_sparsity", "sam_mask_interval"),
+        "sam_mask='fisher' or 'dynamic' (ssam-f, ssam-d)",
+        lambda a: a.sam_mask in ("fisher", "dynamic"),
+    ),
+    (("sam_fisher_samples",), "sam_mask='fisher' (ssam-f)", lambda a: a.sam_mask == "fisher"),
+    (("sam_mask_drop_rate",), "sam_mask='dynamic' (ssam-d)", lambda a: a.sam_mask == "dynamic"),
+    (("esam_beta",), "sam_mask='random_tensor' (esam)", lambda a: a.sam_mask == "random_tensor"),
+    (("sam_interval",), "sam_schedule='every_k'", lambda a: a.sam_schedule == "every_k"),
+    (
+        ("sam_probability",),
+        "sam_schedule constant, piecewise, linear or cosine (ss-sam)",
+        lambda a: a.sam_schedule in _PROBABILITY_SCHEDULES,
+    ),
+    (
+        ("sam_probability_end",),
+        "sam_schedule piecewise, linear or cosine",
+        lambda a: a.sam_schedule in _PROBABILITY_SCHEDULES[1:],
+    ),
+    (("sam_schedule_boundary",), "sam_schedule='piecewise'", lambda a: a.sam_schedule == "piecewise"),
+    (
+        ("saf_lambda", "saf_tau", "saf_lag_epochs", "saf_start_epoch"),
+        "sam_loss_term='saf' (saf)",
+        lambda a: a.sam_loss_term == "saf",
+    ),
+    (
+        ("mesa_lambda", "mesa_tau", "mesa_ema_decay", "mesa_start_epoch"),
+        "sam_loss_term='mesa' (mesa)",
+        lambda a: a.sam_loss_term == "mesa",
+    ),
+    (
+        (
+            "sam_include",
+            "sam_exclude",
+            "sam_rho_min",
+            "esam_gamma",
+            "sam_same_dropout",
+            "sam_freeze_bn_stats",
+            "sam_ascent_sync",
+            "sam_accumulation",
+        ),
+        "a method that perturbs the weights (not none, saf or mesa)",
+        lambda a: a.sam_enabled,
+    ),
+)
 
 
 def _method_help() -> str:
@@ -156,7 +217,9 @@ class SAMArgumentsMixin:
     sam_schedule_boundary: float = field(
         default=0.5, metadata={"help": "Piecewise schedule: switch from a to b at this share of training."}
     )
-    sam_interval: int = field(default=2, metadata={"help": "every_k schedule: SAM when global_step mod k == 0."})
+    sam_interval: int | None = field(
+        default=None, metadata={"help": "every_k schedule: SAM when global_step mod k == 0. Default 2."}
+    )
     sam_micro_batches: int | None = field(
         default=None,
         metadata={
@@ -228,9 +291,12 @@ class SAMArgumentsMixin:
     )
 
     def __post_init__(self):
+        given = self._given_sam_fields()
         self._resolve_sam_preset()
         self._validate_sam_fields()
         self._validate_loss_term_fields()
+        self._warn_unused_fields(given)
+        self._warn_large_radius()
         if self.sam_enabled and self.deepspeed:
             # Checked before TrainingArguments.__post_init__, which would start setting DeepSpeed up.
             raise ValueError(
@@ -249,11 +315,45 @@ class SAMArgumentsMixin:
         """Whether `SAMTrainer` runs the SAM passes (`False` for `none` and the one-pass loss terms saf, mesa)."""
         return self.sam_method != "none" and self.sam_loss_term == "none"
 
+    def _given_sam_fields(self) -> set[str]:
+        """The `sam_*` fields set to something other than their default, before the preset fills any."""
+        given = set()
+        for f in fields(SAMArgumentsMixin):
+            default = f.default if f.default is not MISSING else None
+            if getattr(self, f.name) != default:
+                given.add(f.name)
+        return given
+
+    def _warn_unused_fields(self, given: set[str]) -> None:
+        """One warning naming every field given that the chosen method ignores."""
+        unused = [
+            f"{name} (acts only with {setting})"
+            for names, setting, applies in ONLY_UNDER
+            if not applies(self)
+            for name in names
+            if name in given
+        ]
+        if unused:
+            logger.warning(
+                f"sam_method={self.sam_method!r} ignores {', '.join(unused)}. Drop these flags, or choose a method"
+                " that uses them."
+            )
+
+    def _warn_large_radius(self) -> None:
+        if not self.sam_enabled:
+            return
+        usual = USUAL_MAX_RHO.get(self.sam_ascent, USUAL_MAX_RHO_DEFAULT)
+        if self.sam_rho > usual:
+            logger.warning(
+                f"sam_rho={self.sam_rho} is far above the radii SAM is used with (up to about {usual} for"
+                f" sam_ascent={self.sam_ascent!r}; sam 0.05, asam 0.5 by default). At w + eps the loss may overflow:"
+                " such steps are skipped (sam/skipped_updates) and a run of them stops training. Try --sam_rho 0.05."
+            )
+
     def _resolve_sam_preset(self) -> None:
         if self.sam_method not in METHODS:
-            raise ValueError(
-                f"sam_method={self.sam_method!r} is not a known method. Choose one of: {', '.join(METHODS)}."
-            )
+            raise ValueError(unknown_method_message(self.sam_method))
+        interval_given = self.sam_interval is not None
         preset = METHODS[self.sam_method].preset
         # Explicit values (not None) win over the preset, which wins over the global default.
         for name, default in AXIS_DEFAULTS.items():
@@ -268,9 +368,36 @@ class SAMArgumentsMixin:
         if self.sam_rho_min is None:
             self.sam_rho_min = self.sam_rho
         if self.sam_descent == "looksam":
-            self.sam_interval = self.looksam_k  # LookSAM's full steps are the every_k schedule with k = looksam_k
+            # LookSAM's full steps are the every_k schedule with k = looksam_k: check k before it becomes the interval.
+            k = self.looksam_k
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise ValueError(f"looksam_k={k!r} must be an integer >= 1 (LookSAM runs full SAM every k steps).")
+            if interval_given and self.sam_interval != k:
+                raise ValueError(
+                    f"LookSAM's period is looksam_k={k}; sam_interval={self.sam_interval} contradicts it. Drop"
+                    f" --sam_interval and set --looksam_k {self.sam_interval} instead."
+                )
+            self.sam_interval = k
 
     def _validate_sam_fields(self) -> None:
+        # The parser checks choices on the command line; these checks hold for arguments built in Python too.
+        for name, choices in (
+            ("sam_ascent", ASCENT_CHOICES),
+            ("sam_descent", DESCENT_CHOICES),
+            ("sam_schedule", SCHEDULES),
+            ("sam_mask", MASKS),
+            ("sam_accumulation", ACCUMULATION_MODES),
+            ("sam_loss_term", LOSS_TERMS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is unknown; use one of {', '.join(choices)}.")
+        optim = str(getattr(self.optim, "value", self.optim))
+        default_optim = TrainingArguments.__dataclass_fields__["optim"].default
+        if self.sam_method == "adasam" and optim != str(getattr(default_optim, "value", default_optim)):
+            raise ValueError(
+                f"sam_method='adasam' brings its own optimizer (AdaSAMOptimizer: AMSGrad without bias correction), so"
+                f" optim={optim!r} would be ignored. Drop --optim, or use --sam_method sam with that optimizer."
+            )
         for name in ("sam_rho", "sam_adaptive_eta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
@@ -310,13 +437,6 @@ class SAMArgumentsMixin:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1.")
         if self.sam_rho_min > self.sam_rho:
             raise ValueError(f"sam_rho_min={self.sam_rho_min} exceeds sam_rho={self.sam_rho}; it is GSAM's lower end.")
-        for name, choices in (
-            ("sam_ascent", ASCENT_CHOICES),
-            ("sam_descent", DESCENT_CHOICES),
-            ("sam_schedule", SCHEDULES),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}={getattr(self, name)!r} is unknown; use one of {', '.join(choices)}.")
         if self.sam_adaptive and self.sam_ascent != "adaptive":
             raise ValueError(
                 f"sam_adaptive=True and sam_ascent={self.sam_ascent!r} contradict each other. Drop one of the two."
@@ -325,10 +445,6 @@ class SAMArgumentsMixin:
             raise ValueError(
                 f"LookSAM runs full SAM every looksam_k steps; sam_schedule={self.sam_schedule!r} contradicts it."
                 " Drop --sam_schedule (LookSAM sets every_k)."
-            )
-        if self.sam_accumulation not in ACCUMULATION_MODES:
-            raise ValueError(
-                f"sam_accumulation={self.sam_accumulation!r} is unknown; use one of {', '.join(ACCUMULATION_MODES)}."
             )
         if self.sam_adaptive and not self.sam_normalize_ascent:
             raise ValueError(

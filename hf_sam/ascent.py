@@ -1,8 +1,10 @@
 """Ascent rules: turn the clean gradient g (held in `.grad`) into the perturbation eps, in place.
 
 A rule is called as `rule(names, params, grads, rho, grad_unit, grad_norm)` over the perturbed parameters that
-have a gradient; on return `grads[i]` holds eps for `params[i]`. `rho` may be a 0-dim device tensor (it is 0 on a
-step whose gradient is not finite), and `grad_norm` is ||grads||, which the caller has already computed.
+have a gradient; on return `grads[i]` holds eps for `params[i]`, and the rule returns `None`, or a 0-dim bool
+tensor that is False when its own normalizer was not finite (the ascent is then skipped and counted). `rho` may be
+a 0-dim device tensor (it is 0 on a step whose gradient is not finite), and `grad_norm` is ||grads||, which the
+caller has already computed.
 `.grad` holds `g / grad_unit` (fp16 loss scale, a micro-batch's share of its window): normalized rules are free
 of that factor, the others multiply it back.
 Rules with state (F-SAM's EMA) expose it through `state_dict` / `load_state_dict` for checkpoints.
@@ -24,9 +26,10 @@ class AscentRule:
     def __init__(self, args):
         self.args = args
 
-    def __call__(self, names, params, grads, rho, grad_unit, grad_norm) -> None:
+    def __call__(self, names, params, grads, rho, grad_unit, grad_norm) -> torch.Tensor | None:
         scale = rho / (grad_norm + NORM_EPS)
         torch._foreach_mul_([local(g) for g in grads], scale)
+        return None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
@@ -38,15 +41,17 @@ class AscentRule:
 class AdaptiveAscent(AscentRule):
     """ASAM (Kwon et al.): T = |w| + eta except on biases (T = 1), eps = rho T^2 g / (||T g|| + 1e-12)."""
 
-    def __call__(self, names, params, grads, rho, grad_unit, grad_norm) -> None:
+    def __call__(self, names, params, grads, rho, grad_unit, grad_norm) -> torch.Tensor:
         weights = [i for i, name in enumerate(names) if not name.endswith("bias")]
         weight_grads = [local(grads[i]) for i in weights]
         operator = torch._foreach_abs([local(params[i]) for i in weights])
         torch._foreach_add_(operator, self.args.sam_adaptive_eta)
         torch._foreach_mul_(weight_grads, operator)  # grads now hold T g
-        scale = rho / (global_norm(grads) + NORM_EPS)
+        norm = global_norm(grads)
+        scale = rho / (norm + NORM_EPS)
         torch._foreach_mul_(weight_grads, operator)  # T^2 g on weights; T = 1 on biases
         torch._foreach_mul_([local(g) for g in grads], scale)
+        return torch.isfinite(norm)
 
 
 class UnnormalizedAscent(AscentRule):
@@ -54,3 +59,4 @@ class UnnormalizedAscent(AscentRule):
 
     def __call__(self, names, params, grads, rho, grad_unit, grad_norm) -> None:
         torch._foreach_mul_([local(g) for g in grads], rho * grad_unit)
+        return None

@@ -1,43 +1,92 @@
-"""Method state in checkpoints: tensors only (safetensors), so resuming never unpickles arbitrary objects."""
+"""Method state in checkpoints: tensors only (safetensors), so resuming never unpickles arbitrary objects.
+
+The file carries, besides the tensors, the method that wrote it, the perturbed parameter set it was written for
+and a SHA-256 digest of every tensor's bytes, so a resume into another setting, a truncated file or a flipped
+byte is refused with an error that names the file, instead of training on wrong state.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 
+
+logger = logging.get_logger(__name__)
 
 STATE_FILE = "sam_state{suffix}.safetensors"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+# A stored gradient-sized value above this has a square that overflows float32, so any norm taken over it is inf:
+# no state hf_sam writes comes near it, and a flipped exponent bit lands far above it.
+MAX_STATE_MAGNITUDE = 1e18
 
 
-def save_sam_state(output_dir: str, method: str, tensors: dict[str, torch.Tensor], suffix: str = "") -> None:
-    """Write `tensors` (the method state) and the method name to `output_dir/sam_state{suffix}.safetensors`.
+def state_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
-    `suffix` is `-rank{i}` under several processes, so per-rank state (local ascent) comes back to its rank.
+
+def save_sam_state(
+    output_dir: str,
+    method: str,
+    tensors: dict[str, torch.Tensor],
+    suffix: str = "",
+    settings: dict[str, str] | None = None,
+) -> None:
+    """Write `tensors` (the method state) to `output_dir/sam_state{suffix}.safetensors`.
+
+    Args:
+        output_dir (`str`): The checkpoint folder.
+        method (`str`): The running `sam_method`, checked on resume.
+        tensors (`dict[str, torch.Tensor]`): The state.
+        suffix (`str`): `-rank{i}` under several processes, so per-rank state (local ascent) comes back to its rank.
+        settings (`dict[str, str]`, *optional*): What the state was written for (the perturbed set), checked on
+            resume by `load_sam_state`.
     """
     payload = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     # safetensors cannot store an empty file's worth of nothing meaningfully; keep a format marker tensor.
     payload["__format__"] = torch.tensor([int(FORMAT_VERSION)])
+    metadata = {
+        "sam_method": method,
+        "format": FORMAT_VERSION,
+        "digest": state_digest(payload),
+        "settings": json.dumps(settings or {}, sort_keys=True),
+    }
     # Under DDP the other ranks can get here before rank 0 has created the checkpoint folder.
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, STATE_FILE.format(suffix=suffix))
-    save_file(payload, path, metadata={"sam_method": method, "format": FORMAT_VERSION})
+    save_file(payload, path, metadata=metadata)
 
 
-def load_sam_state(checkpoint: str, method: str, suffix: str = "") -> dict[str, torch.Tensor]:
-    """Read the method state of `checkpoint` and check it was written by the running method.
+def load_sam_state(
+    checkpoint: str, method: str, suffix: str = "", settings: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Read the method state of `checkpoint`, after checking it is intact and was written by this setting.
 
     Args:
         checkpoint (`str`): The checkpoint folder.
         method (`str`): The running `sam_method`.
         suffix (`str`): `-rank{i}` under several processes.
+        settings (`dict[str, str]`, *optional*): This run's settings (as passed to `save_sam_state`); each one
+            the file also records must match.
 
     Raises:
-        `ValueError`: the file is missing or was written by another method. The pieces that take the state
-        check its keys and shapes.
+        `ValueError`: the file is missing, unreadable, altered since it was written (digest), holds non-finite or
+        overflowing values, or was written by another method or setting. The pieces that take the state check its
+        keys and shapes.
     """
     name = STATE_FILE.format(suffix=suffix)
     path = os.path.join(checkpoint, name)
@@ -47,17 +96,54 @@ def load_sam_state(checkpoint: str, method: str, suffix: str = "") -> dict[str, 
             " SAMTrainer, with another number of processes, or with save_only_model=True). To start SAM from those"
             " weights instead, load the model from the checkpoint folder and train without resume_from_checkpoint."
         )
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    corrupt = (
+        f"The file is truncated or corrupt (a save cut off, a disk or copy error): resume from an earlier"
+        f" checkpoint, or start a new run from the weights of {checkpoint}."
+    )
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(path)
+    except Exception as err:  # safetensors raises its own error type, or OSError, for a damaged file
+        raise ValueError(f"Cannot read {path}, the method state of checkpoint {checkpoint}: {err}. {corrupt}") from err
     saved_method = metadata.get("sam_method")
     if saved_method != method:
         raise ValueError(
             f"{path} was written by sam_method={saved_method!r} but this run uses sam_method={method!r}."
             " Resume with the same --sam_method, or start a new run from the weights."
         )
-    tensors = load_file(path)
+    if metadata.get("digest") is not None and metadata["digest"] != state_digest(tensors):
+        raise ValueError(f"{path}: its tensors no longer match the digest written with them. {corrupt}")
+    _check_values(tensors, path, corrupt)
+    _check_settings(json.loads(metadata.get("settings") or "{}"), settings or {}, path)
     tensors.pop("__format__", None)
     return tensors
+
+
+def _check_values(tensors: dict[str, torch.Tensor], path: str, corrupt: str) -> None:
+    for key, value in tensors.items():
+        if not value.is_floating_point() or value.numel() == 0:
+            continue
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{path}: state {key!r} holds NaN or inf values. {corrupt}")
+        if float(value.abs().max()) > MAX_STATE_MAGNITUDE:
+            raise ValueError(
+                f"{path}: state {key!r} holds values up to {float(value.abs().max()):.3g}, whose norm overflows"
+                f" float32. {corrupt}"
+            )
+
+
+def _check_settings(saved: dict[str, str], current: dict[str, str], path: str) -> None:
+    """Refuse state written for another perturbed set (an older file without settings is taken as it is)."""
+    if not saved or not current or saved.get("perturbed") == current.get("perturbed"):
+        return
+    then = ", ".join(f"{key}={value}" for key, value in sorted(saved.items()))
+    now = ", ".join(f"{key}={value}" for key, value in sorted(current.items()))
+    raise ValueError(
+        f"{path} was written for {then}; this run has {now}. The method state (masks, averages, reused gradients)"
+        " belongs to the perturbed tensors it was written for: resume with the model and sam_include / sam_exclude"
+        " of the original run, or start a new run from the weights."
+    )
 
 
 def check_state_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], owner: str) -> None:
@@ -73,3 +159,29 @@ def check_state_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.T
             raise ValueError(
                 f"{owner}: state {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}."
             )
+
+
+def last_complete_checkpoint(folder: str) -> str | None:
+    """The newest `checkpoint-N` in `folder` that was written to the end, or None.
+
+    `Trainer` writes `trainer_state.json` last, so a folder without a readable one was cut off while saving (a
+    killed job); it is skipped with a warning, where `transformers.trainer_utils.get_last_checkpoint` returns it.
+    """
+    if not os.path.isdir(folder):
+        return None
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    found = sorted(
+        ((int(m.group(1)), entry) for entry in os.listdir(folder) if (m := pattern.match(entry))), reverse=True
+    )
+    for _, entry in found:
+        path = os.path.join(folder, entry)
+        if not os.path.isdir(path):
+            continue
+        try:
+            with open(os.path.join(path, TRAINER_STATE_NAME)) as handle:
+                json.load(handle)
+        except (OSError, ValueError):
+            logger.warning(f"Skipping {path}: it has no readable {TRAINER_STATE_NAME} (cut off while saving).")
+            continue
+        return path
+    return None

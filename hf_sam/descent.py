@@ -1,8 +1,12 @@
 """Descent transforms: rewrite the window's final gradient after the SAM (or plain) passes.
 
 A transform sees the perturbed parameters' `grads` (in place), their clean gradient `clean` (a copy taken before
-the ascent, on the same basis as `grads`: all-reduced when the descent gradient is), and its squared norm. All
-norms and inner products are global over the perturbed set (and over FSDP shards).
+the ascent, on the same basis as `grads`: all-reduced when the descent gradient is), and its norm. All norms and
+inner products are global over the perturbed set (and over FSDP shards).
+
+A clean gradient that was not finite skipped the ascent (eps = 0, so `grads` is the plain gradient at w): its norm
+is then NaN or inf while `clean` itself has had those entries zeroed, and every transform must leave `grads` and
+its own state as they are, decided on the device (`torch.where`), without a host sync.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Renormalize(DescentTransform):
 
     def after_sam_step(self, names, grads, clean, clean_norm) -> None:
         scale = clean_norm / (global_norm(grads) + NORM_EPS)
+        scale = torch.where(torch.isfinite(clean_norm), scale, 1.0)  # a skipped ascent keeps the plain gradient
         torch._foreach_mul_([local(g) for g in grads], scale)
 
 
@@ -50,12 +55,13 @@ class SurrogateGap(DescentTransform):
     """GSAM (Zhuang et al. 2022): g_perp = g - (<g, g~>/||g~||^2) g~, descent g~ - alpha g_perp."""
 
     def after_sam_step(self, names, grads, clean, clean_norm) -> None:
-        alpha = self.args.gsam_alpha
+        # alpha = 0 after a skipped ascent: g~ (the plain gradient then) stays as it is.
+        alpha = self.args.gsam_alpha * torch.isfinite(clean_norm)
         coef = dot(clean, grads) / (global_norm(grads).square() + NORM_EPS)
         grads_local, clean_local = [local(g) for g in grads], [local(c) for c in clean]
         # g~ - alpha (g - coef g~) = (1 + alpha coef) g~ - alpha g
         torch._foreach_mul_(grads_local, 1 + alpha * coef)
-        torch._foreach_add_(grads_local, clean_local, alpha=-alpha)
+        torch._foreach_addcmul_(grads_local, clean_local, [-alpha] * len(clean_local))
 
 
 class LookAhead(DescentTransform):
@@ -71,6 +77,12 @@ class LookAhead(DescentTransform):
         coef = dot(grads, clean) / (clean_norm.square() + NORM_EPS)
         orthogonal = torch._foreach_mul([local(c) for c in clean], -coef)
         torch._foreach_add_(orthogonal, [local(g) for g in grads])
+        # coef is not finite after a skipped ascent or with a non-finite descent gradient (an fp16 overflow that
+        # GradScaler skips): g_v keeps its previous value (zero before the first one), never NaN.
+        keep = torch.isfinite(coef)
+        zero = torch.zeros((), device=keep.device)
+        for name, new in zip(names, orthogonal):
+            torch.where(keep, new, self.g_v.get(name, zero), out=new)
         self.g_v = dict(zip(names, orthogonal))
         self._g_v_norm = None
 

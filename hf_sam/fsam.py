@@ -19,7 +19,7 @@ class FriendlyAscent(AscentRule):
         super().__init__(args)
         self.ema: dict[str, torch.Tensor] = {}
 
-    def __call__(self, names, params, grads, rho, grad_unit, grad_norm) -> None:
+    def __call__(self, names, params, grads, rho, grad_unit, grad_norm) -> torch.Tensor:
         sigma, lam = self.args.fsam_sigma, self.args.fsam_lambda
         grads_local = [local(g) for g in grads]
         if not (isinstance(grad_unit, float) and grad_unit == 1.0):  # fp32/bf16 window mode: .grad already is g
@@ -40,8 +40,10 @@ class FriendlyAscent(AscentRule):
             torch._foreach_add_(grads_local, previous, alpha=-sigma)
             for value, old in zip(new_ema, previous):
                 torch.where(finite, value, old, out=old)  # in place: no temporary, no copy
-        scale = rho / (global_norm(grads) + NORM_EPS)
+        norm = global_norm(grads)  # of d: inf when the EMA is huge (a corrupt state), which skips the ascent
+        scale = rho / (norm + NORM_EPS)
         torch._foreach_mul_(grads_local, scale)
+        return torch.isfinite(norm)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"fsam_ema.{name}": value for name, value in self.ema.items()}

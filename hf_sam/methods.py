@@ -6,6 +6,7 @@ one entry here (plus, when it needs new math, one module that the axes select).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,4 +95,21 @@ AXIS_DEFAULTS: dict[str, Any] = {
     "sam_mask": "none",
     "sam_loss_term": "none",
     "esam_gamma": 1.0,
+    "sam_interval": 2,
 }
+
+
+def _spelling(name: str) -> str:
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+
+def unknown_method_message(value: str) -> str:
+    """The error for an unregistered `sam_method`: the valid names, and the closest one when there is one.
+
+    Case and separators do not count ('SAM', 'ssam_d', 'SS SAM' point to sam, ssam-d, ss-sam); otherwise the
+    closest spelling by `difflib` is suggested.
+    """
+    same = [name for name in METHODS if _spelling(name) == _spelling(value)]
+    close = same or difflib.get_close_matches(str(value).lower(), list(METHODS), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"sam_method={value!r} is not a known method.{hint} Choose one of: {', '.join(METHODS)}."

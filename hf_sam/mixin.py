@@ -9,6 +9,7 @@ work unchanged.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from typing import Any
 
@@ -26,7 +27,7 @@ from .optim import AdaSAMOptimizer
 from .perturbation import Perturbation, select_perturbed
 from .replay import batch_norm_layers, capture_rng, frozen_bn_stats, restore_rng
 from .schedules import is_sam_step
-from .tensors import DTensor, global_norm, local
+from .tensors import DTensor, global_norm, local, zero_non_finite_
 from .trajectory import (
     INDEX_COLUMN,
     AfterOptimizerStep,
@@ -34,16 +35,21 @@ from .trajectory import (
     LogitBank,
     ShardedEMATeacher,
     add_example_index,
+    example_ids,
     gather_rows,
-    index_size,
     is_map_style,
     kl_to_target,
     logits_of,
+    one_output_message,
     token_mask,
 )
 
 
 logger = logging.get_logger(__name__)
+
+# SAM steps in a row whose loss at w + eps was not finite (their updates dropped) before training stops: one is a
+# bad batch, a run of them means the radius throws every step out of the region where the loss is finite.
+MAX_SKIPPED_UPDATES_IN_A_ROW = 5
 
 
 class SAMMixin:
@@ -82,6 +88,10 @@ class SAMMixin:
         self._sam_clean_copy: list[torch.Tensor] | None = None
         self._sam_raw_norm: torch.Tensor | None = None
         self._sam_stash: dict[int, torch.Tensor] = {}
+        # Whether every descent (perturbed) pass of the current SAM step had a finite loss, and how many SAM steps
+        # in a row had their update dropped because one did not.
+        self._sam_descent_finite: torch.Tensor | None = None
+        self._sam_skipped_in_a_row = 0
         # Whether the model scores logits at t against labels at t + 1 (causal LM): found once per train() call.
         self._sam_shifts_labels: bool | None = None
         # SAF's logit bank or MESA's EMA teacher (sam_loss_term), built from the prepared model at the first step.
@@ -91,7 +101,16 @@ class SAMMixin:
             self.add_callback(AfterOptimizerStep(self._sam_after_optimizer_step))
         if self.args.sam_enabled:
             self._sam_check_setup()
-            if self.args.sam_method == "adasam" and self.optimizer is None and self.optimizer_cls_and_kwargs is None:
+            if self.args.sam_method == "adasam" and (
+                self.optimizer is not None or self.optimizer_cls_and_kwargs is not None
+            ):
+                given = type(self.optimizer).__name__ if self.optimizer is not None else "optimizer_cls_and_kwargs"
+                raise ValueError(
+                    f"sam_method='adasam' brings its own optimizer (AdaSAMOptimizer), but {given} was passed to the"
+                    " trainer: AdaSAM would silently be plain SAM over it. Drop the optimizer argument, or use"
+                    " sam_method='sam' with your optimizer."
+                )
+            if self.args.sam_method == "adasam":
                 # Trainer builds its usual decay / no-decay parameter groups around this class.
                 self.optimizer_cls_and_kwargs = (
                     AdaSAMOptimizer,
@@ -135,6 +154,11 @@ class SAMMixin:
                 " eagerly). Use --sam_mask none (ESAM's data selection alone) to compile once, or leave torch_compile"
                 " off."
             )
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(
+                "The model has no trainable parameter (requires_grad is False everywhere): there is nothing to"
+                " perturb or train. Unfreeze the parameters to train, or add adapters (PEFT) before the trainer."
+            )
         if not select_perturbed(self.model, self.args.sam_include, self.args.sam_exclude):
             raise ValueError(
                 f"No trainable parameter matches sam_include={self.args.sam_include!r} and"
@@ -147,6 +171,8 @@ class SAMMixin:
         self._sam_perturbation = None
         self._sam_loss_term = None
         self._sam_shifts_labels = None
+        self._sam_descent_finite = None
+        self._sam_skipped_in_a_row = 0
         if self.args.sam_loss_term == "saf" and self.train_dataset is not None:
             self.train_dataset = add_example_index(self.train_dataset)  # unchanged when it has an `idx` column
         fisher = self.args.sam_enabled and self.args.sam_mask == "fisher"
@@ -177,6 +203,7 @@ class SAMMixin:
         self._sam_release_grads()  # `.grad` holds eps or a descent gradient at w + eps: neither belongs to a step now
         self._sam_window_clean, self._sam_window_rng, self._esam_window_examples = [], [], []
         self._sam_clean_copy = None
+        self._sam_descent_finite = None
 
     def _sam_build(self) -> None:
         args = self.args
@@ -274,7 +301,8 @@ class SAMMixin:
         self._sam_record_losses(clean, perturbed, first=index == 0)
         if index == len(window) - 1:
             self._sam_perturbation.restore()
-            self._sam_apply_descent()
+            if self._sam_update_is_finite():
+                self._sam_apply_descent()
             self._sam_window_clean, self._sam_window_rng = [], []
         return clean
 
@@ -317,6 +345,8 @@ class SAMMixin:
         finally:
             self.current_gradient_accumulation_steps = outer_ga
         self._sam_record_losses(total_clean, total_perturbed, first=index == 0)
+        if index == len(window) - 1:
+            self._sam_update_is_finite()
         return total_clean
 
     # ------------------------------------------------------------------ passes
@@ -356,7 +386,9 @@ class SAMMixin:
         if rng is not None:
             restore_rng(rng, self.args.device)
         with frozen_bn_stats(self._sam_bn_layers):
-            return super().training_step(model, dict(inputs), num_items_in_batch)
+            loss = super().training_step(model, dict(inputs), num_items_in_batch)
+        self._sam_note_descent_loss(loss)
+        return loss
 
     def _esam_selected_descent(self, model, inputs, rng, clean, clean_examples) -> torch.Tensor:
         prepared = self._prepare_inputs(dict(inputs))
@@ -372,8 +404,52 @@ class SAMMixin:
             restore_rng(rng, self.args.device)
         with frozen_bn_stats(self._sam_bn_layers):
             # num_items_in_batch counts the whole window: the subset's loss is its own mean instead.
-            super().training_step(model, subset, None)
+            self._sam_note_descent_loss(super().training_step(model, subset, None))
         return clean + rise.mean().detach() / self.current_gradient_accumulation_steps
+
+    def _sam_note_descent_loss(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach())
+        self._sam_descent_finite = finite if self._sam_descent_finite is None else self._sam_descent_finite & finite
+
+    def _sam_update_is_finite(self) -> bool:
+        """At the end of a SAM step: whether its descent passes had finite losses, else drop the update.
+
+        A loss that is finite at w but not at w + eps (a radius too large for the model, an overflow) leaves NaN or
+        inf in the descent gradient, and the optimizer step would carry it into the weights for good. The step's
+        gradients are then dropped, so `optimizer.step()` leaves w and the optimizer state untouched (as
+        GradScaler's skip of an fp16 overflow, which keeps handling it when enabled), the drop is counted in
+        `sam/skipped_updates`, and a run of `MAX_SKIPPED_UPDATES_IN_A_ROW` stops training with an error naming
+        the radius. The check reads one flag on the host per SAM step, where Trainer's own NaN filter
+        (`logging_nan_inf_filter`) reads the step's loss anyway.
+        """
+        finite, self._sam_descent_finite = self._sam_descent_finite, None
+        scaler = getattr(self.accelerator, "scaler", None)
+        if finite is None or (scaler is not None and scaler.is_enabled()):
+            return True
+        finite = finite.to(torch.int32)
+        if self.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # the descent gradient is shared: so is the decision
+        skipped = not bool(finite)
+        self._sam_metrics.add("sam/skipped_updates", float(skipped))
+        if not skipped:
+            self._sam_skipped_in_a_row = 0
+            return True
+        self._sam_release_grads()
+        self._sam_skipped_in_a_row += 1
+        rho = self._sam_rho()
+        if self._sam_skipped_in_a_row >= MAX_SKIPPED_UPDATES_IN_A_ROW:
+            raise RuntimeError(
+                f"The loss at the perturbed weights w + eps was not finite in {self._sam_skipped_in_a_row} SAM steps"
+                f" in a row (at step {self.state.global_step}), so none of them updated the weights: sam_rho={rho}"
+                f" moves the weights out of the region where this model's loss is finite. Lower --sam_rho (e.g."
+                f" {rho / 10:g}); the weights are those before these steps."
+            )
+        if self._sam_skipped_in_a_row == 1:
+            logger.warning(
+                f"Step {self.state.global_step}: the loss at w + eps was not finite (sam_rho={rho}), so this"
+                " step's update was dropped (counted in sam/skipped_updates). If it repeats, lower --sam_rho."
+            )
+        return False
 
     def per_example_loss(self, outputs, inputs: dict[str, Any]) -> torch.Tensor:
         """Loss of each example of the batch (ESAM's data selection). Override for other heads or losses.
@@ -556,6 +632,10 @@ class SAMMixin:
         names, _, grads = self._sam_perturbation.with_grads()
         clean = self._sam_clean_copy
         clean_norm = global_norm(clean) if clean is not None else self._sam_raw_norm
+        if clean is not None:
+            # A non-finite clean gradient skipped the ascent (eps = 0) and shows in clean_norm, which each transform
+            # checks; its NaN must not reach their arithmetic, where 0 x NaN is still NaN.
+            zero_non_finite_([local(c) for c in clean])
         for transform in self._sam_descent:
             transform.after_sam_step(names, grads, clean, clean_norm)
         self._sam_clean_copy = None
@@ -596,6 +676,9 @@ class SAMMixin:
         term = self.args.sam_loss_term
         if getattr(self, "is_deepspeed_enabled", False):
             raise ValueError(f"sam_loss_term={term!r} is not supported under DeepSpeed yet: use DDP.")
+        config = getattr(self.model, "config", None)
+        if getattr(config, "num_labels", None) == 1 or getattr(config, "problem_type", None) == "regression":
+            raise ValueError(one_output_message(self.args.sam_method))
 
     def _sam_keeps_index(self, description: str | None) -> bool:
         # Only the training set keeps SAF's index column; evaluation batches stay as Trainer makes them.
@@ -666,7 +749,9 @@ class SAMMixin:
         if self.args.sam_loss_term == "saf":
             if self.train_dataset is None:
                 raise ValueError("sam_method='saf' needs a train_dataset: it records logits per training example.")
-            self._sam_loss_term = LogitBank(index_size(self.train_dataset), self.args.saf_lag_epochs, self.args.device)
+            self._sam_loss_term = LogitBank(
+                len(self.train_dataset), self.args.saf_lag_epochs, self.args.device, example_ids(self.train_dataset)
+            )
         elif any(isinstance(p, DTensor) for p in self.model.parameters()):
             self._sam_loss_term = ShardedEMATeacher(self.model, self.args.mesa_ema_decay)
         else:
@@ -719,23 +804,23 @@ class SAMMixin:
                 " adds it to a datasets.Dataset or a dataset of dicts; a custom collator must pass it through."
             )
         logits = logits_of(outputs, args.sam_method)
-        index = index.to(logits.device).long().reshape(-1)
         bank = self._sam_loss_term
+        rows = bank.rows(index.to(logits.device).long().reshape(-1))
         epoch = self.state.epoch or 0.0
         whole = math.floor(epoch)
         term = None
         if epoch >= args.saf_start_epoch:
-            target, found = bank.lookup(logits, index, whole)
+            target, found = bank.lookup(logits, rows, whole)
             # Examples without a record from epoch e - lag (first epochs, drop_last) add nothing.
-            kl = torch.where(found, kl_to_target(logits, target, args.saf_tau), 0.0)
-            scale = self._sam_term_scale(index.numel(), num_items_in_batch)
+            kl = torch.where(found, kl_to_target(logits, target, args.saf_tau, args.sam_method), 0.0)
+            scale = self._sam_term_scale(rows.numel(), num_items_in_batch)
             term = args.saf_lambda * args.saf_tau**2 * kl.sum() * scale
             hits = found.sum()
             self._sam_metrics.add("saf/kl", kl.detach().sum() / hits.clamp(min=1))
-            self._sam_metrics.add("saf/coverage", hits / max(index.numel(), 1))
+            self._sam_metrics.add("saf/coverage", hits / max(rows.numel(), 1))
         # Every rank records every rank's batch, so a later lookup never misses an example another rank saw.
-        all_index, all_logits = gather_rows(index, logits.detach().float(), self._train_batch_size, bank.num_examples)
-        bank.record(all_logits, all_index, whole)
+        all_rows, all_logits = gather_rows(rows, logits.detach().float(), self._train_batch_size, bank.num_examples)
+        bank.record(all_logits, all_rows, whole)
         self._sam_metrics.add("sam/passes_per_step", 1.0)
         return term
 
@@ -764,7 +849,7 @@ class SAMMixin:
             labels, shift = inputs.get("labels"), self._sam_loss_shifts_labels()
         logits, mask = token_mask(logits_of(outputs, args.sam_method), labels, shift)
         teacher_logits, _ = token_mask(teacher_logits, labels, shift)
-        kl = torch.where(mask, kl_to_target(logits, teacher_logits, args.mesa_tau), 0.0)
+        kl = torch.where(mask, kl_to_target(logits, teacher_logits, args.mesa_tau, args.sam_method), 0.0)
         count = mask.sum()
         term = args.mesa_lambda * args.mesa_tau**2 * kl.sum() * self._sam_term_scale(count, num_items_in_batch)
         self._sam_metrics.add("mesa/kl", kl.detach().sum() / count.clamp(min=1))
@@ -823,15 +908,35 @@ class SAMMixin:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.sam_enabled or self.args.sam_loss_term != "none":
             # Every rank writes its own file: with local ascent some state (F-SAM's EMA) differs per rank.
-            save_sam_state(output_dir, self.args.sam_method, self.sam_state_dict(), self._sam_rank_suffix())
+            save_sam_state(
+                output_dir,
+                self.args.sam_method,
+                self.sam_state_dict(),
+                self._sam_rank_suffix(),
+                self._sam_state_settings(),
+            )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and (self.args.sam_enabled or self.args.sam_loss_term != "none"):
             if self.args.sam_enabled and self._sam_perturbation is None:
                 self._sam_build()
-            state = load_sam_state(checkpoint, self.args.sam_method, self._sam_rank_suffix())
+            state = load_sam_state(
+                checkpoint, self.args.sam_method, self._sam_rank_suffix(), self._sam_state_settings()
+            )
             self.load_sam_state_dict(state)
+
+    def _sam_state_settings(self) -> dict[str, str] | None:
+        """What the method state belongs to, recorded in the state file and checked on resume: the perturbed set."""
+        if not self.args.sam_enabled:
+            return None
+        names = [name for name, _ in select_perturbed(self.model, self.args.sam_include, self.args.sam_exclude)]
+        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+        return {
+            "perturbed": f"{len(names)} tensors ({digest})",
+            "sam_include": repr(self.args.sam_include),
+            "sam_exclude": repr(self.args.sam_exclude),
+        }
 
     def _sam_rank_suffix(self) -> str:
         return "" if self.accelerator.num_processes == 1 else f"-rank{self.accelerator.process_index}"

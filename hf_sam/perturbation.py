@@ -64,8 +64,8 @@ class Perturbation:
     def ascend(self, rho: float, grad_unit: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Turn the clean gradient in `.grad` into eps (in place) and move the weights to w + eps.
 
-        A non-finite gradient (fp16 overflow, NaN loss) gives eps = 0 for this step, decided on the device
-        without a host sync.
+        A non-finite gradient (fp16 overflow, NaN loss), or a rule whose normalizer is not finite, gives eps = 0 for
+        this step, decided on the device without a host sync, and counts as skipped.
 
         Args:
             rho (`float`): Radius for this step.
@@ -80,7 +80,9 @@ class Perturbation:
         grad_norm = global_norm(grads)
         finite = torch.isfinite(grad_norm)
         # A radius of 0 when g is not finite, then NaN/inf -> 0: eps = 0 everywhere, without a separate pass.
-        self.rule(names, params, grads, rho * finite, grad_unit, grad_norm)
+        rule_ok = self.rule(names, params, grads, rho * finite, grad_unit, grad_norm)
+        if rule_ok is not None:  # the rule's own normalizer (||T g||, F-SAM's ||g - sigma m||) overflowed
+            finite = finite & rule_ok
         if self.mask is not None:
             self.mask.apply_(names, grads)
         local_grads = [local(g) for g in grads]

@@ -39,7 +39,7 @@ INDEX_COLUMN = "idx"
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """A map-style dataset whose items (mappings) get their position as `idx`."""
+    """A map-style dataset whose items (mappings) get their position as `idx` (replacing any `idx` they carry)."""
 
     def __init__(self, dataset, column: str = INDEX_COLUMN):
         self.dataset = dataset
@@ -73,9 +73,10 @@ def _is_hf_dataset(dataset) -> bool:
 def add_example_index(dataset, column: str = INDEX_COLUMN):
     """Return `dataset` with an index column (`idx`: example i has the value i), as SAF needs.
 
-    A dataset that already has the column is returned unchanged (GLUE datasets ship one). A `datasets.Dataset`
-    gets a real column; any other map-style dataset of dicts is wrapped in an `IndexedDataset`. `SAMTrainer`
-    calls this on its training set when `sam_loss_term="saf"`.
+    A `datasets.Dataset` that already has the column is returned unchanged (GLUE datasets ship one: any distinct
+    integers, which `example_ids` maps to bank rows); one without gets a real column. Any other map-style dataset
+    of dicts is wrapped in an `IndexedDataset`, which numbers its items by position. `SAMTrainer` calls this on
+    its training set when `sam_loss_term="saf"`.
 
     Args:
         dataset (`datasets.Dataset` or `torch.utils.data.Dataset`): The training set (with `__len__`).
@@ -93,34 +94,41 @@ def add_example_index(dataset, column: str = INDEX_COLUMN):
             "SAF records logits per example, so it needs a map-style training set with __len__ (not an iterable"
             " dataset). Use sam_method='mesa', which needs no example index."
         )
-    if isinstance(dataset, IndexedDataset) or (
-        len(dataset) > 0 and isinstance(dataset[0], Mapping) and column in dataset[0]
-    ):
+    if isinstance(dataset, IndexedDataset):
         return dataset
+    # Items that carry their own `idx` are numbered by position too: reading every item to check its ids would
+    # load the whole set (images), and positions are what the bank needs.
     return IndexedDataset(dataset, column)
 
 
-def index_size(dataset, column: str = INDEX_COLUMN) -> int:
-    """Rows the logit bank needs: max(idx) + 1 for a `datasets.Dataset` (checked: integers >= 0, no repeats),
-    `len(dataset)` otherwise (items numbered 0..len-1 by `add_example_index`)."""
+def example_ids(dataset, column: str = INDEX_COLUMN) -> torch.Tensor | None:
+    """The sorted example ids of a `datasets.Dataset`'s index column, or None when they are 0..len-1 (positions).
+
+    The logit bank has one row per example: row r belongs to the r-th smallest id, so ids of any size (a GLUE
+    subset's 1000..1999, hashes up to 2^63) cost nothing, and the rows stay those of the same examples when the
+    set is reordered. Checked: one integer per example, no repeats. Other datasets are numbered by position.
+    """
     if not _is_hf_dataset(dataset):
-        return len(dataset)
+        return None
     import numpy as np
 
     values = np.asarray(dataset.with_format("numpy", columns=[column])[column])
     if values.size == 0:
         raise ValueError("SAF needs a non-empty training set.")
-    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer) or values.min() < 0:
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
         raise ValueError(
-            f"The training set's {column!r} column must hold one integer >= 0 per example (SAF's example index);"
-            f" got dtype {values.dtype}, shape {values.shape}. Drop or rename it to let hf_sam number the examples."
+            f"The training set's {column!r} column must hold one integer per example (SAF's example id); got dtype"
+            f" {values.dtype}, shape {values.shape}. Drop or rename it to let hf_sam number the examples."
         )
-    if np.unique(values).size != values.size:
+    ids = np.sort(values.astype(np.int64))
+    if (ids[1:] == ids[:-1]).any():
         raise ValueError(
             f"The training set's {column!r} column repeats values: SAF would mix up the logits of different"
             " examples. Drop or rename it to let hf_sam number the examples."
         )
-    return int(values.max()) + 1
+    if ids[0] == 0 and ids[-1] == ids.size - 1:
+        return None
+    return torch.from_numpy(ids)
 
 
 # ---------------------------------------------------------------------- the term
@@ -143,8 +151,19 @@ def logits_of(outputs, method: str) -> torch.Tensor:
     )
 
 
-def kl_to_target(logits: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+def one_output_message(method: str) -> str:
+    return (
+        f"sam_method={method!r} adds a KL term between softmax distributions over the model's outputs, but this"
+        " model has one output per example (a regression head, num_labels=1): a softmax over one value is always 1,"
+        " so the term would be 0 and the method would do nothing (at its full cost). For regression use a method"
+        " that perturbs the weights, e.g. --sam_method sam."
+    )
+
+
+def kl_to_target(logits: torch.Tensor, target: torch.Tensor, tau: float, method: str = "saf") -> torch.Tensor:
     """KL(softmax(target / tau) || softmax(logits / tau)) over the last dimension, in fp32, gradient to `logits`."""
+    if logits.shape[-1] < 2:
+        raise ValueError(one_output_message(method))
     with torch.autocast(device_type=logits.device.type, enabled=False):
         log_q = F.log_softmax(logits.float() / tau, dim=-1)
         log_p = F.log_softmax(target.detach().float() / tau, dim=-1)
@@ -182,10 +201,12 @@ class LogitBank:
     host which rows are real; it is not part of the state.
     """
 
-    def __init__(self, num_examples: int, lag: int, device: torch.device):
+    def __init__(self, num_examples: int, lag: int, device: torch.device, ids: torch.Tensor | None = None):
         self.lag = lag
         self.slots = lag + 1
         self.num_examples = num_examples
+        # Sorted example ids when they are not the positions 0..N-1 (see `example_ids`): row r holds ids[r].
+        self.ids = ids.to(device) if ids is not None else None
         self._written = torch.full((num_examples + 1, self.slots), -1, dtype=torch.long, device=device)
         self._bank: torch.Tensor | None = None  # allocated at the first batch, when the class count is known
 
@@ -212,19 +233,29 @@ class LogitBank:
         elif self._bank.shape[2] != classes:
             raise ValueError(f"SAF's logit bank holds {self._bank.shape[2]} classes, the model returned {classes}.")
 
-    def lookup(self, logits: torch.Tensor, index: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Targets z_hat for `index` from epoch `epoch - lag`, and whether each was recorded."""
-        self._check(logits, index)
-        slot = (epoch - self.lag) % self.slots
-        # -1 marks a never-written slot: before epoch `lag` nothing can be found.
-        return self._bank[index, slot], (self._written[index, slot] == epoch - self.lag) & (epoch >= self.lag)
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Bank rows of the example ids `index`; an id outside the training set goes to the padding row N (found
+        and kept nowhere), on the device: no host sync, and no out-of-range index."""
+        if self.ids is None:
+            known = (index >= 0) & (index < self.num_examples)
+            return torch.where(known, index, self.num_examples)
+        position = torch.searchsorted(self.ids, index).clamp(max=self.num_examples - 1)
+        return torch.where(self.ids[position] == index, position, self.num_examples)
 
-    def record(self, logits: torch.Tensor, index: torch.Tensor, epoch: int) -> None:
-        """Store `logits` as epoch `epoch`'s for `index` (index `num_examples` marks padding: kept nowhere)."""
-        self._check(logits, index)
+    def lookup(self, logits: torch.Tensor, rows: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets z_hat for bank `rows` from epoch `epoch - lag`, and whether each was recorded."""
+        self._check(logits, rows)
+        slot = (epoch - self.lag) % self.slots
+        # -1 marks a never-written slot: before epoch `lag` nothing can be found. The padding row is never found.
+        found = (self._written[rows, slot] == epoch - self.lag) & (epoch >= self.lag) & (rows < self.num_examples)
+        return self._bank[rows, slot], found
+
+    def record(self, logits: torch.Tensor, rows: torch.Tensor, epoch: int) -> None:
+        """Store `logits` as epoch `epoch`'s for bank `rows` (row `num_examples` marks padding: kept nowhere)."""
+        self._check(logits, rows)
         slot = epoch % self.slots
-        self._bank[index, slot] = logits.detach().float()
-        self._written[index, slot] = epoch
+        self._bank[rows, slot] = logits.detach().float()
+        self._written[rows, slot] = epoch
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self._bank is None:

@@ -106,6 +106,12 @@ FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}
         ({"sam_method": "esam", **FSDP2}, "FSDP always syncs the ascent"),
         ({"sam_method": "sam", "sam_ascent_sync": False, **FSDP2}, "sam_ascent_sync"),
         ({"sam_method": "sam", "fsdp": True, "fsdp_config": {"version": 1}}, "FSDP2"),
+        # Choice fields are checked from Python too, not only by the CLI parser's choices.
+        ({"sam_mask": "Fisher"}, "sam_mask='Fisher' is unknown"),
+        ({"sam_mask": "bogus"}, "sam_mask='bogus' is unknown"),
+        ({"sam_method": "looksam", "looksam_k": 0}, "looksam_k=0"),
+        ({"sam_method": "looksam", "sam_interval": 3}, "looksam_k 3"),
+        ({"sam_method": "adasam", "optim": "sgd"}, "adasam.*own optimizer"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_field(kwargs, match):
@@ -145,3 +151,96 @@ def test_axes_combine_freely():
             assert (args.sam_ascent, args.sam_schedule, args.sam_renormalize) == (ascent, schedule, True)
             assert make(sam_ascent=ascent, sam_adaptive=ascent == "adaptive", sam_micro_batches=2,
                         sam_accumulation="micro").sam_micro_batches == 2  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "typed, meant", [("SAM", "sam"), ("ssam_d", "ssam-d"), ("SS_SAM", "ss-sam"), ("Stable SAM", "stable-sam")]
+)
+def test_a_method_name_in_other_case_or_separators_gets_a_suggestion(typed, meant):
+    with pytest.raises(ValueError, match=f"Did you mean '{meant}'"):
+        make(sam_method=typed)
+
+
+def test_looksam_period_is_looksam_k_and_an_equal_sam_interval_is_accepted():
+    assert make(sam_method="looksam").sam_interval == 5
+    assert make(sam_method="looksam", looksam_k=3).sam_interval == 3
+    assert make(sam_method="looksam", looksam_k=3, sam_interval=3).sam_interval == 3
+    assert make(sam_schedule="every_k").sam_interval == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"sam_method": "sam", "sam_sparsity": 0.9}, ["sam_sparsity"]),
+        ({"sam_method": "saf", "sam_include": "classifier"}, ["sam_include"]),
+        ({"sam_method": "gsam", "looksam_alpha": 0.5, "fsam_sigma": 0.5}, ["looksam_alpha", "fsam_sigma"]),
+        ({"sam_method": "none", "esam_gamma": 0.5}, ["esam_gamma"]),
+        ({"sam_method": "mesa", "saf_tau": 2.0}, ["saf_tau"]),
+        ({"sam_method": "ssam-f", "sam_sparsity": 0.9}, []),
+        ({"sam_method": "ss-sam", "sam_probability": 0.3}, []),
+        ({"sam_method": "msam"}, []),
+        ({"sam_method": "esam", "esam_beta": 0.5}, []),
+    ],
+)
+def test_a_field_the_method_ignores_is_warned_about_once_by_name(kwargs, named):
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_sam import arguments
+
+    with CaptureLogger(arguments.logger) as captured:
+        make(**kwargs)
+    assert captured.out.count("ignores") == (1 if named else 0)
+    for name in named:
+        assert name in captured.out and repr(kwargs["sam_method"]) in captured.out
+
+
+@pytest.mark.parametrize(
+    "kwargs, warned",
+    [
+        ({"sam_rho": 50.0}, True),
+        ({"sam_rho": 1e30}, True),
+        ({"sam_rho": 0.05}, False),
+        ({"sam_method": "asam"}, False),
+    ],
+)
+def test_a_radius_far_above_the_usual_range_is_warned_about(kwargs, warned):
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_sam import arguments
+
+    with CaptureLogger(arguments.logger) as captured:
+        make(**kwargs)
+    assert ("far above" in captured.out) == warned
+
+
+def test_a_model_without_trainable_parameters_is_refused_as_such(tmp_path):
+    model = tiny_bert()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter") as raised:
+        SAMTrainer(model=model, args=make(), train_dataset=tiny_dataset())
+    assert "sam_include" not in str(raised.value)  # no regex was given: the message must not blame one
+
+
+def test_adasam_refuses_an_optimizer_passed_to_the_trainer():
+    import torch
+
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="adasam.*SGD"):
+        SAMTrainer(model=model, args=make(sam_method="adasam"), train_dataset=tiny_dataset(),
+                   optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))  # fmt: skip
+    with pytest.raises(ValueError, match="adasam.*optimizer_cls_and_kwargs"):
+        SAMTrainer(model=model, args=make(sam_method="adasam"), train_dataset=tiny_dataset(),
+                   optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["saf", "mesa"])
+def test_saf_and_mesa_refuse_a_one_output_head(method):
+    import torch
+
+    from hf_sam.trajectory import kl_to_target
+
+    with pytest.raises(ValueError, match="one output per example"):
+        SAMTrainer(model=tiny_bert(num_labels=1), args=make(sam_method=method), train_dataset=tiny_dataset())
+    # A model without a config is caught at its first logits.
+    with pytest.raises(ValueError, match=f"sam_method='{method}'.*one output per example"):
+        kl_to_target(torch.zeros(4, 1), torch.zeros(4, 1), 5.0, method)

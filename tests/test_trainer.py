@@ -445,7 +445,12 @@ def test_lora_perturbs_and_updates_only_adapters(tmp_path, method):
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer = train_sam(
-        tmp_path, model, tiny_dataset(), "adamw", trainer_cls=RestoreCheckingTrainer, **METHOD_CASES[method]["args"]
+        tmp_path,
+        model,
+        tiny_dataset(),
+        optimizer_for(method, "adamw"),
+        trainer_cls=RestoreCheckingTrainer,
+        **METHOD_CASES[method]["args"],
     )
     if not loss_term(method):
         perturbed = {id(p) for p in trainer._sam_perturbation.params}

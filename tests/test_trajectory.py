@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
 from hf_sam import SAMTrainer, SAMTrainingArguments, add_example_index
-from hf_sam.trajectory import IndexedDataset, LogitBank, index_size
+from hf_sam.trajectory import IndexedDataset, LogitBank, example_ids
 from tests.helpers import (
     SequentialSAMTrainer,
     assert_same_weights,
@@ -125,14 +125,15 @@ def test_index_column_is_kept_for_training_and_never_reaches_the_model(tmp_path)
 
 
 def test_existing_index_column_and_torch_datasets(tmp_path):
-    # A GLUE-like `idx` column with gaps is used as it is: the bank has max(idx) + 1 rows.
+    # A GLUE-like `idx` column with gaps is kept: row r of the bank holds the r-th smallest id, one row per example.
     rows = tiny_dataset(4).to_dict()
     data = Dataset.from_dict({**rows, "idx": [7, 2, 0, 5]})
-    assert add_example_index(data) is data and index_size(data) == 8
+    assert add_example_index(data) is data and example_ids(data).tolist() == [0, 2, 5, 7]
+    assert example_ids(Dataset.from_dict({**rows, "idx": [3, 1, 0, 2]})) is None  # positions: no lookup needed
     trainer = train(tmp_path / "a", tiny_bert(), data, sam_method="saf", max_steps=2, per_device_train_batch_size=2)
-    assert trainer._sam_loss_term.written[:, 0].tolist() == [0, -1, 0, -1, -1, 0, -1, 0]
+    assert trainer._sam_loss_term.written[:, 0].tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="repeats"):
-        index_size(Dataset.from_dict({**rows, "idx": [1, 1, 2, 3]}))
+        example_ids(Dataset.from_dict({**rows, "idx": [1, 1, 2, 3]}))
 
     class Plain(torch.utils.data.Dataset):  # a map-style dataset of dicts without an index
         def __len__(self):

@@ -36,7 +36,6 @@ SAM metrics (sharpness, ascent gradient norm, passes per step, ...) averaged ove
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import logging
@@ -62,14 +61,17 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 
 try:
     from hf_sam import METHODS, SAMTrainer, SAMTrainingArguments
+    from hf_sam.checkpoint import last_complete_checkpoint
+    from hf_sam.methods import unknown_method_message
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     from hf_sam import METHODS, SAMTrainer, SAMTrainingArguments
+    from hf_sam.checkpoint import last_complete_checkpoint
+    from hf_sam.methods import unknown_method_message
 
 
 logger = logging.getLogger(__name__)
@@ -326,11 +328,7 @@ def check_sam_method(argv: list[str]) -> None:
         elif arg.startswith(("--sam_method=", "--sam-method=")):
             value = arg.split("=", 1)[1]
         if value is not None and value not in METHODS:
-            close = difflib.get_close_matches(value, list(METHODS), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise SystemExit(
-                f"error: --sam_method {value!r} is not a known method.{hint} Choose one of: {', '.join(METHODS)}."
-            )
+            raise SystemExit(f"error: {unknown_method_message(value)}")
 
 
 def parse_args(argv: list[str] | None):
@@ -369,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     last_checkpoint = None
     if os.path.isdir(training_args.output_dir) and training_args.do_train:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        last_checkpoint = last_complete_checkpoint(training_args.output_dir)
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
             logger.info(f"Checkpoint found at {last_checkpoint}: resuming from it.")
 

@@ -164,6 +164,8 @@ def run_config(name, overrides, out_dir, rank, world):
     initial = copy.deepcopy(model)
     # The Trainer builds SGD itself: under FSDP2 it must be built over the shards, after the model is prepared.
     sgd = dict(optim="sgd", learning_rate=LR, weight_decay=0.0)
+    if overrides.get("sam_method") == "adasam":  # brings its own optimizer (AdaSAMOptimizer): it refuses optim
+        del sgd["optim"]
     args = check_arguments(os.path.join(out_dir, name), **{**sgd, **overrides})
     trainer = RecordingTrainer(model=model, args=args, train_dataset=tiny_dataset(train_size))
     if overrides.get("fsdp"):

@@ -1,0 +1,346 @@
+"""Faults, for every method in `tests/method_cases.py`: a new method is covered by adding its row there.
+
+- NaN or inf in the clean pass only: the ascent is skipped (eps = 0, counted in `sam/skipped`), and neither the
+  weights nor any stored state (F-SAM's average, LookSAM's reused component, GSAM's and Stable SAM's descent
+  transforms) turns non-finite.
+- NaN or inf in the perturbed (descent) pass only: the update of that step is dropped (w and the optimizer state
+  stay bit for bit, counted in `sam/skipped_updates`), and training goes on.
+- An exception between the two passes: w comes back bit for bit, no gradient is left.
+- kill -9 after a checkpoint, then resume: the same weights as the uninterrupted run.
+- A truncated, empty, garbage or byte-flipped state file: a `ValueError` naming the file, before any step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from hf_sam import SAMTrainer
+from hf_sam.checkpoint import STATE_FILE
+from tests.helpers import SequentialSAMTrainer, assert_same_weights, sam_args, state, tiny_bert, tiny_dataset
+from tests.method_cases import METHOD_CASES
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# Methods with a clean and a perturbed pass (SAF and MESA run Trainer's one pass: the kill and file tests cover them).
+SAM_STEP_METHODS = [n for n, c in METHOD_CASES.items() if c["reference"] is not None and c.get("kind") != "loss_term"]
+STATEFUL_METHODS = [n for n in METHOD_CASES if n != "none"]  # every method that writes a state file
+# Enough steps for two SAM steps of every method (LookSAM's k is 3 in its row; SS-SAM draws p = 0.5).
+STEPS = 7
+
+
+class FaultInjector(SequentialSAMTrainer):
+    """Multiplies the loss by `value` in the `phase` pass ("clean" or "perturbed") of the `at`-th SAM step (from 1),
+    or raises `value` there when it is an exception. Only the first pass of that phase in that step is hit."""
+
+    def __init__(self, *args, phase: str, at: int = 2, value=math.nan, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.phase, self.at, self.value = phase, at, value
+        self.sam_steps, self.hit_step, self._in, self._last_step = 0, None, None, None
+
+    def _count(self):
+        if self._last_step != self.state.global_step:
+            self._last_step = self.state.global_step
+            self.sam_steps += 1
+
+    def _sam_clean_pass(self, *args, **kwargs):
+        self._count()
+        self._in = "clean"
+        try:
+            return super()._sam_clean_pass(*args, **kwargs)
+        finally:
+            self._in = None
+
+    def _sam_perturbed_pass(self, *args, **kwargs):
+        self._in = "perturbed"
+        try:
+            return super()._sam_perturbed_pass(*args, **kwargs)
+        finally:
+            self._in = None
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        if self._in == self.phase and self.sam_steps == self.at and self.hit_step is None:
+            self.hit_step = self.state.global_step
+            if isinstance(self.value, BaseException):
+                assert self._sam_perturbation.active == (self.phase == "perturbed")
+                raise self.value
+            return loss * self.value
+        return loss
+
+
+class Snapshots(TrainerCallback):
+    """The weights at the beginning and end of every optimizer step."""
+
+    def __init__(self):
+        self.begin, self.end = {}, {}
+
+    def on_step_begin(self, args, state_, control, model=None, **kwargs):
+        self.begin[state_.global_step] = state(model)
+
+    def on_step_end(self, args, state_, control, model=None, **kwargs):
+        self.end[state_.global_step - 1] = state(model)
+
+
+def injector(tmp_path, method, phase, value=math.nan, **overrides):
+    snapshots = Snapshots()
+    trainer = FaultInjector(
+        model=tiny_bert(dropout=0.1),
+        args=sam_args(tmp_path, max_steps=STEPS, learning_rate=0.01, **{**METHOD_CASES[method]["args"], **overrides}),
+        train_dataset=tiny_dataset(),
+        callbacks=[snapshots],
+        phase=phase,
+        value=value,
+    )
+    return trainer, snapshots
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t.float()).all()) for t in tensors)
+
+
+def logged(trainer, key: str) -> list[float]:
+    return [h[key] for h in trainer.state.log_history if key in h]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("method", SAM_STEP_METHODS)
+def test_a_non_finite_clean_pass_skips_the_ascent_and_poisons_nothing(tmp_path, method, value):
+    trainer, _ = injector(tmp_path, method, "clean", value)
+    trainer.train()
+    assert trainer.hit_step is not None and trainer.state.global_step == STEPS
+    assert all_finite(trainer.model.parameters()), "the weights turned non-finite"
+    assert all_finite(trainer.sam_state_dict().values()), "the method state stored a non-finite value"
+    # Logged every step as the share of ascents skipped: one SAM step (one of mSAM's shards) skipped its ascent.
+    skipped = [v for v in logged(trainer, "sam/skipped") if v > 0]
+    assert len(skipped) == 1 and skipped[0] <= 1.0
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("method", SAM_STEP_METHODS)
+def test_a_non_finite_perturbed_pass_drops_that_update_and_training_goes_on(tmp_path, method, value):
+    trainer, snapshots = injector(tmp_path, method, "perturbed", value)
+    trainer.train()
+    step = trainer.hit_step
+    assert step is not None and trainer.state.global_step == STEPS
+    # No update at that step: w is bit for bit what it was (the optimizer saw no gradient) ...
+    assert_same_weights(snapshots.begin[step], snapshots.end[step])
+    # ... and the steps after it train again, from finite weights and state.
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots.end[step].values(), state(trainer.model).values()))
+    assert all_finite(trainer.model.parameters()) and all_finite(trainer.sam_state_dict().values())
+    assert sum(logged(trainer, "sam/skipped_updates")) == 1.0
+
+
+@pytest.mark.parametrize("method", SAM_STEP_METHODS)
+def test_an_exception_between_the_passes_restores_w_bit_for_bit(tmp_path, method):
+    trainer, snapshots = injector(tmp_path, method, "perturbed", KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert not trainer._sam_perturbation.active
+    assert_same_weights(snapshots.begin[trainer.hit_step], state(trainer.model))
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_a_run_of_non_finite_perturbed_losses_stops_with_an_error_naming_the_radius(tmp_path):
+    model = tiny_bert()
+    before = state(model)
+    trainer = SAMTrainer(model=model, args=sam_args(tmp_path, sam_rho=1e30, max_steps=8), train_dataset=tiny_dataset())
+    with pytest.raises(RuntimeError, match="sam_rho=1e[+]?30"):
+        trainer.train()
+    # Every step was dropped: the weights are those the run started from, and finite.
+    assert trainer.state.global_step == 4 and trainer._sam_skipped_in_a_row == 5
+    assert_same_weights(before, state(trainer.model))
+
+
+# ---------------------------------------------------------------- kill -9 and resume
+
+KILLED_RUN = """
+import os, signal, sys
+import torch
+torch.set_num_threads({threads})  # the parent's count: another count rounds CPU matmuls differently
+sys.path.insert(0, {root!r})
+from transformers import TrainerCallback
+from hf_sam import SAMTrainer
+from tests.helpers import sam_args, tiny_bert, tiny_dataset
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:  # checkpoint-2 is on disk, step 3 is done: no chance to clean up
+            os.kill(os.getpid(), signal.SIGKILL)
+
+args = sam_args({out!r}, save_strategy="steps", save_steps=2, **{common!r})
+SAMTrainer(model=tiny_bert(dropout=0.1), args=args, train_dataset=tiny_dataset(24), callbacks=[Kill()]).train()
+"""
+
+
+@pytest.mark.parametrize("method", list(METHOD_CASES))
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, method):
+    # 2 epochs of 3 windows (GA 2 x batch 4 of 24 examples): SAF's term is on in the second one.
+    common = dict(max_steps=6, gradient_accumulation_steps=2, **METHOD_CASES[method]["args"])
+    script = tmp_path / "killed.py"
+    source = KILLED_RUN.format(root=str(ROOT), out=str(tmp_path / "b"), common=common, threads=torch.get_num_threads())
+    script.write_text(textwrap.dedent(source))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr[-3000:]
+    assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "checkpoint-4").exists()
+    straight = SAMTrainer(model=tiny_bert(dropout=0.1), args=sam_args(tmp_path / "a", **common),
+                          train_dataset=tiny_dataset(24))  # fmt: skip
+    straight.train()
+    resumed = SAMTrainer(model=tiny_bert(dropout=0.1), args=sam_args(tmp_path / "b", **common),
+                         train_dataset=tiny_dataset(24))  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    assert_same_weights(state(straight.model), state(resumed.model))
+
+
+# ---------------------------------------------------------------- damaged state files
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(bytes(range(256)) * 4)
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40  # tensor data sits at the end of a safetensors file
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {"truncated": _truncate, "empty": _empty, "garbage": _garbage, "flipped_byte": _flip_last_byte}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One checkpoint per stateful method, written once for all the corruptions."""
+    root = tmp_path_factory.mktemp("states")
+    for method in STATEFUL_METHODS:
+        case = METHOD_CASES[method]["args"]
+        args = sam_args(root / method, max_steps=2, save_strategy="steps", save_steps=2, **case)
+        SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset(16)).train()
+    return root
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@pytest.mark.parametrize("method", STATEFUL_METHODS)
+def test_a_damaged_state_file_is_refused_naming_it(tmp_path, checkpoints, method, corruption):
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(checkpoints / method / "checkpoint-2", checkpoint)
+    path = checkpoint / STATE_FILE.format(suffix="")
+    CORRUPTIONS[corruption](path)
+    args = sam_args(tmp_path, max_steps=4, **METHOD_CASES[method]["args"])
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset(16))
+    with pytest.raises(ValueError, match=str(path)) as raised:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert "earlier checkpoint" in str(raised.value)  # says what to do
+    assert trainer.state.global_step == 2  # refused when the checkpoint is loaded, before any step
+
+
+# ---------------------------------------------------------------- state that does not fit, or cannot be true
+
+
+@pytest.mark.parametrize("method", ["looksam", "ssam-d", "fsam"])
+def test_resuming_state_written_for_another_perturbed_set_is_refused_naming_both(tmp_path, method):
+    common = {**METHOD_CASES[method]["args"], "max_steps": 4}
+    first = SAMTrainer(model=tiny_bert(), train_dataset=tiny_dataset(),
+                       args=sam_args(tmp_path, save_strategy="steps", save_steps=2, sam_include="classifier",
+                                     **common))  # fmt: skip
+    first.train()
+    resumed = SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, **common), train_dataset=tiny_dataset())
+    with pytest.raises(ValueError, match="sam_include='classifier'.*this run has.*sam_include=None"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def _rewrite_state(checkpoint: Path, method: str, change) -> None:
+    """Rewrite a state file with `change` applied to its float tensors, with a valid digest (a buggy writer)."""
+    from hf_sam.checkpoint import load_sam_state, save_sam_state
+
+    state_ = load_sam_state(str(checkpoint), method)
+    state_ = {k: change(v) if v.is_floating_point() else v for k, v in state_.items()}
+    save_sam_state(str(checkpoint), method, state_)
+
+
+@pytest.mark.parametrize("value, match", [(math.nan, "NaN or inf"), (1.7e38, "overflows float32")])
+@pytest.mark.parametrize("method", ["fsam", "looksam", "mesa"])
+def test_non_finite_or_overflowing_state_is_refused_on_load(tmp_path, method, value, match):
+    common = {**METHOD_CASES[method]["args"], "max_steps": 4}
+    SAMTrainer(model=tiny_bert(), train_dataset=tiny_dataset(),
+               args=sam_args(tmp_path, save_strategy="steps", save_steps=2, **common)).train()  # fmt: skip
+    checkpoint = tmp_path / "checkpoint-2"
+    _rewrite_state(checkpoint, METHOD_CASES[method]["args"]["sam_method"], lambda t: torch.full_like(t, value))
+    resumed = SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, **common), train_dataset=tiny_dataset())
+    with pytest.raises(ValueError, match=match):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+
+
+class HugeAverage(TrainerCallback):
+    """Sets F-SAM's gradient average to 1.7e38 before step 2 (as a flipped exponent bit in memory would)."""
+
+    def __init__(self):
+        self.trainer = None
+
+    def on_step_begin(self, args, state_, control, **kwargs):
+        if state_.global_step == 2:
+            for value in self.trainer._sam_perturbation.rule.ema.values():
+                value.fill_(1.7e38)
+
+
+def test_an_ascent_whose_own_normalizer_overflows_is_skipped_and_counted(tmp_path):
+    callback = HugeAverage()
+    trainer = SequentialSAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, sam_method="fsam", max_steps=3),
+                                   train_dataset=tiny_dataset(), callbacks=[callback])  # fmt: skip
+    callback.trainer = trainer
+    trainer.train()
+    assert logged(trainer, "sam/skipped") == [0.0, 0.0, 1.0]
+    assert all_finite(trainer.model.parameters())
+
+
+@pytest.mark.parametrize("offset", [10**6, 10**12])
+def test_saf_takes_example_ids_of_any_size_with_one_bank_row_per_example(tmp_path, offset):
+    from datasets import Dataset
+
+    rows = tiny_dataset(8).to_dict()
+    data = Dataset.from_dict({**rows, "idx": [offset + 3 * i for i in (5, 1, 7, 0, 2, 6, 4, 3)]})
+    trainer = SAMTrainer(model=tiny_bert(), train_dataset=data,
+                         args=sam_args(tmp_path, sam_method="saf", max_steps=-1, num_train_epochs=2))  # fmt: skip
+    trainer.train()
+    bank = trainer._sam_loss_term
+    assert bank.bank.shape[0] == 8 and bool((bank.written[:, 1] == 1).all())  # every example recorded in epoch 1
+    assert logged(trainer, "saf/coverage") == [1.0, 1.0]  # epoch 1's lookups find every example of epoch 0
+
+
+def test_the_examples_resume_from_the_newest_complete_checkpoint(tmp_path):
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_sam import checkpoint as checkpoint_module
+    from hf_sam.checkpoint import last_complete_checkpoint
+
+    for step, state_text in ((2, "{}"), (4, None), (6, '{"global_st')):  # 4: no trainer_state.json, 6: cut off
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state_text is not None:
+            (folder / "trainer_state.json").write_text(state_text)
+    with CaptureLogger(checkpoint_module.logger) as captured:
+        assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert "checkpoint-6" in captured.out and "checkpoint-4" in captured.out
+    assert last_complete_checkpoint(str(tmp_path / "missing")) is None
+    for script in ("text-classification/run_glue.py", "image-classification/run_image_classification.py"):
+        source = (ROOT / "examples" / script).read_text()
+        assert "last_complete_checkpoint(" in source and "get_last_checkpoint" not in source
