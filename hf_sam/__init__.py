@@ -3,8 +3,8 @@
 from .arguments import SAMArgumentsMixin, SAMSeq2SeqTrainingArguments, SAMTrainingArguments
 from .methods import METHODS
 from .mixin import SAMMixin
+from .saf import add_example_index
 from .trainer import SAMSeq2SeqTrainer, SAMTrainer
-from .trajectory import add_example_index
 
 
 __version__ = "0.1.0"

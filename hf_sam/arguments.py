@@ -9,15 +9,16 @@ from dataclasses import MISSING, dataclass, field, fields
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.utils import logging
 
+from .components import ASCENT_RULES, DESCENT_TRANSFORMS, LOSS_TERM_CHOICES
 from .masks import MASKS
 from .methods import AXIS_DEFAULTS, METHODS, unknown_method_message
 from .schedules import SCHEDULES
-from .trajectory import LOSS_TERMS
 
 
 ACCUMULATION_MODES = ("window", "micro")
-ASCENT_CHOICES = ("sam", "adaptive", "unnormalized", "fsam")
-DESCENT_CHOICES = ("none", "gsam", "looksam")
+# Choices come from the registries of the pieces: a new piece is a new choice.
+ASCENT_CHOICES = tuple(ASCENT_RULES)
+DESCENT_CHOICES = ("none", *DESCENT_TRANSFORMS)
 # Optimizers whose `step` happens inside `backward`: the perturbed pass would update the weights at w+eps.
 FUSED_BACKWARD_OPTIMS = ("lomo", "adalomo")
 # Radii above these leave the range the papers use by far (SAM 0.01-0.5, ASAM 0.5-2); a step whose loss at w + eps is
@@ -42,7 +43,7 @@ ONLY_UNDER = (
     ),
     (("sam_fisher_samples",), "sam_mask='fisher' (ssam-f)", lambda a: a.sam_mask == "fisher"),
     (("sam_mask_drop_rate",), "sam_mask='dynamic' (ssam-d)", lambda a: a.sam_mask == "dynamic"),
-    (("esam_beta",), "sam_mask='random_tensor' (esam)", lambda a: a.sam_mask == "random_tensor"),
+    (("esam_beta",), "esam_swp=True (esam)", lambda a: a.esam_swp),
     (("sam_interval",), "sam_schedule='every_k'", lambda a: a.sam_schedule == "every_k"),
     (
         ("sam_probability",),
@@ -101,12 +102,11 @@ class SAMArgumentsMixin:
 
     sam_rho (`float`, *optional*):
         Radius of the perturbation. `sam` 0.05, `asam` 0.5. `0` gives the plain `Trainer` trajectory.
-    sam_adaptive (`bool`, *optional*):
-        ASAM geometry: `T = |w| + eta` on every tensor except biases, `eps = rho T^2 g / ||T g||`.
+    sam_ascent (`str`, *optional*, defaults to `"sam"`):
+        The ascent rule: `sam` (eps = rho g / ||g||), `adaptive` (ASAM: `T = |w| + eta` on every tensor except
+        biases, eps = rho T^2 g / ||T g||), `unnormalized` (USAM: eps = rho g) or `fsam` (Friendly SAM).
     sam_adaptive_eta (`float`, *optional*, defaults to 0.01):
         The `eta` of ASAM.
-    sam_normalize_ascent (`bool`, *optional*, defaults to `True`):
-        `False` gives the unnormalized ascent `eps = rho g` (USAM).
 
     > Parameters that say how the step fits into training
 
@@ -140,15 +140,7 @@ class SAMArgumentsMixin:
         default=None,
         metadata={"help": "Perturbation radius rho (default from the method: sam 0.05, asam 0.5). 0 = plain Trainer."},
     )
-    sam_adaptive: bool | None = field(
-        default=None,
-        metadata={"help": "Adaptive (ASAM) ascent: eps = rho T^2 g / ||T g||, T = |w| + eta (T = 1 on biases)."},
-    )
     sam_adaptive_eta: float | None = field(default=None, metadata={"help": "ASAM's eta added to |w| (default 0.01)."})
-    sam_normalize_ascent: bool | None = field(
-        default=None,
-        metadata={"help": "Normalize the ascent (eps = rho g/||g||). False gives eps = rho g (USAM). Default True."},
-    )
     sam_accumulation: str | None = field(
         default=None,
         metadata={
@@ -179,8 +171,9 @@ class SAMArgumentsMixin:
     sam_ascent: str | None = field(
         default=None,
         metadata={
-            "help": "Ascent rule: sam, adaptive (ASAM), unnormalized (USAM) or fsam (Friendly SAM). Default: derived"
-            " from sam_adaptive / sam_normalize_ascent, or the method preset.",
+            "help": "Ascent rule: sam (eps = rho g/||g||), adaptive (ASAM: eps = rho T^2 g/||T g||, T = |w| + eta,"
+            " T = 1 on biases), unnormalized (USAM: eps = rho g) or fsam (Friendly SAM). Default: from the method"
+            " preset, else sam.",
             "choices": list(ASCENT_CHOICES),
         },
     )
@@ -249,9 +242,16 @@ class SAMArgumentsMixin:
     sam_mask_drop_rate: float = field(
         default=0.5, metadata={"help": "SSAM-D: initial drop rate d0, cosine-decayed to 0 over training."}
     )
+    esam_swp: bool | None = field(
+        default=None,
+        metadata={
+            "help": "ESAM's stochastic weight perturbation: each step the ascent keeps each perturbed tensor with"
+            " probability esam_beta and skips the weight gradients of the others. Default False (esam: True)."
+        },
+    )
     esam_beta: float = field(
         default=0.6,
-        metadata={"help": "ESAM SWP (sam_mask random_tensor): probability of keeping each tensor in the ascent."},
+        metadata={"help": "ESAM SWP (esam_swp): probability of keeping each tensor in the ascent."},
     )
     esam_gamma: float | None = field(
         default=None,
@@ -270,7 +270,7 @@ class SAMArgumentsMixin:
         metadata={
             "help": "One-pass loss term instead of the SAM passes: none, saf (logits of each example saf_lag_epochs"
             " earlier) or mesa (logits of an EMA copy of the model). Default: from the method preset (saf, mesa).",
-            "choices": list(LOSS_TERMS),
+            "choices": list(LOSS_TERM_CHOICES),
         },
     )
     saf_lambda: float = field(default=0.3, metadata={"help": "SAF: weight lambda of the KL term."})
@@ -359,10 +359,6 @@ class SAMArgumentsMixin:
         for name, default in AXIS_DEFAULTS.items():
             if getattr(self, name) is None:
                 setattr(self, name, preset.get(name, default))
-        if self.sam_ascent is None:
-            self.sam_ascent = (
-                "adaptive" if self.sam_adaptive else "sam" if self.sam_normalize_ascent else "unnormalized"
-            )
         if self.sam_probability_end is None:
             self.sam_probability_end = self.sam_probability
         if self.sam_rho_min is None:
@@ -387,7 +383,7 @@ class SAMArgumentsMixin:
             ("sam_schedule", SCHEDULES),
             ("sam_mask", MASKS),
             ("sam_accumulation", ACCUMULATION_MODES),
-            ("sam_loss_term", LOSS_TERMS),
+            ("sam_loss_term", LOSS_TERM_CHOICES),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is unknown; use one of {', '.join(choices)}.")
@@ -437,19 +433,10 @@ class SAMArgumentsMixin:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1.")
         if self.sam_rho_min > self.sam_rho:
             raise ValueError(f"sam_rho_min={self.sam_rho_min} exceeds sam_rho={self.sam_rho}; it is GSAM's lower end.")
-        if self.sam_adaptive and self.sam_ascent != "adaptive":
-            raise ValueError(
-                f"sam_adaptive=True and sam_ascent={self.sam_ascent!r} contradict each other. Drop one of the two."
-            )
         if self.sam_descent == "looksam" and self.sam_schedule != "every_k":
             raise ValueError(
                 f"LookSAM runs full SAM every looksam_k steps; sam_schedule={self.sam_schedule!r} contradicts it."
                 " Drop --sam_schedule (LookSAM sets every_k)."
-            )
-        if self.sam_adaptive and not self.sam_normalize_ascent:
-            raise ValueError(
-                "sam_adaptive=True and sam_normalize_ascent=False contradict each other: ASAM is a normalized"
-                " ascent. Drop one of the two flags."
             )
         if self.sam_micro_batches > 1 and self.sam_accumulation == "window":
             raise ValueError(
@@ -476,8 +463,6 @@ class SAMArgumentsMixin:
 
     def _validate_loss_term_fields(self) -> None:
         """SAF / MESA fields, and the SAM axes a one-pass loss term cannot combine with."""
-        if self.sam_loss_term not in LOSS_TERMS:
-            raise ValueError(f"sam_loss_term={self.sam_loss_term!r} is unknown; use one of {', '.join(LOSS_TERMS)}.")
         for name in ("saf_lambda", "saf_tau", "mesa_lambda", "mesa_tau"):
             value = getattr(self, name)
             finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -548,11 +533,11 @@ class SAMArgumentsMixin:
                     "sam_ascent_sync=False is not possible under FSDP: every rank only holds a shard of the ascent"
                     " gradient. Drop --sam_ascent_sync (it defaults to True under FSDP)."
                 )
-            if self.sam_mask == "random_tensor":
+            if self.esam_swp:
                 raise ValueError(
-                    "ESAM's stochastic weight perturbation (sam_mask='random_tensor') skips weight gradients in each"
-                    " rank's own ascent, and FSDP always syncs the ascent: run ESAM under DDP, or keep its data"
-                    " selection alone under FSDP with --sam_mask none."
+                    "ESAM's stochastic weight perturbation (esam_swp) skips weight gradients in each rank's own"
+                    " ascent, and FSDP always syncs the ascent: run ESAM under DDP, or keep its data selection alone"
+                    " under FSDP with --esam_swp false."
                 )
             self.sam_ascent_sync = True
         elif self.sam_ascent_sync is None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from .ascent import AdaptiveAscent, AscentRule, UnnormalizedAscent
 from .descent import DescentTransform, LookAhead, Renormalize, SurrogateGap
 from .fsam import FriendlyAscent
+from .loss_term import LossTerm
+from .mesa import MESATerm
+from .saf import SAFTerm
 
 
 ASCENT_RULES: dict[str, type[AscentRule]] = {
@@ -18,6 +21,15 @@ DESCENT_TRANSFORMS: dict[str, type[DescentTransform]] = {
     "gsam": SurrogateGap,
     "looksam": LookAhead,
 }
+
+
+LOSS_TERMS: dict[str, type[LossTerm]] = {
+    "saf": SAFTerm,
+    "mesa": MESATerm,
+}
+
+
+LOSS_TERM_CHOICES = ("none", *LOSS_TERMS)
 
 
 def build_ascent(args) -> AscentRule:

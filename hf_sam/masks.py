@@ -15,8 +15,7 @@ import torch.distributed as dist
 from .tensors import local, shard_group, shard_rows
 
 
-# random_tensor is ESAM's stochastic weight perturbation (hf_sam.esam): a per-tensor draw each step.
-MASKS = ("none", "fisher", "dynamic", "random_tensor")
+MASKS = ("none", "fisher", "dynamic")
 
 
 def top_k_mask(scores: list[torch.Tensor], k: int, group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:

@@ -32,7 +32,9 @@ METHODS: dict[str, MethodInfo] = {
     "none": MethodInfo("plain Trainer (no perturbation)", "1.0", {"sam_rho": 0.0}),
     "sam": MethodInfo("Foret et al. 2021, arXiv 2010.01412", "2.0", {"sam_rho": 0.05}),
     "asam": MethodInfo(
-        "Kwon et al. 2021, arXiv 2102.11600", "2.0", {"sam_rho": 0.5, "sam_adaptive": True, "sam_adaptive_eta": 0.01}
+        "Kwon et al. 2021, arXiv 2102.11600",
+        "2.0",
+        {"sam_rho": 0.5, "sam_ascent": "adaptive", "sam_adaptive_eta": 0.01},
     ),
     "ss-sam": MethodInfo(
         "Zhao et al. 2022, arXiv 2203.09962", "1 + p", {"sam_schedule": "constant", "sam_probability": 0.5}
@@ -40,7 +42,7 @@ METHODS: dict[str, MethodInfo] = {
     "stable-sam": MethodInfo(
         "Tan et al. 2024, arXiv 2401.07250",
         "2.0",
-        {"sam_rho": 0.05, "sam_renormalize": True, "sam_normalize_ascent": False},
+        {"sam_rho": 0.05, "sam_renormalize": True, "sam_ascent": "unnormalized"},
     ),
     "adasam": MethodInfo("Sun et al. 2023, arXiv 2303.00565", "2.0", {"sam_rho": 0.05}),
     "msam": MethodInfo(
@@ -58,7 +60,7 @@ METHODS: dict[str, MethodInfo] = {
     "esam": MethodInfo(
         "Du et al. 2022, arXiv 2110.03141",
         "about 1 + 1/3 + gamma - (1 - beta)/3",
-        {"sam_rho": 0.05, "sam_mask": "random_tensor", "esam_gamma": 0.5},
+        {"sam_rho": 0.05, "esam_swp": True, "esam_gamma": 0.5},
     ),
     "ssam-f": MethodInfo(
         "Mi et al. 2022, arXiv 2210.05177 (Fisher mask)", "2.0 + mask work", {"sam_rho": 0.05, "sam_mask": "fisher"}
@@ -82,10 +84,8 @@ METHODS: dict[str, MethodInfo] = {
 # Values used when neither the user nor the preset sets an axis field.
 AXIS_DEFAULTS: dict[str, Any] = {
     "sam_rho": 0.05,
-    "sam_adaptive": False,
     "sam_adaptive_eta": 0.01,
-    "sam_normalize_ascent": True,
-    "sam_ascent": None,  # derived from sam_adaptive / sam_normalize_ascent when unset
+    "sam_ascent": "sam",
     "sam_descent": "none",
     "sam_renormalize": False,
     "sam_schedule": "always",
@@ -95,6 +95,7 @@ AXIS_DEFAULTS: dict[str, Any] = {
     "sam_mask": "none",
     "sam_loss_term": "none",
     "esam_gamma": 1.0,
+    "esam_swp": False,
     "sam_interval": 2,
 }
 

@@ -19,30 +19,17 @@ from torch import nn
 from transformers.utils import logging
 
 from .checkpoint import check_state_keys, load_sam_state, save_sam_state
-from .components import build_ascent, build_descent
+from .components import LOSS_TERMS, build_ascent, build_descent
 from .esam import frozen_tensors, kept_tensors, per_example_loss, selected_count, step_passes, take_examples
+from .loss_term import AfterOptimizerStep, LossTerm, logits_of, one_output_message
 from .masks import SparseMask
 from .metrics import SAMMetrics
 from .optim import AdaSAMOptimizer
 from .perturbation import Perturbation, select_perturbed
 from .replay import batch_norm_layers, capture_rng, frozen_bn_stats, restore_rng
+from .saf import INDEX_COLUMN, add_example_index, is_map_style, signature_with_index
 from .schedules import is_sam_step
-from .tensors import DTensor, global_norm, local, zero_non_finite_
-from .trajectory import (
-    INDEX_COLUMN,
-    AfterOptimizerStep,
-    EMATeacher,
-    LogitBank,
-    ShardedEMATeacher,
-    add_example_index,
-    example_ids,
-    gather_rows,
-    is_map_style,
-    kl_to_target,
-    logits_of,
-    one_output_message,
-    token_mask,
-)
+from .tensors import global_norm, local, zero_non_finite_
 
 
 logger = logging.get_logger(__name__)
@@ -95,7 +82,7 @@ class SAMMixin:
         # Whether the model scores logits at t against labels at t + 1 (causal LM): found once per train() call.
         self._sam_shifts_labels: bool | None = None
         # SAF's logit bank or MESA's EMA teacher (sam_loss_term), built from the prepared model at the first step.
-        self._sam_loss_term: LogitBank | EMATeacher | None = None  # or its FSDP2 subclass
+        self._sam_loss_term: LossTerm | None = None
         if self.args.sam_loss_term != "none":
             self._sam_check_loss_term_setup()
             self.add_callback(AfterOptimizerStep(self._sam_after_optimizer_step))
@@ -137,21 +124,21 @@ class SAMMixin:
             if not self.args.sam_ascent_sync:
                 logger.warning("FSDP shards the ascent gradient: sam_ascent_sync is set to True.")
                 self.args.sam_ascent_sync = True
-        if self.args.sam_mask == "random_tensor" and self.args.sam_ascent_sync and self.accelerator.num_processes > 1:
+        if self.args.esam_swp and self.args.sam_ascent_sync and self.accelerator.num_processes > 1:
             fix = (
-                "FSDP always syncs the ascent: run ESAM under DDP, or use --sam_mask none under FSDP."
+                "FSDP always syncs the ascent: run ESAM under DDP, or use --esam_swp false under FSDP."
                 if getattr(self, "is_fsdp_enabled", False)
-                else "Drop --sam_ascent_sync or --sam_mask random_tensor."
+                else "Drop --sam_ascent_sync or set --esam_swp false."
             )
             raise ValueError(
                 "ESAM's stochastic weight perturbation skips weight gradients in the ascent pass, which a synced"
                 f" (all-reduced) ascent cannot do across processes. {fix}"
             )
-        if self.args.sam_mask == "random_tensor" and self.args.torch_compile:
+        if self.args.esam_swp and self.args.torch_compile:
             logger.warning(
                 "ESAM's stochastic weight perturbation changes which tensors require grad at every step, and"
                 " torch.compile recompiles the model for each new pattern (up to its recompile limit, then runs it"
-                " eagerly). Use --sam_mask none (ESAM's data selection alone) to compile once, or leave torch_compile"
+                " eagerly). Use --esam_swp false (ESAM's data selection alone) to compile once, or leave torch_compile"
                 " off."
             )
         if not any(p.requires_grad for p in self.model.parameters()):
@@ -211,7 +198,7 @@ class SAMMixin:
         self._sam_trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._sam_bn_layers = batch_norm_layers(self.model) if args.sam_freeze_bn_stats else []
         mask = None
-        self._esam_swp = args.sam_mask == "random_tensor"  # ESAM's per-tensor draw, not an element mask
+        self._esam_swp = args.esam_swp  # ESAM's per-tensor draw, not an element mask
         self._esam_sds = args.esam_gamma < 1
         self._esam_keep: list[bool] | None = None
         if args.sam_mask in ("fisher", "dynamic"):
@@ -684,27 +671,16 @@ class SAMMixin:
         # Only the training set keeps SAF's index column; evaluation batches stay as Trainer makes them.
         return self.args.sam_loss_term == "saf" and str(description).lower() == "training"
 
-    @contextlib.contextmanager
-    def _sam_signature_with_index(self):
-        self._set_signature_columns_if_needed()
-        saved = self._signature_columns
-        if INDEX_COLUMN not in saved:
-            self._signature_columns = [*saved, INDEX_COLUMN]
-        try:
-            yield
-        finally:
-            self._signature_columns = saved
-
     def _remove_unused_columns(self, dataset, description: str | None = None):
         if not self._sam_keeps_index(description):
             return super()._remove_unused_columns(dataset, description=description)
-        with self._sam_signature_with_index():
+        with signature_with_index(self):
             return super()._remove_unused_columns(dataset, description=description)
 
     def _get_collator_with_removed_columns(self, data_collator, description: str | None = None):
         if not self._sam_keeps_index(description):
             return super()._get_collator_with_removed_columns(data_collator, description=description)
-        with self._sam_signature_with_index():
+        with signature_with_index(self):
             return super()._get_collator_with_removed_columns(data_collator, description=description)
 
     def compute_loss(
@@ -730,32 +706,19 @@ class SAMMixin:
             )
         if self._sam_loss_term is None:
             self._sam_loss_term_build()
-        # MESA's teacher runs first: under FSDP2 it borrows the model's own shards (see ShardedEMATeacher).
-        teacher_logits = self._mesa_teacher_logits(inputs) if self.args.sam_loss_term == "mesa" else None
+        prepared = self._sam_loss_term.prepare(inputs)
         # Trainer may pop `labels` (label smoothing) from the dict it gets: pass a copy, keep ours for MESA's mask.
         loss, outputs = super().compute_loss(
             model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
         )
-        if self.args.sam_loss_term == "saf":
-            term = self._saf_term(outputs, index, num_items_in_batch)
-        else:
-            term = self._mesa_term(inputs, outputs, teacher_logits, num_items_in_batch)
+        term = self._sam_loss_term.term(inputs, outputs, index, prepared, num_items_in_batch)
         if term is not None:
             loss = loss + term
         return (loss, outputs) if return_outputs else loss
 
     def _sam_loss_term_build(self) -> None:
-        """SAF: the logit bank, one row per example index. MESA: the EMA teacher, a copy of the prepared model."""
-        if self.args.sam_loss_term == "saf":
-            if self.train_dataset is None:
-                raise ValueError("sam_method='saf' needs a train_dataset: it records logits per training example.")
-            self._sam_loss_term = LogitBank(
-                len(self.train_dataset), self.args.saf_lag_epochs, self.args.device, example_ids(self.train_dataset)
-            )
-        elif any(isinstance(p, DTensor) for p in self.model.parameters()):
-            self._sam_loss_term = ShardedEMATeacher(self.model, self.args.mesa_ema_decay)
-        else:
-            self._sam_loss_term = EMATeacher(self.model, self.args.mesa_ema_decay)
+        """SAF: the logit bank, one row per example. MESA: the EMA teacher, from the prepared model."""
+        self._sam_loss_term = LOSS_TERMS[self.args.sam_loss_term](self)
 
     def _sam_loss_shifts_labels(self) -> bool:
         """Whether the model scores the logits at t against the label at t + 1 (causal LM), as Trainer decides.
@@ -773,94 +736,10 @@ class SAMMixin:
             )
         return self._sam_shifts_labels
 
-    def _sam_term_scale(self, count, num_items_in_batch):
-        """The factor that turns a sum of per-item KL values into the loss's own normalization.
-
-        Trainer takes the model's loss to be a per-micro-batch mean (and divides it by the GA steps), or, when
-        the model accepts loss kwargs and `num_items_in_batch` is known, already normalized over the whole window
-        (times the processes under `average_tokens_across_devices`). The term follows the same convention.
-        """
-        count = count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                self.compute_loss_func is not None
-            )
-        if not scaled:
-            return 1 / count
-        if num_items_in_batch is None:
-            return 1 / (count * self.current_gradient_accumulation_steps)
-        factor = 1
-        if self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func):
-            factor = self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
-        return factor / num_items_in_batch
-
-    def _saf_term(self, outputs, index, num_items_in_batch) -> torch.Tensor | None:
-        """SAF: KL to the logits each example had `saf_lag_epochs` earlier; then record this batch's logits."""
-        args = self.args
-        if index is None:
-            raise ValueError(
-                f"sam_method='saf' needs the example index column {INDEX_COLUMN!r} in every training batch. SAMTrainer"
-                " adds it to a datasets.Dataset or a dataset of dicts; a custom collator must pass it through."
-            )
-        logits = logits_of(outputs, args.sam_method)
-        bank = self._sam_loss_term
-        rows = bank.rows(index.to(logits.device).long().reshape(-1))
-        epoch = self.state.epoch or 0.0
-        whole = math.floor(epoch)
-        term = None
-        if epoch >= args.saf_start_epoch:
-            target, found = bank.lookup(logits, rows, whole)
-            # Examples without a record from epoch e - lag (first epochs, drop_last) add nothing.
-            kl = torch.where(found, kl_to_target(logits, target, args.saf_tau, args.sam_method), 0.0)
-            scale = self._sam_term_scale(rows.numel(), num_items_in_batch)
-            term = args.saf_lambda * args.saf_tau**2 * kl.sum() * scale
-            hits = found.sum()
-            self._sam_metrics.add("saf/kl", kl.detach().sum() / hits.clamp(min=1))
-            self._sam_metrics.add("saf/coverage", hits / max(rows.numel(), 1))
-        # Every rank records every rank's batch, so a later lookup never misses an example another rank saw.
-        all_rows, all_logits = gather_rows(rows, logits.detach().float(), self._train_batch_size, bank.num_examples)
-        bank.record(all_logits, all_rows, whole)
-        self._sam_metrics.add("sam/passes_per_step", 1.0)
-        return term
-
-    def _mesa_teacher_logits(self, inputs) -> torch.Tensor | None:
-        """The EMA teacher's logits for `inputs` (no gradient), or None before `mesa_start_epoch`."""
-        if (self.state.epoch or 0.0) < self.args.mesa_start_epoch:
-            return None
-        teacher_inputs = dict(inputs)
-        config = getattr(self.model, "config", None)
-        if not getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" in inputs:
-            # Labels only feed the teacher's own loss (encoder-decoders build their decoder inputs from them).
-            teacher_inputs.pop("labels", None)
-            teacher_inputs.pop("shift_labels", None)
-        with self.accelerator.autocast():
-            return logits_of(self._sam_loss_term(teacher_inputs), self.args.sam_method)
-
-    def _mesa_term(self, inputs, outputs, teacher_logits, num_items_in_batch) -> torch.Tensor | None:
-        """MESA: KL to the EMA teacher's logits, per example or per labelled token."""
-        args = self.args
-        if teacher_logits is None:
-            self._sam_metrics.add("sam/passes_per_step", 1.0)
-            return None
-        if "shift_labels" in inputs:
-            labels, shift = inputs["shift_labels"], False
-        else:
-            labels, shift = inputs.get("labels"), self._sam_loss_shifts_labels()
-        logits, mask = token_mask(logits_of(outputs, args.sam_method), labels, shift)
-        teacher_logits, _ = token_mask(teacher_logits, labels, shift)
-        kl = torch.where(mask, kl_to_target(logits, teacher_logits, args.mesa_tau, args.sam_method), 0.0)
-        count = mask.sum()
-        term = args.mesa_lambda * args.mesa_tau**2 * kl.sum() * self._sam_term_scale(count, num_items_in_batch)
-        self._sam_metrics.add("mesa/kl", kl.detach().sum() / count.clamp(min=1))
-        # A no-grad forward counted as a third of a pass (backward = 2 forwards), as ESAM's SDS forward.
-        self._sam_metrics.add("sam/passes_per_step", 1.0 + 1 / 3)
-        return term
-
     def _sam_after_optimizer_step(self) -> None:
-        """MESA: v <- beta v + (1 - beta) w right after each optimizer step (a TrainerCallback calls this)."""
-        if isinstance(self._sam_loss_term, EMATeacher):
-            self._sam_loss_term.update()
+        """A TrainerCallback calls this right after every optimizer step (MESA's EMA update)."""
+        if self._sam_loss_term is not None:
+            self._sam_loss_term.after_optimizer_step()
 
     # ------------------------------------------------------------------ logging and checkpoints
 

@@ -16,16 +16,17 @@ def make(**kw):
 
 def test_presets_fill_unset_fields():
     assert make().sam_method == "sam"
-    assert make().sam_rho == 0.05 and make().sam_adaptive is False
+    assert make().sam_rho == 0.05 and make().sam_ascent == "sam"
     asam = make(sam_method="asam")
-    assert asam.sam_rho == 0.5 and asam.sam_adaptive is True and asam.sam_adaptive_eta == 0.01
+    assert asam.sam_rho == 0.5 and asam.sam_ascent == "adaptive" and asam.sam_adaptive_eta == 0.01
     assert make(sam_method="none").sam_rho == 0.0
 
 
 def test_explicit_flag_wins_over_preset():
     args = make(sam_method="asam", sam_rho=1.0, sam_adaptive_eta=0.0)
-    assert args.sam_rho == 1.0 and args.sam_adaptive_eta == 0.0 and args.sam_adaptive is True
-    assert make(sam_method="sam", sam_adaptive=True).sam_adaptive is True
+    assert args.sam_rho == 1.0 and args.sam_adaptive_eta == 0.0 and args.sam_ascent == "adaptive"
+    assert make(sam_method="sam", sam_ascent="adaptive").sam_ascent == "adaptive"
+    assert make(sam_method="esam").esam_swp is True and make(sam_method="esam", esam_swp=False).esam_swp is False
 
 
 def test_every_sam_field_is_a_cli_flag_with_help(capsys):
@@ -84,7 +85,6 @@ FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}
         ({"sam_adaptive_eta": -1.0}, "sam_adaptive_eta"),
         ({"sam_method": "sharpness"}, "sam_method.*none, sam, asam, ss-sam"),
         ({"sam_accumulation": "sometimes"}, "sam_accumulation"),
-        ({"sam_adaptive": True, "sam_normalize_ascent": False}, "contradict"),
         ({"sam_method": "none", "sam_rho": 0.1}, "contradict"),
         ({"sam_include": "("}, "sam_include"),
         ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "DeepSpeed"),
@@ -101,9 +101,9 @@ FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}
         ({"sam_method": "gsam", "sam_accumulation": "micro", "gradient_accumulation_steps": 2}, "window"),
         ({"sam_method": "looksam", "sam_schedule": "constant"}, "LookSAM"),
         ({"sam_rho": 0.05, "sam_rho_min": 0.1}, "sam_rho_min"),
-        ({"sam_ascent": "fsam", "sam_adaptive": True}, "contradict"),
         ({"sam_ascent": "sideways"}, "sam_ascent"),
         ({"sam_method": "esam", **FSDP2}, "FSDP always syncs the ascent"),
+        ({"sam_mask": "random_tensor"}, "sam_mask='random_tensor' is unknown"),  # ESAM's SWP is esam_swp
         ({"sam_method": "sam", "sam_ascent_sync": False, **FSDP2}, "sam_ascent_sync"),
         ({"sam_method": "sam", "fsdp": True, "fsdp_config": {"version": 1}}, "FSDP2"),
         # Choice fields are checked from Python too, not only by the CLI parser's choices.
@@ -133,7 +133,7 @@ def test_regex_matching_nothing_is_refused_at_construction(tmp_path):
 
 def test_fsdp2_forces_the_synced_ascent_and_keeps_esam_data_selection():
     assert make(sam_method="sam", **FSDP2).sam_ascent_sync is True
-    args = make(sam_method="esam", sam_mask="none", **FSDP2)  # SDS alone runs under FSDP (tested in DDP/FSDP runs)
+    args = make(sam_method="esam", esam_swp=False, **FSDP2)  # SDS alone runs under FSDP (tested in DDP/FSDP runs)
     assert args.sam_ascent_sync is True and args.esam_gamma == 0.5
 
 
@@ -146,11 +146,9 @@ def test_axes_combine_freely():
     # any ascent rule with any schedule, renormalization and both accumulation modes (where SPEC allows)
     for ascent in ("sam", "adaptive", "unnormalized", "fsam"):
         for schedule in ("always", "constant", "every_k", "cosine"):
-            args = make(sam_ascent=ascent, sam_adaptive=ascent == "adaptive", sam_schedule=schedule,
-                        sam_renormalize=True)  # fmt: skip
+            args = make(sam_ascent=ascent, sam_schedule=schedule, sam_renormalize=True)
             assert (args.sam_ascent, args.sam_schedule, args.sam_renormalize) == (ascent, schedule, True)
-            assert make(sam_ascent=ascent, sam_adaptive=ascent == "adaptive", sam_micro_batches=2,
-                        sam_accumulation="micro").sam_micro_batches == 2  # fmt: skip
+            assert make(sam_ascent=ascent, sam_micro_batches=2, sam_accumulation="micro").sam_micro_batches == 2
 
 
 @pytest.mark.parametrize(
@@ -237,7 +235,7 @@ def test_adasam_refuses_an_optimizer_passed_to_the_trainer():
 def test_saf_and_mesa_refuse_a_one_output_head(method):
     import torch
 
-    from hf_sam.trajectory import kl_to_target
+    from hf_sam.loss_term import kl_to_target
 
     with pytest.raises(ValueError, match="one output per example"):
         SAMTrainer(model=tiny_bert(num_labels=1), args=make(sam_method=method), train_dataset=tiny_dataset())

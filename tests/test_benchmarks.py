@@ -130,8 +130,8 @@ def test_overhead_ratios_pair_each_repeat_with_its_own_plain_run(overhead):
 
 
 def test_overhead_set_reads_values_as_json_and_refuses_a_pair_without_a_value(overhead):
-    assert overhead.parse_overrides(["esam_gamma=0.4", "sam_adaptive=true", "sam_schedule=cosine"]) == {
-        "esam_gamma": 0.4, "sam_adaptive": True, "sam_schedule": "cosine",
+    assert overhead.parse_overrides(["esam_gamma=0.4", "esam_swp=true", "sam_schedule=cosine"]) == {
+        "esam_gamma": 0.4, "esam_swp": True, "sam_schedule": "cosine",
     }  # fmt: skip
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         overhead.parse_overrides(["esam_gamma"])

@@ -321,7 +321,7 @@ def test_saf_takes_example_ids_of_any_size_with_one_bank_row_per_example(tmp_pat
     trainer = SAMTrainer(model=tiny_bert(), train_dataset=data,
                          args=sam_args(tmp_path, sam_method="saf", max_steps=-1, num_train_epochs=2))  # fmt: skip
     trainer.train()
-    bank = trainer._sam_loss_term
+    bank = trainer._sam_loss_term.bank
     assert bank.bank.shape[0] == 8 and bool((bank.written[:, 1] == 1).all())  # every example recorded in epoch 1
     assert logged(trainer, "saf/coverage") == [1.0, 1.0]  # epoch 1's lookups find every example of epoch 0
 

@@ -263,7 +263,7 @@ def test_unnormalized_ascent_matches_reference(tmp_path):
         "sgd",
         2,
         "micro",
-        {"sam_rho": 0.5, "sam_normalize_ascent": False},
+        {"sam_rho": 0.5, "sam_ascent": "unnormalized"},
         {"rho": 0.5, "ascent": "unnormalized"},
     )
     assert_same_weights(state(trainer.model), state(reference_model), exact=False)
@@ -568,9 +568,9 @@ def test_esam_swp_under_torch_compile_warns_of_recompiles(tmp_path):
 
     from hf_sam import mixin
 
-    for mask, warned in (("random_tensor", True), ("none", False)):
+    for swp, warned in ((True, True), (False, False)):
         with CaptureLogger(mixin.logger) as captured:
-            args = sam_args(tmp_path, sam_method="esam", sam_mask=mask, torch_compile=True)
+            args = sam_args(tmp_path, sam_method="esam", esam_swp=swp, torch_compile=True)
             SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
         assert ("recompiles" in captured.out) == warned
 
@@ -829,7 +829,7 @@ def test_stable_sam_descent_keeps_the_ascent_norm(tmp_path):
     for entry in logs:
         assert math.isclose(entry["grad_norm"], entry["sam/grad_norm"], rel_tol=1e-5)
     plain_sam = train_sam(tmp_path / "p", tiny_bert(), tiny_dataset(), "sgd", sam_method="sam", sam_rho=0.5,
-                          sam_normalize_ascent=False, gradient_accumulation_steps=2,
+                          sam_ascent="unnormalized", gradient_accumulation_steps=2,
                           per_device_train_batch_size=2)  # fmt: skip
     logs = [h for h in plain_sam.state.log_history if "sam/grad_norm" in h]
     assert any(not math.isclose(e["grad_norm"], e["sam/grad_norm"], rel_tol=1e-3) for e in logs)

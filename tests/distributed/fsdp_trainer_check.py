@@ -84,7 +84,7 @@ SAME_AS_DDP = {
     "saf": dict(sam_method="saf", saf_start_epoch=0.0, train_size=8),
     # A fast EMA and big steps, so the teacher is far from the model and the term matters.
     "mesa": dict(sam_method="mesa", mesa_ema_decay=0.5, learning_rate=3.0),
-    "esam-sds": dict(sam_method="esam", sam_mask="none"),
+    "esam-sds": dict(sam_method="esam", esam_swp=False),
     "lora-sam": dict(sam_method="sam", lora=True, learning_rate=1.0),
     "checkpointed-sam": dict(sam_method="sam", gradient_checkpointing=True),  # SDS only: SWP needs a local ascent
     "sam-ga2": dict(sam_method="sam", gradient_accumulation_steps=2),  # also against the reference (CONFIGS)

@@ -1,41 +1,24 @@
-"""One-pass methods that add a loss term from the training trajectory: SAF and MESA.
-
-Both add lambda * tau^2 * mean KL(softmax(z_hat / tau) || softmax(z / tau)) to the loss, z the logits of this pass:
-
-- SAF (Du et al. 2022): z_hat_i are the logits recorded for example i `saf_lag_epochs` epochs earlier, kept in a
-  `LogitBank` on the device (N x (lag + 1) x C ring buffer, with the epoch each slot was written).
-- MESA: z_hat are the logits of an `EMATeacher`, an exponential moving average of the weights (eval mode, no grad).
-
-Neither runs the SAM passes: the mixin adds the term in `compute_loss` of Trainer's one pass per micro-batch.
+"""SAF (Du et al. 2022, arXiv 2205.14083, "Sharpness-Aware training for Free"): the KL to the logits each example
+had `saf_lag_epochs` epochs earlier, kept in a `LogitBank` on the device. The math: docs/methods.md#saf.
 """
 
 from __future__ import annotations
 
-import copy
-import weakref
+import contextlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
-from transformers import TrainerCallback
 
-from .tensors import local
+from .loss_term import LossTerm, kl_to_target, logits_of, term_scale
 
 
-try:  # FSDP2's module class (public from torch 2.6 on)
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:  # pragma: no cover - old torch
-    FSDPModule = ()
-
-
-LOSS_TERMS = ("none", "saf", "mesa")
 INDEX_COLUMN = "idx"
 
 
-# ---------------------------------------------------------------------- example index (SAF)
+# ---------------------------------------------------------------------- example index
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -131,63 +114,7 @@ def example_ids(dataset, column: str = INDEX_COLUMN) -> torch.Tensor | None:
     return torch.from_numpy(ids)
 
 
-# ---------------------------------------------------------------------- the term
-
-
-def logits_of(outputs, method: str) -> torch.Tensor:
-    """The logits of a model output: a `ModelOutput`/dict with `logits`, or a tuple `(loss, logits, ...)` (with
-    labels) or `(logits, ...)` (without)."""
-    if isinstance(outputs, Mapping) or hasattr(outputs, "keys"):
-        if "logits" in outputs.keys():
-            return outputs["logits"]
-    elif isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
-        if outputs[0].dim() > 0:
-            return outputs[0]
-        if len(outputs) >= 2 and isinstance(outputs[1], torch.Tensor):
-            return outputs[1]
-    raise ValueError(
-        f"sam_method={method!r} needs the model to return logits (an output with `.logits`, or a tuple"
-        f" (loss, logits, ...)); got {type(outputs).__name__}."
-    )
-
-
-def one_output_message(method: str) -> str:
-    return (
-        f"sam_method={method!r} adds a KL term between softmax distributions over the model's outputs, but this"
-        " model has one output per example (a regression head, num_labels=1): a softmax over one value is always 1,"
-        " so the term would be 0 and the method would do nothing (at its full cost). For regression use a method"
-        " that perturbs the weights, e.g. --sam_method sam."
-    )
-
-
-def kl_to_target(logits: torch.Tensor, target: torch.Tensor, tau: float, method: str = "saf") -> torch.Tensor:
-    """KL(softmax(target / tau) || softmax(logits / tau)) over the last dimension, in fp32, gradient to `logits`."""
-    if logits.shape[-1] < 2:
-        raise ValueError(one_output_message(method))
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        log_q = F.log_softmax(logits.float() / tau, dim=-1)
-        log_p = F.log_softmax(target.detach().float() / tau, dim=-1)
-        return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
-
-
-def token_mask(logits: torch.Tensor, labels: torch.Tensor | None, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions that count for MESA: the logits to compare, and a bool mask of the same leading shape.
-
-    `(batch, classes)` logits: every example whose label is not -100 (every example for multi-label targets).
-    `(batch, ..., vocab)`: every position whose label is not -100; with `shift` (causal LM) the logits at t are
-    scored against the label at t + 1. Without labels every position counts.
-    """
-    if shift and logits.dim() >= 3:
-        logits = logits[:, :-1]
-        labels = labels[:, 1:] if labels is not None else None
-    if labels is None or (logits.dim() == 2 and labels.shape != logits.shape[:1]):
-        return logits, torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"sam_method='mesa' compares logits per labelled position: logits {tuple(logits.shape)} do not match"
-            f" labels {tuple(labels.shape)} (expected labels of shape logits.shape[:-1])."
-        )
-    return logits, labels.ne(-100)
+# ---------------------------------------------------------------------- the bank
 
 
 class LogitBank:
@@ -309,111 +236,59 @@ def gather_rows(
     return rows[:, 0].long(), rows[:, 1:].float()
 
 
-class EMATeacher:
-    """MESA's teacher: a copy of the model whose trainable weights follow v <- decay v + (1 - decay) w.
+class SAFTerm(LossTerm):
+    """SAF's term: KL to the bank's logits of each example from `saf_lag_epochs` earlier; then record this batch's."""
 
-    Frozen parameters and buffers are shared with the model, not copied (under LoRA only the adapters are
-    averaged and stored). The copy stays in eval mode (no dropout) and runs without gradient.
-    State: `mesa_ema.<parameter name>` per trainable parameter.
-    """
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        if trainer.train_dataset is None:
+            raise ValueError("sam_method='saf' needs a train_dataset: it records logits per training example.")
+        dataset = trainer.train_dataset
+        self.bank = LogitBank(len(dataset), self.args.saf_lag_epochs, self.args.device, example_ids(dataset))
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        shared = {id(p): p for p in model.parameters() if not p.requires_grad}
-        shared.update({id(b): b for b in model.buffers()})
-        self.module = copy.deepcopy(model, memo=shared)
-        # accelerate patches `forward` on the instance (autocast, fp32 outputs); the copy uses the class's own
-        # forward, and the caller enters the autocast context itself.
-        for attribute in ("forward", "_original_forward"):
-            self.module.__dict__.pop(attribute, None)
-        self.module.eval()
-        self.names: list[str] = []
-        self.student: list[torch.Tensor] = []
-        self.ema: list[torch.Tensor] = []
-        for (name, p), (copy_name, v) in zip(model.named_parameters(), self.module.named_parameters()):
-            if name != copy_name:  # pragma: no cover - deepcopy keeps the module tree
-                raise RuntimeError(f"EMA copy is out of order: {name} vs {copy_name}")
-            if p.requires_grad:
-                v.requires_grad_(False)
-                v.grad = None
-                self.names.append(name)
-                self.student.append(p)
-                self.ema.append(v)
-
-    @torch.no_grad()
-    def update(self) -> None:
-        # v + (1 - beta)(w - v) = beta v + (1 - beta) w, as one pass over the weights (this rank's shards).
-        torch._foreach_lerp_(self.ema, [local(p).detach() for p in self.student], 1 - self.decay)
-
-    @torch.no_grad()
-    def __call__(self, inputs: dict[str, Any]):
-        return self.module(**inputs)
+    def term(self, inputs, outputs, index, prepared, num_items_in_batch) -> torch.Tensor | None:
+        args, trainer = self.args, self.trainer
+        if index is None:
+            raise ValueError(
+                f"sam_method='saf' needs the example index column {INDEX_COLUMN!r} in every training batch. SAMTrainer"
+                " adds it to a datasets.Dataset or a dataset of dicts; a custom collator must pass it through."
+            )
+        logits = logits_of(outputs, args.sam_method)
+        bank = self.bank
+        rows = bank.rows(index.to(logits.device).long().reshape(-1))
+        epoch = trainer.state.epoch or 0.0
+        whole = math.floor(epoch)
+        term = None
+        if epoch >= args.saf_start_epoch:
+            target, found = bank.lookup(logits, rows, whole)
+            # Examples without a record from epoch e - lag (first epochs, drop_last) add nothing.
+            kl = torch.where(found, kl_to_target(logits, target, args.saf_tau, args.sam_method), 0.0)
+            scale = term_scale(trainer, rows.numel(), num_items_in_batch)
+            term = args.saf_lambda * args.saf_tau**2 * kl.sum() * scale
+            hits = found.sum()
+            trainer._sam_metrics.add("saf/kl", kl.detach().sum() / hits.clamp(min=1))
+            trainer._sam_metrics.add("saf/coverage", hits / max(rows.numel(), 1))
+        # Every rank records every rank's batch, so a later lookup never misses an example another rank saw.
+        all_rows, all_logits = gather_rows(rows, logits.detach().float(), trainer._train_batch_size, bank.num_examples)
+        bank.record(all_logits, all_rows, whole)
+        trainer._sam_metrics.add("sam/passes_per_step", 1.0)
+        return term
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"mesa_ema.{name}": v for name, v in zip(self.names, self.ema)}
+        return self.bank.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = self.state_dict()
-        if set(state) != set(expected):
-            missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-            raise ValueError(
-                f"The checkpoint's MESA teacher does not fit this model (missing {missing[:3]}, unknown"
-                f" {unknown[:3]}). Resume with the model and trainable parameters of the original run."
-            )
-        with torch.no_grad():
-            for key, value in expected.items():
-                if state[key].shape != value.shape:
-                    raise ValueError(
-                        f"MESA state {key!r} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}."
-                    )
-                value.copy_(state[key])
+        self.bank.load_state_dict(state)
 
 
-class ShardedEMATeacher(EMATeacher):
-    """MESA's teacher under FSDP2: the EMA of this rank's shards, and no second model.
-
-    FSDP2 refuses a deep copy, and a whole copy would defeat sharding anyway. The teacher forward runs the sharded
-    model itself, in eval mode and without gradient, with the EMA shards copied into its parameters (FSDP2
-    all-gathers them like any weights); then every module is resharded, so no gathered EMA weight stays behind
-    for the student's passes, and the student's shards are copied back. Extra memory: two shard-sized copies.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.module = model
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self.names = [name for name, _ in named]
-        self.student = [p for _, p in named]
-        self.ema = [local(p).detach().clone() for p in self.student]
-        self._held = [torch.empty_like(v) for v in self.ema]  # the student's shards during a teacher forward
-
-    @torch.no_grad()
-    def __call__(self, inputs: dict[str, Any]):
-        shards = [local(p) for p in self.student]
-        torch._foreach_copy_(self._held, shards)
-        torch._foreach_copy_(shards, self.ema)
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            return self.module(**inputs)
-        finally:
-            for module in self.module.modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
-            torch._foreach_copy_(shards, self._held)
-            self.module.train(was_training)
-
-
-class AfterOptimizerStep(TrainerCallback):
-    """Calls `hook()` right after every `optimizer.step()` of the Trainer (MESA's EMA update).
-
-    Holds the hook weakly, so the callback does not keep its trainer alive.
-    """
-
-    def __init__(self, hook):
-        self._hook = weakref.WeakMethod(hook)
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        hook = self._hook()
-        if hook is not None:
-            hook()
+@contextlib.contextmanager
+def signature_with_index(trainer):
+    """Trainer's kept columns plus SAF's index column, for the training set's column removal and collator."""
+    trainer._set_signature_columns_if_needed()
+    saved = trainer._signature_columns
+    if INDEX_COLUMN not in saved:
+        trainer._signature_columns = [*saved, INDEX_COLUMN]
+    try:
+        yield
+    finally:
+        trainer._signature_columns = saved

@@ -1,0 +1,140 @@
+"""The one-pass loss terms (SAF, MESA): Trainer's own pass plus lambda tau^2 mean KL(softmax(z_hat / tau) ||
+softmax(z / tau)), z the logits of this pass and z_hat a target the term keeps. No perturbation, no second pass.
+
+`LossTerm` is what a term implements; `SAMMixin.compute_loss` calls `prepare` before the model's forward and `term`
+after it, and `after_optimizer_step` runs after every optimizer step. The math: docs/methods.md#saf and #mesa.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+
+class LossTerm:
+    """One loss term of a run, built from the prepared model at the first training pass of `train()`.
+
+    Args:
+        trainer: the `SAMMixin` trainer (read for its arguments, state, model and metrics).
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.args = trainer.args
+
+    def prepare(self, inputs: dict[str, Any]) -> Any:
+        """Runs before the student's forward on `inputs` (MESA's teacher); its result goes to `term`."""
+        return None
+
+    def term(self, inputs: dict[str, Any], outputs, index, prepared, num_items_in_batch) -> torch.Tensor | None:
+        """The term to add to this pass's loss (None: nothing this pass)."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def term_scale(trainer, count, num_items_in_batch):
+    """The factor that turns a sum of per-item KL values into the loss's own normalization.
+
+    Trainer takes the model's loss to be a per-micro-batch mean (and divides it by the GA steps), or, when the model
+    accepts loss kwargs and `num_items_in_batch` is known, already normalized over the whole window (times the
+    processes under `average_tokens_across_devices`). The term follows the same convention.
+    """
+    count = count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            trainer.compute_loss_func is not None
+        )
+    if not scaled:
+        return 1 / count
+    if num_items_in_batch is None:
+        return 1 / (count * trainer.current_gradient_accumulation_steps)
+    factor = 1
+    args = trainer.args
+    if args.average_tokens_across_devices and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func):
+        factor = trainer.accelerator.num_processes // trainer.get_tp_size() if args.n_gpu <= 1 else args.n_gpu
+    return factor / num_items_in_batch
+
+
+def logits_of(outputs, method: str) -> torch.Tensor:
+    """The logits of a model output: a `ModelOutput`/dict with `logits`, or a tuple `(loss, logits, ...)` (with
+    labels) or `(logits, ...)` (without)."""
+    if isinstance(outputs, Mapping) or hasattr(outputs, "keys"):
+        if "logits" in outputs.keys():
+            return outputs["logits"]
+    elif isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        if outputs[0].dim() > 0:
+            return outputs[0]
+        if len(outputs) >= 2 and isinstance(outputs[1], torch.Tensor):
+            return outputs[1]
+    raise ValueError(
+        f"sam_method={method!r} needs the model to return logits (an output with `.logits`, or a tuple"
+        f" (loss, logits, ...)); got {type(outputs).__name__}."
+    )
+
+
+def one_output_message(method: str) -> str:
+    return (
+        f"sam_method={method!r} adds a KL term between softmax distributions over the model's outputs, but this"
+        " model has one output per example (a regression head, num_labels=1): a softmax over one value is always 1,"
+        " so the term would be 0 and the method would do nothing (at its full cost). For regression use a method"
+        " that perturbs the weights, e.g. --sam_method sam."
+    )
+
+
+def kl_to_target(logits: torch.Tensor, target: torch.Tensor, tau: float, method: str = "saf") -> torch.Tensor:
+    """KL(softmax(target / tau) || softmax(logits / tau)) over the last dimension, in fp32, gradient to `logits`."""
+    if logits.shape[-1] < 2:
+        raise ValueError(one_output_message(method))
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        log_q = F.log_softmax(logits.float() / tau, dim=-1)
+        log_p = F.log_softmax(target.detach().float() / tau, dim=-1)
+        return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+
+def token_mask(logits: torch.Tensor, labels: torch.Tensor | None, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions that count for MESA: the logits to compare, and a bool mask of the same leading shape.
+
+    `(batch, classes)` logits: every example whose label is not -100 (every example for multi-label targets).
+    `(batch, ..., vocab)`: every position whose label is not -100; with `shift` (causal LM) the logits at t are
+    scored against the label at t + 1. Without labels every position counts.
+    """
+    if shift and logits.dim() >= 3:
+        logits = logits[:, :-1]
+        labels = labels[:, 1:] if labels is not None else None
+    if labels is None or (logits.dim() == 2 and labels.shape != logits.shape[:1]):
+        return logits, torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"sam_method='mesa' compares logits per labelled position: logits {tuple(logits.shape)} do not match"
+            f" labels {tuple(labels.shape)} (expected labels of shape logits.shape[:-1])."
+        )
+    return logits, labels.ne(-100)
+
+
+class AfterOptimizerStep(TrainerCallback):
+    """Calls `hook()` right after every `optimizer.step()` of the Trainer (MESA's EMA update).
+
+    Holds the hook weakly, so the callback does not keep its trainer alive.
+    """
+
+    def __init__(self, hook):
+        self._hook = weakref.WeakMethod(hook)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        hook = self._hook()
+        if hook is not None:
+            hook()

@@ -1,0 +1,169 @@
+"""MESA (Du et al. 2022, arXiv 2205.14083, memory-efficient SAF): the KL to the logits of an exponential moving
+average of the weights, an `EMATeacher` (eval mode, no grad). The math: docs/methods.md#mesa.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .loss_term import LossTerm, kl_to_target, logits_of, term_scale, token_mask
+from .tensors import DTensor, local
+
+
+try:  # FSDP2's module class (public from torch 2.6 on)
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - old torch
+    FSDPModule = ()
+
+
+class EMATeacher:
+    """MESA's teacher: a copy of the model whose trainable weights follow v <- decay v + (1 - decay) w.
+
+    Frozen parameters and buffers are shared with the model, not copied (under LoRA only the adapters are
+    averaged and stored). The copy stays in eval mode (no dropout) and runs without gradient.
+    State: `mesa_ema.<parameter name>` per trainable parameter.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        shared = {id(p): p for p in model.parameters() if not p.requires_grad}
+        shared.update({id(b): b for b in model.buffers()})
+        self.module = copy.deepcopy(model, memo=shared)
+        # accelerate patches `forward` on the instance (autocast, fp32 outputs); the copy uses the class's own
+        # forward, and the caller enters the autocast context itself.
+        for attribute in ("forward", "_original_forward"):
+            self.module.__dict__.pop(attribute, None)
+        self.module.eval()
+        self.names: list[str] = []
+        self.student: list[torch.Tensor] = []
+        self.ema: list[torch.Tensor] = []
+        for (name, p), (copy_name, v) in zip(model.named_parameters(), self.module.named_parameters()):
+            if name != copy_name:  # pragma: no cover - deepcopy keeps the module tree
+                raise RuntimeError(f"EMA copy is out of order: {name} vs {copy_name}")
+            if p.requires_grad:
+                v.requires_grad_(False)
+                v.grad = None
+                self.names.append(name)
+                self.student.append(p)
+                self.ema.append(v)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        # v + (1 - beta)(w - v) = beta v + (1 - beta) w, as one pass over the weights (this rank's shards).
+        torch._foreach_lerp_(self.ema, [local(p).detach() for p in self.student], 1 - self.decay)
+
+    @torch.no_grad()
+    def __call__(self, inputs: dict[str, Any]):
+        return self.module(**inputs)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"mesa_ema.{name}": v for name, v in zip(self.names, self.ema)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.state_dict()
+        if set(state) != set(expected):
+            missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise ValueError(
+                f"The checkpoint's MESA teacher does not fit this model (missing {missing[:3]}, unknown"
+                f" {unknown[:3]}). Resume with the model and trainable parameters of the original run."
+            )
+        with torch.no_grad():
+            for key, value in expected.items():
+                if state[key].shape != value.shape:
+                    raise ValueError(
+                        f"MESA state {key!r} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}."
+                    )
+                value.copy_(state[key])
+
+
+class ShardedEMATeacher(EMATeacher):
+    """MESA's teacher under FSDP2: the EMA of this rank's shards, and no second model.
+
+    FSDP2 refuses a deep copy, and a whole copy would defeat sharding anyway. The teacher forward runs the sharded
+    model itself, in eval mode and without gradient, with the EMA shards copied into its parameters (FSDP2
+    all-gathers them like any weights); then every module is resharded, so no gathered EMA weight stays behind
+    for the student's passes, and the student's shards are copied back. Extra memory: two shard-sized copies.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = model
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.student = [p for _, p in named]
+        self.ema = [local(p).detach().clone() for p in self.student]
+        self._held = [torch.empty_like(v) for v in self.ema]  # the student's shards during a teacher forward
+
+    @torch.no_grad()
+    def __call__(self, inputs: dict[str, Any]):
+        shards = [local(p) for p in self.student]
+        torch._foreach_copy_(self._held, shards)
+        torch._foreach_copy_(shards, self.ema)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return self.module(**inputs)
+        finally:
+            for module in self.module.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+            torch._foreach_copy_(shards, self._held)
+            self.module.train(was_training)
+
+
+class MESATerm(LossTerm):
+    """MESA's term: KL to the EMA teacher's logits, per example or per labelled token; the EMA follows every step."""
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        model, decay = trainer.model, self.args.mesa_ema_decay
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
+        self.teacher = ShardedEMATeacher(model, decay) if sharded else EMATeacher(model, decay)
+
+    def prepare(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """The teacher's logits for `inputs` (no gradient), or None before `mesa_start_epoch`. It runs before the
+        student's forward: under FSDP2 it borrows the model's own shards (see `ShardedEMATeacher`)."""
+        trainer = self.trainer
+        if (trainer.state.epoch or 0.0) < self.args.mesa_start_epoch:
+            return None
+        teacher_inputs = dict(inputs)
+        config = getattr(trainer.model, "config", None)
+        if not getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" in inputs:
+            # Labels only feed the teacher's own loss (encoder-decoders build their decoder inputs from them).
+            teacher_inputs.pop("labels", None)
+            teacher_inputs.pop("shift_labels", None)
+        with trainer.accelerator.autocast():
+            return logits_of(self.teacher(teacher_inputs), self.args.sam_method)
+
+    def term(self, inputs, outputs, index, prepared, num_items_in_batch) -> torch.Tensor | None:
+        args, trainer, teacher_logits = self.args, self.trainer, prepared
+        if teacher_logits is None:
+            trainer._sam_metrics.add("sam/passes_per_step", 1.0)
+            return None
+        if "shift_labels" in inputs:
+            labels, shift = inputs["shift_labels"], False
+        else:
+            labels, shift = inputs.get("labels"), trainer._sam_loss_shifts_labels()
+        logits, mask = token_mask(logits_of(outputs, args.sam_method), labels, shift)
+        teacher_logits, _ = token_mask(teacher_logits, labels, shift)
+        kl = torch.where(mask, kl_to_target(logits, teacher_logits, args.mesa_tau, args.sam_method), 0.0)
+        count = mask.sum()
+        term = args.mesa_lambda * args.mesa_tau**2 * kl.sum() * term_scale(trainer, count, num_items_in_batch)
+        trainer._sam_metrics.add("mesa/kl", kl.detach().sum() / count.clamp(min=1))
+        # A no-grad forward counted as a third of a pass (backward = 2 forwards), as ESAM's SDS forward.
+        trainer._sam_metrics.add("sam/passes_per_step", 1.0 + 1 / 3)
+        return term
+
+    def after_optimizer_step(self) -> None:
+        """v <- beta v + (1 - beta) w right after each optimizer step."""
+        self.teacher.update()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.teacher.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.teacher.load_state_dict(state)
