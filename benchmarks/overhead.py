@@ -5,7 +5,7 @@ every other one runs in reverse order (none, sam, asam, asam, sam, none, ...), s
 alike, and each method's time is divided by `none`'s time in the same repeat before averaging (a paired ratio: a
 repeat that ran slow for everyone does not count against one method). Runs on CPU, and unchanged on CUDA.
 
-    python benchmarks/overhead.py                       # all methods, 5.4M-parameter BERT, CPU
+    python benchmarks/overhead.py                       # all methods, 5.3M-parameter BERT, CPU
     python benchmarks/overhead.py --methods none sam --steps 30 --repeats 5 --hidden 256 --layers 6
 """
 

@@ -1,9 +1,9 @@
 """What a pass costs on this device, measured instead of assumed.
 
-`sam/passes_per_step` counts work in passes of F + B with B = 2F. Real devices differ: on a small model on CPU the
-forward measured 39% of a pass rather than 33%, on BERT-base shapes 35%. This script times the pieces that
-the efficient methods are built from, on the model `benchmarks/overhead.py` uses, and turns them into the step
-cost each method's recipe implies, so a measured step-time ratio can be checked against its parts:
+`sam/passes_per_step` counts work in passes of F + B with B = 2F. Real devices differ: on a small model on CPU
+the training-mode forward measured 39% of a pass rather than 33% (`results/pass_costs_cpu.md`). This script
+times the pieces that the efficient methods are built from, on the model `benchmarks/overhead.py` uses, and turns
+them into the step cost each method's recipe implies, so a measured step-time ratio can be checked against its parts:
 
 - `full`: forward + backward on the batch (one plain pass)
 - `forward`: a no-grad forward on the batch in training mode (ESAM's scoring pass: same dropout masks)

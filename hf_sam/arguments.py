@@ -76,6 +76,8 @@ ONLY_UNDER = (
             "sam_freeze_bn_stats",
             "sam_ascent_sync",
             "sam_accumulation",
+            "sam_ascent",
+            "esam_swp",
         ),
         "a method that perturbs the weights (not none, saf or mesa)",
         lambda a: a.sam_enabled,
@@ -490,6 +492,7 @@ class SAMArgumentsMixin:
         conflicts = {
             "sam_rho": self.sam_rho > 0,
             "sam_mask": self.sam_mask != "none",
+            "esam_swp": bool(self.esam_swp),
             "sam_descent": self.sam_descent != "none",
             "sam_renormalize": bool(self.sam_renormalize),
             "sam_micro_batches": self.sam_micro_batches > 1,

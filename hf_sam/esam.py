@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 def kept_tensors(count: int, beta: float, seed: int, step: int) -> list[bool]:
     """Which of `count` tensors SWP keeps at `step` (at least one, so the ascent is never empty)."""
+    # Its own stream since ESAM was added (the salt 7919 keeps it apart from every other piece's seed).
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 7919)
     keep = (torch.rand(count, generator=generator) < beta).tolist()
     if count and not any(keep):
@@ -91,3 +92,50 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, shifts_labels: 
         f" shape {tuple(labels.shape)} are not a known case (sequence/token/image classification, causal or masked"
         " LM). Override `SAMTrainer.per_example_loss(outputs, inputs)` for this model, or set --esam_gamma 1."
     )
+
+
+class ESAM:
+    """ESAM's pieces for one run: SWP (`esam_swp`: which tensors this step's ascent keeps) and SDS (`esam_gamma` < 1:
+    which examples the descent sees). Neither is on for the other methods; the axes combine with any of them.
+
+    Args:
+        args: the resolved `SAMTrainingArguments`.
+        params (`list[torch.nn.Parameter]`): the perturbed parameters.
+    """
+
+    def __init__(self, args, params: list[torch.nn.Parameter]):
+        self.args = args
+        self.params = params
+        self.swp = bool(args.esam_swp)
+        self.sds = args.esam_gamma < 1
+        self.keep: list[bool] | None = None
+
+    def before_step(self, step: int) -> None:
+        """SWP: one draw per optimizer step, shared by the window's micro-batches and identical on every rank."""
+        if self.swp:
+            self.keep = kept_tensors(len(self.params), self.args.esam_beta, self.args.seed, step)
+
+    def ascent_rho(self, rho: float) -> float:
+        """SWP's radius: eps = (rho / beta) g_kept / ||g_kept|| (dropped tensors have no gradient, so no eps)."""
+        return rho / self.args.esam_beta if self.swp else rho
+
+    def passes(self) -> float:
+        """Forward+backward passes per micro-batch of a SAM step (see `step_passes`)."""
+        return step_passes(self.args.esam_beta if self.swp else None, self.args.esam_gamma if self.sds else None)
+
+    @contextlib.contextmanager
+    def clean_pass(self, model: torch.nn.Module) -> Iterator[list]:
+        """Around the clean pass: SWP freezes the dropped tensors; SDS keeps the model's output (yielded list)."""
+        captured: list = []
+        swp = frozen_tensors(self.params, self.keep) if self.swp else contextlib.nullcontext()
+        hook = model.register_forward_hook(lambda m, i, o: captured.append(o)) if self.sds else None
+        try:
+            with swp:
+                yield captured
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    def select(self, rise: torch.Tensor) -> torch.Tensor:
+        """SDS: the examples whose loss rose most at w + eps, k = max(1, ceil(gamma |B|)) of them."""
+        return torch.topk(rise, selected_count(rise.shape[0], self.args.esam_gamma)).indices

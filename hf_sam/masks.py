@@ -12,6 +12,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from .seeds import step_generator
 from .tensors import local, shard_group, shard_rows
 
 
@@ -95,10 +96,88 @@ class SparseMask:
         self.total = sum(p.numel() for p in params)  # a DTensor's numel is the whole tensor's
         self.live = int((1 - args.sam_sparsity) * self.total)
         self.masks: dict[str, torch.Tensor] = {}
+        self.updated_at = -1  # the optimizer step of the last refresh
+        self.fisher_indices: list[int] = []  # the training examples of the last Fisher estimate
         if self.kind == "dynamic":  # the random starting mask: (1 - s) N live entries
-            generator = torch.Generator().manual_seed(args.seed)
+            generator = step_generator("ssam-d-start", args.seed, 0)
             scores = [local_rand(p, generator) for p in params]
             self._set(top_k_mask(scores, self.live, self.group), params)
+        self.current_density = self.density() if self.masks else 1.0  # one host sync per refresh, not per step
+
+    # ------------------------------------------------------------------ refresh inside the Trainer
+
+    def due(self, trainer) -> bool:
+        """Whether the mask is refreshed at this optimizer step: every `sam_mask_interval` steps (default one
+        epoch's), the first step included, once per step."""
+        state = trainer.state
+        if self.updated_at == state.global_step:
+            return False
+        interval = self.args.sam_mask_interval
+        if interval is None:  # one epoch's optimizer steps
+            epochs = max(1.0, float(state.num_train_epochs or 1))
+            interval = max(1, math.ceil(state.max_steps / epochs))
+        return state.global_step % interval == 0
+
+    def before_step(self, trainer, params: list[torch.Tensor]) -> None:
+        """SSAM-F: before a due step (the first one included), rebuild the mask from the empirical Fisher."""
+        if self.kind != "fisher" or not self.due(trainer):
+            return
+        fisher = [torch.zeros_like(local(p), dtype=torch.float32) for p in params]
+        model = trainer.model  # unwrapped: these passes must not all-reduce; every rank sees the same examples
+        was_training = model.training
+        model.eval()  # no dropout (a documented change from the official train mode)
+        try:  # an interrupt in these many passes leaves the model as it was, its mode included
+            for example in self._fisher_examples(trainer):
+                model.zero_grad(set_to_none=True)
+                with trainer.compute_loss_context_manager():
+                    loss = trainer.compute_loss(model, trainer._prepare_inputs(example))
+                loss.backward()
+                with torch.no_grad():
+                    for f, p in zip(fisher, params):
+                        if p.grad is not None:
+                            f.add_(local(p.grad).float().square())
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+        self.set_fisher(fisher, params)
+        self.updated_at = trainer.state.global_step
+        self.current_density = self.density()
+
+    def _fisher_examples(self, trainer):
+        """`sam_fisher_samples` training examples, one per batch, drawn from (seed, global_step)."""
+        dataset = trainer.train_dataset
+        # Its own stream: SS-SAM's draws and SSAM-D's regrowth come from `step_generator` streams.
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + trainer.state.global_step)
+        indices = torch.randperm(len(dataset), generator=generator)[: self.args.sam_fisher_samples].tolist()
+        self.fisher_indices = indices
+        try:
+            import datasets
+
+            is_hf_dataset = isinstance(dataset, datasets.Dataset)
+        except ImportError:  # pragma: no cover
+            is_hf_dataset = False
+        if is_hf_dataset:
+            subset = trainer._remove_unused_columns(dataset.select(indices), description="fisher")
+            for i in range(len(subset)):
+                yield trainer.data_collator([subset[i]])
+        else:
+            collator = trainer._get_collator_with_removed_columns(trainer.data_collator, description="fisher")
+            for i in indices:
+                yield collator([dataset[i]])
+
+    def before_ascent(self, trainer, params: list[torch.Tensor]) -> None:
+        """SSAM-D: at a due step, refresh the mask from |g| of the clean gradient now in `.grad`."""
+        if self.kind != "dynamic" or not self.due(trainer):
+            return
+        step = trainer.state.global_step
+        self.updated_at = step
+        if step == 0:  # the random starting mask is the first mask
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        self.drop_and_grow(grads, params, step, step / max(1, trainer.state.max_steps))
+        self.current_density = self.density()
+
+    # ------------------------------------------------------------------ the masks
 
     def _set(self, masks: list[torch.Tensor], params: list[torch.Tensor]) -> None:
         masks = [m.to(local(p).device) for m, p in zip(masks, params)]
@@ -124,7 +203,7 @@ class SparseMask:
         keep_scores = [torch.where(m, local(g).abs().float(), torch.full_like(m, -1.0, dtype=torch.float32))
                        for m, g in zip(old, grads)]  # fmt: skip
         kept = top_k_mask(keep_scores, keep, self.group)
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
+        generator = step_generator("ssam-d-regrow", self.args.seed, step)
         grow_scores = [torch.where(m, -1.0, local_rand(p, generator).to(m.device)) for m, p in zip(old, params)]
         grown = top_k_mask(grow_scores, revive, self.group)
         self._set([k | g for k, g in zip(kept, grown)], params)
@@ -149,3 +228,4 @@ class SparseMask:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
             self.masks = {key[len("ssam_mask.") :]: value.bool() for key, value in state.items()}
+            self.current_density = self.density()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from transformers.utils import logging
 
 from .checkpoint import check_state_keys, load_sam_state, save_sam_state
 from .components import LOSS_TERMS, build_ascent, build_descent
-from .esam import frozen_tensors, kept_tensors, per_example_loss, selected_count, step_passes, take_examples
+from .esam import ESAM, per_example_loss, take_examples
 from .loss_term import AfterOptimizerStep, LossTerm, logits_of, one_output_message
 from .masks import SparseMask
 from .metrics import SAMMetrics
@@ -72,6 +71,7 @@ class SAMMixin:
         self._sam_window_is_sam = True
         self._sam_window_clean: list[torch.Tensor] = []
         self._sam_window_rng: list = []
+        self._sam_window_examples: list = []  # ESAM SDS: each micro-batch's per-example clean losses
         self._sam_clean_copy: list[torch.Tensor] | None = None
         self._sam_raw_norm: torch.Tensor | None = None
         self._sam_stash: dict[int, torch.Tensor] = {}
@@ -188,7 +188,7 @@ class SAMMixin:
             return
         perturbation.restore()
         self._sam_release_grads()  # `.grad` holds eps or a descent gradient at w + eps: neither belongs to a step now
-        self._sam_window_clean, self._sam_window_rng, self._esam_window_examples = [], [], []
+        self._sam_window_clean, self._sam_window_rng, self._sam_window_examples = [], [], []
         self._sam_clean_copy = None
         self._sam_descent_finite = None
 
@@ -198,15 +198,11 @@ class SAMMixin:
         self._sam_trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._sam_bn_layers = batch_norm_layers(self.model) if args.sam_freeze_bn_stats else []
         mask = None
-        self._esam_swp = args.esam_swp  # ESAM's per-tensor draw, not an element mask
-        self._esam_sds = args.esam_gamma < 1
-        self._esam_keep: list[bool] | None = None
+        self._sam_esam = ESAM(args, [p for _, p in named])
         if args.sam_mask in ("fisher", "dynamic"):
             mask = SparseMask(args, [n for n, _ in named], [p for _, p in named])
         self._sam_perturbation = Perturbation(named, build_ascent(args), mask)
         self._sam_descent = build_descent(args)
-        self._sam_mask_updated_at = -1
-        self._sam_mask_density = mask.density() if mask is not None else 1.0
 
     # ------------------------------------------------------------------ the step
 
@@ -231,12 +227,9 @@ class SAMMixin:
         index, window = self._sam_position(inputs)
         last = index == len(window) - 1
         if index == 0:
-            self._sam_maybe_update_fisher_mask()
-            if self._esam_swp:  # one draw per optimizer step, shared by the window's micro-batches
-                params = self._sam_perturbation.params
-                self._esam_keep = kept_tensors(
-                    len(params), self.args.esam_beta, self.args.seed, self.state.global_step
-                )
+            if self._sam_perturbation.mask is not None:
+                self._sam_perturbation.mask.before_step(self, self._sam_perturbation.params)
+            self._sam_esam.before_step(self.state.global_step)
             # One decision per optimizer step, seeded by (seed, global_step): identical on every rank.
             self._sam_window_is_sam = is_sam_step(self.args, self.state.global_step, self.state.max_steps)
             self._sam_metrics.add("sam/sam_step_fraction", float(self._sam_window_is_sam))
@@ -249,7 +242,7 @@ class SAMMixin:
                     for transform in self._sam_descent:
                         transform.after_plain_step(names, grads)
             return loss
-        self._sam_metrics.add("sam/passes_per_step", self._sam_passes())
+        self._sam_metrics.add("sam/passes_per_step", self._sam_esam.passes())
         try:
             if self.args.sam_micro_batches > 1 or (self.args.sam_accumulation == "micro" and len(window) > 1):
                 return self._sam_micro_step(model, inputs, index, window, num_items_in_batch)
@@ -271,19 +264,19 @@ class SAMMixin:
         if index == 0:
             # The window starts with zero gradients (Trainer zeroes after each step): the clean passes
             # accumulate the window's gradient g there, with nothing to stash.
-            self._sam_window_clean, self._sam_window_rng, self._esam_window_examples = [], [], []
+            self._sam_window_clean, self._sam_window_rng, self._sam_window_examples = [], [], []
             for j, batch in enumerate(window):
                 sync = self.args.sam_ascent_sync and j == len(window) - 1
-                clean, rng = self._sam_clean_pass(model, batch, num_items_in_batch, sync)
+                clean, rng, examples = self._sam_clean_pass(model, batch, num_items_in_batch, sync)
                 self._sam_window_clean.append(clean)
                 self._sam_window_rng.append(rng)
-                self._esam_window_examples.append(self._esam_clean_examples)
+                self._sam_window_examples.append(examples)
             self._sam_keep_clean_gradient()
             self._sam_ascend(grad_factor=1.0)
             self._sam_release_grads()
         clean = self._sam_window_clean[index]
         perturbed = self._sam_perturbed_pass(
-            model, inputs, num_items_in_batch, self._sam_window_rng[index], clean, self._esam_window_examples[index]
+            model, inputs, num_items_in_batch, self._sam_window_rng[index], clean, self._sam_window_examples[index]
         )
         self._sam_record_losses(clean, perturbed, first=index == 0)
         if index == len(window) - 1:
@@ -308,7 +301,9 @@ class SAMMixin:
                 if (index > 0 or j > 0 or self._sam_window is None) and held:
                     stash = self._sam_stash_grads(held)
                     self._sam_zero_grads()  # the ascent gradient must not mix with the stashed descent gradients
-                clean, rng = self._sam_clean_pass(model, shard, num_items_in_batch, self.args.sam_ascent_sync)
+                clean, rng, examples = self._sam_clean_pass(
+                    model, shard, num_items_in_batch, self.args.sam_ascent_sync
+                )
                 self._sam_ascend(grad_factor=float(len(window) * len(shards)))
                 self._sam_zero_grads()
                 if stash is not None:
@@ -323,9 +318,7 @@ class SAMMixin:
                 else:
                     descent_sync = self._sam_gradient_sync(model, False)
                 with descent_sync:
-                    perturbed = self._sam_perturbed_pass(
-                        model, shard, num_items_in_batch, rng, clean, self._esam_clean_examples
-                    )
+                    perturbed = self._sam_perturbed_pass(model, shard, num_items_in_batch, rng, clean, examples)
                 self._sam_perturbation.restore()
                 total_clean = total_clean + clean
                 total_perturbed = total_perturbed + perturbed
@@ -339,25 +332,20 @@ class SAMMixin:
     # ------------------------------------------------------------------ passes
 
     def _sam_clean_pass(self, model, inputs, num_items_in_batch, sync: bool):
-        """Forward+backward at w; the backward syncs across ranks only if `sync` (forward included)."""
-        rng = capture_rng(self.args.device) if self.args.sam_same_dropout or self._esam_sds else None
-        context = self._sam_gradient_sync(model, sync)
-        swp = contextlib.nullcontext()
-        if self._esam_swp:
-            swp = frozen_tensors(self._sam_perturbation.params, self._esam_keep)
-        captured = []
-        hook = self.model.register_forward_hook(lambda m, i, o: captured.append(o)) if self._esam_sds else None
-        try:
-            with context, swp:
-                loss = super().training_step(model, dict(inputs), num_items_in_batch)
-        finally:
-            if hook is not None:
-                hook.remove()
-        self._esam_clean_examples = None
-        if self._esam_sds:
+        """Forward+backward at w; the backward syncs across ranks only if `sync` (forward included).
+
+        Returns the loss, the RNG state before the pass (for the descent pass to replay) and, with ESAM's data
+        selection, each example's loss (else None).
+        """
+        esam = self._sam_esam
+        rng = capture_rng(self.args.device) if self.args.sam_same_dropout or esam.sds else None
+        with self._sam_gradient_sync(model, sync), esam.clean_pass(self.model) as captured:
+            loss = super().training_step(model, dict(inputs), num_items_in_batch)
+        examples = None
+        if esam.sds:
             with torch.no_grad():
-                self._esam_clean_examples = self.per_example_loss(captured[-1], self._prepare_inputs(dict(inputs)))
-        return loss, rng
+                examples = self.per_example_loss(captured[-1], self._prepare_inputs(dict(inputs)))
+        return loss, rng, examples
 
     def _sam_perturbed_pass(
         self, model, inputs, num_items_in_batch, rng, clean=None, clean_examples=None
@@ -384,9 +372,7 @@ class SAMMixin:
         with torch.no_grad(), frozen_bn_stats(self._sam_bn_layers), self.compute_loss_context_manager():
             outputs = self.model(**prepared)  # unwrapped: a no-grad forward needs no DDP bookkeeping
             rise = self.per_example_loss(outputs, prepared) - clean_examples
-        batch = rise.shape[0]
-        chosen = torch.topk(rise, selected_count(batch, self.args.esam_gamma)).indices
-        subset = take_examples(dict(inputs), chosen, batch)
+        subset = take_examples(dict(inputs), self._sam_esam.select(rise), rise.shape[0])
         if rng is not None:
             restore_rng(rng, self.args.device)
         with frozen_bn_stats(self._sam_bn_layers):
@@ -457,15 +443,6 @@ class SAMMixin:
             )
         return per_example_loss(logits, labels, self._sam_loss_shifts_labels())
 
-    def _sam_passes(self) -> float:
-        """Forward+backward passes per micro-batch of a SAM step, a pass being F + B with B = 2F.
-
-        ESAM: SWP skips the weight-gradient half of the backward for the dropped share (1 - beta) of tensors,
-        SDS adds a no-grad forward (1/3) and runs the descent on gamma of the batch.
-        """
-        beta = self.args.esam_beta if self._esam_swp else None
-        return step_passes(beta, self.args.esam_gamma if self._esam_sds else None)
-
     @contextlib.contextmanager
     def _sam_gradient_sync(self, model, sync: bool):
         """Make the backwards inside the block all-reduce / reduce-scatter (`sync`) or defer it, whatever the Trainer's
@@ -502,91 +479,18 @@ class SAMMixin:
         ratio = min(1.0, max(0.0, self._get_learning_rate() / base_lrs[0]))
         return args.sam_rho_min + (args.sam_rho - args.sam_rho_min) * ratio
 
-    # ------------------------------------------------------------------ Sparse SAM masks
-
-    def _sam_mask_due(self) -> bool:
-        mask = self._sam_perturbation.mask
-        if mask is None or self._sam_mask_updated_at == self.state.global_step:
-            return False
-        interval = self.args.sam_mask_interval
-        if interval is None:  # one epoch's optimizer steps
-            epochs = max(1.0, float(self.state.num_train_epochs or 1))
-            interval = max(1, math.ceil(self.state.max_steps / epochs))
-        return self.state.global_step % interval == 0
-
-    def _sam_maybe_update_fisher_mask(self) -> None:
-        """SSAM-F: before the step that is due (the first one included), rebuild the mask from the Fisher."""
-        if not self._sam_mask_due() or self._sam_perturbation.mask.kind != "fisher":
-            return
-        perturbation = self._sam_perturbation
-        fisher = [torch.zeros_like(local(p), dtype=torch.float32) for p in perturbation.params]
-        model = self.model  # unwrapped: these passes must not all-reduce; every rank sees the same examples
-        was_training = model.training
-        model.eval()  # no dropout (a documented change from the official train mode)
-        try:  # an interrupt in these many passes leaves the model as it was, its mode included
-            for example in self._sam_fisher_examples():
-                model.zero_grad(set_to_none=True)
-                with self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, self._prepare_inputs(example))
-                loss.backward()
-                with torch.no_grad():
-                    for f, p in zip(fisher, perturbation.params):
-                        if p.grad is not None:
-                            f.add_(local(p.grad).float().square())
-        finally:
-            model.zero_grad(set_to_none=True)
-            model.train(was_training)
-        perturbation.mask.set_fisher(fisher, perturbation.params)
-        self._sam_mask_updated_at = self.state.global_step
-        self._sam_mask_density = perturbation.mask.density()  # one host sync per mask update, not per step
-
-    def _sam_fisher_examples(self):
-        """`sam_fisher_samples` training examples, one per batch, drawn from (seed, global_step)."""
-        dataset = self.train_dataset
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
-        indices = torch.randperm(len(dataset), generator=generator)[: self.args.sam_fisher_samples].tolist()
-        self._sam_fisher_indices = indices
-        try:
-            import datasets
-
-            is_hf_dataset = isinstance(dataset, datasets.Dataset)
-        except ImportError:  # pragma: no cover
-            is_hf_dataset = False
-        if is_hf_dataset:
-            subset = self._remove_unused_columns(dataset.select(indices), description="fisher")
-            for i in range(len(subset)):
-                yield self.data_collator([subset[i]])
-        else:
-            collator = self._get_collator_with_removed_columns(self.data_collator, description="fisher")
-            for i in indices:
-                yield collator([dataset[i]])
-
-    def _sam_maybe_drop_and_grow(self) -> None:
-        """SSAM-D: at a due step, refresh the mask from |g| of the clean gradient now in `.grad`."""
-        if not self._sam_mask_due() or self._sam_perturbation.mask.kind != "dynamic":
-            return
-        step = self.state.global_step
-        self._sam_mask_updated_at = step
-        if step == 0:  # the random starting mask is the first mask
-            self._sam_mask_density = self._sam_perturbation.mask.density()
-            return
-        perturbation = self._sam_perturbation
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in perturbation.params]
-        progress = step / max(1, self.state.max_steps)
-        perturbation.mask.drop_and_grow(grads, perturbation.params, step, progress)
-        self._sam_mask_density = perturbation.mask.density()
-
     def _sam_ascend(self, grad_factor: float) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
         loss_scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
         grad_unit = grad_factor / loss_scale if loss_scale is not None else grad_factor
         rho = self._sam_rho()
-        self._sam_maybe_drop_and_grow()
-        # ESAM's SWP: eps = (rho / beta) g_kept / ||g_kept|| (dropped tensors have no gradient, so no eps).
-        step_rho = rho / self.args.esam_beta if self._esam_swp else rho
+        mask = self._sam_perturbation.mask
+        if mask is not None:
+            mask.before_ascent(self, self._sam_perturbation.params)
+        step_rho = self._sam_esam.ascent_rho(rho)
         raw_norm, skipped = self._sam_perturbation.ascend(step_rho, grad_unit)
-        if self._sam_perturbation.mask is not None:
-            self._sam_metrics.add("sam/mask_density", self._sam_mask_density)
+        if mask is not None:
+            self._sam_metrics.add("sam/mask_density", mask.current_density)
         self._sam_raw_norm = raw_norm
         self._sam_metrics.add("sam/grad_norm", raw_norm * grad_unit)
         self._sam_metrics.add("sam/skipped", skipped)
@@ -779,7 +683,6 @@ class SAMMixin:
         self._sam_perturbation.rule.load_state_dict({k: v for k, v in state.items() if k.startswith("fsam_")})
         if self._sam_perturbation.mask is not None:
             self._sam_perturbation.mask.load_state_dict({k: v for k, v in state.items() if k.startswith("ssam_")})
-            self._sam_mask_density = self._sam_perturbation.mask.density()
         for transform in self._sam_descent:
             transform.load_state_dict({k: v for k, v in state.items() if k.startswith("looksam_")})
 

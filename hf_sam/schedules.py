@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .seeds import step_generator
+
 
 SCHEDULES = ("always", "constant", "piecewise", "linear", "cosine", "every_k")
 
@@ -38,5 +40,5 @@ def is_sam_step(args, global_step: int, max_steps: int) -> bool:
     if args.sam_schedule == "every_k":
         return global_step % args.sam_interval == 0
     progress = min(1.0, global_step / max(1, max_steps))
-    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + global_step)
+    generator = step_generator("ss-sam", args.seed, global_step)
     return bool(torch.rand((), generator=generator) < sam_probability(args, progress))

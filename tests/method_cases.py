@@ -22,7 +22,8 @@ from hf_sam.schedules import is_sam_step
 
 
 def _ss_sam_draws(step: int) -> bool:
-    # The reference uses the draws of SPEC's (seed, global_step) generator; test_schedules checks their statistics.
+    # The reference uses the same (seed, global_step) draws (docs/methods.md#ss-sam); their statistics are
+    # checked on their own.
     args = SimpleNamespace(sam_schedule="constant", sam_probability=0.5, sam_probability_end=0.5, seed=0)
     return is_sam_step(args, step, 4)
 

@@ -1,4 +1,4 @@
-"""Hand-written reference loops: SPEC.md's math in plain PyTorch, parameter by parameter, no Trainer.
+"""Hand-written reference loops: the math of docs/methods.md in plain PyTorch, parameter by parameter, no Trainer.
 
 Loss convention matches Trainer for classification: each micro-batch contributes CE-mean / (micro-batches in the
 window), so a window's gradient is the mean over its examples when micro-batches are equal in size.

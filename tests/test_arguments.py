@@ -104,6 +104,7 @@ FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}
         ({"sam_ascent": "sideways"}, "sam_ascent"),
         ({"sam_method": "esam", **FSDP2}, "FSDP always syncs the ascent"),
         ({"sam_mask": "random_tensor"}, "sam_mask='random_tensor' is unknown"),  # ESAM's SWP is esam_swp
+        ({"sam_method": "saf", "esam_swp": True}, "esam_swp=True has nothing to act on"),
         ({"sam_method": "sam", "sam_ascent_sync": False, **FSDP2}, "sam_ascent_sync"),
         ({"sam_method": "sam", "fsdp": True, "fsdp_config": {"version": 1}}, "FSDP2"),
         # Choice fields are checked from Python too, not only by the CLI parser's choices.
@@ -143,7 +144,8 @@ def test_every_registered_method_constructs():
 
 
 def test_axes_combine_freely():
-    # any ascent rule with any schedule, renormalization and both accumulation modes (where SPEC allows)
+    # any ascent rule with any schedule, renormalization and both accumulation modes
+    # (where docs/methods.md#refused-combinations allows)
     for ascent in ("sam", "adaptive", "unnormalized", "fsam"):
         for schedule in ("always", "constant", "every_k", "cosine"):
             args = make(sam_ascent=ascent, sam_schedule=schedule, sam_renormalize=True)
@@ -174,6 +176,7 @@ def test_looksam_period_is_looksam_k_and_an_equal_sam_interval_is_accepted():
         ({"sam_method": "gsam", "looksam_alpha": 0.5, "fsam_sigma": 0.5}, ["looksam_alpha", "fsam_sigma"]),
         ({"sam_method": "none", "esam_gamma": 0.5}, ["esam_gamma"]),
         ({"sam_method": "mesa", "saf_tau": 2.0}, ["saf_tau"]),
+        ({"sam_method": "none", "esam_swp": True, "sam_ascent": "fsam"}, ["esam_swp", "sam_ascent"]),
         ({"sam_method": "ssam-f", "sam_sparsity": 0.9}, []),
         ({"sam_method": "ss-sam", "sam_probability": 0.3}, []),
         ({"sam_method": "msam"}, []),

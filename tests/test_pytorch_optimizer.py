@@ -4,7 +4,7 @@ Their classes wrap the base optimizer and run the two passes themselves; here th
 as SAMTrainer (GA 1, SGD with momentum) and must end at the same weights. Their ASAM applies |w| to biases and
 has no eta, where ours follows the official ASAM code (T = 1 on biases, eta = 0.01): they are compared on a
 bias-free model with eta = 0, where the two rules coincide. LookSAM's projection is per tensor there and over
-the whole vector here (SPEC.md), so they differ on purpose.
+the whole vector here (docs/methods.md#looksam), so they differ on purpose.
 """
 
 import pytest

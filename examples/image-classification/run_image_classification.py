@@ -39,48 +39,48 @@ the logged steps.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
-import socket
 import sys
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
-import datasets
 import numpy as np
 import torch
-import transformers
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
-    EvalPrediction,
-    HfArgumentParser,
-    TrainerCallback,
     default_data_collator,
     set_seed,
 )
 from transformers.utils import is_torchvision_available
 
 
-try:
-    from hf_sam import METHODS, SAMTrainer, SAMTrainingArguments
-    from hf_sam.checkpoint import last_complete_checkpoint
-    from hf_sam.methods import unknown_method_message
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from hf_sam import METHODS, SAMTrainer, SAMTrainingArguments
-    from hf_sam.checkpoint import last_complete_checkpoint
-    from hf_sam.methods import unknown_method_message
+# The helpers both example scripts share live in examples/example_utils.py (which also finds hf_sam in a checkout).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from example_utils import (
+    LogFinalStepCallback,
+    build_compute_metrics,
+    detect_last_checkpoint,
+    from_pretrained,
+    load_hub_dataset,
+    parse_args,
+    sam_summary,
+    setup_logging,
+    shutdown_distributed,
+)
+
+from hf_sam import SAMTrainer, SAMTrainingArguments
 
 
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "fine_label")
+LOCAL_DATA_FLAGS = "--train_dir or --train_file"  # suggested when a dataset on the Hub cannot be loaded
 
 
 @dataclass
@@ -149,124 +149,6 @@ class DataTrainingArguments:
                 raise FileNotFoundError(f"--{name} {path!r} must be an existing .npz file.")
 
 
-# ----------------------------------------------------------------------------- the Hub, offline or not
-
-
-def offline_flag() -> str | None:
-    """The environment variable that puts the Hugging Face libraries offline, if one is set."""
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-            return name
-    return None
-
-
-@functools.lru_cache(maxsize=1)
-def hub_unreachable_reason() -> str | None:
-    """Why the Hugging Face Hub cannot be used (offline flag, no network), or None when it answers within 3 s."""
-    flag = offline_flag()
-    if flag is not None:
-        return f"{flag}={os.environ[flag]} is set"
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
-    except OSError as err:
-        return f"{url.hostname} is unreachable ({err})"
-    return None
-
-
-def from_pretrained(cls, name: str, flag: str, **kwargs):
-    """`cls.from_pretrained(name)`, failing at once with a clear message when `name` needs a Hub we cannot reach."""
-    if not os.path.isdir(name) and hub_unreachable_reason() is not None:
-        kwargs["local_files_only"] = True  # the cache may still have it; no 25 s of retries
-    try:
-        return cls.from_pretrained(name, **kwargs)
-    except OSError as err:
-        reason = None if os.path.isdir(name) else hub_unreachable_reason()
-        if reason is None:
-            raise
-        raise OSError(
-            f"{flag} {name!r} is not a local folder and is not in the Hugging Face cache, and the Hub cannot be"
-            f" used ({reason}). Pass a folder written by save_pretrained(), or download it once with network"
-            f" access (`hf download {name}`) and run again."
-        ) from err
-
-
-def load_hub_dataset(name: str, config_name: str | None, flag: str, **kwargs):
-    """`load_dataset(name, config_name)`, with a clear message instead of retries when the Hub is unreachable."""
-    reason = None if os.path.exists(name) else hub_unreachable_reason()
-    if reason is not None and offline_flag() is None:
-        raise ConnectionError(
-            f"{flag} {name!r} needs the Hugging Face Hub, which cannot be used ({reason}). If the dataset is in your"
-            " cache, run with HF_HUB_OFFLINE=1; otherwise pass local data (--train_dir or --train_file)."
-        )
-    try:
-        return load_dataset(name, config_name, **kwargs)
-    except ConnectionError as err:
-        if reason is None:
-            raise
-        raise ConnectionError(
-            f"{flag} {name!r} is not in the local datasets cache and the Hub cannot be used ({reason}). Download it"
-            " once with network access, or pass local data (--train_dir or --train_file)."
-        ) from err
-
-
-def load_hub_metric(*names: str):
-    """`evaluate.load(*names)` when the Hub is reachable, else None (accuracy is computed locally)."""
-    reason = hub_unreachable_reason()
-    if reason is None:
-        try:
-            import evaluate
-
-            return evaluate.load(*names)
-        except Exception as err:  # a missing metric dependency, the Hub failing mid-way, ...
-            reason = f"{type(err).__name__}: {err}"
-    logger.info("evaluate.load%s is not available (%s): computing accuracy locally with numpy.", names, reason)
-    return None
-
-
-# ----------------------------------------------------------------------------- SAM reporting
-
-
-class LogFinalStepCallback(TrainerCallback):
-    """Log at the last step too, so the final (partial) logging window's loss and `sam/*` metrics are reported."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps and args.logging_strategy != "no":
-            control.should_log = True
-        return control
-
-
-def sam_summary(log_history: list[dict]) -> dict[str, float]:
-    """Mean of every logged `sam/*` (and SAF's `saf/*`, MESA's `mesa/*`) metric over training (`none` logs none)."""
-    values: dict[str, list[float]] = {}
-    for entry in log_history:
-        for key, value in entry.items():
-            if key.startswith(("sam/", "saf/", "mesa/")):
-                values.setdefault(key, []).append(float(value))
-    return {key: round(float(np.mean(v)), 6) for key, v in sorted(values.items())}
-
-
-def check_sam_method(argv: list[str]) -> None:
-    """Fail on a misspelled --sam_method with a suggestion (argparse would only list the choices)."""
-    for i, arg in enumerate(argv):
-        value = None
-        if arg in ("--sam_method", "--sam-method") and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(("--sam_method=", "--sam-method=")):
-            value = arg.split("=", 1)[1]
-        if value is not None and value not in METHODS:
-            raise SystemExit(f"error: {unknown_method_message(value)}")
-
-
-def parse_args(argv: list[str] | None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, SAMTrainingArguments))
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    check_sam_method(argv)
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -304,7 +186,7 @@ def load_raw_data(data_args: DataTrainingArguments, cache_dir: str | None) -> Da
             files["validation"] = os.path.join(data_args.validation_dir, "**")
         return load_dataset("imagefolder", data_files=files, cache_dir=cache_dir)
     return load_hub_dataset(
-        data_args.dataset_name, data_args.dataset_config_name, "--dataset_name", cache_dir=cache_dir
+        data_args.dataset_name, data_args.dataset_config_name, "--dataset_name", LOCAL_DATA_FLAGS, cache_dir=cache_dir
     )
 
 
@@ -328,34 +210,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     Returns every metric written to `all_results.json`.
     """
-    model_args, data_args, training_args = parse_args(argv)
-
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
+    model_args, data_args, training_args = parse_args(
+        (ModelArguments, DataTrainingArguments, SAMTrainingArguments), argv
     )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    logger.warning(
-        f"Process rank: {training_args.process_index}, device: {training_args.device}, n_gpu: {training_args.n_gpu},"
-        f" world size: {training_args.world_size}, sam_method: {training_args.sam_method}"
-        f" (rho {training_args.sam_rho})"
-    )
+    setup_logging(training_args, logger)
     if training_args.remove_unused_columns:
         # The transform below turns the image column into `pixel_values` when a batch is read; Trainer would
         # otherwise drop the image column first because the model's forward() has no such argument.
         logger.info("Setting remove_unused_columns=False: the image transform needs the image column.")
         training_args.remove_unused_columns = False
 
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train:
-        last_checkpoint = last_complete_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"Checkpoint found at {last_checkpoint}: resuming from it.")
-
+    last_checkpoint = detect_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
     # ------------------------------------------------------------------ data
@@ -465,15 +330,6 @@ def main(argv: list[str] | None = None) -> dict:
     train_dataset = prepare("train", data_args.max_train_samples, True) if training_args.do_train else None
     eval_dataset = prepare("validation", data_args.max_eval_samples, False) if training_args.do_eval else None
 
-    metric = load_hub_metric("accuracy")
-
-    def compute_metrics(p: EvalPrediction) -> dict:
-        logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        preds, labels = np.argmax(logits, axis=1), np.asarray(p.label_ids)
-        if metric is not None:
-            return dict(metric.compute(predictions=preds, references=labels))
-        return {"accuracy": float((preds == labels).mean())}
-
     trainer = SAMTrainer(
         model=model,
         args=training_args,
@@ -481,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=eval_dataset,
         processing_class=image_processor,
         data_collator=default_data_collator,
-        compute_metrics=compute_metrics,
+        compute_metrics=build_compute_metrics(task_name=None, is_regression=False),  # accuracy
         callbacks=[LogFinalStepCallback()],
     )
 
@@ -509,18 +365,6 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         logger.info("all_results.json:\n" + json.dumps(results, indent=2, default=str))
     return results
-
-
-def shutdown_distributed() -> None:
-    """Free the DDP wrapper, then close the process group: left to interpreter exit, gloo can abort (SIGABRT)."""
-    import gc
-
-    import torch.distributed as dist
-
-    gc.collect()
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
