@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from .ascent import AdaptiveAscent, AscentRule, UnnormalizedAscent
-from .descent import DescentTransform, LookAhead, Renormalize, SurrogateGap
+from .descent import DescentTransform
 from .fsam import FriendlyAscent
+from .gsam import SurrogateGap
+from .looksam import LookSAMReuse
 from .loss_term import LossTerm
 from .mesa import MESATerm
 from .saf import SAFTerm
+from .stable_sam import Renormalize
 
 
 ASCENT_RULES: dict[str, type[AscentRule]] = {
@@ -19,7 +22,7 @@ ASCENT_RULES: dict[str, type[AscentRule]] = {
 
 DESCENT_TRANSFORMS: dict[str, type[DescentTransform]] = {
     "gsam": SurrogateGap,
-    "looksam": LookAhead,
+    "looksam": LookSAMReuse,
 }
 
 

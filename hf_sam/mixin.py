@@ -20,6 +20,7 @@ from transformers.utils import logging
 from .checkpoint import check_state_keys, load_sam_state, save_sam_state
 from .components import LOSS_TERMS, build_ascent, build_descent
 from .esam import ESAM, per_example_loss, take_examples
+from .gsam import scheduled_rho
 from .loss_term import AfterOptimizerStep, LossTerm, logits_of, one_output_message
 from .masks import SparseMask
 from .metrics import SAMMetrics
@@ -468,16 +469,12 @@ class SAMMixin:
     # ------------------------------------------------------------------ tensor bookkeeping
 
     def _sam_rho(self) -> float:
-        """sam_rho, or (GSAM) rho moving linearly with the learning rate from sam_rho at the peak to sam_rho_min."""
-        args = self.args
-        if args.sam_rho_min >= args.sam_rho:
-            return args.sam_rho
+        """This step's radius: `sam_rho`, or GSAM's schedule along the learning rate (`sam_rho_min`)."""
+        if self.args.sam_rho_min >= self.args.sam_rho:  # no schedule: no need to read the learning rate
+            return self.args.sam_rho
         # The peak is the scheduler's base lr (the optimizer's own lr when the user passed an optimizer).
-        base_lrs = getattr(self.lr_scheduler, "base_lrs", None) or [args.learning_rate]
-        if not base_lrs[0]:
-            return args.sam_rho
-        ratio = min(1.0, max(0.0, self._get_learning_rate() / base_lrs[0]))
-        return args.sam_rho_min + (args.sam_rho - args.sam_rho_min) * ratio
+        base_lrs = getattr(self.lr_scheduler, "base_lrs", None) or [self.args.learning_rate]
+        return scheduled_rho(self.args, self._get_learning_rate(), base_lrs[0])
 
     def _sam_ascend(self, grad_factor: float) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
@@ -655,36 +652,55 @@ class SAMMixin:
             logs.update(self._sam_metrics.log_values(reduce))
         super().log(logs, *args, **kwargs)
 
+    def _sam_stateful_pieces(self) -> dict[str, Any]:
+        """Every piece of this run that can hold state, by the namespace its keys are saved under."""
+        pieces: dict[str, Any] = {}
+        if self._sam_loss_term is not None:
+            pieces["loss_term"] = self._sam_loss_term
+        if self._sam_perturbation is not None:
+            pieces["ascent"] = self._sam_perturbation.rule
+            if self._sam_perturbation.mask is not None:
+                pieces["mask"] = self._sam_perturbation.mask
+            for i, transform in enumerate(self._sam_descent):
+                pieces[f"descent.{i}"] = transform
+        return pieces
+
     def sam_state_dict(self) -> dict[str, torch.Tensor]:
-        """Method state to checkpoint, as tensors: the ascent rule's, the descent transforms', the loss term's."""
-        state = dict(self._sam_loss_term.state_dict()) if self._sam_loss_term is not None else {}
-        if self._sam_perturbation is None:
-            return state
-        state.update(self._sam_perturbation.rule.state_dict())
-        if self._sam_perturbation.mask is not None:
-            state.update(self._sam_perturbation.mask.state_dict())
-        for transform in self._sam_descent:
-            state.update(transform.state_dict())
-        return state
+        """Method state to checkpoint, as tensors: `<namespace>.<piece's key>` for every piece that has some
+        (`ascent.`, `mask.`, `descent.<i>.`, `loss_term.`), so each piece gets back exactly what it saved."""
+        return {
+            f"{namespace}.{key}": value
+            for namespace, piece in self._sam_stateful_pieces().items()
+            for key, value in piece.state_dict().items()
+        }
 
     def load_sam_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what `sam_state_dict` returned (each piece takes the keys it owns)."""
+        """Restore what `sam_state_dict` returned: each piece gets the keys of its namespace, with it stripped."""
+        if self.args.sam_loss_term != "none" and self._sam_loss_term is None:
+            self._sam_loss_term_build()
         device = self.args.device
-        state = {k: v.to(device) for k, v in state.items()}
-        if self.args.sam_loss_term != "none":  # SAF's bank ("saf_*") or MESA's teacher ("mesa_*"): checked there
-            if self._sam_loss_term is None:
-                self._sam_loss_term_build()
-            self._sam_loss_term.load_state_dict(state)
-            return
-        # Every state tensor is "<piece>.<parameter name>" and must fit that perturbed parameter (local shard).
-        params = dict(zip(self._sam_perturbation.names, self._sam_perturbation.params))
-        expected = {k: local(params[k.split(".", 1)[1]]) for k in state if k.split(".", 1)[-1] in params}
-        check_state_keys(state, expected, f"sam_method={self.args.sam_method!r}")
-        self._sam_perturbation.rule.load_state_dict({k: v for k, v in state.items() if k.startswith("fsam_")})
-        if self._sam_perturbation.mask is not None:
-            self._sam_perturbation.mask.load_state_dict({k: v for k, v in state.items() if k.startswith("ssam_")})
-        for transform in self._sam_descent:
-            transform.load_state_dict({k: v for k, v in state.items() if k.startswith("looksam_")})
+        pieces = self._sam_stateful_pieces()
+        owned: dict[str, dict[str, torch.Tensor]] = {namespace: {} for namespace in pieces}
+        for key, value in state.items():
+            namespace = next((n for n in pieces if key.startswith(f"{n}.")), None)
+            if namespace is None:
+                raise ValueError(
+                    f"sam_method={self.args.sam_method!r}: the checkpoint holds state {key!r}, which no piece of this"
+                    f" run ({', '.join(pieces) or 'none with state'}) owns. Resume with the original run's settings."
+                )
+            owned[namespace][key[len(namespace) + 1 :]] = value.to(device)
+        if self._sam_perturbation is not None:
+            # Per-parameter state is "<name>.<parameter name>" and must fit that perturbed parameter (local shard);
+            # a key without a dot is the piece's own (a counter), and the piece checks it.
+            params = dict(zip(self._sam_perturbation.names, self._sam_perturbation.params))
+            for namespace, piece_state in owned.items():
+                if namespace == "loss_term":  # SAF's bank and MESA's teacher check their own state
+                    continue
+                per_param = {k: v for k, v in piece_state.items() if "." in k}
+                expected = {k: local(params[k.split(".", 1)[1]]) for k in per_param if k.split(".", 1)[1] in params}
+                check_state_keys(per_param, expected, f"sam_method={self.args.sam_method!r}")
+        for namespace, piece in pieces.items():
+            piece.load_state_dict(owned[namespace])
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)

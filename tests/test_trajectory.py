@@ -180,7 +180,7 @@ def test_saf_resume_across_the_epoch_boundary_equals_uninterrupted_run(tmp_path)
     first.train()
     checkpoint = tmp_path / "b" / "checkpoint-6"  # mid epoch 1: the term is on, the bank holds epochs 0 and 1
     with safe_open(str(checkpoint / "sam_state.safetensors"), framework="pt") as handle:
-        assert {"saf_bank", "saf_written"} <= set(handle.keys())
+        assert {"loss_term.saf_bank", "loss_term.saf_written"} <= set(handle.keys())
     resumed = SAMTrainer(model=tiny_bert(dropout=0.1), args=sam_args(tmp_path / "b", **common), train_dataset=data)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert_same_weights(state(straight.model), state(resumed.model))
@@ -271,7 +271,7 @@ def test_mesa_teacher_shares_frozen_weights_under_lora_and_runs_the_class_forwar
         assert (v is p) == (not p.requires_grad), name  # the frozen base is shared, adapters are averaged copies
     # accelerate's autocast wrapper of the model's forward is not copied (it would call the student).
     assert "forward" not in teacher.module.__dict__ and not teacher.module.training
-    assert set(trainer.sam_state_dict()) == {f"mesa_ema.{n}" for n in teacher.names}
+    assert set(trainer.sam_state_dict()) == {f"loss_term.mesa_ema.{n}" for n in teacher.names}
 
 
 def test_mesa_on_an_encoder_decoder_feeds_the_teacher_its_labels(tmp_path):

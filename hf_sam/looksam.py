@@ -1,0 +1,51 @@
+"""LookSAM (Liu et al. 2022, arXiv 2203.02714): full SAM every `looksam_k` steps, and on the steps between, one pass
+plus the reused component of the last SAM gradient orthogonal to its clean gradient. docs/methods.md#looksam.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .descent import NORM_EPS, DescentTransform
+from .tensors import dot, global_norm, local, shard_group
+
+
+class LookSAMReuse(DescentTransform):
+    """LookSAM (Liu et al. 2022): keep g_v = g~ - (<g~, g>/||g||^2) g on SAM steps (whole parameter vector);
+    on the k-1 plain steps in between, descend along g + alpha (||g|| / ||g_v||) g_v with one pass."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.g_v: dict[str, torch.Tensor] = {}
+        self._g_v_norm: torch.Tensor | None = None
+
+    def after_sam_step(self, names, grads, clean, clean_norm) -> None:
+        coef = dot(grads, clean) / (clean_norm.square() + NORM_EPS)
+        orthogonal = torch._foreach_mul([local(c) for c in clean], -coef)
+        torch._foreach_add_(orthogonal, [local(g) for g in grads])
+        # coef is not finite after a skipped ascent or with a non-finite descent gradient (an fp16 overflow that
+        # GradScaler skips): g_v keeps its previous value (zero before the first one), never NaN.
+        keep = torch.isfinite(coef)
+        zero = torch.zeros((), device=keep.device)
+        for name, new in zip(names, orthogonal):
+            torch.where(keep, new, self.g_v.get(name, zero), out=new)
+        self.g_v = dict(zip(names, orthogonal))
+        self._g_v_norm = None
+
+    def after_plain_step(self, names, grads) -> None:
+        if not self.g_v:  # no SAM step yet (e.g. resumed mid-period from a checkpoint without g_v)
+            return
+        g_v = [self.g_v[name] for name in names]
+        if self._g_v_norm is None:  # g_v is fixed until the next SAM step: its norm too
+            # g_v holds local shards under FSDP2: sum over the ranks the gradients are sharded over.
+            self._g_v_norm = global_norm(g_v, group=shard_group(grads))
+        scale = self.args.looksam_alpha * global_norm(grads) / (self._g_v_norm + NORM_EPS)
+        # g += scale * g_v in one pass, without a temporary copy of g_v (scale stays on the device).
+        torch._foreach_addcmul_([local(g) for g in grads], g_v, [scale] * len(g_v))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"looksam_gv.{name}": value for name, value in self.g_v.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.g_v = {key[len("looksam_gv.") :]: value.clone() for key, value in state.items()}
+        self._g_v_norm = None
