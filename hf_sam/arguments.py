@@ -209,8 +209,9 @@ class SAMArgumentsMixin:
         default=None,
         metadata={"help": "b (piecewise) and p1 (linear, cosine). Default: sam_probability."},
     )
-    sam_schedule_boundary: float = field(
-        default=0.5, metadata={"help": "Piecewise schedule: switch from a to b at this share of training."}
+    sam_schedule_boundary: float | None = field(
+        default=None,
+        metadata={"help": "Piecewise schedule: switch from a to b at this share of training. Default 0.5."},
     )
     sam_interval: int | None = field(
         default=None, metadata={"help": "every_k schedule: SAM when global_step mod k == 0. Default 2."}
@@ -358,9 +359,12 @@ class SAMArgumentsMixin:
         interval_given = self.sam_interval is not None
         preset = METHODS[self.sam_method].preset
         # Explicit values (not None) win over the preset, which wins over the global default.
+        for name, value in preset.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name, default in AXIS_DEFAULTS.items():
             if getattr(self, name) is None:
-                setattr(self, name, preset.get(name, default))
+                setattr(self, name, default)
         if self.sam_probability_end is None:
             self.sam_probability_end = self.sam_probability
         if self.sam_rho_min is None:

@@ -18,7 +18,8 @@ class MethodInfo:
     Args:
         paper (`str`): Short citation shown in `--help` and the README.
         cost (`str`): Forward+backward passes per optimizer step relative to the base optimizer.
-        preset (`dict[str, Any]`): Values for the `sam_*` axis fields that the user did not set.
+        preset (`dict[str, Any]`): Values for the `sam_*` fields that the user did not set (fields whose default is
+            None, so an explicit flag always wins; a test checks this).
     """
 
     paper: str
@@ -38,6 +39,17 @@ METHODS: dict[str, MethodInfo] = {
     ),
     "ss-sam": MethodInfo(
         "Zhao et al. 2022, arXiv 2203.09962", "1 + p", {"sam_schedule": "constant", "sam_probability": 0.5}
+    ),
+    "late-sam": MethodInfo(
+        "Zhou et al. 2024, arXiv 2410.10373 (SAM in the late phase)",
+        "1 + 0.125",
+        {
+            "sam_rho": 0.05,
+            "sam_schedule": "piecewise",
+            "sam_probability": 0.0,
+            "sam_probability_end": 1.0,
+            "sam_schedule_boundary": 0.875,
+        },
     ),
     "stable-sam": MethodInfo(
         "Tan et al. 2024, arXiv 2401.07250",
@@ -97,6 +109,7 @@ AXIS_DEFAULTS: dict[str, Any] = {
     "esam_gamma": 1.0,
     "esam_swp": False,
     "sam_interval": 2,
+    "sam_schedule_boundary": 0.5,
 }
 
 

@@ -43,6 +43,11 @@ METHOD_CASES = {
         "reference": {"rho": 0.05, "sam_step": _ss_sam_draws},
         "accumulation": BOTH,
     },
+    "late-sam": {  # the switch moved to the middle of these 4-step runs: plain steps 0-1, SAM steps 2-3
+        "args": {"sam_method": "late-sam", "sam_schedule_boundary": 0.5},
+        "reference": {"rho": 0.05, "sam_step": lambda t: t >= 2},
+        "accumulation": BOTH,
+    },
     "stable-sam": {
         "args": {"sam_method": "stable-sam"},
         "reference": {"rho": 0.05, "ascent": "unnormalized", "renormalize": True},

@@ -245,3 +245,21 @@ def test_saf_and_mesa_refuse_a_one_output_head(method):
     # A model without a config is caught at its first logits.
     with pytest.raises(ValueError, match=f"sam_method='{method}'.*one output per example"):
         kl_to_target(torch.zeros(4, 1), torch.zeros(4, 1), 5.0, method)
+
+
+def test_presets_only_set_fields_a_user_can_override():
+    # A preset fills a field only while it is None (unset): a field with another default could not tell the user's
+    # value from its own, and the preset would silently win or lose.
+    defaults = {f.name: f.default for f in SAMArgumentsMixin.__dataclass_fields__.values()}
+    for name, info in METHODS.items():
+        for field_name in info.preset:
+            assert field_name in defaults, f"{name}: {field_name} is not a field"
+            assert defaults[field_name] is None, (
+                f"{name}: preset field {field_name} defaults to {defaults[field_name]}"
+            )
+    late = make(sam_method="late-sam")
+    assert (late.sam_schedule, late.sam_probability, late.sam_probability_end) == ("piecewise", 0.0, 1.0)
+    assert (
+        late.sam_schedule_boundary == 0.875
+        and make(sam_method="late-sam", sam_schedule_boundary=0.5).sam_schedule_boundary == 0.5
+    )

@@ -341,6 +341,8 @@ def test_the_examples_resume_from_the_newest_complete_checkpoint(tmp_path):
         assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
     assert "checkpoint-6" in captured.out and "checkpoint-4" in captured.out
     assert last_complete_checkpoint(str(tmp_path / "missing")) is None
+    # Both example scripts resume through their shared helper, which uses it.
+    assert "last_complete_checkpoint(" in (ROOT / "examples" / "example_utils.py").read_text()
     for script in ("text-classification/run_glue.py", "image-classification/run_image_classification.py"):
         source = (ROOT / "examples" / script).read_text()
-        assert "last_complete_checkpoint(" in source and "get_last_checkpoint" not in source
+        assert "detect_last_checkpoint(" in source and "get_last_checkpoint" not in source
