@@ -43,9 +43,69 @@ def inner(a: dict, b: dict) -> torch.Tensor:
     return sum((a[n].double() * b[n].double()).sum() for n in a).float()
 
 
+# ---------------------------------------------------------------- one function per piece
+# Ascent rules: (reference, model, g, unit) -> eps, g in `.grad` units (g * unit is the true gradient).
+
+
+def sam_eps(ref, model, g, unit):
+    g_norm = norm(g)
+    return {n: ref.rho * x / (g_norm + 1e-12) for n, x in g.items()}
+
+
+def adaptive_eps(ref, model, g, unit):
+    params = dict(model.named_parameters())
+    t = {n: torch.ones_like(x) if n.endswith("bias") else params[n].detach().abs() + ref.eta for n, x in g.items()}
+    tg_norm = norm({n: t[n] * x for n, x in g.items()})
+    return {n: ref.rho * t[n] * t[n] * x / (tg_norm + 1e-12) for n, x in g.items()}
+
+
+def unnormalized_eps(ref, model, g, unit):
+    return {n: ref.rho * unit * x for n, x in g.items()}
+
+
+def fsam_eps(ref, model, g, unit):
+    true_g = {n: x * unit for n, x in g.items()}
+    if ref.ema is None:
+        d, ref.ema = true_g, {n: x.clone() for n, x in true_g.items()}
+    else:
+        d = {n: true_g[n] - ref.fsam_sigma * ref.ema[n] for n in g}
+        ref.ema = {n: ref.fsam_lambda * ref.ema[n] + (1 - ref.fsam_lambda) * true_g[n] for n in g}
+    d_norm = norm(d)
+    return {n: ref.rho * x / (d_norm + 1e-12) for n, x in d.items()}
+
+
+ASCENTS = {"sam": sam_eps, "adaptive": adaptive_eps, "unnormalized": unnormalized_eps, "fsam": fsam_eps}
+
+
+# Descent transforms of a SAM step: (reference, g, h) -> the final gradient (h: the gradient at w + eps); and of a
+# plain step in between (LookSAM): (reference, g) -> the final gradient.
+
+
+def gsam_descent(ref, g, h):
+    coef = inner(g, h) / (norm(h) ** 2 + 1e-12)
+    return {n: h[n] - ref.gsam_alpha * (g[n] - coef * h[n]) for n in h}
+
+
+def looksam_descent(ref, g, h):
+    coef = inner(h, g) / (norm(g) ** 2 + 1e-12)
+    ref.g_v = {n: h[n] - coef * g[n] for n in h}
+    return h
+
+
+def looksam_plain(ref, g):
+    if ref.g_v is None:
+        return g
+    scale = ref.looksam_alpha * norm(g) / (norm(ref.g_v) + 1e-12)
+    return {n: x + scale * ref.g_v[n] for n, x in g.items()}
+
+
+DESCENTS = {"none": lambda ref, g, h: h, "gsam": gsam_descent, "looksam": looksam_descent}
+PLAIN_STEP = {"looksam": looksam_plain}
+
+
 class Reference:
-    """Computes one method. `ascent` in {sam, adaptive, unnormalized, fsam}; `descent` in {none, gsam, looksam};
-    `renormalize` is Stable SAM's rescale; `shards` is mSAM's m; `sam_step(t)` says whether step t runs SAM."""
+    """Computes one method. `ascent` and `descent` name functions above (ASCENTS, DESCENTS); `renormalize` is
+    Stable SAM's rescale; `shards` is mSAM's m; `sam_step(t)` says whether step t runs SAM."""
 
     def __init__(self, rho, ascent="sam", eta=0.01, descent="none", renormalize=False, shards=1,
                  accumulation="window", sam_step=lambda t: True, fsam_sigma=1.0, fsam_lambda=0.9,
@@ -59,34 +119,11 @@ class Reference:
         rho = self.rho
         if self.esam_beta is not None:
             self.rho = rho / self.esam_beta
-        eps = self._epsilon(model, g, unit)
+        eps = ASCENTS[self.ascent](self, model, g, unit)
         self.rho = rho
         if self.mask is not None:  # Sparse SAM: normalized by the full norm, then masked
             eps = {n: e * self.mask[n] for n, e in eps.items()}
         return eps
-
-    def _epsilon(self, model, g: dict[str, torch.Tensor], unit: float) -> dict[str, torch.Tensor]:
-        params = dict(model.named_parameters())
-        if self.ascent == "unnormalized":
-            return {n: self.rho * unit * x for n, x in g.items()}
-        if self.ascent == "adaptive":
-            t = {
-                n: torch.ones_like(x) if n.endswith("bias") else params[n].detach().abs() + self.eta
-                for n, x in g.items()
-            }
-            tg_norm = norm({n: t[n] * x for n, x in g.items()})
-            return {n: self.rho * t[n] * t[n] * x / (tg_norm + 1e-12) for n, x in g.items()}
-        if self.ascent == "fsam":
-            true_g = {n: x * unit for n, x in g.items()}
-            if self.ema is None:
-                d, self.ema = true_g, {n: x.clone() for n, x in true_g.items()}
-            else:
-                d = {n: true_g[n] - self.fsam_sigma * self.ema[n] for n in g}
-                self.ema = {n: self.fsam_lambda * self.ema[n] + (1 - self.fsam_lambda) * true_g[n] for n in g}
-            d_norm = norm(d)
-            return {n: self.rho * x / (d_norm + 1e-12) for n, x in d.items()}
-        g_norm = norm(g)
-        return {n: self.rho * x / (g_norm + 1e-12) for n, x in g.items()}
 
     def esam_keep(self, model, step):
         """SWP: the trainer's per-tensor draw for this step (statistics of the draw are tested on their own)."""
@@ -136,22 +173,15 @@ class Reference:
         self._step = step
         if not self.sam_step(step):
             g = grads_at(model, window, parts)
-            if self.descent_rule == "looksam" and self.g_v is not None:
-                scale = self.looksam_alpha * norm(g) / (norm(self.g_v) + 1e-12)
-                g = {n: x + scale * self.g_v[n] for n, x in g.items()}
-            return g
+            plain = PLAIN_STEP.get(self.descent_rule)
+            return plain(self, g) if plain is not None else g
         if self.shards > 1 or (self.accumulation == "micro" and len(window) > 1):
             units = [[{k: v[i] for k, v in zip(b, [torch.tensor_split(t, self.shards) for t in b.values()])}]
                      for b in window for i in range(self.shards)]  # fmt: skip
             return self.sam_units(model, units, parts * self.shards, float(parts * self.shards))
         g = self.clean_gradient(model, window, parts, step)
         h = self.descent(model, window, parts, self.epsilon(model, g, 1.0))
-        if self.descent_rule == "gsam":
-            coef = inner(g, h) / (norm(h) ** 2 + 1e-12)
-            h = {n: h[n] - self.gsam_alpha * (g[n] - coef * h[n]) for n in h}
-        if self.descent_rule == "looksam":
-            coef = inner(h, g) / (norm(g) ** 2 + 1e-12)
-            self.g_v = {n: h[n] - coef * g[n] for n in h}
+        h = DESCENTS[self.descent_rule](self, g, h)
         if self.renormalize:
             scale = norm(g) / (norm(h) + 1e-12)
             h = {n: scale * x for n, x in h.items()}

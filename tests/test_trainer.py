@@ -101,6 +101,22 @@ def test_registry_has_a_test_row_for_every_method():
     assert set(METHODS) == set(METHOD_CASES)
 
 
+def test_every_piece_of_every_axis_has_a_hand_written_reference():
+    # A new ascent rule or descent transform fails here until tests/reference.py computes it by hand; the loss terms'
+    # hand loops live in tests/test_trajectory.py, Sparse SAM's masks in tests/test_masks.py.
+    from hf_sam.components import ASCENT_RULES, DESCENT_TRANSFORMS, LOSS_TERMS
+    from tests import reference, test_masks, test_trajectory
+
+    assert set(ASCENT_RULES) == set(reference.ASCENTS)
+    assert {"none", *DESCENT_TRANSFORMS} == set(reference.DESCENTS)
+    hand_loops = {
+        "saf": test_trajectory.test_saf_matches_hand_written_loop_across_epochs,
+        "mesa": test_trajectory.test_mesa_matches_hand_written_ema_teacher_loop,
+    }
+    assert set(LOSS_TERMS) == set(hand_loops)
+    assert callable(test_masks.test_fisher_mask_is_the_top_k_of_a_hand_computed_fisher)
+
+
 # ---------------------------------------------------------------- invariants: none and rho=0 are the Trainer
 
 
