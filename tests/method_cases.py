@@ -11,6 +11,9 @@
 - `rho_zero_plain` / `window_invariant` (default True): False for ESAM, whose data selection changes which
   examples the descent sees (at rho 0 every rise is 0 and the pick is arbitrary; windows select per micro-batch).
 - `optimizer`: "own" when the method brings its optimizer (AdaSAM), so the tests must not pass one.
+- `fsdp`: overrides for the FSDP2-equals-DDP check (`tests/distributed/fsdp_trainer_check.py`), or a string saying
+  where else the method is checked under FSDP2 or why it is refused there. Every row has one (a test checks it).
+- `ddp_resume`: True where resume under 2-process DDP is checked (`tests/distributed/ddp_methods.py`).
 - `kind: "loss_term"`: the one-pass loss-term methods (SAF, MESA). They never perturb, so the SAM-only tests
   (reference loop, rho 0) skip them; their hand-written loops are in tests/test_trajectory.py (`reference`
   names it). The feature tests (window invariance, fp16, bf16, LoRA, resume, DDP) run them.
@@ -31,27 +34,42 @@ def _ss_sam_draws(step: int) -> bool:
 BOTH = ("window", "micro")
 
 METHOD_CASES = {
-    "none": {"args": {"sam_method": "none"}, "reference": None, "accumulation": BOTH},
-    "sam": {"args": {"sam_method": "sam", "sam_rho": 0.05}, "reference": {"rho": 0.05}, "accumulation": BOTH},
+    "none": {
+        "args": {"sam_method": "none"},
+        "reference": None,
+        "accumulation": BOTH,
+        "fsdp": "checked against a full-batch single-process reference under FSDP2 (CONFIGS)",
+    },
+    "sam": {
+        "args": {"sam_method": "sam", "sam_rho": 0.05},
+        "reference": {"rho": 0.05},
+        "accumulation": BOTH,
+        "fsdp": "checked against a full-batch single-process reference under FSDP2 (CONFIGS)",
+    },
     "asam": {
         "args": {"sam_method": "asam", "sam_rho": 0.5},
         "reference": {"rho": 0.5, "ascent": "adaptive", "eta": 0.01},
         "accumulation": BOTH,
+        "fsdp": {},
     },
     "ss-sam": {
         "args": {"sam_method": "ss-sam"},
         "reference": {"rho": 0.05, "sam_step": _ss_sam_draws},
         "accumulation": BOTH,
+        "fsdp": {},
+        "ddp_resume": True,
     },
     "late-sam": {  # the switch moved to the middle of these 4-step runs: plain steps 0-1, SAM steps 2-3
         "args": {"sam_method": "late-sam", "sam_schedule_boundary": 0.5},
         "reference": {"rho": 0.05, "sam_step": lambda t: t >= 2},
         "accumulation": BOTH,
+        "fsdp": {},
     },
     "stable-sam": {
         "args": {"sam_method": "stable-sam"},
         "reference": {"rho": 0.05, "ascent": "unnormalized", "renormalize": True},
         "accumulation": ("window",),
+        "fsdp": "checked against a full-batch single-process reference under FSDP2 (CONFIGS)",
     },
     "adasam": {
         # v_hat starts at eps^2: with eps = 1e-8 a 1e-8 rounding difference in a tiny gradient entry moves the
@@ -61,36 +79,49 @@ METHOD_CASES = {
         "accumulation": BOTH,
         "optimizer": "own",
         "optimizer_eps": 1e-3,
+        "fsdp": {},
+        "ddp_resume": True,
     },
     "msam": {
         "args": {"sam_method": "msam", "sam_micro_batches": 2},
         "reference": {"rho": 0.05, "shards": 2, "accumulation": "micro"},
         "accumulation": ("micro",),
+        "fsdp": {},
     },
     "looksam": {
         "args": {"sam_method": "looksam", "looksam_k": 3},
         "reference": {"rho": 0.1, "descent": "looksam", "sam_step": lambda t: t % 3 == 0},
         "accumulation": ("window",),
+        "fsdp": {"looksam_k": 2},
+        "ddp_resume": True,
     },
     "gsam": {
         "args": {"sam_method": "gsam"},
         "reference": {"rho": 0.05, "descent": "gsam"},
         "accumulation": ("window",),
+        "fsdp": {},
+        "ddp_resume": True,
     },
     "fsam": {
         "args": {"sam_method": "fsam"},
         "reference": {"rho": 0.05, "ascent": "fsam"},
         "accumulation": BOTH,
+        "fsdp": {},
+        "ddp_resume": True,
     },
     "ssam-f": {
         "args": {"sam_method": "ssam-f", "sam_fisher_samples": 16},
         "reference": {"rho": 0.05, "mask": "from_trainer"},
         "accumulation": BOTH,
+        "fsdp": {"sam_mask_interval": 1, "sam_fisher_samples": 4},
+        "ddp_resume": True,
     },
     "ssam-d": {
         "args": {"sam_method": "ssam-d"},
         "reference": {"rho": 0.05, "mask": "from_trainer"},
         "accumulation": BOTH,
+        "fsdp": {"sam_mask_interval": 1},
+        "ddp_resume": True,
     },
     "esam": {
         "args": {"sam_method": "esam"},
@@ -98,6 +129,7 @@ METHOD_CASES = {
         "accumulation": BOTH,
         "rho_zero_plain": False,
         "window_invariant": False,
+        "fsdp": "SWP needs each rank's own ascent, which FSDP2 cannot give: refused; SDS alone runs as esam-sds",
     },
     # In these short runs SAF's bank fills (its term starts an epoch later); MESA's term is on from step 0.
     "saf": {
@@ -105,11 +137,15 @@ METHOD_CASES = {
         "kind": "loss_term",
         "reference": "tests/test_trajectory.py",
         "accumulation": ("window",),
+        "fsdp": {"saf_start_epoch": 0.0, "train_size": 8},
+        "ddp_resume": True,
     },
     "mesa": {
         "args": {"sam_method": "mesa", "mesa_ema_decay": 0.9},
         "kind": "loss_term",
         "reference": "tests/test_trajectory.py",
         "accumulation": ("window",),
+        "fsdp": {"mesa_ema_decay": 0.5, "learning_rate": 3.0},
+        "ddp_resume": True,
     },
 }

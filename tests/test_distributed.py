@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from tests.method_cases import METHOD_CASES
+
 
 pytestmark = pytest.mark.distributed
 
@@ -264,8 +266,15 @@ def test_sam_under_fsdp2_is_not_the_plain_run(fsdp_trainer):
     assert fsdp_trainer["max_diff_sam_vs_none"] > 1e-4
 
 
-SAME_AS_DDP = ["ssam-f", "ssam-d", "asam", "ss-sam", "adasam", "msam", "looksam", "gsam", "fsam", "saf", "mesa",
-               "esam-sds", "lora-sam", "checkpointed-sam", "sam-ga2", "sam-micro-ga2"]  # fmt: skip
+# Every method of the test table that has FSDP2 overrides (the others say in their row where they are checked),
+# then features on top of SAM.
+SAME_AS_DDP = [name for name, case in METHOD_CASES.items() if isinstance(case["fsdp"], dict)] + [
+    "esam-sds", "lora-sam", "checkpointed-sam", "sam-ga2", "sam-micro-ga2"]  # fmt: skip
+
+
+def test_every_method_says_how_it_runs_under_fsdp2():
+    for name, case in METHOD_CASES.items():
+        assert isinstance(case.get("fsdp"), (dict, str)), f"{name}: add an `fsdp` entry to its row in method_cases"
 
 
 @pytest.mark.parametrize("name", SAME_AS_DDP)
@@ -342,7 +351,6 @@ def ddp_methods(tmp_path_factory) -> dict:
 
 
 def test_every_method_runs_under_ddp_with_identical_ranks(ddp_methods):
-    from tests.method_cases import METHOD_CASES
 
     assert set(ddp_methods) == set(METHOD_CASES)
     for method, entry in ddp_methods.items():

@@ -24,7 +24,7 @@ from tests.helpers import sam_args, tiny_bert, tiny_dataset
 from tests.method_cases import METHOD_CASES
 
 
-STATEFUL = ("ss-sam", "adasam", "looksam", "fsam", "gsam", "ssam-f", "ssam-d", "saf", "mesa")
+STATEFUL = tuple(name for name, case in METHOD_CASES.items() if case.get("ddp_resume"))
 
 
 def flat(model) -> torch.Tensor:

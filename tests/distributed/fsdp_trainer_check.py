@@ -60,6 +60,7 @@ from tests.distributed.ddp_check import (
 )
 from tests.distributed.process_group import start_gloo, whole, write_and_close
 from tests.helpers import tiny_bert, tiny_dataset
+from tests.method_cases import METHOD_CASES
 
 
 CONFIGS = {
@@ -68,22 +69,13 @@ CONFIGS = {
     "stable-sam": dict(sam_method="stable-sam", sam_rho=RHO),
     "sam-ga2": dict(sam_method="sam", sam_rho=RHO, gradient_accumulation_steps=2),
 }
+# Every method of the test table with FSDP2 overrides (its `fsdp` entry; adasam's eps 1e-3 in its row: with v_hat
+# starting at eps^2, AdaSAM turns 1e-9 rounding differences of reduce-scatter vs all-reduce into steps of size lr;
+# SAF on 8 examples, so step 3 is in epoch 1 where its targets exist; MESA with a fast EMA and big steps, so the
+# teacher is far from the model), then features on top of SAM.
+TABLE_UNDER_FSDP = {name: case for name, case in METHOD_CASES.items() if isinstance(case["fsdp"], dict)}
 SAME_AS_DDP = {
-    "ssam-f": dict(sam_method="ssam-f", sam_mask_interval=1, sam_fisher_samples=4),
-    "ssam-d": dict(sam_method="ssam-d", sam_mask_interval=1),
-    "asam": dict(sam_method="asam"),
-    "ss-sam": dict(sam_method="ss-sam"),
-    # eps 1e-3: with v_hat starting at eps^2 = 1e-16, AdaSAM turns 1e-9 rounding differences (reduce-scatter vs
-    # all-reduce order) of near-zero gradients into steps of size lr.
-    "adasam": dict(sam_method="adasam", adam_epsilon=1e-3),
-    "msam": dict(sam_method="msam", sam_micro_batches=2),
-    "looksam": dict(sam_method="looksam", looksam_k=2),
-    "gsam": dict(sam_method="gsam"),
-    "fsam": dict(sam_method="fsam"),
-    # 8 examples = 2 steps per epoch: step 3 is in epoch 1, where SAF's targets (epoch 0's logits) exist.
-    "saf": dict(sam_method="saf", saf_start_epoch=0.0, train_size=8),
-    # A fast EMA and big steps, so the teacher is far from the model and the term matters.
-    "mesa": dict(sam_method="mesa", mesa_ema_decay=0.5, learning_rate=3.0),
+    **{name: {**case["args"], **case["fsdp"]} for name, case in TABLE_UNDER_FSDP.items()},
     "esam-sds": dict(sam_method="esam", esam_swp=False),
     "lora-sam": dict(sam_method="sam", lora=True, learning_rate=1.0),
     "checkpointed-sam": dict(sam_method="sam", gradient_checkpointing=True),  # SDS only: SWP needs a local ascent
