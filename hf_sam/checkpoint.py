@@ -161,6 +161,16 @@ def check_state_keys(state: dict[str, torch.Tensor], expected: dict[str, torch.T
             )
 
 
+def perturbed_set_settings(names: list[str], include: str | None, exclude: str | None) -> dict[str, str]:
+    """What per-parameter method state belongs to, recorded in the state file and checked on resume."""
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+    return {
+        "perturbed": f"{len(names)} tensors ({digest})",
+        "sam_include": repr(include),
+        "sam_exclude": repr(exclude),
+    }
+
+
 def last_complete_checkpoint(folder: str) -> str | None:
     """The newest `checkpoint-N` in `folder` that was written to the end, or None.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .ascent import AdaptiveAscent, AscentRule, UnnormalizedAscent
-from .descent import DescentTransform
+from .descent import DescentPipeline, DescentTransform
 from .fsam import FriendlyAscent
 from .gsam import SurrogateGap
 from .looksam import LookSAMReuse
@@ -39,11 +39,11 @@ def build_ascent(args) -> AscentRule:
     return ASCENT_RULES[args.sam_ascent](args)
 
 
-def build_descent(args) -> list[DescentTransform]:
+def build_descent(args) -> DescentPipeline:
     """The method's own transform (GSAM, LookSAM) first, then Stable SAM's renormalization if asked."""
     transforms = []
     if args.sam_descent != "none":
         transforms.append(DESCENT_TRANSFORMS[args.sam_descent](args))
     if args.sam_renormalize:
         transforms.append(Renormalize(args))
-    return transforms
+    return DescentPipeline(transforms, args)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .tensors import all_reduce_mean_, global_norm, local, zero_non_finite_
+
 
 NORM_EPS = 1e-12
 
@@ -36,3 +38,50 @@ class DescentTransform:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
+
+
+class DescentPipeline:
+    """The method's descent transforms in order, and the copy of the clean gradient g that they need.
+
+    At rho = 0 every transform is the identity in exact arithmetic (g~ = g: GSAM's g_perp and LookSAM's g_v vanish);
+    computed in floats they are rounding noise, which LookSAM would even rescale to ||g||: they are off there.
+    """
+
+    def __init__(self, transforms: list[DescentTransform], args):
+        self.transforms = transforms
+        self.args = args
+        self.clean_copy: list[torch.Tensor] | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.transforms) and self.args.sam_rho > 0
+
+    def keep_clean(self, grads: list[torch.Tensor], local_ascent: bool) -> None:
+        """Copy g (in `.grad` now, before it becomes eps) when a transform needs it, on the descent gradient's basis:
+        under local ascent the descent gradient is all-reduced and g is not, so one extra all-reduce averages it."""
+        self.clean_copy = None
+        if not self.active or not (local_ascent or any(t.needs_clean_copy for t in self.transforms)):
+            return
+        self.clean_copy = [g.detach().clone() for g in grads]
+        if local_ascent:
+            all_reduce_mean_(self.clean_copy)
+
+    @torch.no_grad()
+    def after_sam_step(self, names: list[str], grads: list[torch.Tensor], raw_norm: torch.Tensor) -> None:
+        """Rewrite the final gradient of a SAM step (`raw_norm`: ||g|| of the ascent, when no copy was kept)."""
+        clean, self.clean_copy = self.clean_copy, None
+        if not self.active:
+            return
+        clean_norm = global_norm(clean) if clean is not None else raw_norm
+        if clean is not None:
+            # A non-finite clean gradient skipped the ascent (eps = 0) and shows in clean_norm, which each transform
+            # checks; its NaN must not reach their arithmetic, where 0 x NaN is still NaN.
+            zero_non_finite_([local(c) for c in clean])
+        for transform in self.transforms:
+            transform.after_sam_step(names, grads, clean, clean_norm)
+
+    @torch.no_grad()
+    def after_plain_step(self, names: list[str], grads: list[torch.Tensor]) -> None:
+        if self.active:
+            for transform in self.transforms:
+                transform.after_plain_step(names, grads)

@@ -9,34 +9,27 @@ work unchanged.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from transformers.utils import logging
 
-from .checkpoint import check_state_keys, load_sam_state, save_sam_state
+from .checkpoint import check_state_keys, load_sam_state, perturbed_set_settings, save_sam_state
 from .components import LOSS_TERMS, build_ascent, build_descent
+from .descent import DescentPipeline
 from .esam import ESAM, per_example_loss, take_examples
 from .gsam import scheduled_rho
-from .loss_term import AfterOptimizerStep, LossTerm, logits_of, one_output_message
+from .guard import UpdateGuard
+from .loss_term import AfterOptimizerStep, LossTerm, logits_of
 from .masks import SparseMask
 from .metrics import SAMMetrics
-from .optim import AdaSAMOptimizer
+from .msam import split_batch
 from .perturbation import Perturbation, select_perturbed
 from .replay import batch_norm_layers, capture_rng, frozen_bn_stats, restore_rng
-from .saf import INDEX_COLUMN, add_example_index, is_map_style, signature_with_index
+from .saf import INDEX_COLUMN, add_example_index, signature_with_index
 from .schedules import is_sam_step
-from .tensors import global_norm, local, zero_non_finite_
-
-
-logger = logging.get_logger(__name__)
-
-# SAM steps in a row whose loss at w + eps was not finite (their updates dropped) before training stops: one is a
-# bad batch, a run of them means the radius throws every step out of the region where the loss is finite.
-MAX_SKIPPED_UPDATES_IN_A_ROW = 5
+from .setup_checks import check_loss_term_setup, check_sam_setup, check_train_dataset
+from .tensors import local
 
 
 class SAMMixin:
@@ -66,92 +59,25 @@ class SAMMixin:
         super().__init__(*args, **kwargs)
         self._sam_metrics = SAMMetrics()
         self._sam_perturbation: Perturbation | None = None
-        self._sam_descent: list = []
+        self._sam_descent: DescentPipeline | None = None
         self._sam_window: list | None = None
         self._sam_window_next = 0
         self._sam_window_is_sam = True
         self._sam_window_clean: list[torch.Tensor] = []
         self._sam_window_rng: list = []
         self._sam_window_examples: list = []  # ESAM SDS: each micro-batch's per-example clean losses
-        self._sam_clean_copy: list[torch.Tensor] | None = None
         self._sam_raw_norm: torch.Tensor | None = None
         self._sam_stash: dict[int, torch.Tensor] = {}
-        # Whether every descent (perturbed) pass of the current SAM step had a finite loss, and how many SAM steps
-        # in a row had their update dropped because one did not.
-        self._sam_descent_finite: torch.Tensor | None = None
-        self._sam_skipped_in_a_row = 0
+        self._sam_guard = UpdateGuard()
         # Whether the model scores logits at t against labels at t + 1 (causal LM): found once per train() call.
         self._sam_shifts_labels: bool | None = None
         # SAF's logit bank or MESA's EMA teacher (sam_loss_term), built from the prepared model at the first step.
         self._sam_loss_term: LossTerm | None = None
         if self.args.sam_loss_term != "none":
-            self._sam_check_loss_term_setup()
+            check_loss_term_setup(self)
             self.add_callback(AfterOptimizerStep(self._sam_after_optimizer_step))
         if self.args.sam_enabled:
-            self._sam_check_setup()
-            if self.args.sam_method == "adasam" and (
-                self.optimizer is not None or self.optimizer_cls_and_kwargs is not None
-            ):
-                given = type(self.optimizer).__name__ if self.optimizer is not None else "optimizer_cls_and_kwargs"
-                raise ValueError(
-                    f"sam_method='adasam' brings its own optimizer (AdaSAMOptimizer), but {given} was passed to the"
-                    " trainer: AdaSAM would silently be plain SAM over it. Drop the optimizer argument, or use"
-                    " sam_method='sam' with your optimizer."
-                )
-            if self.args.sam_method == "adasam":
-                # Trainer builds its usual decay / no-decay parameter groups around this class.
-                self.optimizer_cls_and_kwargs = (
-                    AdaSAMOptimizer,
-                    {
-                        "lr": self.args.learning_rate,
-                        "betas": (self.args.adam_beta1, self.args.adam_beta2),
-                        "eps": self.args.adam_epsilon,
-                    },
-                )
-
-    # ------------------------------------------------------------------ setup
-
-    def _sam_check_setup(self) -> None:
-        """Refuse setups SAM cannot run correctly, before any training step."""
-        if getattr(self, "is_deepspeed_enabled", False):
-            raise ValueError(
-                "hf_sam does not support DeepSpeed: its backward() also steps the engine, so the perturbed pass"
-                " cannot be kept apart from the update. Supported: one device, DDP, and FSDP2 through accelerate."
-            )
-        if getattr(self, "is_fsdp_enabled", False):
-            plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-            if plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
-                raise ValueError("hf_sam supports FSDP2 only: set fsdp_version: 2 in the accelerate/FSDP config.")
-            if not self.args.sam_ascent_sync:
-                logger.warning("FSDP shards the ascent gradient: sam_ascent_sync is set to True.")
-                self.args.sam_ascent_sync = True
-        if self.args.esam_swp and self.args.sam_ascent_sync and self.accelerator.num_processes > 1:
-            fix = (
-                "FSDP always syncs the ascent: run ESAM under DDP, or use --esam_swp false under FSDP."
-                if getattr(self, "is_fsdp_enabled", False)
-                else "Drop --sam_ascent_sync or set --esam_swp false."
-            )
-            raise ValueError(
-                "ESAM's stochastic weight perturbation skips weight gradients in the ascent pass, which a synced"
-                f" (all-reduced) ascent cannot do across processes. {fix}"
-            )
-        if self.args.esam_swp and self.args.torch_compile:
-            logger.warning(
-                "ESAM's stochastic weight perturbation changes which tensors require grad at every step, and"
-                " torch.compile recompiles the model for each new pattern (up to its recompile limit, then runs it"
-                " eagerly). Use --esam_swp false (ESAM's data selection alone) to compile once, or leave torch_compile"
-                " off."
-            )
-        if not any(p.requires_grad for p in self.model.parameters()):
-            raise ValueError(
-                "The model has no trainable parameter (requires_grad is False everywhere): there is nothing to"
-                " perturb or train. Unfreeze the parameters to train, or add adapters (PEFT) before the trainer."
-            )
-        if not select_perturbed(self.model, self.args.sam_include, self.args.sam_exclude):
-            raise ValueError(
-                f"No trainable parameter matches sam_include={self.args.sam_include!r} and"
-                f" sam_exclude={self.args.sam_exclude!r}: nothing would be perturbed. Loosen the regexes."
-            )
+            check_sam_setup(self)  # also hands AdaSAM's optimizer to Trainer
 
     def train(self, *args: Any, **kwargs: Any):
         # Parameters may be replaced between __init__ and the first step (FSDP2 sharding, model_init), so the
@@ -159,17 +85,10 @@ class SAMMixin:
         self._sam_perturbation = None
         self._sam_loss_term = None
         self._sam_shifts_labels = None
-        self._sam_descent_finite = None
-        self._sam_skipped_in_a_row = 0
+        self._sam_guard = UpdateGuard()
         if self.args.sam_loss_term == "saf" and self.train_dataset is not None:
             self.train_dataset = add_example_index(self.train_dataset)  # unchanged when it has an `idx` column
-        fisher = self.args.sam_enabled and self.args.sam_mask == "fisher"
-        if fisher and self.train_dataset is not None and not is_map_style(self.train_dataset):
-            raise ValueError(
-                "sam_mask='fisher' (ssam-f) draws sam_fisher_samples training examples by position for its Fisher"
-                " mask, so it needs a map-style train_dataset with __len__, not an iterable one. Use"
-                " sam_method='ssam-d' (a dynamic mask, built from the gradients) or a map-style dataset."
-            )
+        check_train_dataset(self)
         try:
             return super().train(*args, **kwargs)
         except BaseException:
@@ -190,8 +109,8 @@ class SAMMixin:
         perturbation.restore()
         self._sam_release_grads()  # `.grad` holds eps or a descent gradient at w + eps: neither belongs to a step now
         self._sam_window_clean, self._sam_window_rng, self._sam_window_examples = [], [], []
-        self._sam_clean_copy = None
-        self._sam_descent_finite = None
+        self._sam_descent.clean_copy = None
+        self._sam_guard.forget_step()
 
     def _sam_build(self) -> None:
         args = self.args
@@ -237,11 +156,9 @@ class SAMMixin:
         if not self._sam_window_is_sam:
             self._sam_metrics.add("sam/passes_per_step", 1.0)
             loss = super().training_step(model, inputs, num_items_in_batch)
-            if last and self._sam_descent_active():
+            if last:
                 names, _, grads = self._sam_perturbation.with_grads()
-                with torch.no_grad():
-                    for transform in self._sam_descent:
-                        transform.after_plain_step(names, grads)
+                self._sam_descent.after_plain_step(names, grads)
             return loss
         self._sam_metrics.add("sam/passes_per_step", self._sam_esam.passes())
         try:
@@ -272,7 +189,8 @@ class SAMMixin:
                 self._sam_window_clean.append(clean)
                 self._sam_window_rng.append(rng)
                 self._sam_window_examples.append(examples)
-            self._sam_keep_clean_gradient()
+            local_ascent = self.accelerator.num_processes > 1 and not self.args.sam_ascent_sync
+            self._sam_descent.keep_clean(self._sam_perturbation.with_grads()[2], local_ascent)
             self._sam_ascend(grad_factor=1.0)
             self._sam_release_grads()
         clean = self._sam_window_clean[index]
@@ -282,14 +200,15 @@ class SAMMixin:
         self._sam_record_losses(clean, perturbed, first=index == 0)
         if index == len(window) - 1:
             self._sam_perturbation.restore()
-            if self._sam_update_is_finite():
-                self._sam_apply_descent()
+            if self._sam_guard.update_is_finite(self, self._sam_rho()):
+                names, _, grads = self._sam_perturbation.with_grads()
+                self._sam_descent.after_sam_step(names, grads, self._sam_raw_norm)
             self._sam_window_clean, self._sam_window_rng = [], []
         return clean
 
     def _sam_micro_step(self, model, inputs, index, window, num_items_in_batch) -> torch.Tensor:
         """One perturbation per micro-batch, or per shard of it (mSAM); earlier descent gradients are set aside."""
-        shards = _split_batch(inputs, self.args.sam_micro_batches)
+        shards = split_batch(inputs, self.args.sam_micro_batches)
         outer_ga = self.current_gradient_accumulation_steps
         # Each shard's loss is its share of the micro-batch: Trainer divides by this when it normalizes by GA.
         self.current_gradient_accumulation_steps = outer_ga * len(shards)
@@ -327,7 +246,7 @@ class SAMMixin:
             self.current_gradient_accumulation_steps = outer_ga
         self._sam_record_losses(total_clean, total_perturbed, first=index == 0)
         if index == len(window) - 1:
-            self._sam_update_is_finite()
+            self._sam_guard.update_is_finite(self, self._sam_rho())
         return total_clean
 
     # ------------------------------------------------------------------ passes
@@ -363,7 +282,7 @@ class SAMMixin:
             restore_rng(rng, self.args.device)
         with frozen_bn_stats(self._sam_bn_layers):
             loss = super().training_step(model, dict(inputs), num_items_in_batch)
-        self._sam_note_descent_loss(loss)
+        self._sam_guard.note(loss)
         return loss
 
     def _esam_selected_descent(self, model, inputs, rng, clean, clean_examples) -> torch.Tensor:
@@ -378,52 +297,8 @@ class SAMMixin:
             restore_rng(rng, self.args.device)
         with frozen_bn_stats(self._sam_bn_layers):
             # num_items_in_batch counts the whole window: the subset's loss is its own mean instead.
-            self._sam_note_descent_loss(super().training_step(model, subset, None))
+            self._sam_guard.note(super().training_step(model, subset, None))
         return clean + rise.mean().detach() / self.current_gradient_accumulation_steps
-
-    def _sam_note_descent_loss(self, loss: torch.Tensor) -> None:
-        finite = torch.isfinite(loss.detach())
-        self._sam_descent_finite = finite if self._sam_descent_finite is None else self._sam_descent_finite & finite
-
-    def _sam_update_is_finite(self) -> bool:
-        """At the end of a SAM step: whether its descent passes had finite losses, else drop the update.
-
-        A loss that is finite at w but not at w + eps (a radius too large for the model, an overflow) leaves NaN or
-        inf in the descent gradient, and the optimizer step would carry it into the weights for good. The step's
-        gradients are then dropped, so `optimizer.step()` leaves w and the optimizer state untouched (as
-        GradScaler's skip of an fp16 overflow, which keeps handling it when enabled), the drop is counted in
-        `sam/skipped_updates`, and a run of `MAX_SKIPPED_UPDATES_IN_A_ROW` stops training with an error naming
-        the radius. The check reads one flag on the host per SAM step, where Trainer's own NaN filter
-        (`logging_nan_inf_filter`) reads the step's loss anyway.
-        """
-        finite, self._sam_descent_finite = self._sam_descent_finite, None
-        scaler = getattr(self.accelerator, "scaler", None)
-        if finite is None or (scaler is not None and scaler.is_enabled()):
-            return True
-        finite = finite.to(torch.int32)
-        if self.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # the descent gradient is shared: so is the decision
-        skipped = not bool(finite)
-        self._sam_metrics.add("sam/skipped_updates", float(skipped))
-        if not skipped:
-            self._sam_skipped_in_a_row = 0
-            return True
-        self._sam_release_grads()
-        self._sam_skipped_in_a_row += 1
-        rho = self._sam_rho()
-        if self._sam_skipped_in_a_row >= MAX_SKIPPED_UPDATES_IN_A_ROW:
-            raise RuntimeError(
-                f"The loss at the perturbed weights w + eps was not finite in {self._sam_skipped_in_a_row} SAM steps"
-                f" in a row (at step {self.state.global_step}), so none of them updated the weights: sam_rho={rho}"
-                f" moves the weights out of the region where this model's loss is finite. Lower --sam_rho (e.g."
-                f" {rho / 10:g}); the weights are those before these steps."
-            )
-        if self._sam_skipped_in_a_row == 1:
-            logger.warning(
-                f"Step {self.state.global_step}: the loss at w + eps was not finite (sam_rho={rho}), so this"
-                " step's update was dropped (counted in sam/skipped_updates). If it repeats, lower --sam_rho."
-            )
-        return False
 
     def per_example_loss(self, outputs, inputs: dict[str, Any]) -> torch.Tensor:
         """Loss of each example of the batch (ESAM's data selection). Override for other heads or losses.
@@ -493,41 +368,6 @@ class SAMMixin:
         self._sam_metrics.add("sam/skipped", skipped)
         self._sam_metrics.add("sam/rho", rho)
 
-    def _sam_descent_active(self) -> bool:
-        # At rho = 0 every transform is the identity in exact arithmetic (g~ = g: GSAM's g_perp and LookSAM's g_v
-        # vanish); computed in floats they are rounding noise, which LookSAM would even rescale to ||g||.
-        return bool(self._sam_descent) and self.args.sam_rho > 0
-
-    def _sam_keep_clean_gradient(self) -> None:
-        """Copy g before it becomes eps, when a descent transform needs it, on the basis of the descent gradient."""
-        if not self._sam_descent_active():
-            return
-        local_ascent = self.accelerator.num_processes > 1 and not self.args.sam_ascent_sync
-        if not (local_ascent or any(t.needs_clean_copy for t in self._sam_descent)):
-            self._sam_clean_copy = None
-            return
-        _, _, grads = self._sam_perturbation.with_grads()
-        self._sam_clean_copy = [g.detach().clone() for g in grads]
-        if local_ascent:
-            # The descent gradient is all-reduced by DDP; g was not (local ascent): one extra all-reduce puts g on
-            # the same basis, so norms and projections compare like with like.
-            _all_reduce_mean_(self._sam_clean_copy)
-
-    @torch.no_grad()
-    def _sam_apply_descent(self) -> None:
-        if not self._sam_descent_active():
-            return
-        names, _, grads = self._sam_perturbation.with_grads()
-        clean = self._sam_clean_copy
-        clean_norm = global_norm(clean) if clean is not None else self._sam_raw_norm
-        if clean is not None:
-            # A non-finite clean gradient skipped the ascent (eps = 0) and shows in clean_norm, which each transform
-            # checks; its NaN must not reach their arithmetic, where 0 x NaN is still NaN.
-            zero_non_finite_([local(c) for c in clean])
-        for transform in self._sam_descent:
-            transform.after_sam_step(names, grads, clean, clean_norm)
-        self._sam_clean_copy = None
-
     def _sam_release_grads(self) -> None:
         """Drop `.grad` (it holds eps, no longer needed): the descent backward then hands its gradient over instead
         of adding it to zeros, which saves two passes over the parameters' size and frees eps's memory."""
@@ -559,14 +399,6 @@ class SAMMixin:
         self._sam_metrics.add("sam/sharpness", perturbed - clean, count)
 
     # ------------------------------------------------------------------ one-pass loss terms (SAF, MESA)
-
-    def _sam_check_loss_term_setup(self) -> None:
-        term = self.args.sam_loss_term
-        if getattr(self, "is_deepspeed_enabled", False):
-            raise ValueError(f"sam_loss_term={term!r} is not supported under DeepSpeed yet: use DDP.")
-        config = getattr(self.model, "config", None)
-        if getattr(config, "num_labels", None) == 1 or getattr(config, "problem_type", None) == "regression":
-            raise ValueError(one_output_message(self.args.sam_method))
 
     def _sam_keeps_index(self, description: str | None) -> bool:
         # Only the training set keeps SAF's index column; evaluation batches stay as Trainer makes them.
@@ -661,7 +493,7 @@ class SAMMixin:
             pieces["ascent"] = self._sam_perturbation.rule
             if self._sam_perturbation.mask is not None:
                 pieces["mask"] = self._sam_perturbation.mask
-            for i, transform in enumerate(self._sam_descent):
+            for i, transform in enumerate(self._sam_descent.transforms):
                 pieces[f"descent.{i}"] = transform
         return pieces
 
@@ -728,13 +560,10 @@ class SAMMixin:
         """What the method state belongs to, recorded in the state file and checked on resume: the perturbed set."""
         if not self.args.sam_enabled:
             return None
-        names = [name for name, _ in select_perturbed(self.model, self.args.sam_include, self.args.sam_exclude)]
-        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
-        return {
-            "perturbed": f"{len(names)} tensors ({digest})",
-            "sam_include": repr(self.args.sam_include),
-            "sam_exclude": repr(self.args.sam_exclude),
-        }
+        include, exclude = self.args.sam_include, self.args.sam_exclude
+        return perturbed_set_settings(
+            [name for name, _ in select_perturbed(self.model, include, exclude)], include, exclude
+        )
 
     def _sam_rank_suffix(self) -> str:
         return "" if self.accelerator.num_processes == 1 else f"-rank{self.accelerator.process_index}"
@@ -746,33 +575,3 @@ def _fsdp2_gradient_sync(model: nn.Module) -> bool:
     get_state = getattr(model, "_get_fsdp_state", None)
     group = getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
     return bool(getattr(group, "reduce_grads", True))
-
-
-def _split_batch(inputs: dict[str, Any], shards: int) -> list[dict[str, Any]]:
-    """Split every batch-sized tensor of `inputs` into `shards` contiguous pieces (mSAM); drop empty pieces."""
-    if shards == 1:
-        return [inputs]
-    sizes = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"sam_micro_batches={shards} needs inputs whose tensors share one batch dimension; got sizes {sizes}."
-        )
-    batch = sizes.pop()
-    pieces = [dict(inputs) for _ in range(min(shards, batch))]
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            for piece, part in zip(pieces, torch.tensor_split(value, len(pieces))):
-                piece[key] = part
-    return pieces
-
-
-def _all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average `tensors` over all ranks in place, as one flat all-reduce."""
-    if not tensors or not dist.is_available() or not dist.is_initialized():
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    torch._foreach_copy_(
-        tensors, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-    )

@@ -84,3 +84,15 @@ def zero_non_finite_(tensors: list[torch.Tensor]) -> None:
     """Replace NaN and +-inf entries by 0 in place (there is no `_foreach_nan_to_num_`)."""
     for tensor in tensors:
         torch.nan_to_num_(tensor, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average `tensors` over all ranks in place, as one flat all-reduce (a no-op without a process group)."""
+    if not tensors or not dist.is_available() or not dist.is_initialized():
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    torch._foreach_copy_(
+        tensors, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    )

@@ -157,7 +157,7 @@ def test_a_run_of_non_finite_perturbed_losses_stops_with_an_error_naming_the_rad
     with pytest.raises(RuntimeError, match="sam_rho=1e[+]?30"):
         trainer.train()
     # Every step was dropped: the weights are those the run started from, and finite.
-    assert trainer.state.global_step == 4 and trainer._sam_skipped_in_a_row == 5
+    assert trainer.state.global_step == 4 and trainer._sam_guard.skipped_in_a_row == 5
     assert_same_weights(before, state(trainer.model))
 
 

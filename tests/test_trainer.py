@@ -582,10 +582,10 @@ def test_sam_metrics_are_logged(tmp_path):
 def test_esam_swp_under_torch_compile_warns_of_recompiles(tmp_path):
     from transformers.testing_utils import CaptureLogger
 
-    from hf_sam import mixin
+    from hf_sam import setup_checks
 
     for swp, warned in ((True, True), (False, False)):
-        with CaptureLogger(mixin.logger) as captured:
+        with CaptureLogger(setup_checks.logger) as captured:
             args = sam_args(tmp_path, sam_method="esam", esam_swp=swp, torch_compile=True)
             SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
         assert ("recompiles" in captured.out) == warned

@@ -1,0 +1,70 @@
+"""The guard against a non-finite loss at w + eps: the update of such a step is dropped, not applied."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# SAM steps in a row whose loss at w + eps was not finite (their updates dropped) before training stops: one is a
+# bad batch, a run of them means the radius throws every step out of the region where the loss is finite.
+MAX_SKIPPED_UPDATES_IN_A_ROW = 5
+
+
+class UpdateGuard:
+    """Whether every descent pass of the current SAM step had a finite loss (a device flag, no host sync per pass),
+    and how many SAM steps in a row had their update dropped. See docs/methods.md#non-finite-values."""
+
+    def __init__(self):
+        self.finite: torch.Tensor | None = None
+        self.skipped_in_a_row = 0
+
+    def note(self, loss: torch.Tensor) -> None:
+        """Record one descent pass's loss."""
+        finite = torch.isfinite(loss.detach())
+        self.finite = finite if self.finite is None else self.finite & finite
+
+    def forget_step(self) -> None:
+        self.finite = None
+
+    def update_is_finite(self, trainer, rho: float) -> bool:
+        """At the end of a SAM step: True when its descent losses were finite; else its update is dropped.
+
+        A loss finite at w but not at w + eps (a radius too large for the model, an overflow) leaves NaN or inf in the
+        descent gradient, which the optimizer step would carry into the weights for good. The step's gradients are
+        dropped instead, so `optimizer.step()` leaves w and the optimizer state untouched (as GradScaler's skip of an
+        fp16 overflow, which keeps handling it when enabled); the drop is counted in `sam/skipped_updates`, and a run
+        of `MAX_SKIPPED_UPDATES_IN_A_ROW` stops training with an error naming the radius. The check reads one flag on
+        the host per SAM step, where Trainer's own NaN filter (`logging_nan_inf_filter`) reads the step's loss anyway.
+        """
+        finite, self.finite = self.finite, None
+        scaler = getattr(trainer.accelerator, "scaler", None)
+        if finite is None or (scaler is not None and scaler.is_enabled()):
+            return True
+        finite = finite.to(torch.int32)
+        if trainer.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # the descent gradient is shared: so is the decision
+        skipped = not bool(finite)
+        trainer._sam_metrics.add("sam/skipped_updates", float(skipped))
+        if not skipped:
+            self.skipped_in_a_row = 0
+            return True
+        trainer._sam_release_grads()
+        self.skipped_in_a_row += 1
+        step = trainer.state.global_step
+        if self.skipped_in_a_row >= MAX_SKIPPED_UPDATES_IN_A_ROW:
+            raise RuntimeError(
+                f"The loss at the perturbed weights w + eps was not finite in {self.skipped_in_a_row} SAM steps in a"
+                f" row (at step {step}), so none of them updated the weights: sam_rho={rho} moves the weights out of"
+                f" the region where this model's loss is finite. Lower --sam_rho (e.g. {rho / 10:g}); the weights are"
+                " those before these steps."
+            )
+        if self.skipped_in_a_row == 1:
+            logger.warning(
+                f"Step {step}: the loss at w + eps was not finite (sam_rho={rho}), so this step's update was dropped"
+                " (counted in sam/skipped_updates). If it repeats, lower --sam_rho."
+            )
+        return False

@@ -1,0 +1,97 @@
+"""Checks of a trainer's setup that refuse, before any step, what SAM cannot run correctly (or warn about it)."""
+
+from __future__ import annotations
+
+from transformers.utils import logging
+
+from .loss_term import one_output_message
+from .optim import AdaSAMOptimizer
+from .perturbation import select_perturbed
+from .saf import is_map_style
+
+
+logger = logging.get_logger(__name__)
+
+
+def check_sam_setup(trainer) -> None:
+    """The SAM-step methods: distributed backends, ESAM's SWP, the perturbed set, AdaSAM's optimizer."""
+    args = trainer.args
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise ValueError(
+            "hf_sam does not support DeepSpeed: its backward() also steps the engine, so the perturbed pass"
+            " cannot be kept apart from the update. Supported: one device, DDP, and FSDP2 through accelerate."
+        )
+    fsdp = getattr(trainer, "is_fsdp_enabled", False)
+    if fsdp:
+        plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+        if plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
+            raise ValueError("hf_sam supports FSDP2 only: set fsdp_version: 2 in the accelerate/FSDP config.")
+        if not args.sam_ascent_sync:
+            logger.warning("FSDP shards the ascent gradient: sam_ascent_sync is set to True.")
+            args.sam_ascent_sync = True
+    if args.esam_swp and args.sam_ascent_sync and trainer.accelerator.num_processes > 1:
+        fix = (
+            "FSDP always syncs the ascent: run ESAM under DDP, or use --esam_swp false under FSDP."
+            if fsdp
+            else "Drop --sam_ascent_sync or set --esam_swp false."
+        )
+        raise ValueError(
+            "ESAM's stochastic weight perturbation skips weight gradients in the ascent pass, which a synced"
+            f" (all-reduced) ascent cannot do across processes. {fix}"
+        )
+    if args.esam_swp and args.torch_compile:
+        logger.warning(
+            "ESAM's stochastic weight perturbation changes which tensors require grad at every step, and"
+            " torch.compile recompiles the model for each new pattern (up to its recompile limit, then runs it"
+            " eagerly). Use --esam_swp false (ESAM's data selection alone) to compile once, or leave torch_compile"
+            " off."
+        )
+    if not any(p.requires_grad for p in trainer.model.parameters()):
+        raise ValueError(
+            "The model has no trainable parameter (requires_grad is False everywhere): there is nothing to"
+            " perturb or train. Unfreeze the parameters to train, or add adapters (PEFT) before the trainer."
+        )
+    if not select_perturbed(trainer.model, args.sam_include, args.sam_exclude):
+        raise ValueError(
+            f"No trainable parameter matches sam_include={args.sam_include!r} and"
+            f" sam_exclude={args.sam_exclude!r}: nothing would be perturbed. Loosen the regexes."
+        )
+    if args.sam_method == "adasam":
+        _use_adasam_optimizer(trainer)
+
+
+def _use_adasam_optimizer(trainer) -> None:
+    """AdaSAM brings its optimizer: Trainer builds its usual decay / no-decay parameter groups around this class."""
+    if trainer.optimizer is not None or trainer.optimizer_cls_and_kwargs is not None:
+        given = type(trainer.optimizer).__name__ if trainer.optimizer is not None else "optimizer_cls_and_kwargs"
+        raise ValueError(
+            f"sam_method='adasam' brings its own optimizer (AdaSAMOptimizer), but {given} was passed to the"
+            " trainer: AdaSAM would silently be plain SAM over it. Drop the optimizer argument, or use"
+            " sam_method='sam' with your optimizer."
+        )
+    args = trainer.args
+    trainer.optimizer_cls_and_kwargs = (
+        AdaSAMOptimizer,
+        {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
+    )
+
+
+def check_loss_term_setup(trainer) -> None:
+    """SAF and MESA: no DeepSpeed, and a head with more than one output (a softmax over one value is always 1)."""
+    term = trainer.args.sam_loss_term
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise ValueError(f"sam_loss_term={term!r} is not supported under DeepSpeed yet: use DDP.")
+    config = getattr(trainer.model, "config", None)
+    if getattr(config, "num_labels", None) == 1 or getattr(config, "problem_type", None) == "regression":
+        raise ValueError(one_output_message(trainer.args.sam_method))
+
+
+def check_train_dataset(trainer) -> None:
+    """At `train()`: SSAM-F draws its Fisher examples by position, so it needs a map-style training set."""
+    args, dataset = trainer.args, trainer.train_dataset
+    if args.sam_enabled and args.sam_mask == "fisher" and dataset is not None and not is_map_style(dataset):
+        raise ValueError(
+            "sam_mask='fisher' (ssam-f) draws sam_fisher_samples training examples by position for its Fisher"
+            " mask, so it needs a map-style train_dataset with __len__, not an iterable one. Use"
+            " sam_method='ssam-d' (a dynamic mask, built from the gradients) or a map-style dataset."
+        )
