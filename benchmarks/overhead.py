@@ -126,9 +126,9 @@ def run_one(cfg: dict) -> dict:
     )
     # Exact bytes the method keeps between steps, against the trainable parameters: SAM's weight backup and
     # micro-mode stash, MESA's EMA teacher, SAF's logit bank.
-    held = list(getattr(trainer._sam_perturbation, "_backup", {}).values()) + list(trainer._sam_stash.values())
-    if trainer._sam_loss_term is not None:
-        held += list(trainer._sam_loss_term.state_dict().values())
+    held = list(getattr(trainer._sam.perturbation, "_backup", {}).values()) + list(trainer._sam.stash.values())
+    if trainer._sam.loss_term is not None:
+        held += list(trainer._sam.loss_term.state_dict().values())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return {
         "held_copies": sum(t.numel() * t.element_size() for t in held) / trainable,

@@ -395,10 +395,11 @@ class SAMArgumentsMixin:
                 raise ValueError(f"{name}={getattr(self, name)!r} is unknown; use one of {', '.join(choices)}.")
         optim = str(getattr(self.optim, "value", self.optim))
         default_optim = TrainingArguments.__dataclass_fields__["optim"].default
-        if self.sam_method == "adasam" and optim != str(getattr(default_optim, "value", default_optim)):
+        own = METHODS[self.sam_method].optimizer
+        if own is not None and optim != str(getattr(default_optim, "value", default_optim)):
             raise ValueError(
-                f"sam_method='adasam' brings its own optimizer (AdaSAMOptimizer: AMSGrad without bias correction), so"
-                f" optim={optim!r} would be ignored. Drop --optim, or use --sam_method sam with that optimizer."
+                f"sam_method={self.sam_method!r} brings its own optimizer ({own.__name__}), so optim={optim!r} would"
+                " be ignored. Drop --optim, or use --sam_method sam with that optimizer."
             )
         for name in ("sam_rho", "sam_adaptive_eta"):
             value = getattr(self, name)

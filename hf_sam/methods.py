@@ -10,6 +10,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
+from .optim import AdaSAMOptimizer
+
 
 @dataclass(frozen=True)
 class MethodInfo:
@@ -20,11 +22,15 @@ class MethodInfo:
         cost (`str`): Forward+backward passes per optimizer step relative to the base optimizer.
         preset (`dict[str, Any]`): Values for the `sam_*` fields that the user did not set (fields whose default is
             None, so an explicit flag always wins; a test checks this).
+        optimizer (`type`, *optional*): The optimizer class the method brings (AdaSAM), built by Trainer with its
+            usual parameter groups from `learning_rate`, `adam_beta1/2` and `adam_epsilon`; the user's own optimizer
+            or `--optim` is then refused.
     """
 
     paper: str
     cost: str
     preset: dict[str, Any] = field(default_factory=dict)
+    optimizer: type | None = None
 
 
 # Literal registry: name -> preset. `tests/test_trainer.py` fails when a name here has no row in
@@ -56,7 +62,7 @@ METHODS: dict[str, MethodInfo] = {
         "2.0",
         {"sam_rho": 0.05, "sam_renormalize": True, "sam_ascent": "unnormalized"},
     ),
-    "adasam": MethodInfo("Sun et al. 2023, arXiv 2303.00565", "2.0", {"sam_rho": 0.05}),
+    "adasam": MethodInfo("Sun et al. 2023, arXiv 2303.00565", "2.0", {"sam_rho": 0.05}, AdaSAMOptimizer),
     "msam": MethodInfo(
         "Behdin et al. 2022, arXiv 2212.04343",
         "2.0",

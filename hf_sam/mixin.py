@@ -16,16 +16,15 @@ from torch import nn
 
 from .checkpoint import check_state_keys, load_sam_state, perturbed_set_settings, save_sam_state
 from .components import LOSS_TERMS, build_ascent, build_descent
-from .descent import DescentPipeline
 from .esam import ESAM, per_example_loss, take_examples
 from .gsam import scheduled_rho
-from .guard import UpdateGuard
-from .loss_term import AfterOptimizerStep, LossTerm, logits_of
+from .loss_term import AfterOptimizerStep, logits_of
 from .masks import SparseMask
 from .metrics import SAMMetrics
 from .msam import split_batch
 from .perturbation import Perturbation, select_perturbed
 from .replay import batch_norm_layers, capture_rng, frozen_bn_stats, restore_rng
+from .run import SAMRun
 from .saf import INDEX_COLUMN, add_example_index, signature_with_index
 from .schedules import is_sam_step
 from .setup_checks import check_loss_term_setup, check_sam_setup, check_train_dataset
@@ -58,21 +57,7 @@ class SAMMixin:
             )
         super().__init__(*args, **kwargs)
         self._sam_metrics = SAMMetrics()
-        self._sam_perturbation: Perturbation | None = None
-        self._sam_descent: DescentPipeline | None = None
-        self._sam_window: list | None = None
-        self._sam_window_next = 0
-        self._sam_window_is_sam = True
-        self._sam_window_clean: list[torch.Tensor] = []
-        self._sam_window_rng: list = []
-        self._sam_window_examples: list = []  # ESAM SDS: each micro-batch's per-example clean losses
-        self._sam_raw_norm: torch.Tensor | None = None
-        self._sam_stash: dict[int, torch.Tensor] = {}
-        self._sam_guard = UpdateGuard()
-        # Whether the model scores logits at t against labels at t + 1 (causal LM): found once per train() call.
-        self._sam_shifts_labels: bool | None = None
-        # SAF's logit bank or MESA's EMA teacher (sam_loss_term), built from the prepared model at the first step.
-        self._sam_loss_term: LossTerm | None = None
+        self._sam = SAMRun()  # everything one train() call holds: its pieces and where the step stands
         if self.args.sam_loss_term != "none":
             check_loss_term_setup(self)
             self.add_callback(AfterOptimizerStep(self._sam_after_optimizer_step))
@@ -81,11 +66,8 @@ class SAMMixin:
 
     def train(self, *args: Any, **kwargs: Any):
         # Parameters may be replaced between __init__ and the first step (FSDP2 sharding, model_init), so the
-        # method's pieces are built again, from the prepared model, at the start of every `train()` call.
-        self._sam_perturbation = None
-        self._sam_loss_term = None
-        self._sam_shifts_labels = None
-        self._sam_guard = UpdateGuard()
+        # method's pieces are built again, from the prepared model, at the first step of every `train()` call.
+        self._sam.reset()
         if self.args.sam_loss_term == "saf" and self.train_dataset is not None:
             self.train_dataset = add_example_index(self.train_dataset)  # unchanged when it has an `idx` column
         check_train_dataset(self)
@@ -103,26 +85,24 @@ class SAMMixin:
         Without it, an interrupted run (Ctrl-C in a notebook) or an out-of-memory error that `auto_find_batch_size`
         retries with a smaller batch would carry on from, evaluate or save the perturbed weights w + eps.
         """
-        perturbation = self._sam_perturbation
+        perturbation = self._sam.perturbation
         if perturbation is None or not perturbation.active:
             return
         perturbation.restore()
         self._sam_release_grads()  # `.grad` holds eps or a descent gradient at w + eps: neither belongs to a step now
-        self._sam_window_clean, self._sam_window_rng, self._sam_window_examples = [], [], []
-        self._sam_descent.clean_copy = None
-        self._sam_guard.forget_step()
+        self._sam.forget_step()
 
     def _sam_build(self) -> None:
         args = self.args
         named = select_perturbed(self.model, args.sam_include, args.sam_exclude)
-        self._sam_trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self._sam_bn_layers = batch_norm_layers(self.model) if args.sam_freeze_bn_stats else []
+        self._sam.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self._sam.bn_layers = batch_norm_layers(self.model) if args.sam_freeze_bn_stats else []
         mask = None
-        self._sam_esam = ESAM(args, [p for _, p in named])
+        self._sam.esam = ESAM(args, [p for _, p in named])
         if args.sam_mask in ("fisher", "dynamic"):
             mask = SparseMask(args, [n for n, _ in named], [p for _, p in named])
-        self._sam_perturbation = Perturbation(named, build_ascent(args), mask)
-        self._sam_descent = build_descent(args)
+        self._sam.perturbation = Perturbation(named, build_ascent(args), mask)
+        self._sam.descent = build_descent(args)
 
     # ------------------------------------------------------------------ the step
 
@@ -130,8 +110,8 @@ class SAMMixin:
         # Trainer prefetches the whole accumulation window here: keep it so window mode can run every
         # micro-batch's clean pass before the first descent pass.
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._sam_window = batch_samples
-        self._sam_window_next = 0
+        self._sam.window = batch_samples
+        self._sam.window_next = 0
         return batch_samples, num_items_in_batch
 
     def training_step(
@@ -142,25 +122,25 @@ class SAMMixin:
     ) -> torch.Tensor:
         if not self.args.sam_enabled:
             return super().training_step(model, inputs, num_items_in_batch)
-        if self._sam_perturbation is None:
+        if self._sam.perturbation is None:
             self._sam_build()
         index, window = self._sam_position(inputs)
         last = index == len(window) - 1
         if index == 0:
-            if self._sam_perturbation.mask is not None:
-                self._sam_perturbation.mask.before_step(self, self._sam_perturbation.params)
-            self._sam_esam.before_step(self.state.global_step)
+            if self._sam.perturbation.mask is not None:
+                self._sam.perturbation.mask.before_step(self, self._sam.perturbation.params)
+            self._sam.esam.before_step(self.state.global_step)
             # One decision per optimizer step, seeded by (seed, global_step): identical on every rank.
-            self._sam_window_is_sam = is_sam_step(self.args, self.state.global_step, self.state.max_steps)
-            self._sam_metrics.add("sam/sam_step_fraction", float(self._sam_window_is_sam))
-        if not self._sam_window_is_sam:
+            self._sam.window_is_sam = is_sam_step(self.args, self.state.global_step, self.state.max_steps)
+            self._sam_metrics.add("sam/sam_step_fraction", float(self._sam.window_is_sam))
+        if not self._sam.window_is_sam:
             self._sam_metrics.add("sam/passes_per_step", 1.0)
             loss = super().training_step(model, inputs, num_items_in_batch)
             if last:
-                names, _, grads = self._sam_perturbation.with_grads()
-                self._sam_descent.after_plain_step(names, grads)
+                names, _, grads = self._sam.perturbation.with_grads()
+                self._sam.descent.after_plain_step(names, grads)
             return loss
-        self._sam_metrics.add("sam/passes_per_step", self._sam_esam.passes())
+        self._sam_metrics.add("sam/passes_per_step", self._sam.esam.passes())
         try:
             if self.args.sam_micro_batches > 1 or (self.args.sam_accumulation == "micro" and len(window) > 1):
                 return self._sam_micro_step(model, inputs, index, window, num_items_in_batch)
@@ -171,9 +151,9 @@ class SAMMixin:
 
     def _sam_position(self, inputs) -> tuple[int, list]:
         """Index of `inputs` in the current accumulation window, and the window (`[inputs]` if called alone)."""
-        window, index = self._sam_window, self._sam_window_next
+        window, index = self._sam.window, self._sam.window_next
         if window is not None and index < len(window) and window[index] is inputs:
-            self._sam_window_next += 1
+            self._sam.window_next += 1
             return index, window
         return 0, [inputs]
 
@@ -182,28 +162,28 @@ class SAMMixin:
         if index == 0:
             # The window starts with zero gradients (Trainer zeroes after each step): the clean passes
             # accumulate the window's gradient g there, with nothing to stash.
-            self._sam_window_clean, self._sam_window_rng, self._sam_window_examples = [], [], []
+            self._sam.window_clean, self._sam.window_rng, self._sam.window_examples = [], [], []
             for j, batch in enumerate(window):
                 sync = self.args.sam_ascent_sync and j == len(window) - 1
                 clean, rng, examples = self._sam_clean_pass(model, batch, num_items_in_batch, sync)
-                self._sam_window_clean.append(clean)
-                self._sam_window_rng.append(rng)
-                self._sam_window_examples.append(examples)
+                self._sam.window_clean.append(clean)
+                self._sam.window_rng.append(rng)
+                self._sam.window_examples.append(examples)
             local_ascent = self.accelerator.num_processes > 1 and not self.args.sam_ascent_sync
-            self._sam_descent.keep_clean(self._sam_perturbation.with_grads()[2], local_ascent)
+            self._sam.descent.keep_clean(self._sam.perturbation.with_grads()[2], local_ascent)
             self._sam_ascend(grad_factor=1.0)
             self._sam_release_grads()
-        clean = self._sam_window_clean[index]
+        clean = self._sam.window_clean[index]
         perturbed = self._sam_perturbed_pass(
-            model, inputs, num_items_in_batch, self._sam_window_rng[index], clean, self._sam_window_examples[index]
+            model, inputs, num_items_in_batch, self._sam.window_rng[index], clean, self._sam.window_examples[index]
         )
         self._sam_record_losses(clean, perturbed, first=index == 0)
         if index == len(window) - 1:
-            self._sam_perturbation.restore()
-            if self._sam_guard.update_is_finite(self, self._sam_rho()):
-                names, _, grads = self._sam_perturbation.with_grads()
-                self._sam_descent.after_sam_step(names, grads, self._sam_raw_norm)
-            self._sam_window_clean, self._sam_window_rng = [], []
+            self._sam.perturbation.restore()
+            if self._sam.guard.update_is_finite(self, self._sam_rho()):
+                names, _, grads = self._sam.perturbation.with_grads()
+                self._sam.descent.after_sam_step(names, grads, self._sam.raw_norm)
+            self._sam.window_clean, self._sam.window_rng = [], []
         return clean
 
     def _sam_micro_step(self, model, inputs, index, window, num_items_in_batch) -> torch.Tensor:
@@ -215,10 +195,10 @@ class SAMMixin:
         total_clean = total_perturbed = 0.0
         try:
             for j, shard in enumerate(shards):
-                held = [p for p in self._sam_trainable if p.grad is not None]
+                held = [p for p in self._sam.trainable if p.grad is not None]
                 stash = None
                 # Inside the Trainer loop, index > 0 (or a later shard) means earlier descent gradients sit in .grad.
-                if (index > 0 or j > 0 or self._sam_window is None) and held:
+                if (index > 0 or j > 0 or self._sam.window is None) and held:
                     stash = self._sam_stash_grads(held)
                     self._sam_zero_grads()  # the ascent gradient must not mix with the stashed descent gradients
                 clean, rng, examples = self._sam_clean_pass(
@@ -239,14 +219,14 @@ class SAMMixin:
                     descent_sync = self._sam_gradient_sync(model, False)
                 with descent_sync:
                     perturbed = self._sam_perturbed_pass(model, shard, num_items_in_batch, rng, clean, examples)
-                self._sam_perturbation.restore()
+                self._sam.perturbation.restore()
                 total_clean = total_clean + clean
                 total_perturbed = total_perturbed + perturbed
         finally:
             self.current_gradient_accumulation_steps = outer_ga
         self._sam_record_losses(total_clean, total_perturbed, first=index == 0)
         if index == len(window) - 1:
-            self._sam_guard.update_is_finite(self, self._sam_rho())
+            self._sam.guard.update_is_finite(self, self._sam_rho())
         return total_clean
 
     # ------------------------------------------------------------------ passes
@@ -257,7 +237,7 @@ class SAMMixin:
         Returns the loss, the RNG state before the pass (for the descent pass to replay) and, with ESAM's data
         selection, each example's loss (else None).
         """
-        esam = self._sam_esam
+        esam = self._sam.esam
         rng = capture_rng(self.args.device) if self.args.sam_same_dropout or esam.sds else None
         with self._sam_gradient_sync(model, sync), esam.clean_pass(self.model) as captured:
             loss = super().training_step(model, dict(inputs), num_items_in_batch)
@@ -280,24 +260,24 @@ class SAMMixin:
             return self._esam_selected_descent(model, inputs, rng, clean, clean_examples)
         if rng is not None:
             restore_rng(rng, self.args.device)
-        with frozen_bn_stats(self._sam_bn_layers):
+        with frozen_bn_stats(self._sam.bn_layers):
             loss = super().training_step(model, dict(inputs), num_items_in_batch)
-        self._sam_guard.note(loss)
+        self._sam.guard.note(loss)
         return loss
 
     def _esam_selected_descent(self, model, inputs, rng, clean, clean_examples) -> torch.Tensor:
         prepared = self._prepare_inputs(dict(inputs))
         if rng is not None:
             restore_rng(rng, self.args.device)
-        with torch.no_grad(), frozen_bn_stats(self._sam_bn_layers), self.compute_loss_context_manager():
+        with torch.no_grad(), frozen_bn_stats(self._sam.bn_layers), self.compute_loss_context_manager():
             outputs = self.model(**prepared)  # unwrapped: a no-grad forward needs no DDP bookkeeping
             rise = self.per_example_loss(outputs, prepared) - clean_examples
-        subset = take_examples(dict(inputs), self._sam_esam.select(rise), rise.shape[0])
+        subset = take_examples(dict(inputs), self._sam.esam.select(rise), rise.shape[0])
         if rng is not None:
             restore_rng(rng, self.args.device)
-        with frozen_bn_stats(self._sam_bn_layers):
+        with frozen_bn_stats(self._sam.bn_layers):
             # num_items_in_batch counts the whole window: the subset's loss is its own mean instead.
-            self._sam_guard.note(super().training_step(model, subset, None))
+            self._sam.guard.note(super().training_step(model, subset, None))
         return clean + rise.mean().detach() / self.current_gradient_accumulation_steps
 
     def per_example_loss(self, outputs, inputs: dict[str, Any]) -> torch.Tensor:
@@ -356,14 +336,14 @@ class SAMMixin:
         loss_scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
         grad_unit = grad_factor / loss_scale if loss_scale is not None else grad_factor
         rho = self._sam_rho()
-        mask = self._sam_perturbation.mask
+        mask = self._sam.perturbation.mask
         if mask is not None:
-            mask.before_ascent(self, self._sam_perturbation.params)
-        step_rho = self._sam_esam.ascent_rho(rho)
-        raw_norm, skipped = self._sam_perturbation.ascend(step_rho, grad_unit)
+            mask.before_ascent(self, self._sam.perturbation.params)
+        step_rho = self._sam.esam.ascent_rho(rho)
+        raw_norm, skipped = self._sam.perturbation.ascend(step_rho, grad_unit)
         if mask is not None:
             self._sam_metrics.add("sam/mask_density", mask.current_density)
-        self._sam_raw_norm = raw_norm
+        self._sam.raw_norm = raw_norm
         self._sam_metrics.add("sam/grad_norm", raw_norm * grad_unit)
         self._sam_metrics.add("sam/skipped", skipped)
         self._sam_metrics.add("sam/rho", rho)
@@ -371,11 +351,11 @@ class SAMMixin:
     def _sam_release_grads(self) -> None:
         """Drop `.grad` (it holds eps, no longer needed): the descent backward then hands its gradient over instead
         of adding it to zeros, which saves two passes over the parameters' size and frees eps's memory."""
-        for p in self._sam_trainable:
+        for p in self._sam.trainable:
             p.grad = None
 
     def _sam_zero_grads(self) -> None:
-        grads = [local(p.grad) for p in self._sam_trainable if p.grad is not None]
+        grads = [local(p.grad) for p in self._sam.trainable if p.grad is not None]
         if grads:
             torch._foreach_zero_(grads)
 
@@ -384,9 +364,9 @@ class SAMMixin:
         grads = [local(p.grad) for p in params]  # this rank's shards under FSDP2
         buffers = []
         for p, grad in zip(params, grads):
-            buffer = self._sam_stash.get(id(p))
+            buffer = self._sam.stash.get(id(p))
             if buffer is None or buffer.shape != grad.shape:
-                buffer = self._sam_stash[id(p)] = torch.empty_like(grad)
+                buffer = self._sam.stash[id(p)] = torch.empty_like(grad)
             buffers.append(buffer)
         torch._foreach_copy_(buffers, grads)
         return dict(zip(params, buffers))
@@ -437,42 +417,42 @@ class SAMMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        if self._sam_loss_term is None:
+        if self._sam.loss_term is None:
             self._sam_loss_term_build()
-        prepared = self._sam_loss_term.prepare(inputs)
+        prepared = self._sam.loss_term.prepare(inputs)
         # Trainer may pop `labels` (label smoothing) from the dict it gets: pass a copy, keep ours for MESA's mask.
         loss, outputs = super().compute_loss(
             model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
         )
-        term = self._sam_loss_term.term(inputs, outputs, index, prepared, num_items_in_batch)
+        term = self._sam.loss_term.term(inputs, outputs, index, prepared, num_items_in_batch)
         if term is not None:
             loss = loss + term
         return (loss, outputs) if return_outputs else loss
 
     def _sam_loss_term_build(self) -> None:
         """SAF: the logit bank, one row per example. MESA: the EMA teacher, from the prepared model."""
-        self._sam_loss_term = LOSS_TERMS[self.args.sam_loss_term](self)
+        self._sam.loss_term = LOSS_TERMS[self.args.sam_loss_term](self)
 
     def _sam_loss_shifts_labels(self) -> bool:
         """Whether the model scores the logits at t against the label at t + 1 (causal LM), as Trainer decides.
 
         Used by ESAM's per-example losses and MESA's token mask; computed at the first call of each `train()`.
         """
-        if self._sam_shifts_labels is None:
+        if self._sam.shifts_labels is None:
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
             model = self.accelerator.unwrap_model(self.model)
             if hasattr(model, "get_base_model"):  # PEFT
                 model = model.get_base_model()
-            self._sam_shifts_labels = bool(getattr(self, "_loss_shifts_labels", False)) or (
+            self._sam.shifts_labels = bool(getattr(self, "_loss_shifts_labels", False)) or (
                 model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
             )
-        return self._sam_shifts_labels
+        return self._sam.shifts_labels
 
     def _sam_after_optimizer_step(self) -> None:
         """A TrainerCallback calls this right after every optimizer step (MESA's EMA update)."""
-        if self._sam_loss_term is not None:
-            self._sam_loss_term.after_optimizer_step()
+        if self._sam.loss_term is not None:
+            self._sam.loss_term.after_optimizer_step()
 
     # ------------------------------------------------------------------ logging and checkpoints
 
@@ -487,13 +467,13 @@ class SAMMixin:
     def _sam_stateful_pieces(self) -> dict[str, Any]:
         """Every piece of this run that can hold state, by the namespace its keys are saved under."""
         pieces: dict[str, Any] = {}
-        if self._sam_loss_term is not None:
-            pieces["loss_term"] = self._sam_loss_term
-        if self._sam_perturbation is not None:
-            pieces["ascent"] = self._sam_perturbation.rule
-            if self._sam_perturbation.mask is not None:
-                pieces["mask"] = self._sam_perturbation.mask
-            for i, transform in enumerate(self._sam_descent.transforms):
+        if self._sam.loss_term is not None:
+            pieces["loss_term"] = self._sam.loss_term
+        if self._sam.perturbation is not None:
+            pieces["ascent"] = self._sam.perturbation.rule
+            if self._sam.perturbation.mask is not None:
+                pieces["mask"] = self._sam.perturbation.mask
+            for i, transform in enumerate(self._sam.descent.transforms):
                 pieces[f"descent.{i}"] = transform
         return pieces
 
@@ -508,7 +488,7 @@ class SAMMixin:
 
     def load_sam_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `sam_state_dict` returned: each piece gets the keys of its namespace, with it stripped."""
-        if self.args.sam_loss_term != "none" and self._sam_loss_term is None:
+        if self.args.sam_loss_term != "none" and self._sam.loss_term is None:
             self._sam_loss_term_build()
         device = self.args.device
         pieces = self._sam_stateful_pieces()
@@ -521,10 +501,10 @@ class SAMMixin:
                     f" run ({', '.join(pieces) or 'none with state'}) owns. Resume with the original run's settings."
                 )
             owned[namespace][key[len(namespace) + 1 :]] = value.to(device)
-        if self._sam_perturbation is not None:
+        if self._sam.perturbation is not None:
             # Per-parameter state is "<name>.<parameter name>" and must fit that perturbed parameter (local shard);
             # a key without a dot is the piece's own (a counter), and the piece checks it.
-            params = dict(zip(self._sam_perturbation.names, self._sam_perturbation.params))
+            params = dict(zip(self._sam.perturbation.names, self._sam.perturbation.params))
             for namespace, piece_state in owned.items():
                 if namespace == "loss_term":  # SAF's bank and MESA's teacher check their own state
                     continue
@@ -549,7 +529,7 @@ class SAMMixin:
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and (self.args.sam_enabled or self.args.sam_loss_term != "none"):
-            if self.args.sam_enabled and self._sam_perturbation is None:
+            if self.args.sam_enabled and self._sam.perturbation is None:
                 self._sam_build()
             state = load_sam_state(
                 checkpoint, self.args.sam_method, self._sam_rank_suffix(), self._sam_state_settings()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers.utils import logging
 
 from .loss_term import one_output_message
-from .optim import AdaSAMOptimizer
+from .methods import METHODS
 from .perturbation import select_perturbed
 from .saf import is_map_style
 
@@ -56,22 +56,24 @@ def check_sam_setup(trainer) -> None:
             f"No trainable parameter matches sam_include={args.sam_include!r} and"
             f" sam_exclude={args.sam_exclude!r}: nothing would be perturbed. Loosen the regexes."
         )
-    if args.sam_method == "adasam":
-        _use_adasam_optimizer(trainer)
+    if METHODS[args.sam_method].optimizer is not None:
+        _use_the_method_optimizer(trainer, METHODS[args.sam_method].optimizer)
 
 
-def _use_adasam_optimizer(trainer) -> None:
-    """AdaSAM brings its optimizer: Trainer builds its usual decay / no-decay parameter groups around this class."""
+def _use_the_method_optimizer(trainer, optimizer_cls: type) -> None:
+    """A method that brings its optimizer (AdaSAM): Trainer builds its usual decay / no-decay parameter groups around
+    the class; a user's optimizer would silently turn the method into plain SAM over it, so it is refused."""
+    method = trainer.args.sam_method
     if trainer.optimizer is not None or trainer.optimizer_cls_and_kwargs is not None:
         given = type(trainer.optimizer).__name__ if trainer.optimizer is not None else "optimizer_cls_and_kwargs"
         raise ValueError(
-            f"sam_method='adasam' brings its own optimizer (AdaSAMOptimizer), but {given} was passed to the"
-            " trainer: AdaSAM would silently be plain SAM over it. Drop the optimizer argument, or use"
+            f"sam_method={method!r} brings its own optimizer ({optimizer_cls.__name__}), but {given} was passed to"
+            f" the trainer: {method} would silently be plain SAM over it. Drop the optimizer argument, or use"
             " sam_method='sam' with your optimizer."
         )
     args = trainer.args
     trainer.optimizer_cls_and_kwargs = (
-        AdaSAMOptimizer,
+        optimizer_cls,
         {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
     )
 

@@ -65,7 +65,7 @@ def test_a_new_stateful_ascent_rule_gets_its_state_back_without_any_routing(tmp_
     first.train()
     resumed = SAMTrainer(model=tiny_bert(), train_dataset=tiny_dataset(), args=sam_args(tmp_path, max_steps=3))
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    assert float(resumed._sam_perturbation.rule.calls) == 3.0  # 2 before the checkpoint, 1 after
+    assert float(resumed._sam.perturbation.rule.calls) == 3.0  # 2 before the checkpoint, 1 after
 
 
 def test_state_no_piece_of_the_run_owns_is_refused(tmp_path):

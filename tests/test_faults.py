@@ -72,7 +72,7 @@ class FaultInjector(SequentialSAMTrainer):
         if self._in == self.phase and self.sam_steps == self.at and self.hit_step is None:
             self.hit_step = self.state.global_step
             if isinstance(self.value, BaseException):
-                assert self._sam_perturbation.active == (self.phase == "perturbed")
+                assert self._sam.perturbation.active == (self.phase == "perturbed")
                 raise self.value
             return loss * self.value
         return loss
@@ -145,7 +145,7 @@ def test_an_exception_between_the_passes_restores_w_bit_for_bit(tmp_path, method
     trainer, snapshots = injector(tmp_path, method, "perturbed", KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    assert not trainer._sam_perturbation.active
+    assert not trainer._sam.perturbation.active
     assert_same_weights(snapshots.begin[trainer.hit_step], state(trainer.model))
     assert all(p.grad is None for p in trainer.model.parameters())
 
@@ -157,7 +157,7 @@ def test_a_run_of_non_finite_perturbed_losses_stops_with_an_error_naming_the_rad
     with pytest.raises(RuntimeError, match="sam_rho=1e[+]?30"):
         trainer.train()
     # Every step was dropped: the weights are those the run started from, and finite.
-    assert trainer.state.global_step == 4 and trainer._sam_guard.skipped_in_a_row == 5
+    assert trainer.state.global_step == 4 and trainer._sam.guard.skipped_in_a_row == 5
     assert_same_weights(before, state(trainer.model))
 
 
@@ -298,7 +298,7 @@ class HugeAverage(TrainerCallback):
 
     def on_step_begin(self, args, state_, control, **kwargs):
         if state_.global_step == 2:
-            for value in self.trainer._sam_perturbation.rule.ema.values():
+            for value in self.trainer._sam.perturbation.rule.ema.values():
                 value.fill_(1.7e38)
 
 
@@ -321,7 +321,7 @@ def test_saf_takes_example_ids_of_any_size_with_one_bank_row_per_example(tmp_pat
     trainer = SAMTrainer(model=tiny_bert(), train_dataset=data,
                          args=sam_args(tmp_path, sam_method="saf", max_steps=-1, num_train_epochs=2))  # fmt: skip
     trainer.train()
-    bank = trainer._sam_loss_term.bank
+    bank = trainer._sam.loss_term.bank
     assert bank.bank.shape[0] == 8 and bool((bank.written[:, 1] == 1).all())  # every example recorded in epoch 1
     assert logged(trainer, "saf/coverage") == [1.0, 1.0]  # epoch 1's lookups find every example of epoch 0
 

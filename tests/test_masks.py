@@ -89,19 +89,19 @@ def test_fisher_mask_is_the_top_k_of_a_hand_computed_fisher(tmp_path):
     # Hand loop: the same 16 examples, one per pass, eval mode, true labels, squared per-example gradients.
     reference.eval()
     fisher = {n: torch.zeros_like(p) for n, p in reference.named_parameters()}
-    rows = batches(data.select(trainer._sam_perturbation.mask.fisher_indices), 1)
+    rows = batches(data.select(trainer._sam.perturbation.mask.fisher_indices), 1)
     for row in rows:
         reference.zero_grad()
         F.cross_entropy(reference(input_ids=row["input_ids"]).logits, row["labels"]).backward()
         for n, p in reference.named_parameters():
             fisher[n] += p.grad**2
-    names = trainer._sam_perturbation.names
+    names = trainer._sam.perturbation.names
     flat = torch.cat([fisher[n].reshape(-1) for n in names])
     k = int(0.4 * flat.numel())
     threshold = flat.topk(k).values.min()
     assert threshold > 0 and (flat == threshold).sum() == 1  # no tie at the cut: the top-k is unique
     expected = {n: fisher[n] >= threshold for n in names}
-    got = trainer._sam_perturbation.mask.masks
+    got = trainer._sam.perturbation.mask.masks
     assert sum(int(m.sum()) for m in got.values()) == k
     for n in names:
         assert torch.equal(got[n], expected[n]), n

@@ -235,7 +235,7 @@ def train_with_reference(tmp_path, optimizer, ga, accumulation, args, reference_
     micro = batches(data, 2)
     windows = [micro[i : i + ga] for i in range(0, steps * ga, ga)]
     if reference_kwargs.get("mask") == "from_trainer":  # no mask update within these steps (interval: an epoch)
-        reference_kwargs = {**reference_kwargs, "mask": dict(trainer._sam_perturbation.mask.masks)}
+        reference_kwargs = {**reference_kwargs, "mask": dict(trainer._sam.perturbation.mask.masks)}
     if optimizer is None:  # the method's own optimizer (AdaSAM), written out by hand in tests/reference.py
         optim = AMSGradNoBiasCorrection(reference_model.parameters(), lr=0.05, eps=own_eps)
     else:
@@ -401,7 +401,7 @@ class RestoreCheckingTrainer(SequentialSAMTrainer):
 
     def _sam_build(self):
         super()._sam_build()
-        perturbation = self._sam_perturbation
+        perturbation = self._sam.perturbation
         ascend, restore = perturbation.ascend, perturbation.restore
 
         def checked_ascend(*args, **kwargs):
@@ -469,7 +469,7 @@ def test_lora_perturbs_and_updates_only_adapters(tmp_path, method):
         **METHOD_CASES[method]["args"],
     )
     if not loss_term(method):
-        perturbed = {id(p) for p in trainer._sam_perturbation.params}
+        perturbed = {id(p) for p in trainer._sam.perturbation.params}
         assert perturbed == {id(p) for p in model.parameters() if p.requires_grad}
     for n, p in model.named_parameters():
         if not p.requires_grad:
@@ -487,7 +487,7 @@ def test_include_exclude_select_the_perturbed_set(tmp_path):
         tmp_path, tiny_bert(), tiny_dataset(), max_steps=1, sam_include=r"LayerNorm", sam_exclude=r"bias$"
     )
     names = {id(p): n for n, p in trainer.model.named_parameters()}
-    selected = [names[id(p)] for p in trainer._sam_perturbation.params]
+    selected = [names[id(p)] for p in trainer._sam.perturbation.params]
     assert selected and all("LayerNorm.weight" in n for n in selected)
 
 
@@ -606,7 +606,7 @@ class FaultyTrainer(SequentialSAMTrainer):
             self.perturbed_passes += 1
         if self.perturbed_passes == self.fault_at:
             self.perturbed_passes = -(10**9)  # once (a retried loop runs through)
-            assert self._sam_perturbation.active  # the fault lands while w + eps is in the model
+            assert self._sam.perturbation.active  # the fault lands while w + eps is in the model
             raise self.fault
         return super()._sam_perturbed_pass(*args, **kwargs)
 
@@ -656,7 +656,7 @@ def test_an_interrupted_sam_step_restores_the_weights_bit_exactly(tmp_path, meth
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert trainer.state.global_step == 1  # the fault hit the second optimizer step
-    assert not trainer._sam_perturbation.active
+    assert not trainer._sam.perturbation.active
     assert_same_weights(snapshots.step_begin, state(trainer.model))
     assert all(p.grad is None for p in trainer.model.parameters())
 
@@ -679,7 +679,7 @@ def test_an_interrupt_between_two_micro_batches_of_a_window_restores_the_weights
     )
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    assert not trainer._sam_perturbation.active
+    assert not trainer._sam.perturbation.active
     assert_same_weights(snapshots.step_begin, state(trainer.model))
 
 

@@ -101,7 +101,7 @@ def test_saf_lag_two_uses_the_ring_buffer(tmp_path):
     trainer = train(tmp_path, model, data, max_steps=-1, num_train_epochs=4, per_device_train_batch_size=2,
                     sam_method="saf", saf_lambda=1.0, saf_tau=2.0, saf_lag_epochs=2, saf_start_epoch=0.0)  # fmt: skip
     assert_same_weights(state(trainer.model), state(reference), exact=False, atol=1e-5)
-    bank = trainer._sam_loss_term.bank
+    bank = trainer._sam.loss_term.bank
     assert bank.bank.shape == (4, 3, 3)
     assert bank.written.tolist() == [[3, 1, 2]] * 4  # slot e % 3 holds epoch e
 
@@ -131,7 +131,7 @@ def test_existing_index_column_and_torch_datasets(tmp_path):
     assert add_example_index(data) is data and example_ids(data).tolist() == [0, 2, 5, 7]
     assert example_ids(Dataset.from_dict({**rows, "idx": [3, 1, 0, 2]})) is None  # positions: no lookup needed
     trainer = train(tmp_path / "a", tiny_bert(), data, sam_method="saf", max_steps=2, per_device_train_batch_size=2)
-    assert trainer._sam_loss_term.bank.written[:, 0].tolist() == [0, 0, 0, 0]
+    assert trainer._sam.loss_term.bank.written[:, 0].tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="repeats"):
         example_ids(Dataset.from_dict({**rows, "idx": [1, 1, 2, 3]}))
 
@@ -146,7 +146,7 @@ def test_existing_index_column_and_torch_datasets(tmp_path):
     assert isinstance(wrapped, IndexedDataset) and wrapped[3]["idx"] == 3 and add_example_index(wrapped) is wrapped
     trainer = train(tmp_path / "b", tiny_bert(), Plain(), sam_method="saf", max_steps=2, per_device_train_batch_size=2)
     assert isinstance(trainer.train_dataset, IndexedDataset)
-    assert trainer._sam_loss_term.bank.written[:, 0].tolist() == [0, 0, 0, 0]
+    assert trainer._sam.loss_term.bank.written[:, 0].tolist() == [0, 0, 0, 0]
 
 
 def tiny_llama():
@@ -233,7 +233,7 @@ def test_mesa_matches_hand_written_ema_teacher_loop(tmp_path):
     trainer = train(tmp_path, model, data, max_steps=8, per_device_train_batch_size=2, sam_method="mesa",
                     mesa_tau=2.0, mesa_ema_decay=0.5, mesa_start_epoch=0.5)  # fmt: skip
     assert_same_weights(state(trainer.model), state(reference), exact=False, atol=1e-5)
-    ema = trainer._sam_loss_term.teacher
+    ema = trainer._sam.loss_term.teacher
     assert_same_weights(dict(zip(ema.names, ema.ema)), state(teacher), exact=False, atol=1e-5)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert [("mesa/kl" in h, h["sam/passes_per_step"]) for h in logs] == [(False, 1.0)] * 2 + [(True, 1.333333)] * 6
@@ -264,7 +264,7 @@ def test_mesa_teacher_shares_frozen_weights_under_lora_and_runs_the_class_forwar
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
     trainer = train(tmp_path, model, tiny_dataset(8), optimizer=False, sam_method="mesa", max_steps=2, bf16=True)
-    teacher = trainer._sam_loss_term.teacher
+    teacher = trainer._sam.loss_term.teacher
     assert teacher.names and all(name in dict(model.named_parameters()) for name in teacher.names)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(teacher.names)
     for (name, p), (_, v) in zip(model.named_parameters(), teacher.module.named_parameters()):
@@ -326,7 +326,7 @@ def test_one_pass_per_micro_batch(tmp_path, method):
     assert CountingTrainer.compute_loss_calls == calls["student"] == calls["backward"] == micro_batches
     # SAF: nothing else; MESA: one no-grad teacher forward per micro-batch (the copy keeps the hook).
     assert calls["other"] == (micro_batches if method == "mesa" else 0)
-    assert trainer._sam_perturbation is None  # the SAM machinery never ran
+    assert trainer._sam.perturbation is None  # the SAM machinery never ran
 
 
 # ---------------------------------------------------------------------- arguments

@@ -57,7 +57,7 @@ def saf_across_epochs(workdir: str) -> dict:
         return trainer
 
     straight = train(os.path.join(workdir, "a"))
-    bank = straight._sam_loss_term.bank
+    bank = straight._sam.loss_term.bank
     banks = [None] * dist.get_world_size()
     dist.all_gather_object(banks, (bank.bank.cpu(), bank.written.cpu()))
     coverage = [h["saf/coverage"] for h in straight.state.log_history if "saf/coverage" in h]
