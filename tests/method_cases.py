@@ -14,6 +14,8 @@
 - `fsdp`: overrides for the FSDP2-equals-DDP check (`tests/distributed/fsdp_trainer_check.py`), or a string saying
   where else the method is checked under FSDP2 or why it is refused there. Every row has one (a test checks it).
 - `ddp_resume`: True where resume under 2-process DDP is checked (`tests/distributed/ddp_methods.py`).
+- `errors`: bad inputs of the method, each (field overrides, text the `ValueError` must contain), checked when the
+  arguments are built (`tests/test_arguments.py`). Every row has at least one.
 - `kind: "loss_term"`: the one-pass loss-term methods (SAF, MESA). They never perturb, so the SAM-only tests
   (reference loop, rho 0) skip them; their hand-written loops are in tests/test_trajectory.py (`reference`
   names it). The feature tests (window invariance, fp16, bf16, LoRA, resume, DDP) run them.
@@ -39,18 +41,21 @@ METHOD_CASES = {
         "reference": None,
         "accumulation": BOTH,
         "fsdp": "checked against a full-batch single-process reference under FSDP2 (CONFIGS)",
+        "errors": [({"sam_rho": 0.1}, "contradict")],
     },
     "sam": {
         "args": {"sam_method": "sam", "sam_rho": 0.05},
         "reference": {"rho": 0.05},
         "accumulation": BOTH,
         "fsdp": "checked against a full-batch single-process reference under FSDP2 (CONFIGS)",
+        "errors": [({"sam_rho": -1.0}, "sam_rho")],
     },
     "asam": {
         "args": {"sam_method": "asam", "sam_rho": 0.5},
         "reference": {"rho": 0.5, "ascent": "adaptive", "eta": 0.01},
         "accumulation": BOTH,
         "fsdp": {},
+        "errors": [({"sam_adaptive_eta": -1.0}, "sam_adaptive_eta")],
     },
     "ss-sam": {
         "args": {"sam_method": "ss-sam"},
@@ -58,18 +63,21 @@ METHOD_CASES = {
         "accumulation": BOTH,
         "fsdp": {},
         "ddp_resume": True,
+        "errors": [({"sam_probability": 1.5}, "sam_probability")],
     },
     "late-sam": {  # the switch moved to the middle of these 4-step runs: plain steps 0-1, SAM steps 2-3
         "args": {"sam_method": "late-sam", "sam_schedule_boundary": 0.5},
         "reference": {"rho": 0.05, "sam_step": lambda t: t >= 2},
         "accumulation": BOTH,
         "fsdp": {},
+        "errors": [({"sam_schedule_boundary": 2.0}, "sam_schedule_boundary")],
     },
     "stable-sam": {
         "args": {"sam_method": "stable-sam"},
         "reference": {"rho": 0.05, "ascent": "unnormalized", "renormalize": True},
         "accumulation": ("window",),
         "fsdp": "checked against a full-batch single-process reference under FSDP2 (CONFIGS)",
+        "errors": [({"sam_accumulation": "micro", "gradient_accumulation_steps": 2}, "window")],
     },
     "adasam": {
         # v_hat starts at eps^2: with eps = 1e-8 a 1e-8 rounding difference in a tiny gradient entry moves the
@@ -81,12 +89,14 @@ METHOD_CASES = {
         "optimizer_eps": 1e-3,
         "fsdp": {},
         "ddp_resume": True,
+        "errors": [({"optim": "sgd"}, "own optimizer")],
     },
     "msam": {
         "args": {"sam_method": "msam", "sam_micro_batches": 2},
         "reference": {"rho": 0.05, "shards": 2, "accumulation": "micro"},
         "accumulation": ("micro",),
         "fsdp": {},
+        "errors": [({"sam_accumulation": "window"}, "contradicts"), ({"sam_renormalize": True}, "descent transform")],
     },
     "looksam": {
         "args": {"sam_method": "looksam", "looksam_k": 3},
@@ -94,6 +104,11 @@ METHOD_CASES = {
         "accumulation": ("window",),
         "fsdp": {"looksam_k": 2},
         "ddp_resume": True,
+        "errors": [
+            ({"sam_schedule": "constant"}, "LookSAM"),
+            ({"sam_interval": 4}, "looksam_k"),
+            ({"looksam_k": 0}, "looksam_k=0"),
+        ],
     },
     "gsam": {
         "args": {"sam_method": "gsam"},
@@ -101,6 +116,10 @@ METHOD_CASES = {
         "accumulation": ("window",),
         "fsdp": {},
         "ddp_resume": True,
+        "errors": [
+            ({"sam_accumulation": "micro", "gradient_accumulation_steps": 2}, "window"),
+            ({"sam_rho_min": 1.0}, "sam_rho_min"),
+        ],
     },
     "fsam": {
         "args": {"sam_method": "fsam"},
@@ -108,6 +127,7 @@ METHOD_CASES = {
         "accumulation": BOTH,
         "fsdp": {},
         "ddp_resume": True,
+        "errors": [({"fsam_lambda": 1.0}, "fsam_lambda")],
     },
     "ssam-f": {
         "args": {"sam_method": "ssam-f", "sam_fisher_samples": 16},
@@ -115,6 +135,7 @@ METHOD_CASES = {
         "accumulation": BOTH,
         "fsdp": {"sam_mask_interval": 1, "sam_fisher_samples": 4},
         "ddp_resume": True,
+        "errors": [({"sam_sparsity": 1.0}, "sam_sparsity")],
     },
     "ssam-d": {
         "args": {"sam_method": "ssam-d"},
@@ -122,6 +143,7 @@ METHOD_CASES = {
         "accumulation": BOTH,
         "fsdp": {"sam_mask_interval": 1},
         "ddp_resume": True,
+        "errors": [({"sam_mask_drop_rate": 1.5}, "sam_mask_drop_rate")],
     },
     "esam": {
         "args": {"sam_method": "esam"},
@@ -130,6 +152,10 @@ METHOD_CASES = {
         "rho_zero_plain": False,
         "window_invariant": False,
         "fsdp": "SWP needs each rank's own ascent, which FSDP2 cannot give: refused; SDS alone runs as esam-sds",
+        "errors": [
+            ({"fsdp": True, "fsdp_config": {"version": 2}}, "FSDP always syncs the ascent"),
+            ({"esam_beta": 0.0}, "esam_beta"),
+        ],
     },
     # In these short runs SAF's bank fills (its term starts an epoch later); MESA's term is on from step 0.
     "saf": {
@@ -139,6 +165,7 @@ METHOD_CASES = {
         "accumulation": ("window",),
         "fsdp": {"saf_start_epoch": 0.0, "train_size": 8},
         "ddp_resume": True,
+        "errors": [({"sam_rho": 0.1}, "nothing to act on"), ({"saf_tau": 0.0}, "saf_tau")],
     },
     "mesa": {
         "args": {"sam_method": "mesa", "mesa_ema_decay": 0.9},
@@ -147,5 +174,6 @@ METHOD_CASES = {
         "accumulation": ("window",),
         "fsdp": {"mesa_ema_decay": 0.5, "learning_rate": 3.0},
         "ddp_resume": True,
+        "errors": [({"mesa_ema_decay": 1.0}, "mesa_ema_decay"), ({"sam_mask": "fisher"}, "nothing to act on")],
     },
 }

@@ -8,6 +8,7 @@ from transformers import HfArgumentParser
 from hf_sam import METHODS, SAMSeq2SeqTrainingArguments, SAMTrainer, SAMTrainingArguments
 from hf_sam.arguments import SAMArgumentsMixin
 from tests.helpers import tiny_bert, tiny_dataset
+from tests.method_cases import METHOD_CASES
 
 
 def make(**kw):
@@ -263,3 +264,16 @@ def test_presets_only_set_fields_a_user_can_override():
         late.sam_schedule_boundary == 0.875
         and make(sam_method="late-sam", sam_schedule_boundary=0.5).sam_schedule_boundary == 0.5
     )
+
+
+@pytest.mark.parametrize(
+    "method, overrides, match",
+    [(name, overrides, match) for name, case in METHOD_CASES.items() for overrides, match in case["errors"]],
+)
+def test_each_method_refuses_its_bad_inputs_naming_the_field(method, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make(**{**METHOD_CASES[method]["args"], **overrides})
+
+
+def test_every_method_row_lists_its_bad_inputs():
+    assert all(case.get("errors") for case in METHOD_CASES.values())

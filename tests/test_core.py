@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_sam.components import build_ascent
+from hf_sam.components import ASCENT_RULES, build_ascent
 from hf_sam.optim import AdaSAMOptimizer
 from hf_sam.perturbation import Perturbation, select_perturbed
 from hf_sam.schedules import SCHEDULES, is_sam_step, sam_probability
@@ -68,7 +68,7 @@ def test_asam_is_invariant_to_rescaling_between_relu_layers():
     assert not torch.allclose(s_scaled[0], c * s_base[0], rtol=1e-2)
 
 
-@pytest.mark.parametrize("rule", ["sam", "adaptive", "unnormalized", "fsam"])
+@pytest.mark.parametrize("rule", list(ASCENT_RULES))
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_non_finite_gradient_gives_zero_eps_and_exact_restore(rule, bad):
     model = mlp()
