@@ -52,7 +52,7 @@ class UpdateGuard:
         if not skipped:
             self.skipped_in_a_row = 0
             return True
-        trainer._sam_release_grads()
+        trainer._sam.release_grads()
         self.skipped_in_a_row += 1
         step = trainer.state.global_step
         if self.skipped_in_a_row >= MAX_SKIPPED_UPDATES_IN_A_ROW:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import check_state_keys, load_sam_state, perturbed_set_settings, save_sam_state
+from .checkpoint import load_sam_state, perturbed_set_settings, save_sam_state
 from .components import LOSS_TERMS, build_ascent, build_descent
 from .esam import ESAM, per_example_loss, take_examples
 from .gsam import scheduled_rho
@@ -28,6 +28,7 @@ from .run import SAMRun
 from .saf import INDEX_COLUMN, add_example_index, signature_with_index
 from .schedules import is_sam_step
 from .setup_checks import check_loss_term_setup, check_sam_setup, check_train_dataset
+from .sync import gradient_sync
 from .tensors import local
 
 
@@ -89,7 +90,7 @@ class SAMMixin:
         if perturbation is None or not perturbation.active:
             return
         perturbation.restore()
-        self._sam_release_grads()  # `.grad` holds eps or a descent gradient at w + eps: neither belongs to a step now
+        self._sam.release_grads()  # `.grad` holds eps or a descent gradient at w + eps: neither belongs to a step now
         self._sam.forget_step()
 
     def _sam_build(self) -> None:
@@ -172,7 +173,7 @@ class SAMMixin:
             local_ascent = self.accelerator.num_processes > 1 and not self.args.sam_ascent_sync
             self._sam.descent.keep_clean(self._sam.perturbation.with_grads()[2], local_ascent)
             self._sam_ascend(grad_factor=1.0)
-            self._sam_release_grads()
+            self._sam.release_grads()
         clean = self._sam.window_clean[index]
         perturbed = self._sam_perturbed_pass(
             model, inputs, num_items_in_batch, self._sam.window_rng[index], clean, self._sam.window_examples[index]
@@ -199,24 +200,24 @@ class SAMMixin:
                 stash = None
                 # Inside the Trainer loop, index > 0 (or a later shard) means earlier descent gradients sit in .grad.
                 if (index > 0 or j > 0 or self._sam.window is None) and held:
-                    stash = self._sam_stash_grads(held)
-                    self._sam_zero_grads()  # the ascent gradient must not mix with the stashed descent gradients
+                    stash = self._sam.stash_grads(held)
+                    self._sam.zero_grads()  # the ascent gradient must not mix with the stashed descent gradients
                 clean, rng, examples = self._sam_clean_pass(
                     model, shard, num_items_in_batch, self.args.sam_ascent_sync
                 )
                 self._sam_ascend(grad_factor=float(len(window) * len(shards)))
-                self._sam_zero_grads()
+                self._sam.zero_grads()
                 if stash is not None:
                     # Back in .grad before the descent backward, so a synced backward all-reduces the full sum.
                     torch._foreach_add_([local(p.grad) for p in stash], list(stash.values()))
                 if getattr(self, "is_fsdp_enabled", False):
                     # FSDP2 keeps an unsynced backward's gradient outside `.grad` (unsharded, until the next synced
                     # backward), out of reach of the stash and of the zeroing before the next ascent: sync each one.
-                    descent_sync = self._sam_gradient_sync(model, True)
+                    descent_sync = gradient_sync(model, True)
                 elif j == len(shards) - 1:
                     descent_sync = contextlib.nullcontext()
                 else:
-                    descent_sync = self._sam_gradient_sync(model, False)
+                    descent_sync = gradient_sync(model, False)
                 with descent_sync:
                     perturbed = self._sam_perturbed_pass(model, shard, num_items_in_batch, rng, clean, examples)
                 self._sam.perturbation.restore()
@@ -239,7 +240,7 @@ class SAMMixin:
         """
         esam = self._sam.esam
         rng = capture_rng(self.args.device) if self.args.sam_same_dropout or esam.sds else None
-        with self._sam_gradient_sync(model, sync), esam.clean_pass(self.model) as captured:
+        with gradient_sync(model, sync), esam.clean_pass(self.model) as captured:
             loss = super().training_step(model, dict(inputs), num_items_in_batch)
         examples = None
         if esam.sds:
@@ -299,28 +300,6 @@ class SAMMixin:
             )
         return per_example_loss(logits, labels, self._sam_loss_shifts_labels())
 
-    @contextlib.contextmanager
-    def _sam_gradient_sync(self, model, sync: bool):
-        """Make the backwards inside the block all-reduce / reduce-scatter (`sync`) or defer it, whatever the Trainer's
-        own context says (an ascent synced on an early micro-batch), and put back the previous setting afterwards
-        (accelerate's `no_sync` would turn FSDP2's sync back on when it exits, even inside the Trainer's deferral)."""
-        if hasattr(model, "require_backward_grad_sync"):  # DDP
-            previous = model.require_backward_grad_sync
-            model.require_backward_grad_sync = sync
-            try:
-                yield
-            finally:
-                model.require_backward_grad_sync = previous
-        elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-            previous = _fsdp2_gradient_sync(model)
-            model.set_requires_gradient_sync(sync)
-            try:
-                yield
-            finally:
-                model.set_requires_gradient_sync(previous)
-        else:
-            yield
-
     # ------------------------------------------------------------------ tensor bookkeeping
 
     def _sam_rho(self) -> float:
@@ -347,29 +326,6 @@ class SAMMixin:
         self._sam_metrics.add("sam/grad_norm", raw_norm * grad_unit)
         self._sam_metrics.add("sam/skipped", skipped)
         self._sam_metrics.add("sam/rho", rho)
-
-    def _sam_release_grads(self) -> None:
-        """Drop `.grad` (it holds eps, no longer needed): the descent backward then hands its gradient over instead
-        of adding it to zeros, which saves two passes over the parameters' size and frees eps's memory."""
-        for p in self._sam.trainable:
-            p.grad = None
-
-    def _sam_zero_grads(self) -> None:
-        grads = [local(p.grad) for p in self._sam.trainable if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
-
-    def _sam_stash_grads(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
-        """Copy the accumulated `.grad` of `params` into reusable buffers (the GA > 1 stash of micro mode)."""
-        grads = [local(p.grad) for p in params]  # this rank's shards under FSDP2
-        buffers = []
-        for p, grad in zip(params, grads):
-            buffer = self._sam.stash.get(id(p))
-            if buffer is None or buffer.shape != grad.shape:
-                buffer = self._sam.stash[id(p)] = torch.empty_like(grad)
-            buffers.append(buffer)
-        torch._foreach_copy_(buffers, grads)
-        return dict(zip(params, buffers))
 
     def _sam_record_losses(self, clean: torch.Tensor, perturbed: torch.Tensor, first: bool) -> None:
         # Both are this micro-batch's share of the step loss; summing a window's shares and counting one sample
@@ -464,55 +420,16 @@ class SAMMixin:
             logs.update(self._sam_metrics.log_values(reduce))
         super().log(logs, *args, **kwargs)
 
-    def _sam_stateful_pieces(self) -> dict[str, Any]:
-        """Every piece of this run that can hold state, by the namespace its keys are saved under."""
-        pieces: dict[str, Any] = {}
-        if self._sam.loss_term is not None:
-            pieces["loss_term"] = self._sam.loss_term
-        if self._sam.perturbation is not None:
-            pieces["ascent"] = self._sam.perturbation.rule
-            if self._sam.perturbation.mask is not None:
-                pieces["mask"] = self._sam.perturbation.mask
-            for i, transform in enumerate(self._sam.descent.transforms):
-                pieces[f"descent.{i}"] = transform
-        return pieces
-
     def sam_state_dict(self) -> dict[str, torch.Tensor]:
         """Method state to checkpoint, as tensors: `<namespace>.<piece's key>` for every piece that has some
         (`ascent.`, `mask.`, `descent.<i>.`, `loss_term.`), so each piece gets back exactly what it saved."""
-        return {
-            f"{namespace}.{key}": value
-            for namespace, piece in self._sam_stateful_pieces().items()
-            for key, value in piece.state_dict().items()
-        }
+        return self._sam.state_dict()
 
     def load_sam_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `sam_state_dict` returned: each piece gets the keys of its namespace, with it stripped."""
         if self.args.sam_loss_term != "none" and self._sam.loss_term is None:
             self._sam_loss_term_build()
-        device = self.args.device
-        pieces = self._sam_stateful_pieces()
-        owned: dict[str, dict[str, torch.Tensor]] = {namespace: {} for namespace in pieces}
-        for key, value in state.items():
-            namespace = next((n for n in pieces if key.startswith(f"{n}.")), None)
-            if namespace is None:
-                raise ValueError(
-                    f"sam_method={self.args.sam_method!r}: the checkpoint holds state {key!r}, which no piece of this"
-                    f" run ({', '.join(pieces) or 'none with state'}) owns. Resume with the original run's settings."
-                )
-            owned[namespace][key[len(namespace) + 1 :]] = value.to(device)
-        if self._sam.perturbation is not None:
-            # Per-parameter state is "<name>.<parameter name>" and must fit that perturbed parameter (local shard);
-            # a key without a dot is the piece's own (a counter), and the piece checks it.
-            params = dict(zip(self._sam.perturbation.names, self._sam.perturbation.params))
-            for namespace, piece_state in owned.items():
-                if namespace == "loss_term":  # SAF's bank and MESA's teacher check their own state
-                    continue
-                per_param = {k: v for k, v in piece_state.items() if "." in k}
-                expected = {k: local(params[k.split(".", 1)[1]]) for k in per_param if k.split(".", 1)[1] in params}
-                check_state_keys(per_param, expected, f"sam_method={self.args.sam_method!r}")
-        for namespace, piece in pieces.items():
-            piece.load_state_dict(owned[namespace])
+        self._sam.load_state_dict(state, self.args.device, f"sam_method={self.args.sam_method!r}")
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -547,11 +464,3 @@ class SAMMixin:
 
     def _sam_rank_suffix(self) -> str:
         return "" if self.accelerator.num_processes == 1 else f"-rank{self.accelerator.process_index}"
-
-
-def _fsdp2_gradient_sync(model: nn.Module) -> bool:
-    """Whether FSDP2 reduces gradients in the next backward. FSDP2 has a setter only: this reads the flag its
-    `set_requires_gradient_sync` writes on the root's parameter group (True, FSDP2's default, if absent)."""
-    get_state = getattr(model, "_get_fsdp_state", None)
-    group = getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
-    return bool(getattr(group, "reduce_grads", True))

@@ -11,11 +11,13 @@ from typing import Any
 
 import torch
 
+from .checkpoint import check_state_keys
 from .descent import DescentPipeline
 from .esam import ESAM
 from .guard import UpdateGuard
 from .loss_term import LossTerm
 from .perturbation import Perturbation
+from .tensors import local
 
 
 @dataclass
@@ -49,3 +51,75 @@ class SAMRun:
         if self.descent is not None:
             self.descent.clean_copy = None
         self.guard.forget_step()
+
+    # ------------------------------------------------------------------ gradients
+
+    def release_grads(self) -> None:
+        """Drop `.grad` (it holds eps, no longer needed): the descent backward then hands its gradient over instead
+        of adding it to zeros, which saves two passes over the parameters' size and frees eps's memory."""
+        for p in self.trainable:
+            p.grad = None
+
+    def zero_grads(self) -> None:
+        grads = [local(p.grad) for p in self.trainable if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
+
+    def stash_grads(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """Copy the accumulated `.grad` of `params` into reusable buffers (the GA > 1 stash of micro mode)."""
+        grads = [local(p.grad) for p in params]  # this rank's shards under FSDP2
+        buffers = []
+        for p, grad in zip(params, grads):
+            buffer = self.stash.get(id(p))
+            if buffer is None or buffer.shape != grad.shape:
+                buffer = self.stash[id(p)] = torch.empty_like(grad)
+            buffers.append(buffer)
+        torch._foreach_copy_(buffers, grads)
+        return dict(zip(params, buffers))
+
+    # ------------------------------------------------------------------ state
+
+    def stateful_pieces(self) -> dict[str, Any]:
+        """Every piece of this run that can hold state, by the namespace its keys are saved under."""
+        pieces: dict[str, Any] = {}
+        if self.loss_term is not None:
+            pieces["loss_term"] = self.loss_term
+        if self.perturbation is not None:
+            pieces["ascent"] = self.perturbation.rule
+            if self.perturbation.mask is not None:
+                pieces["mask"] = self.perturbation.mask
+            for i, transform in enumerate(self.descent.transforms):
+                pieces[f"descent.{i}"] = transform
+        return pieces
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{namespace}.{key}": value
+            for namespace, piece in self.stateful_pieces().items()
+            for key, value in piece.state_dict().items()
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device, owner: str) -> None:
+        """Hand each piece the keys of its namespace, stripped of it; refuse keys no piece owns."""
+        pieces = self.stateful_pieces()
+        owned: dict[str, dict[str, torch.Tensor]] = {namespace: {} for namespace in pieces}
+        for key, value in state.items():
+            namespace = next((n for n in pieces if key.startswith(f"{n}.")), None)
+            if namespace is None:
+                raise ValueError(
+                    f"{owner}: the checkpoint holds state {key!r}, which no piece of this run"
+                    f" ({', '.join(pieces) or 'none with state'}) owns. Resume with the original run's settings."
+                )
+            owned[namespace][key[len(namespace) + 1 :]] = value.to(device)
+        if self.perturbation is not None:
+            # Per-parameter state is "<name>.<parameter name>" and must fit that perturbed parameter (local shard);
+            # a key without a dot is the piece's own (a counter), and the piece checks it.
+            params = dict(zip(self.perturbation.names, self.perturbation.params))
+            for namespace, piece_state in owned.items():
+                if namespace == "loss_term":  # SAF's bank and MESA's teacher check their own state
+                    continue
+                per_param = {k: v for k, v in piece_state.items() if "." in k}
+                expected = {k: local(params[k.split(".", 1)[1]]) for k in per_param if k.split(".", 1)[1] in params}
+                check_state_keys(per_param, expected, owner)
+        for namespace, piece in pieces.items():
+            piece.load_state_dict(owned[namespace])
