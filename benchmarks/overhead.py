@@ -93,7 +93,7 @@ def run_one(cfg: dict) -> dict:
             if device_is_cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.start)
-            kinds.append(bool(getattr(trainer, "_sam_window_is_sam", False)) and trainer.args.sam_enabled)
+            kinds.append(trainer.args.sam_enabled and trainer._sam.window_is_sam)
 
     method_args = dict(cfg["method_args"])
     args = SAMTrainingArguments(

@@ -164,3 +164,6 @@ def test_overhead_run_reports_what_the_method_holds_and_counts(overhead, tmp_pat
     else:
         assert row["held_copies"] == pytest.approx(held)
     assert row["mean_step_s"] > 0 and row["params_m"] > 0
+    # Every timed step is sorted by what it ran: SAM steps for the SAM methods, one-pass steps for the others.
+    sam_steps = method in ("sam", "msam", "esam")
+    assert (row["sam_step_s"] is not None, row["plain_step_s"] is not None) == (sam_steps, not sam_steps)
