@@ -114,7 +114,20 @@ def test_every_piece_of_every_axis_has_a_hand_written_reference():
         "mesa": test_trajectory.test_mesa_matches_hand_written_ema_teacher_loop,
     }
     assert set(LOSS_TERMS) == set(hand_loops)
-    assert callable(test_masks.test_fisher_mask_is_the_top_k_of_a_hand_computed_fisher)
+    # Masks and schedules: each choice has a test of what it computes (no mask: the reference loops above).
+    from hf_sam.masks import MASKS
+    from hf_sam.schedules import SCHEDULES
+    from tests import test_core
+
+    mask_tests = {
+        "fisher": test_masks.test_fisher_mask_is_the_top_k_of_a_hand_computed_fisher,
+        "dynamic": test_masks.test_dynamic_mask_keeps_the_live_count_through_updates,
+    }
+    assert set(MASKS) == {"none", *mask_tests}
+    # Each probability schedule's share of SAM steps is tested; always and every_k draw nothing (test_schedule_shapes).
+    share_test = test_core.test_sam_step_share_is_within_3_sigma_of_the_mean_probability
+    drawn = {case[0] for mark in share_test.pytestmark if mark.name == "parametrize" for case in mark.args[1]}
+    assert set(SCHEDULES) == drawn | {"always", "every_k"}
 
 
 # ---------------------------------------------------------------- invariants: none and rho=0 are the Trainer
