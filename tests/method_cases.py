@@ -13,7 +13,9 @@
 - `optimizer`: "own" when the method brings its optimizer (AdaSAM), so the tests must not pass one.
 - `fsdp`: overrides for the FSDP2-equals-DDP check (`tests/distributed/fsdp_trainer_check.py`), or a string saying
   where else the method is checked under FSDP2 or why it is refused there. Every row has one (a test checks it).
-- `ddp_resume`: True where resume under 2-process DDP is checked (`tests/distributed/ddp_methods.py`).
+- `ddp_resume`: True where resume under 2-process DDP is checked (`tests/distributed/ddp_methods.py`);
+  `fsdp_resume`: True where resume under FSDP2 with sharded state dicts is checked (one per kind of state: masks,
+  an ascent rule's average, a loss term's teacher).
 - `errors`: bad inputs of the method, each (field overrides, text the `ValueError` must contain), checked when the
   arguments are built (`tests/test_arguments.py`). Every row has at least one.
 - `kind: "loss_term"`: the one-pass loss-term methods (SAF, MESA). They never perturb, so the SAM-only tests
@@ -128,6 +130,7 @@ METHOD_CASES = {
         "fsdp": {},
         "ddp_resume": True,
         "errors": [({"fsam_lambda": 1.0}, "fsam_lambda")],
+        "fsdp_resume": True,
     },
     "ssam-f": {
         "args": {"sam_method": "ssam-f", "sam_fisher_samples": 16},
@@ -144,6 +147,7 @@ METHOD_CASES = {
         "fsdp": {"sam_mask_interval": 1},
         "ddp_resume": True,
         "errors": [({"sam_mask_drop_rate": 1.5}, "sam_mask_drop_rate")],
+        "fsdp_resume": True,
     },
     "esam": {
         "args": {"sam_method": "esam"},
@@ -175,5 +179,6 @@ METHOD_CASES = {
         "fsdp": {"mesa_ema_decay": 0.5, "learning_rate": 3.0},
         "ddp_resume": True,
         "errors": [({"mesa_ema_decay": 1.0}, "mesa_ema_decay"), ({"sam_mask": "fisher"}, "nothing to act on")],
+        "fsdp_resume": True,
     },
 }

@@ -89,11 +89,8 @@ BF16 = {
     "bf16-sam-rho0": dict(sam_method="sam", sam_rho=0.0),
     "bf16-sam": dict(sam_method="sam", sam_rho=RHO),
 }
-RESUMED = {
-    "ssam-d": dict(sam_method="ssam-d", sam_mask_interval=1),  # the mask is state
-    "fsam": dict(sam_method="fsam"),  # the EMA is state
-    "mesa": dict(sam_method="mesa", mesa_ema_decay=0.5, learning_rate=3.0),  # the teacher EMA is state
-}
+# Resume from a sharded checkpoint, for the rows that ask for it (their state: masks, F-SAM's EMA, MESA's teacher).
+RESUMED = {name: {**case["args"], **case["fsdp"]} for name, case in METHOD_CASES.items() if case.get("fsdp_resume")}
 FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
 
 
