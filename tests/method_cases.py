@@ -19,7 +19,7 @@
 - `errors`: bad inputs of the method, each (field overrides, text the `ValueError` must contain), checked when the
   arguments are built (`tests/test_arguments.py`). Every row has at least one.
 - `kind: "loss_term"`: the one-pass loss-term methods (SAF, MESA). They never perturb, so the SAM-only tests
-  (reference loop, rho 0) skip them; their hand-written loops are in tests/test_trajectory.py (`reference`
+  (reference loop, rho 0) skip them; their hand-written loops are in tests/test_loss_terms.py (`reference`
   names it). The feature tests (window invariance, fp16, bf16, LoRA, resume, DDP) run them.
 """
 
@@ -165,7 +165,7 @@ METHOD_CASES = {
     "saf": {
         "args": {"sam_method": "saf"},
         "kind": "loss_term",
-        "reference": "tests/test_trajectory.py",
+        "reference": "tests/test_loss_terms.py",
         "accumulation": ("window",),
         "fsdp": {"saf_start_epoch": 0.0, "train_size": 8},
         "ddp_resume": True,
@@ -174,7 +174,7 @@ METHOD_CASES = {
     "mesa": {
         "args": {"sam_method": "mesa", "mesa_ema_decay": 0.9},
         "kind": "loss_term",
-        "reference": "tests/test_trajectory.py",
+        "reference": "tests/test_loss_terms.py",
         "accumulation": ("window",),
         "fsdp": {"mesa_ema_decay": 0.5, "learning_rate": 3.0},
         "ddp_resume": True,

@@ -40,7 +40,7 @@ def optimizer_for(method: str, default: str | None) -> str | None:
 
 
 def loss_term(method: str) -> bool:
-    """SAF / MESA: one plain pass plus a loss term, no perturbation (tests/test_trajectory.py has their loops)."""
+    """SAF / MESA: one plain pass plus a loss term, no perturbation (tests/test_loss_terms.py has their loops)."""
     return METHOD_CASES[method].get("kind") == "loss_term"
 
 
@@ -103,15 +103,15 @@ def test_registry_has_a_test_row_for_every_method():
 
 def test_every_piece_of_every_axis_has_a_hand_written_reference():
     # A new ascent rule or descent transform fails here until tests/reference.py computes it by hand; the loss terms'
-    # hand loops live in tests/test_trajectory.py, Sparse SAM's masks in tests/test_masks.py.
+    # hand loops live in tests/test_loss_terms.py, Sparse SAM's masks in tests/test_masks.py.
     from hf_sam.components import ASCENT_RULES, DESCENT_TRANSFORMS, LOSS_TERMS
-    from tests import reference, test_masks, test_trajectory
+    from tests import reference, test_loss_terms, test_masks
 
     assert set(ASCENT_RULES) == set(reference.ASCENTS)
     assert {"none", *DESCENT_TRANSFORMS} == set(reference.DESCENTS)
     hand_loops = {
-        "saf": test_trajectory.test_saf_matches_hand_written_loop_across_epochs,
-        "mesa": test_trajectory.test_mesa_matches_hand_written_ema_teacher_loop,
+        "saf": test_loss_terms.test_saf_matches_hand_written_loop_across_epochs,
+        "mesa": test_loss_terms.test_mesa_matches_hand_written_ema_teacher_loop,
     }
     assert set(LOSS_TERMS) == set(hand_loops)
     # Masks and schedules: each choice has a test of what it computes (no mask: the reference loops above).
