@@ -56,22 +56,24 @@ class DescentPipeline:
     def active(self) -> bool:
         return bool(self.transforms) and self.args.sam_rho > 0
 
-    def keep_clean(self, grads: list[torch.Tensor], local_ascent: bool) -> None:
+    def keep_clean(self, perturbation, local_ascent: bool) -> None:
         """Copy g (in `.grad` now, before it becomes eps) when a transform needs it, on the descent gradient's basis:
         under local ascent the descent gradient is all-reduced and g is not, so one extra all-reduce averages it."""
         self.clean_copy = None
         if not self.active or not (local_ascent or any(t.needs_clean_copy for t in self.transforms)):
             return
-        self.clean_copy = [g.detach().clone() for g in grads]
+        self.clean_copy = [g.detach().clone() for g in perturbation.with_grads()[2]]
         if local_ascent:
             all_reduce_mean_(self.clean_copy)
 
     @torch.no_grad()
-    def after_sam_step(self, names: list[str], grads: list[torch.Tensor], raw_norm: torch.Tensor) -> None:
-        """Rewrite the final gradient of a SAM step (`raw_norm`: ||g|| of the ascent, when no copy was kept)."""
+    def after_sam_step(self, perturbation, raw_norm: torch.Tensor) -> None:
+        """Rewrite the final gradient of a SAM step in the perturbed parameters' `.grad` (`raw_norm`: ||g|| of the
+        ascent, used when no copy was kept)."""
         clean, self.clean_copy = self.clean_copy, None
         if not self.active:
             return
+        names, _, grads = perturbation.with_grads()
         clean_norm = global_norm(clean) if clean is not None else raw_norm
         if clean is not None:
             # A non-finite clean gradient skipped the ascent (eps = 0) and shows in clean_norm, which each transform
@@ -81,7 +83,10 @@ class DescentPipeline:
             transform.after_sam_step(names, grads, clean, clean_norm)
 
     @torch.no_grad()
-    def after_plain_step(self, names: list[str], grads: list[torch.Tensor]) -> None:
-        if self.active:
-            for transform in self.transforms:
-                transform.after_plain_step(names, grads)
+    def after_plain_step(self, perturbation) -> None:
+        """Rewrite the final gradient of a plain (non-SAM) step, where a transform acts there (LookSAM)."""
+        if not self.active:
+            return
+        names, _, grads = perturbation.with_grads()
+        for transform in self.transforms:
+            transform.after_plain_step(names, grads)

@@ -30,7 +30,7 @@ class UpdateGuard:
     def forget_step(self) -> None:
         self.finite = None
 
-    def update_is_finite(self, trainer, rho: float) -> bool:
+    def update_is_finite(self, trainer) -> bool:
         """At the end of a SAM step: True when its descent losses were finite; else its update is dropped.
 
         A loss finite at w but not at w + eps (a radius too large for the model, an overflow) leaves NaN or inf in the
@@ -54,7 +54,7 @@ class UpdateGuard:
             return True
         trainer._sam.release_grads()
         self.skipped_in_a_row += 1
-        step = trainer.state.global_step
+        step, rho = trainer.state.global_step, trainer._sam_rho()
         if self.skipped_in_a_row >= MAX_SKIPPED_UPDATES_IN_A_ROW:
             raise RuntimeError(
                 f"The loss at the perturbed weights w + eps was not finite in {self.skipped_in_a_row} SAM steps in a"

@@ -138,8 +138,7 @@ class SAMMixin:
             self._sam_metrics.add("sam/passes_per_step", 1.0)
             loss = super().training_step(model, inputs, num_items_in_batch)
             if last:
-                names, _, grads = self._sam.perturbation.with_grads()
-                self._sam.descent.after_plain_step(names, grads)
+                self._sam.descent.after_plain_step(self._sam.perturbation)
             return loss
         self._sam_metrics.add("sam/passes_per_step", self._sam.esam.passes())
         try:
@@ -171,7 +170,7 @@ class SAMMixin:
                 self._sam.window_rng.append(rng)
                 self._sam.window_examples.append(examples)
             local_ascent = self.accelerator.num_processes > 1 and not self.args.sam_ascent_sync
-            self._sam.descent.keep_clean(self._sam.perturbation.with_grads()[2], local_ascent)
+            self._sam.descent.keep_clean(self._sam.perturbation, local_ascent)
             self._sam_ascend(grad_factor=1.0)
             self._sam.release_grads()
         clean = self._sam.window_clean[index]
@@ -181,10 +180,9 @@ class SAMMixin:
         self._sam_record_losses(clean, perturbed, first=index == 0)
         if index == len(window) - 1:
             self._sam.perturbation.restore()
-            if self._sam.guard.update_is_finite(self, self._sam_rho()):
-                names, _, grads = self._sam.perturbation.with_grads()
-                self._sam.descent.after_sam_step(names, grads, self._sam.raw_norm)
-            self._sam.window_clean, self._sam.window_rng = [], []
+            if self._sam.guard.update_is_finite(self):
+                self._sam.descent.after_sam_step(self._sam.perturbation, self._sam.raw_norm)
+            self._sam.forget_step()  # also drops the clean copy of a step whose update was dropped
         return clean
 
     def _sam_micro_step(self, model, inputs, index, window, num_items_in_batch) -> torch.Tensor:
@@ -227,7 +225,7 @@ class SAMMixin:
             self.current_gradient_accumulation_steps = outer_ga
         self._sam_record_losses(total_clean, total_perturbed, first=index == 0)
         if index == len(window) - 1:
-            self._sam.guard.update_is_finite(self, self._sam_rho())
+            self._sam.guard.update_is_finite(self)
         return total_clean
 
     # ------------------------------------------------------------------ passes
