@@ -19,6 +19,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .perturbation import select_perturbed
+
 
 logger = logging.get_logger(__name__)
 
@@ -195,3 +197,30 @@ def last_complete_checkpoint(folder: str) -> str | None:
             continue
         return path
     return None
+
+
+def _rank_suffix(trainer) -> str:
+    # Every rank writes its own file: with local ascent some state (F-SAM's EMA) differs per rank.
+    return "" if trainer.accelerator.num_processes == 1 else f"-rank{trainer.accelerator.process_index}"
+
+
+def _run_settings(trainer) -> dict[str, str] | None:
+    """What the method state belongs to, recorded in the state file and checked on resume: the perturbed set."""
+    args = trainer.args
+    if not args.sam_enabled:
+        return None
+    names = [name for name, _ in select_perturbed(trainer.model, args.sam_include, args.sam_exclude)]
+    return perturbed_set_settings(names, args.sam_include, args.sam_exclude)
+
+
+def save_run_state(trainer, output_dir: str) -> None:
+    """Write `trainer.sam_state_dict()` into the checkpoint folder, one file per rank."""
+    args = trainer.args
+    save_sam_state(
+        output_dir, args.sam_method, trainer.sam_state_dict(), _rank_suffix(trainer), _run_settings(trainer)
+    )
+
+
+def load_run_state(trainer, checkpoint: str) -> dict[str, torch.Tensor]:
+    """Read back what `save_run_state` wrote for this rank, checked against the run's settings."""
+    return load_sam_state(checkpoint, trainer.args.sam_method, _rank_suffix(trainer), _run_settings(trainer))

@@ -138,3 +138,18 @@ class AfterOptimizerStep(TrainerCallback):
         hook = self._hook()
         if hook is not None:
             hook()
+
+
+def loss_shifts_labels(trainer) -> bool:
+    """Whether the model scores the logits at t against the label at t + 1 (causal LM), as Trainer decides.
+
+    Used by ESAM's per-example losses and MESA's token mask.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return bool(getattr(trainer, "_loss_shifts_labels", False)) or (
+        model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    )

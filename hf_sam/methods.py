@@ -14,6 +14,28 @@ from .optim import AdaSAMOptimizer
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """Where a method runs and what it asks of the run; `tests/test_trainer.py` checks each flag against behaviour.
+
+    Args:
+        ddp (`bool`): Runs under DDP (several processes, replicated weights).
+        fsdp2 (`bool`): Runs under FSDP2 (sharded weights); False: refused there with a `ValueError`.
+        stateful (`bool`): Its pieces keep state from step to step (a mask, an average, a reused gradient, a
+            teacher); checkpoints carry it and resume restores it.
+        needs_indices (`bool`): Reads each example's index; `SAMTrainer` adds the column to the training data.
+    """
+
+    ddp: bool = True
+    fsdp2: bool = True
+    stateful: bool = False
+    needs_indices: bool = False
+
+
+STATELESS = Capabilities()
+STATEFUL = Capabilities(stateful=True)
+
+
+@dataclass(frozen=True)
 class MethodInfo:
     """What a method name stands for.
 
@@ -25,12 +47,14 @@ class MethodInfo:
         optimizer (`type`, *optional*): The optimizer class the method brings (AdaSAM), built by Trainer with its
             usual parameter groups from `learning_rate`, `adam_beta1/2` and `adam_epsilon`; the user's own optimizer
             or `--optim` is then refused.
+        capabilities (`Capabilities`): Where it runs and what it needs.
     """
 
     paper: str
     cost: str
     preset: dict[str, Any] = field(default_factory=dict)
     optimizer: type | None = None
+    capabilities: Capabilities = STATELESS
 
 
 # Literal registry: name -> preset. `tests/test_trainer.py` fails when a name here has no row in
@@ -72,30 +96,42 @@ METHODS: dict[str, MethodInfo] = {
         "Liu et al. 2022, arXiv 2203.02714",
         "1 + 1/k",
         {"sam_rho": 0.1, "sam_descent": "looksam", "sam_schedule": "every_k"},
+        capabilities=STATEFUL,
     ),
     "gsam": MethodInfo("Zhuang et al. 2022, arXiv 2203.08065", "2.0", {"sam_rho": 0.05, "sam_descent": "gsam"}),
-    "fsam": MethodInfo("Li et al. 2024, arXiv 2403.12350", "2.0", {"sam_rho": 0.05, "sam_ascent": "fsam"}),
+    "fsam": MethodInfo(
+        "Li et al. 2024, arXiv 2403.12350", "2.0", {"sam_rho": 0.05, "sam_ascent": "fsam"}, capabilities=STATEFUL
+    ),
     "esam": MethodInfo(
         "Du et al. 2022, arXiv 2110.03141",
         "about 1 + 1/3 + gamma - (1 - beta)/3",
         {"sam_rho": 0.05, "esam_swp": True, "esam_gamma": 0.5},
+        capabilities=Capabilities(fsdp2=False),  # SWP needs each rank's own ascent (docs/methods.md#esam)
     ),
     "ssam-f": MethodInfo(
-        "Mi et al. 2022, arXiv 2210.05177 (Fisher mask)", "2.0 + mask work", {"sam_rho": 0.05, "sam_mask": "fisher"}
+        "Mi et al. 2022, arXiv 2210.05177 (Fisher mask)",
+        "2.0 + mask work",
+        {"sam_rho": 0.05, "sam_mask": "fisher"},
+        capabilities=STATEFUL,
     ),
     "ssam-d": MethodInfo(
-        "Mi et al. 2022, arXiv 2210.05177 (dynamic mask)", "2.0 + mask work", {"sam_rho": 0.05, "sam_mask": "dynamic"}
+        "Mi et al. 2022, arXiv 2210.05177 (dynamic mask)",
+        "2.0 + mask work",
+        {"sam_rho": 0.05, "sam_mask": "dynamic"},
+        capabilities=STATEFUL,
     ),
-    # One-pass loss terms (hf_sam/trajectory.py): Trainer's own pass plus a KL term, no perturbation.
+    # One-pass loss terms (hf_sam/saf.py, hf_sam/mesa.py): Trainer's own pass plus a KL term, no perturbation.
     "saf": MethodInfo(
         "Du et al. 2022, arXiv 2205.14083 (Sharpness-Aware training for Free)",
         "1.0",
         {"sam_rho": 0.0, "sam_loss_term": "saf"},
+        capabilities=Capabilities(stateful=True, needs_indices=True),
     ),
     "mesa": MethodInfo(
         "Du et al. 2022, arXiv 2205.14083 (MESA, memory-efficient SAF)",
         "about 1.15-1.35 (one no-grad forward of the EMA teacher)",
         {"sam_rho": 0.0, "sam_loss_term": "mesa"},
+        capabilities=STATEFUL,
     ),
 }
 

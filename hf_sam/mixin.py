@@ -14,16 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_sam_state, perturbed_set_settings, save_sam_state
-from .components import LOSS_TERMS, build_ascent, build_descent
-from .esam import ESAM, per_example_loss, take_examples
-from .gsam import scheduled_rho
-from .loss_term import AfterOptimizerStep, logits_of
-from .masks import SparseMask
+from .checkpoint import load_run_state, save_run_state
+from .components import LOSS_TERMS
+from .esam import per_example_loss, take_examples
+from .gsam import step_rho
+from .loss_term import AfterOptimizerStep, logits_of, loss_shifts_labels
 from .metrics import SAMMetrics
 from .msam import split_batch
-from .perturbation import Perturbation, select_perturbed
-from .replay import batch_norm_layers, capture_rng, frozen_bn_stats, restore_rng
+from .replay import capture_rng, frozen_bn_stats, restore_rng
 from .run import SAMRun
 from .saf import INDEX_COLUMN, add_example_index, signature_with_index
 from .schedules import is_sam_step
@@ -94,16 +92,7 @@ class SAMMixin:
         self._sam.forget_step()
 
     def _sam_build(self) -> None:
-        args = self.args
-        named = select_perturbed(self.model, args.sam_include, args.sam_exclude)
-        self._sam.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self._sam.bn_layers = batch_norm_layers(self.model) if args.sam_freeze_bn_stats else []
-        mask = None
-        self._sam.esam = ESAM(args, [p for _, p in named])
-        if args.sam_mask in ("fisher", "dynamic"):
-            mask = SparseMask(args, [n for n, _ in named], [p for _, p in named])
-        self._sam.perturbation = Perturbation(named, build_ascent(args), mask)
-        self._sam.descent = build_descent(args)
+        self._sam.build(self.model, self.args)
 
     # ------------------------------------------------------------------ the step
 
@@ -301,12 +290,7 @@ class SAMMixin:
     # ------------------------------------------------------------------ tensor bookkeeping
 
     def _sam_rho(self) -> float:
-        """This step's radius: `sam_rho`, or GSAM's schedule along the learning rate (`sam_rho_min`)."""
-        if self.args.sam_rho_min >= self.args.sam_rho:  # no schedule: no need to read the learning rate
-            return self.args.sam_rho
-        # The peak is the scheduler's base lr (the optimizer's own lr when the user passed an optimizer).
-        base_lrs = getattr(self.lr_scheduler, "base_lrs", None) or [self.args.learning_rate]
-        return scheduled_rho(self.args, self._get_learning_rate(), base_lrs[0])
+        return step_rho(self)
 
     def _sam_ascend(self, grad_factor: float) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
@@ -388,19 +372,8 @@ class SAMMixin:
         self._sam.loss_term = LOSS_TERMS[self.args.sam_loss_term](self)
 
     def _sam_loss_shifts_labels(self) -> bool:
-        """Whether the model scores the logits at t against the label at t + 1 (causal LM), as Trainer decides.
-
-        Used by ESAM's per-example losses and MESA's token mask; computed at the first call of each `train()`.
-        """
-        if self._sam.shifts_labels is None:
-            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-            model = self.accelerator.unwrap_model(self.model)
-            if hasattr(model, "get_base_model"):  # PEFT
-                model = model.get_base_model()
-            self._sam.shifts_labels = bool(getattr(self, "_loss_shifts_labels", False)) or (
-                model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-            )
+        if self._sam.shifts_labels is None:  # once per train() call
+            self._sam.shifts_labels = loss_shifts_labels(self)
         return self._sam.shifts_labels
 
     def _sam_after_optimizer_step(self) -> None:
@@ -432,33 +405,11 @@ class SAMMixin:
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.sam_enabled or self.args.sam_loss_term != "none":
-            # Every rank writes its own file: with local ascent some state (F-SAM's EMA) differs per rank.
-            save_sam_state(
-                output_dir,
-                self.args.sam_method,
-                self.sam_state_dict(),
-                self._sam_rank_suffix(),
-                self._sam_state_settings(),
-            )
+            save_run_state(self, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and (self.args.sam_enabled or self.args.sam_loss_term != "none"):
             if self.args.sam_enabled and self._sam.perturbation is None:
                 self._sam_build()
-            state = load_sam_state(
-                checkpoint, self.args.sam_method, self._sam_rank_suffix(), self._sam_state_settings()
-            )
-            self.load_sam_state_dict(state)
-
-    def _sam_state_settings(self) -> dict[str, str] | None:
-        """What the method state belongs to, recorded in the state file and checked on resume: the perturbed set."""
-        if not self.args.sam_enabled:
-            return None
-        include, exclude = self.args.sam_include, self.args.sam_exclude
-        return perturbed_set_settings(
-            [name for name, _ in select_perturbed(self.model, include, exclude)], include, exclude
-        )
-
-    def _sam_rank_suffix(self) -> str:
-        return "" if self.accelerator.num_processes == 1 else f"-rank{self.accelerator.process_index}"
+            self.load_sam_state_dict(load_run_state(self, checkpoint))

@@ -12,11 +12,14 @@ from typing import Any
 import torch
 
 from .checkpoint import check_state_keys
+from .components import build_ascent, build_descent
 from .descent import DescentPipeline
 from .esam import ESAM
 from .guard import UpdateGuard
 from .loss_term import LossTerm
-from .perturbation import Perturbation
+from .masks import SparseMask
+from .perturbation import Perturbation, select_perturbed
+from .replay import batch_norm_layers
 from .tensors import local
 
 
@@ -40,6 +43,18 @@ class SAMRun:
     raw_norm: torch.Tensor | None = None  # ||g|| of the last ascent, in `.grad` units
     stash: dict[int, torch.Tensor] = field(default_factory=dict)  # micro accumulation's gradient buffers
     guard: UpdateGuard = field(default_factory=UpdateGuard)
+
+    def build(self, model: torch.nn.Module, args) -> None:
+        """The method's pieces, from the prepared model: the perturbed set with its ascent rule and mask, the
+        descent transforms and ESAM's selection (inactive unless its fields are set)."""
+        named = select_perturbed(model, args.sam_include, args.sam_exclude)
+        names, params = [n for n, _ in named], [p for _, p in named]
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.bn_layers = batch_norm_layers(model) if args.sam_freeze_bn_stats else []
+        self.esam = ESAM(args, params)
+        mask = SparseMask(args, names, params) if args.sam_mask in ("fisher", "dynamic") else None
+        self.perturbation = Perturbation(named, build_ascent(args), mask)
+        self.descent = build_descent(args)
 
     def reset(self) -> None:
         """Back to a run that has not started (at every `train()` call)."""

@@ -101,6 +101,26 @@ def test_registry_has_a_test_row_for_every_method():
     assert set(METHODS) == set(METHOD_CASES)
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_entry_states_its_capabilities_truthfully(tmp_path, method):
+    # The flags on a registry entry are what the docs and the derived test lists rely on: check them against what a
+    # run does (state saved for resume, an index column added) and what the test table runs (FSDP2 or its refusal).
+    from hf_sam.saf import INDEX_COLUMN
+
+    flags, case = METHODS[method].capabilities, METHOD_CASES[method]
+    trainer = train_sam(
+        tmp_path, tiny_bert(), tiny_dataset(), optimizer_for(method, "sgd"), max_steps=4, **case["args"]
+    )
+    assert bool(trainer._sam.state_dict()) == flags.stateful
+    assert (INDEX_COLUMN in trainer.train_dataset.column_names) == flags.needs_indices
+    assert flags.ddp  # every method runs under DDP (tests/distributed/ddp_methods.py runs each row)
+    fsdp_refusals = [match for overrides, match in case["errors"] if "fsdp" in overrides]
+    assert flags.fsdp2 == (not fsdp_refusals), "an FSDP2 refusal belongs in the row's errors, and fsdp2=False"
+    assert flags.fsdp2 == (isinstance(case["fsdp"], dict) or case["fsdp"].startswith("checked"))
+    if flags.stateful:
+        assert case.get("ddp_resume"), f"{method} keeps state: set ddp_resume on its row"
+
+
 def test_every_piece_of_every_axis_has_a_hand_written_reference():
     # A new ascent rule or descent transform fails here until tests/reference.py computes it by hand; the loss terms'
     # hand loops live in tests/test_loss_terms.py, Sparse SAM's masks in tests/test_masks.py.
