@@ -15,6 +15,11 @@ restarted; `--report` turns the file into a markdown table and PNG plots (accura
     python benchmarks/generalization.py --tasks mnist mnist-noisy --seeds 0 1 2 --workers 2
     python benchmarks/generalization.py --tasks trec --methods none sam asam --grid sam asam --seeds 0 1 2
     python benchmarks/generalization.py --report
+    python benchmarks/generalization.py --tasks mnist --lengths short --methods sam --set esam_gamma=0.5 \
+        esam_selection=batch --results benchmarks/results/probe.jsonl
+
+`--set` adds fields to every method but `none` (the row's label then shows them); `--report` names its tables and
+plots after the results file (`generalization.md`, `probe.md`, ...).
 
 Every method uses the task's one learning rate, schedule and batch size (the plain optimizer's settings): the
 table shows what switching `--sam_method` does to a given recipe, not each method's best tuned result.
@@ -168,7 +173,7 @@ def run_one(cfg: dict) -> dict:
         model, collator = tiny_vit(cfg["seed"]), None
     epochs = task["epochs"][cfg["length"]]
     steps_per_epoch = -(-len(train) // task["batch"])
-    extra = method_args(cfg["method"], cfg["scale"])
+    extra = {**method_args(cfg["method"], cfg["scale"]), **cfg.get("settings", {})}
     args = SAMTrainingArguments(
         output_dir=cfg["output_dir"],
         learning_rate=task["lr"],
@@ -197,6 +202,7 @@ def run_one(cfg: dict) -> dict:
     passes = [h["sam/passes_per_step"] for h in logs if "sam/passes_per_step" in h]
     return {
         **{k: cfg[k] for k in ("task", "length", "method", "scale", "seed", "device")},
+        "settings": cfg.get("settings", {}),
         "radius": radius(extra),
         "epochs": epochs,
         "accuracy": accuracy,
@@ -211,8 +217,13 @@ def run_one(cfg: dict) -> dict:
 # ---------------------------------------------------------------------- runner
 
 
+def label(row: dict) -> str:
+    """The method, with the fields `--set` gave it."""
+    return " ".join([row["method"], *(f"{k}={v}" for k, v in sorted(row.get("settings", {}).items()))])
+
+
 def key(row: dict) -> tuple:
-    return (row["task"], row["length"], row["method"], float(row["scale"]), int(row["seed"]), row["device"])
+    return (row["task"], row["length"], label(row), float(row["scale"]), int(row["seed"]), row["device"])
 
 
 def done_keys(path: Path) -> set:
@@ -235,6 +246,7 @@ def plan(cli) -> list[dict]:
                         configs.append({
                             "task": task, "length": length, "method": method, "scale": scale, "seed": seed,
                             "device": device, "threads": cli.threads,
+                            "settings": cli.settings if method != "none" else {},
                             "output_dir": str(RESULTS / "_tmp" / f"{task}-{length}-{method}-{scale}-{seed}"),
                         })  # fmt: skip
     return configs
@@ -280,9 +292,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Mean ± std over seeds per (task, length, method, scale), with the paired difference to `none`."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["task"], row["length"], row["method"], float(row["scale"]), row["device"]), []).append(
-            row
-        )
+        groups.setdefault((row["task"], row["length"], label(row), float(row["scale"]), row["device"]), []).append(row)
     plain = {(k[0], k[1], k[4]): {r["seed"]: r for r in g} for k, g in groups.items() if k[2] == "none"}
     summary = []
     for (task, length, method, scale, device), group in sorted(groups.items()):
@@ -355,7 +365,7 @@ def matrix(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: list[dict], folder: Path) -> list[Path]:
+def plot(summary: list[dict], folder: Path, stem: str) -> list[Path]:
     """One PNG per (task, length): accuracy against relative wall time, one point per method at its default
     radius, error bars = std over seeds; the plain optimizer as a dashed line."""
     import matplotlib
@@ -383,7 +393,7 @@ def plot(summary: list[dict], folder: Path) -> list[Path]:
         ax.set_title(f"{task}, {length} ({part[0]['epochs']} epochs, {part[0]['device'].upper()}), default radius")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = folder / f"generalization_{task}_{length}.png"
+        path = folder / f"{stem}_{task}_{length}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -396,11 +406,21 @@ def report(cli) -> None:
     summary = summarize(rows)
     table = markdown(summary)
     folder = path.parent
-    (folder / "generalization.md").write_text(table)
-    (folder / "generalization_matrix.md").write_text(matrix(summary))
+    (folder / f"{path.stem}.md").write_text(table)
+    (folder / f"{path.stem}_matrix.md").write_text(matrix(summary))
     print(table)
-    for png in plot(summary, folder):
+    for png in plot(summary, folder, path.stem):
         print(f"wrote {png}")
+
+
+def parse_setting(item: str) -> tuple[str, object]:
+    name, sep, text = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set takes FIELD=VALUE, got {item!r}")
+    try:
+        return name, json.loads(text)
+    except json.JSONDecodeError:
+        return name, text
 
 
 def main() -> None:
@@ -417,6 +437,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="torch threads per run")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--results", default=str(RESULTS / "generalization.jsonl"))
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        dest="settings",
+        help="extra SAMTrainingArguments fields for every method but none (JSON values or strings)",
+    )
     parser.add_argument("--report", action="store_true", help="only write the table and plots from the results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     cli = parser.parse_args()
@@ -426,6 +454,7 @@ def main() -> None:
     if cli.report:
         report(cli)
         return
+    cli.settings = dict(parse_setting(item) for item in cli.settings)
     cli.methods = ["none"] + [m for m in cli.methods if m != "none"]
     unknown = sorted(set(cli.methods) - set(METHODS))
     if unknown:

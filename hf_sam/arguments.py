@@ -19,6 +19,7 @@ ACCUMULATION_MODES = ("window", "micro")
 # Choices come from the registries of the pieces: a new piece is a new choice.
 ASCENT_CHOICES = tuple(ASCENT_RULES)
 DESCENT_CHOICES = ("none", *DESCENT_TRANSFORMS)
+ESAM_SELECTIONS = ("per_class", "batch")
 # Optimizers whose `step` happens inside `backward`: the perturbed pass would update the weights at w+eps.
 FUSED_BACKWARD_OPTIMS = ("lomo", "adalomo")
 # Radii above these leave the range the papers use by far (SAM 0.01-0.5, ASAM 0.5-2); a step whose loss at w + eps is
@@ -36,6 +37,7 @@ ONLY_UNDER = (
     (("fsam_sigma", "fsam_lambda"), "sam_ascent='fsam' (fsam)", lambda a: a.sam_ascent == "fsam"),
     (("gsam_alpha",), "sam_descent='gsam' (gsam)", lambda a: a.sam_descent == "gsam"),
     (("looksam_k", "looksam_alpha"), "sam_descent='looksam' (looksam)", lambda a: a.sam_descent == "looksam"),
+    (("adasam_bias_correction",), "sam_method='adasam'", lambda a: a.sam_method == "adasam"),
     (
         ("sam_sparsity", "sam_mask_interval"),
         "sam_mask='fisher' or 'dynamic' (ssam-f, ssam-d)",
@@ -44,6 +46,7 @@ ONLY_UNDER = (
     (("sam_fisher_samples",), "sam_mask='fisher' (ssam-f)", lambda a: a.sam_mask == "fisher"),
     (("sam_mask_drop_rate",), "sam_mask='dynamic' (ssam-d)", lambda a: a.sam_mask == "dynamic"),
     (("esam_beta",), "esam_swp=True (esam)", lambda a: a.esam_swp),
+    (("esam_selection",), "esam_gamma < 1 (esam)", lambda a: a.esam_gamma < 1),
     (("sam_interval",), "sam_schedule='every_k'", lambda a: a.sam_schedule == "every_k"),
     (
         ("sam_probability",),
@@ -260,12 +263,35 @@ class SAMArgumentsMixin:
         default=None,
         metadata={
             "help": "ESAM SDS: share of each batch (those whose loss rises most at w + eps) used in the descent"
-            " pass. 1 = all (default; the esam preset uses 0.5)."
+            " pass. 1 = all (default, also for the esam preset; the paper uses 0.5)."
+        },
+    )
+    esam_selection: str = field(
+        default="per_class",
+        metadata={
+            "help": "ESAM SDS: rank the loss rises within each class (per_class, default: every class keeps its"
+            " share of the descent) or over the whole batch (batch: the paper's rule). Without class-id labels"
+            " (tokens, regression) the ranking is over the batch.",
+            "choices": list(ESAM_SELECTIONS),
         },
     )
     gsam_alpha: float = field(default=0.4, metadata={"help": "GSAM: weight of the orthogonal-component descent."})
     looksam_k: int = field(default=5, metadata={"help": "LookSAM: full SAM step every k optimizer steps."})
-    looksam_alpha: float = field(default=0.7, metadata={"help": "LookSAM: weight of the reused component."})
+    looksam_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "LookSAM: weight of the reused component on the steps between SAM steps. 0 (default) reuses"
+            " nothing: SAM every looksam_k steps. The paper's 0.7 broke training in every benchmark run"
+            " (docs/methods.md#looksam)."
+        },
+    )
+    adasam_bias_correction: bool = field(
+        default=True,
+        metadata={
+            "help": "AdaSAM: Adam's bias correction of m and v (on by default: without it the first thousand steps"
+            " are several times larger than the learning rate says; false gives the paper's exact rule)."
+        },
+    )
     fsam_sigma: float = field(default=1.0, metadata={"help": "Friendly SAM: share of the gradient EMA removed."})
     fsam_lambda: float = field(default=0.9, metadata={"help": "Friendly SAM: EMA decay of the gradient."})
     sam_loss_term: str | None = field(
@@ -390,6 +416,7 @@ class SAMArgumentsMixin:
             ("sam_mask", MASKS),
             ("sam_accumulation", ACCUMULATION_MODES),
             ("sam_loss_term", LOSS_TERM_CHOICES),
+            ("esam_selection", ESAM_SELECTIONS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is unknown; use one of {', '.join(choices)}.")

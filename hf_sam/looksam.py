@@ -20,6 +20,8 @@ class LookSAMReuse(DescentTransform):
         self._g_v_norm: torch.Tensor | None = None
 
     def after_sam_step(self, names, grads, clean, clean_norm) -> None:
+        if self.args.looksam_alpha == 0:  # nothing is reused: keep no copy of the parameters
+            return
         coef = dot(grads, clean) / (clean_norm.square() + NORM_EPS)
         orthogonal = torch._foreach_mul([local(c) for c in clean], -coef)
         torch._foreach_add_(orthogonal, [local(g) for g in grads])

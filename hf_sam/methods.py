@@ -96,7 +96,7 @@ METHODS: dict[str, MethodInfo] = {
         "Liu et al. 2022, arXiv 2203.02714",
         "1 + 1/k",
         {"sam_rho": 0.1, "sam_descent": "looksam", "sam_schedule": "every_k"},
-        capabilities=STATEFUL,
+        capabilities=STATEFUL,  # g_v, when looksam_alpha > 0
     ),
     "gsam": MethodInfo("Zhuang et al. 2022, arXiv 2203.08065", "2.0", {"sam_rho": 0.05, "sam_descent": "gsam"}),
     "fsam": MethodInfo(
@@ -104,8 +104,8 @@ METHODS: dict[str, MethodInfo] = {
     ),
     "esam": MethodInfo(
         "Du et al. 2022, arXiv 2110.03141",
-        "about 1 + 1/3 + gamma - (1 - beta)/3",
-        {"sam_rho": 0.05, "esam_swp": True, "esam_gamma": 0.5},
+        "2 - (1 - beta)/3 = 1.87; with data selection (--esam_gamma g) 1 + 1/3 + g - (1 - beta)/3",
+        {"sam_rho": 0.05, "esam_swp": True},
         capabilities=Capabilities(fsdp2=False),  # SWP needs each rank's own ascent (docs/methods.md#esam)
     ),
     "ssam-f": MethodInfo(

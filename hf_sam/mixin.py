@@ -260,7 +260,7 @@ class SAMMixin:
         with torch.no_grad(), frozen_bn_stats(self._sam.bn_layers), self.compute_loss_context_manager():
             outputs = self.model(**prepared)  # unwrapped: a no-grad forward needs no DDP bookkeeping
             rise = self.per_example_loss(outputs, prepared) - clean_examples
-        subset = take_examples(dict(inputs), self._sam.esam.select(rise), rise.shape[0])
+        subset = take_examples(dict(inputs), self._sam.esam.select(rise, prepared.get("labels")), rise.shape[0])
         if rng is not None:
             restore_rng(rng, self.args.device)
         with frozen_bn_stats(self._sam.bn_layers):

@@ -71,11 +71,7 @@ def _use_the_method_optimizer(trainer, optimizer_cls: type) -> None:
             f" the trainer: {method} would silently be plain SAM over it. Drop the optimizer argument, or use"
             " sam_method='sam' with your optimizer."
         )
-    args = trainer.args
-    trainer.optimizer_cls_and_kwargs = (
-        optimizer_cls,
-        {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
-    )
+    trainer.optimizer_cls_and_kwargs = (optimizer_cls, optimizer_cls.kwargs_from(trainer.args))
 
 
 def check_loss_term_setup(trainer) -> None:

@@ -101,7 +101,8 @@ METHOD_CASES = {
         "errors": [({"sam_accumulation": "window"}, "contradicts"), ({"sam_renormalize": True}, "descent transform")],
     },
     "looksam": {
-        "args": {"sam_method": "looksam", "looksam_k": 3},
+        # The preset reuses nothing (alpha 0); the row sets the paper's alpha so the reuse is tested.
+        "args": {"sam_method": "looksam", "looksam_k": 3, "looksam_alpha": 0.7},
         "reference": {"rho": 0.1, "descent": "looksam", "sam_step": lambda t: t % 3 == 0},
         "accumulation": ("window",),
         "fsdp": {"looksam_k": 2},
@@ -150,7 +151,8 @@ METHOD_CASES = {
         "fsdp_resume": True,
     },
     "esam": {
-        "args": {"sam_method": "esam"},
+        # The preset is SWP alone; the row adds the data selection (per class, the default ranking) to test both.
+        "args": {"sam_method": "esam", "esam_gamma": 0.5},
         "reference": {"rho": 0.05, "esam_beta": 0.6, "esam_gamma": 0.5},
         "accumulation": BOTH,
         "rho_zero_plain": False,

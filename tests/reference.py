@@ -109,7 +109,8 @@ class Reference:
 
     def __init__(self, rho, ascent="sam", eta=0.01, descent="none", renormalize=False, shards=1,
                  accumulation="window", sam_step=lambda t: True, fsam_sigma=1.0, fsam_lambda=0.9,
-                 gsam_alpha=0.4, looksam_alpha=0.7, mask=None, esam_beta=None, esam_gamma=None):  # fmt: skip
+                 gsam_alpha=0.4, looksam_alpha=0.7, mask=None, esam_beta=None, esam_gamma=None,
+                 esam_selection="per_class"):  # fmt: skip
         self.__dict__.update({k: v for k, v in locals().items() if k not in ("self", "descent")})
         self.descent_rule = descent
         self.ema = None  # F-SAM's m
@@ -153,10 +154,20 @@ class Reference:
                 after = F.cross_entropy(model(input_ids=batch["input_ids"]).logits, batch["labels"], reduction="none")
                 for n, e in eps.items():
                     params[n].sub_(e)
-            k = max(1, math.ceil(self.esam_gamma * len(batch["labels"])))
-            top = torch.topk(after - before, k).indices
+            top = self.esam_select(after - before, batch["labels"])
             chosen.append({key: value[top] for key, value in batch.items()})
         return grads_at(model, chosen, parts, eps)
+
+    def esam_select(self, rise, labels):
+        """SDS: the top share by loss rise, within each class (per_class) or over the batch."""
+        if self.esam_selection == "batch":
+            return torch.topk(rise, max(1, math.ceil(self.esam_gamma * len(labels)))).indices
+        chosen = []
+        for c in labels.unique():
+            members = (labels == c).nonzero().flatten()
+            k = math.ceil(self.esam_gamma * len(members))
+            chosen.append(members[torch.topk(rise[members], k).indices])
+        return torch.cat(chosen)
 
     def sam_units(self, model, units, parts, unit):
         """Descent gradient summed over perturbation units (the window, micro-batches or shards)."""
@@ -203,14 +214,17 @@ def reference_sam(model, optimizer, windows, rho, **kwargs):
     return Reference(rho, **kwargs).train(model, optimizer, windows)
 
 
-class AMSGradNoBiasCorrection(torch.optim.Optimizer):
-    """AdaSAM's base step written out for the reference: plain loops, no foreach."""
+class AMSGrad(torch.optim.Optimizer):
+    """AdaSAM's base step written out for the reference: plain loops, no foreach; Adam's bias correction unless
+    `bias_correction=False` (the paper's rule)."""
 
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, bias_correction=True):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        self.bias_correction, self.t = bias_correction, 0
 
     @torch.no_grad()
     def step(self):
+        self.t += 1
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
@@ -223,4 +237,7 @@ class AMSGradNoBiasCorrection(torch.optim.Optimizer):
                 s["m"] = b1 * s["m"] + (1 - b1) * p.grad
                 s["v"] = b2 * s["v"] + (1 - b2) * p.grad * p.grad
                 s["v_hat"] = torch.maximum(s["v_hat"], s["v"])
-                p -= group["lr"] * s["m"] / s["v_hat"].sqrt()
+                m, v_hat = s["m"], s["v_hat"]
+                if self.bias_correction:
+                    m, v_hat = m / (1 - b1**self.t), v_hat / (1 - b2**self.t)
+                p -= group["lr"] * m / v_hat.sqrt()

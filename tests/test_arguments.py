@@ -33,7 +33,7 @@ def test_explicit_flag_wins_over_preset():
 def test_every_sam_field_is_a_cli_flag_with_help(capsys):
     parser = HfArgumentParser(SAMTrainingArguments)
     sam_fields = [f for f in SAMArgumentsMixin.__dataclass_fields__.values()]
-    prefixes = ("sam_", "esam_", "looksam_", "gsam_", "fsam_", "saf_", "mesa_")
+    prefixes = ("sam_", "esam_", "looksam_", "gsam_", "fsam_", "adasam_", "saf_", "mesa_")
     assert all(f.name.startswith(prefixes) and f.metadata.get("help") for f in sam_fields)
     help_text = parser.format_help()
     for f in sam_fields:
@@ -135,7 +135,8 @@ def test_regex_matching_nothing_is_refused_at_construction(tmp_path):
 
 def test_fsdp2_forces_the_synced_ascent_and_keeps_esam_data_selection():
     assert make(sam_method="sam", **FSDP2).sam_ascent_sync is True
-    args = make(sam_method="esam", esam_swp=False, **FSDP2)  # SDS alone runs under FSDP (tested in DDP/FSDP runs)
+    # SDS alone runs under FSDP (tested in DDP/FSDP runs)
+    args = make(sam_method="esam", esam_swp=False, esam_gamma=0.5, **FSDP2)
     assert args.sam_ascent_sync is True and args.esam_gamma == 0.5
 
 

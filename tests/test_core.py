@@ -187,20 +187,46 @@ def test_draws_depend_only_on_seed_and_step():
 # ---------------------------------------------------------------- AdaSAM's optimizer
 
 
-def test_adasam_optimizer_is_amsgrad_without_bias_correction():
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_adasam_optimizer_is_amsgrad_with_or_without_bias_correction(bias_correction):
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(6))
-    opt = AdaSAMOptimizer([w], lr=0.1, betas=(0.9, 0.99), eps=1e-3, weight_decay=0.1)
+    opt = AdaSAMOptimizer([w], lr=0.1, betas=(0.9, 0.99), eps=1e-3, weight_decay=0.1, bias_correction=bias_correction)
     ref_w, m, v, v_hat = w.detach().clone(), torch.zeros(6), torch.zeros(6), torch.full((6,), 1e-6)
-    for _ in range(5):
+    for t in range(1, 6):
         g = torch.randn(6)
         w.grad = g.clone()
         opt.step()
         ref_w = ref_w * (1 - 0.1 * 0.1)
         m, v = 0.9 * m + 0.1 * g, 0.99 * v + 0.01 * g * g
         v_hat = torch.maximum(v_hat, v)
-        ref_w = ref_w - 0.1 * m / v_hat.sqrt()
+        if bias_correction:  # Adam's m / (1 - b1^t) over sqrt(v / (1 - b2^t)), with the running max of v
+            ref_w = ref_w - 0.1 * (m / (1 - 0.9**t)) / (v_hat / (1 - 0.99**t)).sqrt()
+        else:
+            ref_w = ref_w - 0.1 * m / v_hat.sqrt()
         torch.testing.assert_close(w.detach(), ref_w)
+
+
+def test_adasam_bias_correction_keeps_early_steps_at_the_learning_rate():
+    # The defining property of the correction: a constant gradient moves each weight by lr per step from the first
+    # step on, where the paper's uncorrected rule moves it by (1 - b1^t) / sqrt(1 - b2^t) lr: 3.2 lr at t = 1.
+    for bias_correction, first_step in ((True, 0.1), (False, 0.1 * 0.1 / 0.001**0.5)):
+        w = nn.Parameter(torch.zeros(3))
+        opt = AdaSAMOptimizer([w], lr=0.1, eps=1e-12, bias_correction=bias_correction)
+        w.grad = torch.ones(3)
+        opt.step()
+        torch.testing.assert_close(w.detach(), torch.full((3,), -first_step))
+
+
+def test_adasam_step_count_survives_a_state_dict_round_trip():
+    w = nn.Parameter(torch.zeros(2))
+    opt = AdaSAMOptimizer([w], lr=0.1)
+    for _ in range(3):
+        w.grad = torch.ones(2)
+        opt.step()
+    fresh = AdaSAMOptimizer([w], lr=0.1)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.param_groups[0]["step"] == 3
 
 
 def test_adasam_optimizer_rejects_bad_hyperparameters():

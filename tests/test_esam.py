@@ -1,14 +1,16 @@
-"""ESAM: the SWP draw, real skipping of weight gradients, k = max(1, ceil(gamma |B|)), per-example losses."""
+"""ESAM: the SWP draw, real skipping of weight gradients, the SDS selection (per class, or k = max(1, ceil(gamma
+|B|)) over the batch), per-example losses."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_sam.esam import frozen_tensors, kept_tensors, per_example_loss, selected_count
-from tests.helpers import SequentialSAMTrainer, sam_args, tiny_bert, tiny_dataset
+from hf_sam.esam import ESAM, frozen_tensors, kept_tensors, per_example_loss, selected_count, top_rise_per_class
+from tests.helpers import SequentialSAMTrainer, assert_same_weights, sam_args, state, tiny_bert, tiny_dataset
 
 
 def test_swp_keeps_each_tensor_with_probability_beta_and_the_same_draw_everywhere():
@@ -44,10 +46,46 @@ def test_descent_runs_on_the_selected_examples_only(tmp_path):
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     trainer = Recording(model=tiny_bert(), train_dataset=tiny_dataset(), args=sam_args(
-        tmp_path, sam_method="esam", esam_gamma=0.3, per_device_train_batch_size=5, max_steps=2))  # fmt: skip
+        tmp_path, sam_method="esam", esam_gamma=0.3, esam_selection="batch", per_device_train_batch_size=5,
+        max_steps=2))  # fmt: skip
     trainer.train()
     # per step: the clean pass on all 5 examples, then the descent on ceil(0.3 * 5) = 2
     assert sizes == [5, 2, 5, 2]
+
+
+def test_per_class_selection_keeps_each_class_share():
+    # Hand loop: for each class, its ceil(gamma n_c) examples of largest rise. Class ids of any size.
+    torch.manual_seed(0)
+    rise, labels = torch.randn(40), torch.tensor([7, -3, 1000, 7, 7] * 8)
+    chosen = top_rise_per_class(rise, labels, 0.3)
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        expected = members[torch.topk(rise[members], math.ceil(0.3 * len(members))).indices]
+        assert set(chosen[labels[chosen] == c].tolist()) == set(expected.tolist())
+    assert len(chosen) == len(set(chosen.tolist())) == 3 + 3 + 8
+
+
+def test_batch_ranking_drops_a_class_that_per_class_ranking_keeps():
+    # The failure this guards against (docs/methods.md#esam): the rise is mostly first order, so one class can sit
+    # below every other; ranked over the batch it never reaches the descent.
+    rise, labels = torch.tensor([3.0, 2.5, 2.0, 1.5, 0.2, 0.1]), torch.tensor([0, 0, 1, 1, 2, 2])
+    args = SimpleNamespace(esam_gamma=0.5, esam_selection="batch", esam_swp=False)
+    assert set(labels[ESAM(args, []).select(rise, labels)].tolist()) == {0, 1}
+    args.esam_selection = "per_class"
+    assert set(labels[ESAM(args, []).select(rise, labels)].tolist()) == {0, 1, 2}
+    # Token labels (one row per example) are not class ids: ranked over the batch.
+    tokens = torch.zeros(6, 4, dtype=torch.long)
+    assert len(ESAM(args, []).select(rise, tokens)) == 3
+
+
+def test_batch_selection_matches_reference(tmp_path):
+    from tests.test_trainer import train_with_reference
+
+    trainer, reference_model, _ = train_with_reference(
+        tmp_path, "sgd", 2, "window", {"sam_method": "esam", "esam_selection": "batch"},
+        {"rho": 0.05, "esam_beta": 0.6, "esam_gamma": 0.5, "esam_selection": "batch"},
+    )  # fmt: skip
+    assert_same_weights(state(trainer.model), state(reference_model), exact=False, atol=1e-6)
 
 
 def test_per_example_losses_by_head():

@@ -21,7 +21,7 @@ from tests.helpers import (
     tiny_dataset,
 )
 from tests.method_cases import METHOD_CASES
-from tests.reference import AMSGradNoBiasCorrection, reference_sam
+from tests.reference import AMSGrad, reference_sam
 
 
 SAM_CASES = [name for name, case in METHOD_CASES.items() if case["reference"] is not None]
@@ -270,7 +270,7 @@ def train_with_reference(tmp_path, optimizer, ga, accumulation, args, reference_
     if reference_kwargs.get("mask") == "from_trainer":  # no mask update within these steps (interval: an epoch)
         reference_kwargs = {**reference_kwargs, "mask": dict(trainer._sam.perturbation.mask.masks)}
     if optimizer is None:  # the method's own optimizer (AdaSAM), written out by hand in tests/reference.py
-        optim = AMSGradNoBiasCorrection(reference_model.parameters(), lr=0.05, eps=own_eps)
+        optim = AMSGrad(reference_model.parameters(), lr=0.05, eps=own_eps)
     else:
         optim = OPTIMIZERS[optimizer](reference_model.parameters())
     reference_sam(reference_model, optim, windows, **{"accumulation": accumulation, **reference_kwargs})
@@ -298,7 +298,7 @@ def test_matches_reference_loop(tmp_path, method, optimizer, ga, accumulation):
     assert_same_weights(state(trainer.model), state(reference_model), exact=False, atol=ATOL[optimizer or "adamw"])
     # The test can fail: a run without SAM ends elsewhere.
     plain = copy_model(tiny_bert())
-    plain_optim = OPTIMIZERS[optimizer](plain.parameters()) if optimizer else AMSGradNoBiasCorrection(
+    plain_optim = OPTIMIZERS[optimizer](plain.parameters()) if optimizer else AMSGrad(
         plain.parameters(), lr=0.05, eps=case.get("optimizer_eps", 1e-8))  # fmt: skip
     reference_sam(plain, plain_optim, windows, rho=0.0)
     assert any(
@@ -867,6 +867,21 @@ def test_plain_steps_run_one_pass(tmp_path, method, extra):
     assert math.isclose(log["sam/passes_per_step"], 1 + sam_steps / steps, rel_tol=1e-6)
     if method == "looksam":
         assert sam_steps == 3  # steps 0, 4, 8
+
+
+def test_looksam_preset_is_sam_every_k_steps_and_keeps_no_copy(tmp_path):
+    # Its default alpha 0 reuses nothing (docs/methods.md#looksam): bit for bit SAM on every k-th step, no g_v held.
+    look = train_sam(tmp_path / "l", tiny_bert(), tiny_dataset(), "adamw", max_steps=6, sam_method="looksam",
+                     looksam_k=2)  # fmt: skip
+    every_k = train_sam(tmp_path / "s", tiny_bert(), tiny_dataset(), "adamw", max_steps=6, sam_method="sam",
+                        sam_rho=0.1, sam_schedule="every_k", sam_interval=2)  # fmt: skip
+    assert_same_weights(state(look.model), state(every_k.model))
+    assert look._sam.state_dict() == {}
+    reuse = train_sam(tmp_path / "r", tiny_bert(), tiny_dataset(), "adamw", max_steps=6, sam_method="looksam",
+                      looksam_k=2, looksam_alpha=0.7)  # fmt: skip
+    assert reuse._sam.state_dict() and any(
+        not torch.equal(a, b) for a, b in zip(state(reuse.model).values(), state(look.model).values())
+    )
 
 
 def test_stable_sam_descent_keeps_the_ascent_norm(tmp_path):

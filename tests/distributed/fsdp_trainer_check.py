@@ -76,7 +76,7 @@ CONFIGS = {
 TABLE_UNDER_FSDP = {name: case for name, case in METHOD_CASES.items() if isinstance(case["fsdp"], dict)}
 SAME_AS_DDP = {
     **{name: {**case["args"], **case["fsdp"]} for name, case in TABLE_UNDER_FSDP.items()},
-    "esam-sds": dict(sam_method="esam", esam_swp=False),
+    "esam-sds": dict(sam_method="esam", esam_swp=False, esam_gamma=0.5),
     "lora-sam": dict(sam_method="sam", lora=True, learning_rate=1.0),
     "checkpointed-sam": dict(sam_method="sam", gradient_checkpointing=True),  # SDS only: SWP needs a local ascent
     "sam-ga2": dict(sam_method="sam", gradient_accumulation_steps=2),  # also against the reference (CONFIGS)
