@@ -76,7 +76,7 @@ def _use_the_method_optimizer(trainer, optimizer_cls: type) -> None:
 
 
 def check_loss_term_setup(trainer) -> None:
-    """SAF and MESA: ZeRO-1/2 only under DeepSpeed, and a head with more than one output (a softmax over one value is always 1)."""
+    """SAF and MESA: ZeRO-1/2 only under DeepSpeed; a head with more than one output (softmax over one value is 1)."""
     _check_deepspeed(trainer)
     config = getattr(trainer.model, "config", None)
     if getattr(config, "num_labels", None) == 1 or getattr(config, "problem_type", None) == "regression":
