@@ -129,6 +129,11 @@ class SAMMixin:
             self._sam_build()
         index, window = self._sam_position(inputs)
         last = index == len(window) - 1
+        zero = self._sam.zero
+        if zero is not None and index == 0:
+            # DeepSpeed: every backward of this step (SSAM-F's Fisher passes too) holds its gradient back from the
+            # engine until the weights are back at w
+            zero.begin()
         if index == 0:
             if self._sam.perturbation.mask is not None:
                 self._sam.perturbation.mask.before_step(self, self._sam.perturbation.params)
@@ -136,9 +141,6 @@ class SAMMixin:
             # One decision per optimizer step, seeded by (seed, global_step): identical on every rank.
             self._sam.window_is_sam = is_sam_step(self.args, self.state.global_step, self.state.max_steps)
             self._sam_metrics.add("sam/sam_step_fraction", float(self._sam.window_is_sam))
-        zero = self._sam.zero
-        if zero is not None and index == 0:
-            zero.begin()  # DeepSpeed: every pass of this step holds its gradient until the weights are back at w
         try:
             if not self._sam.window_is_sam:
                 self._sam_metrics.add("sam/passes_per_step", 1.0)
