@@ -156,7 +156,8 @@ class SAMArgumentsMixin:
         default=None,
         metadata={
             "help": "All-reduce the ascent gradient across ranks before perturbing. Default False: each rank"
-            " perturbs with its own gradient (m-sharpness, no extra all-reduce). Forced True under FSDP."
+            " perturbs with its own gradient (m-sharpness, no extra all-reduce), under DDP and DeepSpeed ZeRO-1/2."
+            " Forced True under FSDP."
         },
     )
     sam_same_dropout: bool = field(

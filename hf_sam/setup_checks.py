@@ -8,7 +8,7 @@ from .loss_term import one_output_message
 from .methods import METHODS
 from .perturbation import select_perturbed
 from .saf import is_map_style
-from .zero import check_zero_config, zero_config
+from .zero import check_deepspeed_version, check_zero_config, zero_config
 
 
 logger = logging.get_logger(__name__)
@@ -89,6 +89,8 @@ def _check_deepspeed(trainer) -> None:
         return
     plugin = trainer.accelerator.state.deepspeed_plugin
     check_zero_config(zero_config(plugin.deepspeed_config), "the DeepSpeed config")
+    if trainer.args.sam_enabled:
+        check_deepspeed_version()
 
 
 def check_train_dataset(trainer) -> None:

@@ -74,6 +74,22 @@ def check_zero_config(zero: dict, where: str) -> None:
             )
 
 
+def check_deepspeed_version() -> None:
+    """The held passes need `DeepSpeedEngine.coalesce_grad_reduction` (DeepSpeed 0.19.8 is tested).
+
+    Raises:
+        `ValueError`: the installed DeepSpeed has no such method.
+    """
+    import deepspeed
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if not hasattr(DeepSpeedEngine, "coalesce_grad_reduction"):
+        raise ValueError(
+            f"hf_sam's SAM step under DeepSpeed needs DeepSpeedEngine.coalesce_grad_reduction, which deepspeed"
+            f" {deepspeed.__version__} lacks: pip install 'deepspeed>=0.19.8' (or pip install 'hf-sam[deepspeed]')."
+        )
+
+
 @contextlib.contextmanager
 def without_shm_comm_build() -> Iterator[None]:
     """Skip DeepSpeed's JIT build of its shared-memory all-reduce op (`deepspeed_shm_comm`) inside the block.

@@ -303,7 +303,8 @@ def test_a_zero_3_config_from_accelerate_launch_is_refused_by_the_trainer():
     for zero, match in (({"stage": 3}, "stage=3"), ({"stage": 2, "offload_param": {"device": "cpu"}}, "offload")):
         plugin = SimpleNamespace(deepspeed_config={"zero_optimization": zero})
         state = SimpleNamespace(deepspeed_plugin=plugin)
-        trainer = SimpleNamespace(args=None, is_deepspeed_enabled=True, accelerator=SimpleNamespace(state=state))
+        args = SimpleNamespace(sam_enabled=True)
+        trainer = SimpleNamespace(args=args, is_deepspeed_enabled=True, accelerator=SimpleNamespace(state=state))
         for check in (check_sam_setup, check_loss_term_setup):
             with pytest.raises(ValueError, match=match):
                 check(trainer)
@@ -326,3 +327,15 @@ def test_deepspeed_cpu_op_build_is_skipped_only_inside_the_block(monkeypatch):
     monkeypatch.setenv(SHM_ENV, "1")
     with without_shm_comm_build():
         assert module.build_shm_op is original
+
+
+def test_a_deepspeed_without_the_held_backward_api_is_refused_with_the_version_to_install(monkeypatch):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from hf_sam.zero import check_deepspeed_version
+
+    check_deepspeed_version()  # the installed one has it
+    monkeypatch.delattr(DeepSpeedEngine, "coalesce_grad_reduction")
+    with pytest.raises(ValueError, match=r"deepspeed>=0.19.8"):
+        check_deepspeed_version()

@@ -38,7 +38,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(script: str, out: Path, *extra: str) -> dict:
+def _launch(script: str, out: Path, *extra: str, launcher: tuple[str, ...] | None = None) -> dict:
+    """Run `script` in two processes (torchrun, or `launcher`: a command ending with its port flag) and read the JSON
+    it writes."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(
@@ -49,18 +51,9 @@ def _launch(script: str, out: Path, *extra: str) -> dict:
         TOKENIZERS_PARALLELISM="false",
         WANDB_DISABLED="true",
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(SCRIPTS / script),
-        str(out),
-        *extra,
-    ]
+    if launcher is None:
+        launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port")
+    command = [*launcher, str(_free_port()), str(SCRIPTS / script), str(out), *extra]
     proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not out.exists():
         pytest.fail(
@@ -513,3 +506,19 @@ def test_every_method_under_both_zero_stages_equals_it_under_ddp(zero_full):
             _assert_under_zero_equals_ddp(zero_full, name, stage)
     for name in RESUMED_FULL:
         _assert_resumed(zero_full, name)
+
+
+def test_accelerate_launch_with_the_shipped_zero2_config_equals_ddp(zero, tmp_path):
+    # The config comes from accelerate (examples/accelerate_configs/deepspeed_zero2.yaml and its JSON: ZeRO-2 with
+    # overlap_comm and contiguous_gradients), not from `deepspeed=`: the same SAM step as under DDP.
+    config = ROOT / "examples" / "accelerate_configs" / "deepspeed_zero2.yaml"
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+                "2", "--main_process_port")  # fmt: skip
+    launched = _launch("zero_launch_check.py", tmp_path / "launched.json", launcher=launcher)
+    assert launched["world_size"] == 2 and launched["args_deepspeed"] is None
+    assert launched["wrapper"] == "DeepSpeedEngine" and launched["zero"]["stage"] == 2
+    assert launched["zero"]["overlap_comm"] and launched["zero"]["contiguous_gradients"]
+    assert launched["ranks_identical"] and launched["steps"] == 3
+    final, ddp = launched["final"], zero["sam-sync-ddp-final"]
+    assert len(final) == len(ddp)
+    assert max(abs(a - b) for a, b in zip(final, ddp)) < 1e-6

@@ -199,6 +199,7 @@ def main():
             record(f"{name}-resumed", resumable, tmp, rank, world, stage=stage, resume=checkpoint)
     if rank == 0:
         results["world_size"] = world
+        results["sam-sync-ddp-final"] = finals["sam-sync-ddp"].tolist()  # for the `accelerate launch` check
         results["finals_max_diff"] = {
             f"{a}|{b}": float((finals[a] - finals[b]).abs().max())
             for a in finals
