@@ -419,11 +419,49 @@ def test_sam_under_zero_1_and_2_equals_ddp_with_the_same_ascent_sync(zero, sync)
 
 
 def test_every_method_family_under_zero_equals_it_under_ddp(zero):
-    from tests.distributed.zero_check import FAMILIES
+    from tests.distributed.zero_check import DEFAULT_FAMILIES, FAMILIES
 
-    for name, stage in FAMILIES.items():
+    for name in DEFAULT_FAMILIES:
+        stage = FAMILIES[name]
         _assert_under_zero_equals_ddp(zero, name, stage)
         assert _zero_diff(zero, f"{name}-z{stage}", f"sam-sync-z{stage}") > 1e-4, name  # another method really ran
+    assert {FAMILIES[name] for name in DEFAULT_FAMILIES} == {1, 2}
+
+
+def test_gradient_clipping_under_zero_is_deepspeeds_and_equals_ddp(zero):
+    _assert_under_zero_equals_ddp(zero, "sam-clip", 2)
+    assert _zero_diff(zero, "sam-clip-z2", "sam-sync-z2") > 1e-3  # max_grad_norm=0.05 really clipped
+
+
+def test_deepspeed_fp16_overflow_skips_and_loss_scale_behave_as_its_own_path(zero):
+    plain, rho0 = zero["fp16-none-z2"], zero["fp16-sam-rho0-z2"]
+    assert plain["param_dtypes"] == rho0["param_dtypes"] == ["torch.float16"]
+    # A loss scale of 2 ** 18 overflows: DeepSpeed skips those steps and halves the scale, the same steps at rho 0
+    # (whose clean passes overflow too: their ascent is skipped, sam/skipped), and the later steps train.
+    assert plain["skipped_steps"] == rho0["skipped_steps"] >= 1 and plain["moved_from_init"] > 1e-3
+    assert sum(rho0["sam_skipped_logged"]) >= 1
+    assert _zero_diff(zero, "fp16-none-z2", "fp16-sam-rho0-z2") == 0.0
+    # Stable SAM's ascent is unnormalized (eps = rho g): it matches fp32 only if the loss scale (2 ** 8) that the
+    # held gradient carries is divided out.
+    scaled = zero["fp16-stable-sam-z2"]
+    assert scaled["skipped_steps"] == 0 and scaled["finite"] and scaled["step_diffs"] == [0.0, 0.0, 0.0]
+    assert _zero_diff(zero, "fp16-stable-sam-z2", "fp16-stable-sam-fp32-z2") < 2e-3
+
+
+def test_faults_under_zero_drop_the_update_skip_the_ascent_and_restore_w(zero):
+    faults = zero["faults"]
+    for name, fault in faults.items():
+        assert fault["hit_step"] == 1 and fault["finite"] and fault["grads_left"] == 0, name
+        assert not fault["engine_holding"] and fault["accelerate_wrapper"] == "DeepSpeedEngineWrapper", name
+    # NaN at w + eps: that step's update is dropped through DeepSpeed's overflow skip, and training goes on.
+    dropped = faults["nan-perturbed"]
+    assert dropped["hit_step_update_max"] == 0.0 and dropped["skipped_steps"] == 1
+    assert dropped["sam_skipped_updates"] == 1.0 and dropped["moved_after_hit"] > 1e-3 and dropped["steps"] == 4
+    # NaN at w: the ascent is skipped (eps = 0), the step still updates.
+    skipped = faults["nan-clean"]
+    assert skipped["sam_skipped"] == 1.0 and skipped["skipped_steps"] == 0 and skipped["hit_step_update_max"] > 1e-3
+    # An interrupt between the passes: w back bit for bit, the engine no longer holding its reduction.
+    assert faults["interrupt"]["hit_step_update_max"] == 0.0 and faults["interrupt"]["steps"] == 1
 
 
 def test_zero_covers_every_method_of_the_table():
@@ -435,8 +473,8 @@ def test_zero_covers_every_method_of_the_table():
 
 def test_rho_zero_under_zero_is_the_plain_deepspeed_trainer_bit_for_bit(zero):
     # The held passes, the one reduction of the held gradient and engine.step(): at rho 0 exactly Trainer's own path.
-    for prefix in ("", "bf16-"):
-        for stage in (1, 2):
+    for prefix, stages in (("", (1, 2)), ("bf16-", (2,))):
+        for stage in stages:
             assert zero[f"{prefix}none-z{stage}"]["wrapper"] == "DeepSpeedEngine"
             assert _zero_diff(zero, f"{prefix}none-z{stage}", f"{prefix}sam-rho0-z{stage}") == 0.0, (prefix, stage)
     assert _zero_diff(zero, "none-z1", "none-z2") == 0.0
@@ -452,7 +490,7 @@ def test_weights_are_restored_before_every_engine_step_and_no_ascent_gradient_re
         assert len(run["step_diffs"]) == run["steps"], name  # one engine.step() per optimizer step
         assert all(diff == 0.0 for diff in run["step_diffs"]), (name, run["step_diffs"])
         perturbed = [(step, grad) for distance, grad, step in run["backwards"] if distance > 0]
-        if name.startswith(("none", "saf", "mesa", "bf16-none")) or "rho0" in name:
+        if name.startswith(("none", "saf", "mesa", "bf16-none", "fp16-none")) or "rho0" in name:
             assert not perturbed, name  # one pass at w
             continue
         assert perturbed, f"{name}: no backward ran at w + eps"
@@ -472,15 +510,14 @@ def test_gradient_accumulation_window_under_zero_equals_the_doubled_batch(zero):
         assert run["ranks_identical"] and run["steps"] == 3
         # GA 2 x batch 1 sees the same examples per step as GA 1 x batch 2 (across both ranks): one SAM step.
         assert _zero_diff(zero, f"sam-ga2-z{stage}", f"sam-sync-z{stage}") < 1e-6
-        _assert_under_zero_equals_ddp(zero, "sam-micro-ga2", stage)
+    _assert_under_zero_equals_ddp(zero, "sam-micro-ga2", 2)
 
 
 def test_bf16_under_zero_runs_and_stage_1_equals_stage_2(zero):
-    for name in ("none", "sam-sync", "sam-rho0"):
-        for stage in (1, 2):
-            run = zero[f"bf16-{name}-z{stage}"]
-            assert run["param_dtypes"] == ["torch.bfloat16"] and run["finite"] and run["ranks_identical"], name
-        assert _zero_diff(zero, f"bf16-{name}-z1", f"bf16-{name}-z2") == 0.0, name
+    for name in ("bf16-none-z2", "bf16-sam-rho0-z2", "bf16-sam-sync-z1", "bf16-sam-sync-z2"):
+        run = zero[name]
+        assert run["param_dtypes"] == ["torch.bfloat16"] and run["finite"] and run["ranks_identical"], name
+    assert _zero_diff(zero, "bf16-sam-sync-z1", "bf16-sam-sync-z2") == 0.0
     assert 0 < _zero_diff(zero, "bf16-sam-sync-z2", "sam-sync-z2") < 1e-2  # bf16 compute, the same SAM step
     assert _zero_diff(zero, "bf16-sam-sync-z2", "bf16-none-z2") > 1e-4
 
@@ -501,9 +538,10 @@ def test_resume_from_a_deepspeed_checkpoint_equals_the_uninterrupted_run(zero, n
 def test_every_method_under_both_zero_stages_equals_it_under_ddp(zero_full):
     from tests.distributed.zero_check import FAMILIES, RESUMED_FULL
 
-    for name in FAMILIES:
+    for name in ("sam-local", "sam-sync", "sam-micro-ga2", *FAMILIES):
         for stage in (1, 2):
             _assert_under_zero_equals_ddp(zero_full, name, stage)
+    assert _zero_diff(zero_full, "bf16-none-z1", "bf16-sam-rho0-z1") == 0.0
     for name in RESUMED_FULL:
         _assert_resumed(zero_full, name)
 

@@ -12,13 +12,14 @@ module's weights must equal those at the start of the step, and at the start of 
 how far the weights are from that start (0 for a clean pass, > 0 at w + eps) and the largest `.grad` entry (0 at
 a step's first pass at w + eps: no gradient of a first pass reaches the second).
 
-`default` is the set the default test suite runs (one launch, about 50 s on 2 CPU cores); `full` adds every
+`default` is the set the default test suite runs (one launch, about 60 s on 2 CPU cores); `full` runs every
 method of the test table under both stages (marked `slow`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import sys
@@ -37,8 +38,14 @@ from tests.helpers import tiny_bert, tiny_dataset
 from tests.method_cases import METHOD_CASES
 
 
-def zero(stage: int) -> dict:
-    """A ZeRO config that runs on CPU: Trainer fills the "auto" fields and builds its own torch optimizer."""
+def zero(stage: int, fp16_scale_power: int | None = None) -> dict:
+    """A ZeRO config that runs on CPU: Trainer fills the "auto" fields and builds its own torch optimizer. With
+    `fp16_scale_power`, DeepSpeed's fp16 (dynamic loss scale starting at 2 ** power) follows `fp16=True`."""
+    fp16 = (
+        {"enabled": False}
+        if fp16_scale_power is None
+        else {"enabled": "auto", "initial_scale_power": fp16_scale_power}
+    )
     return {
         "zero_optimization": {"stage": stage},
         "train_micro_batch_size_per_gpu": "auto",
@@ -46,7 +53,7 @@ def zero(stage: int) -> dict:
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
         "bf16": {"enabled": "auto"},
-        "fp16": {"enabled": False},
+        "fp16": fp16,
     }
 
 
@@ -60,8 +67,12 @@ def method_overrides(name: str) -> dict:
     return overrides
 
 
-# One method per family in the default suite (the stage alternates, both stages run for SAM itself), every method of
-# the table under both stages in `full`.
+# Every method of the table but none and sam (run below), with the stage it runs under in the default suite; `full`
+# runs each under both stages. The default suite runs one method per code path that differs under DeepSpeed: plain
+# windows between SAM steps, descent transforms on SAM and plain steps, the Fisher passes, ESAM's selection,
+# mSAM's shards, the method's own optimizer, the loss terms (ASAM, GSAM, F-SAM, SSAM-D and late-sam take a path
+# already there, and run in `full`).
+DEFAULT_FAMILIES = ("ss-sam", "stable-sam", "looksam", "ssam-f", "esam", "msam", "adasam", "saf", "mesa")
 FAMILIES = {
     "asam": 1, "ss-sam": 2, "late-sam": 1, "stable-sam": 1, "adasam": 2, "msam": 1, "looksam": 2, "gsam": 1,
     "fsam": 2, "ssam-f": 2, "ssam-d": 1, "esam": 1, "saf": 2, "mesa": 1,
@@ -79,6 +90,16 @@ GA2 = {
     ),
 }
 PLAIN = {"none": dict(sam_method="none"), "sam-rho0": dict(sam_method="sam", sam_rho=0.0)}
+# Gradient clipping is DeepSpeed's (gradient_clipping from max_grad_norm), on the reduced descent gradient.
+CLIPPED = {"sam-clip": dict(sam_method="sam", sam_rho=RHO, sam_ascent_sync=True, max_grad_norm=0.05)}
+# DeepSpeed's fp16: a loss scale of 2 ** 18 overflows the first steps, which DeepSpeed skips while halving it (rho 0
+# must skip exactly as the plain run does); at 2 ** 8 nothing overflows, and Stable SAM's unnormalized ascent
+# (eps = rho g) shows whether the scale the held gradient carries was divided out.
+FP16 = {
+    "fp16-none": dict(sam_method="none", fp16_scale_power=18, max_steps=6),
+    "fp16-sam-rho0": dict(sam_method="sam", sam_rho=0.0, fp16_scale_power=18, max_steps=6),
+    "fp16-stable-sam": dict(sam_method="stable-sam", sam_ascent_sync=True, fp16_scale_power=8),
+}
 RESUMED = ("fsam", "mesa")  # an ascent rule's average, a loss term's teacher
 RESUMED_FULL = ("ssam-d", "looksam", "saf")
 
@@ -125,8 +146,11 @@ def run(name, overrides, out_dir, rank, world, stage=None, resume=None, **extra)
         del sgd["optim"]
     if overrides.get("gradient_accumulation_steps", 1) > 1:
         overrides.setdefault("per_device_train_batch_size", 1)
+    fp16_scale_power = overrides.pop("fp16_scale_power", None)
     if stage is not None:
-        overrides["deepspeed"] = zero(stage)
+        overrides["deepspeed"] = zero(stage, fp16_scale_power)
+    if fp16_scale_power is not None:
+        overrides["fp16"] = True
     # An Accelerator built with a DeepSpeed plugin leaves ACCELERATE_USE_DEEPSPEED=true in the environment, which
     # would turn the next run's TrainingArguments into DeepSpeed (with a default plugin) even without `deepspeed=`.
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
@@ -144,6 +168,8 @@ def run(name, overrides, out_dir, rank, world, stage=None, resume=None, **extra)
     dist.all_gather_object(gathered, final)
     logs = [e for e in trainer.state.log_history if "loss" in e]
     result = {
+        "skipped_steps": getattr(trainer.model_wrapped, "skipped_steps", None),  # DeepSpeed's overflow skips
+        "sam_skipped_logged": [e.get("sam/skipped") for e in logs],
         "wrapper": type(trainer.model_wrapped).__name__,
         "stage": stage,
         "sam_ascent_sync": trainer.args.sam_ascent_sync,
@@ -158,6 +184,49 @@ def run(name, overrides, out_dir, rank, world, stage=None, resume=None, **extra)
     }
     del trainer
     return result, final
+
+
+def faults(out_dir, rank, world) -> dict:
+    """The faults of tests/test_faults.py under ZeRO: a NaN loss at w + eps (the update is dropped: DeepSpeed's
+    overflow skip), a NaN clean loss (the ascent is skipped), and an interrupt between the passes (w restored, the
+    engine's hold and accelerate's wrapper put back)."""
+    from tests.test_faults import FaultInjector, Snapshots
+
+    results = {}
+    for name, stage, phase, value in (
+        ("nan-perturbed", 2, "perturbed", math.nan),
+        ("nan-clean", 1, "clean", math.nan),
+        ("interrupt", 2, "perturbed", KeyboardInterrupt()),
+    ):
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        snapshots = Snapshots()
+        args = check_arguments(os.path.join(out_dir, f"fault-{name}"), optim="sgd", learning_rate=LR, weight_decay=0.0,
+                               sam_method="sam", sam_ascent_sync=True, max_steps=4, deepspeed=zero(stage))  # fmt: skip
+        trainer = FaultInjector(model=tiny_bert(dropout=0.0), args=args, train_dataset=tiny_dataset(32),
+                                callbacks=[snapshots], phase=phase, value=value)  # fmt: skip
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            pass
+        engine, hit = trainer.model_wrapped, trainer.hit_step
+        now = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        at_hit = snapshots.end.get(hit, now)
+        logs = [e for e in trainer.state.log_history if "loss" in e]
+        results[name] = {
+            "hit_step": hit,
+            "steps": trainer.state.global_step,
+            "hit_step_update_max": max(float((at_hit[n] - snapshots.begin[hit][n]).abs().max()) for n in now),
+            "moved_after_hit": max(float((now[n] - at_hit[n]).abs().max()) for n in now),
+            "finite": all(bool(torch.isfinite(p).all()) for p in now.values()),
+            "skipped_steps": engine.skipped_steps,
+            "sam_skipped": sum(e.get("sam/skipped", 0.0) for e in logs),
+            "sam_skipped_updates": sum(e.get("sam/skipped_updates", 0.0) for e in logs),
+            "grads_left": sum(p.grad is not None for p in trainer.model.parameters()),
+            "engine_holding": bool(engine.inside_no_sync_ctxt),
+            "accelerate_wrapper": type(trainer.accelerator.deepspeed_engine_wrapped).__name__,
+        }
+        del trainer
+    return results
 
 
 def main():
@@ -176,18 +245,28 @@ def main():
         if rank == 0:
             cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
         for name, overrides in {**SAM, **GA2, **PLAIN}.items():
-            for stage in (1, 2):
+            for stage in (1, 2) if full or name != "sam-micro-ga2" else (2,):
                 record(f"{name}-z{stage}", overrides, tmp, rank, world, stage=stage)
             if name in SAM or name == "sam-micro-ga2":
                 record(f"{name}-ddp", overrides, tmp, rank, world)
         families = {name: (1, 2) if full else (stage,) for name, stage in FAMILIES.items()}
+        if not full:
+            families = {name: stages for name, stages in families.items() if name in DEFAULT_FAMILIES}
         for name, stages in families.items():
             overrides = method_overrides(name)
             for stage in stages:
                 record(f"{name}-z{stage}", overrides, tmp, rank, world, stage=stage)
             record(f"{name}-ddp", overrides, tmp, rank, world)
+        for name, overrides in CLIPPED.items():
+            record(f"{name}-z2", overrides, tmp, rank, world, stage=2)
+            record(f"{name}-ddp", overrides, tmp, rank, world)
+        for name, overrides in FP16.items():
+            record(f"{name}-z2", overrides, tmp, rank, world, stage=2)
+        record("fp16-stable-sam-fp32-z2", {**FP16["fp16-stable-sam"], "fp16_scale_power": None}, tmp, rank, world,
+               stage=2)  # fmt: skip
+        results["faults"] = faults(tmp, rank, world)
         for name in ("none", "sam-sync", "sam-rho0"):
-            for stage in (1, 2):
+            for stage in (1, 2) if full or name == "sam-sync" else (2,):
                 record(f"bf16-{name}-z{stage}", {**SAM.get(name, PLAIN.get(name, {}))}, tmp, rank, world,
                        stage=stage, bf16=True)  # fmt: skip
         for name in RESUMED + (RESUMED_FULL if full else ()):
