@@ -304,7 +304,8 @@ class SAMArgumentsMixin:
         self._warn_large_radius()
         if self.deepspeed and (self.sam_enabled or self.sam_loss_term != "none"):
             # Checked before TrainingArguments.__post_init__, which would start setting DeepSpeed up.
-            check_zero_config(zero_config(self.deepspeed), f"deepspeed={self.deepspeed!r}")
+            where = f"deepspeed={self.deepspeed!r}" if isinstance(self.deepspeed, str) else "the deepspeed dict"
+            check_zero_config(zero_config(self.deepspeed), where, sam_step=self.sam_enabled)
         with without_shm_comm_build():
             super().__post_init__()  # may set up DeepSpeed's process group: without JIT-building its CPU op
         self._validate_sam_against_training_args()

@@ -88,8 +88,9 @@ def _check_deepspeed(trainer) -> None:
     if not getattr(trainer, "is_deepspeed_enabled", False):
         return
     plugin = trainer.accelerator.state.deepspeed_plugin
-    check_zero_config(zero_config(plugin.deepspeed_config), "the DeepSpeed config")
-    if trainer.args.sam_enabled:
+    sam_step = trainer.args.sam_enabled
+    check_zero_config(zero_config(plugin.deepspeed_config), "the DeepSpeed config", sam_step=sam_step)
+    if sam_step:
         check_deepspeed_version()
 
 

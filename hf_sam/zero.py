@@ -47,18 +47,26 @@ def zero_config(deepspeed_config: Any) -> dict:
     return config.get("zero_optimization") or {}
 
 
-def check_zero_config(zero: dict, where: str) -> None:
-    """Refuse, before training, what the held-back SAM step cannot run: ZeRO-3 and CPU/NVMe offload.
+def check_zero_config(zero: dict, where: str, sam_step: bool = True) -> None:
+    """Refuse, before training, what the held-back SAM step cannot run: ZeRO-3, CPU/NVMe offload and (for the
+    SAM-step methods) stage 0, which has no `coalesce_grad_reduction`.
 
     Args:
         zero (`dict`): The DeepSpeed config's `zero_optimization` block.
         where (`str`): Where the config came from, for the message.
+        sam_step (`bool`): Whether the method runs SAM steps (the loss terms run DeepSpeed's own path).
 
     Raises:
         `ValueError`: naming the field and pointing to ZeRO-2 or FSDP2.
     """
-    stage = int(zero.get("stage", 0) or 0)
-    if stage == 3:
+    stage = str(zero.get("stage", 0))  # an int in a dict, a string in some configs
+    if sam_step and stage not in ("1", "2", "3"):
+        raise ValueError(
+            f"hf_sam runs SAM steps under DeepSpeed ZeRO stage 1 and 2, but {where} sets zero_optimization.stage="
+            f"{stage} (0 when absent): stage 0 cannot hold a backward's gradient back from its reduction. Set"
+            " zero_optimization.stage to 2 (or 1), or train with DDP."
+        )
+    if stage == "3":
         raise ValueError(
             f"hf_sam supports DeepSpeed ZeRO stage 1 and 2, but {where} sets zero_optimization.stage=3: ZeRO-3"
             " partitions the weights, which a SAM step perturbs and restores whole on every rank. Use"

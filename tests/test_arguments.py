@@ -95,6 +95,8 @@ FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}
         ),  # fmt: skip
         ({"deepspeed": {"zero_optimization": {"stage": 1, "offload_param": {"device": "nvme"}}}}, "offload_param"),
         ({"sam_method": "mesa", "deepspeed": {"zero_optimization": {"stage": 3}}}, "zero_optimization.stage=3"),
+        ({"deepspeed": {"train_batch_size": "auto"}}, r"zero_optimization.stage=0 \(0 when absent\)"),
+        ({"deepspeed": {"zero_optimization": {"stage": 0}}}, "zero_optimization.stage to 2"),
         ({"optim": "lomo"}, "optim"),
         ({"sam_schedule": "sometimes"}, "sam_schedule"),
         ({"sam_probability": 1.5}, "sam_probability"),
@@ -300,7 +302,12 @@ def test_a_zero_3_config_from_accelerate_launch_is_refused_by_the_trainer():
 
     from hf_sam.setup_checks import check_loss_term_setup, check_sam_setup
 
-    for zero, match in (({"stage": 3}, "stage=3"), ({"stage": 2, "offload_param": {"device": "cpu"}}, "offload")):
+    refused = (
+        ({"stage": 3}, "stage=3"),
+        ({"stage": 2, "offload_param": {"device": "cpu"}}, "offload"),
+        ({}, "stage=0"),
+    )
+    for zero, match in refused:
         plugin = SimpleNamespace(deepspeed_config={"zero_optimization": zero})
         state = SimpleNamespace(deepspeed_plugin=plugin)
         args = SimpleNamespace(sam_enabled=True)
