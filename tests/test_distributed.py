@@ -3,7 +3,8 @@
 Each script runs under `torch.distributed.run` with two processes and writes its measurements to JSON; the
 asserts are here. `tests/distributed/ddp_check.py` trains the tiny BERT three ways (plain, SAM with per-rank
 ascent, SAM with all-reduced ascent) and compares with plain-PyTorch references built from the batches each rank
-saw; `tests/distributed/fsdp_core_check.py` runs `Perturbation` and `global_norm` on `fully_shard` DTensor shards.
+saw; `tests/distributed/fsdp_core_check.py` runs `Perturbation` and `global_norm` on `fully_shard` DTensor shards;
+`tests/distributed/zero_check.py` runs SAMTrainer under DeepSpeed ZeRO-1/2 against the same runs under DDP.
 """
 
 from __future__ import annotations
