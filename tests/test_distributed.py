@@ -488,7 +488,8 @@ def test_weights_are_restored_before_every_engine_step_and_no_ascent_gradient_re
     for name, run in _zero_runs(zero).items():
         if run["wrapper"] != "DeepSpeedEngine":
             continue
-        assert len(run["step_diffs"]) == run["steps"], name  # one engine.step() per optimizer step
+        # One engine.step() per optimizer step of this train() call (a resumed run starts at its checkpoint's step).
+        assert len(run["step_diffs"]) == run["steps"] - run["first_step"], name
         assert all(diff == 0.0 for diff in run["step_diffs"]), (name, run["step_diffs"])
         perturbed = [(step, grad) for distance, grad, step in run["backwards"] if distance > 0]
         if name.startswith(("none", "saf", "mesa", "bf16-none", "fp16-none")) or "rho0" in name:
@@ -547,6 +548,14 @@ def test_every_method_under_both_zero_stages_equals_it_under_ddp(zero_full):
         _assert_resumed(zero_full, name)
 
 
+def test_the_shipped_zero2_config_as_a_file_path_equals_ddp(zero):
+    run = zero["sam-sync-shipped-json"]
+    assert run["wrapper"] == "DeepSpeedEngine" and run["stage"].endswith("deepspeed_zero2.json")
+    assert run["ranks_identical"] and run["step_diffs"] == [0.0, 0.0, 0.0]
+    assert _zero_diff(zero, "sam-sync-shipped-json", "sam-sync-ddp") < 1e-6
+
+
+@pytest.mark.slow
 def test_accelerate_launch_with_the_shipped_zero2_config_equals_ddp(zero, tmp_path):
     # The config comes from accelerate (examples/accelerate_configs/deepspeed_zero2.yaml and its JSON: ZeRO-2 with
     # overlap_comm and contiguous_gradients), not from `deepspeed=`: the same SAM step as under DDP.
@@ -558,6 +567,10 @@ def test_accelerate_launch_with_the_shipped_zero2_config_equals_ddp(zero, tmp_pa
     assert launched["wrapper"] == "DeepSpeedEngine" and launched["zero"]["stage"] == 2
     assert launched["zero"]["overlap_comm"] and launched["zero"]["contiguous_gradients"]
     assert launched["ranks_identical"] and launched["steps"] == 3
+    from_file = launched["from_file"]  # the same JSON as `deepspeed=` a file path
+    assert from_file["args_deepspeed"].endswith("deepspeed_zero2.json") and from_file["zero"]["stage"] == 2
+    assert from_file["wrapper"] == "DeepSpeedEngine" and from_file["ranks_identical"]
+    assert launched["from_file_max_diff"] == 0.0
     final, ddp = launched["final"], zero["sam-sync-ddp-final"]
     assert len(final) == len(ddp)
     assert max(abs(a - b) for a, b in zip(final, ddp)) < 1e-6

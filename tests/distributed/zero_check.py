@@ -100,6 +100,9 @@ FP16 = {
     "fp16-sam-rho0": dict(sam_method="sam", sam_rho=0.0, fp16_scale_power=18, max_steps=6),
     "fp16-stable-sam": dict(sam_method="stable-sam", sam_ascent_sync=True, fp16_scale_power=8),
 }
+SHIPPED_CONFIG = os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "examples", "accelerate_configs", "deepspeed_zero2.json")
+)
 RESUMED = ("fsam", "mesa")  # an ascent rule's average, a loss term's teacher
 RESUMED_FULL = ("ssam-d", "looksam", "saf")
 
@@ -110,6 +113,7 @@ class EngineProbe(TrainerCallback):
     def __init__(self):
         self.trainer = None
         self.start: list[torch.Tensor] | None = None
+        self.first_step = 0
         self.step_diffs: list[float] = []  # max |w - w_start| right before each engine.step()
         # (max |w - w_start|, max |.grad|, optimizer step) at each backward
         self.backwards: list[tuple[float, float, int]] = []
@@ -119,6 +123,7 @@ class EngineProbe(TrainerCallback):
         return max(float((p.detach() - s).abs().max()) for p, s in zip(params, self.start))
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step  # after resuming, the checkpoint's step
         engine = self.trainer.model_wrapped
         step, backward = engine.step, engine.backward
 
@@ -138,7 +143,8 @@ class EngineProbe(TrainerCallback):
 
 
 def run(name, overrides, out_dir, rank, world, stage=None, resume=None, **extra):
-    """Train the tiny BERT (SGD, 3 steps of 2 examples per rank) under ZeRO `stage`, or DDP when None."""
+    """Train the tiny BERT (SGD, 3 steps of 2 examples per rank) under ZeRO `stage` (or the DeepSpeed JSON file it
+    names), or under DDP when None."""
     overrides = {**overrides, **extra}
     train_size = overrides.pop("train_size", 32)
     sgd = dict(optim="sgd", learning_rate=LR, weight_decay=0.0)
@@ -147,7 +153,9 @@ def run(name, overrides, out_dir, rank, world, stage=None, resume=None, **extra)
     if overrides.get("gradient_accumulation_steps", 1) > 1:
         overrides.setdefault("per_device_train_batch_size", 1)
     fp16_scale_power = overrides.pop("fp16_scale_power", None)
-    if stage is not None:
+    if isinstance(stage, str):  # a DeepSpeed JSON file
+        overrides["deepspeed"] = stage
+    elif stage is not None:
         overrides["deepspeed"] = zero(stage, fp16_scale_power)
     if fp16_scale_power is not None:
         overrides["fp16"] = True
@@ -179,6 +187,7 @@ def run(name, overrides, out_dir, rank, world, stage=None, resume=None, **extra)
         "steps": trainer.state.global_step,
         "sam_passes_logged": [e.get("sam/passes_per_step") for e in logs],
         "step_diffs": probe.step_diffs if probe else None,
+        "first_step": probe.first_step if probe else None,
         "backwards": probe.backwards if probe else None,
         "param_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()}),
     }
@@ -257,6 +266,8 @@ def main():
             for stage in stages:
                 record(f"{name}-z{stage}", overrides, tmp, rank, world, stage=stage)
             record(f"{name}-ddp", overrides, tmp, rank, world)
+        # The shipped config (ZeRO-2 with overlap_comm and contiguous_gradients), as `deepspeed=` its file path.
+        record("sam-sync-shipped-json", SAM["sam-sync"], tmp, rank, world, stage=SHIPPED_CONFIG)
         for name, overrides in CLIPPED.items():
             record(f"{name}-z2", overrides, tmp, rank, world, stage=2)
             record(f"{name}-ddp", overrides, tmp, rank, world)
