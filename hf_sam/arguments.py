@@ -13,6 +13,7 @@ from .components import ASCENT_RULES, DESCENT_TRANSFORMS, LOSS_TERM_CHOICES
 from .masks import MASKS
 from .methods import AXIS_DEFAULTS, METHODS, unknown_method_message
 from .schedules import SCHEDULES
+from .zero import check_zero_config, without_shm_comm_build, zero_config
 
 
 ACCUMULATION_MODES = ("window", "micro")
@@ -158,7 +159,8 @@ class SAMArgumentsMixin:
         default=None,
         metadata={
             "help": "All-reduce the ascent gradient across ranks before perturbing. Default False: each rank"
-            " perturbs with its own gradient (m-sharpness, no extra all-reduce). Forced True under FSDP."
+            " perturbs with its own gradient (m-sharpness, no extra all-reduce), under DDP and DeepSpeed ZeRO-1/2."
+            " Forced True under FSDP."
         },
     )
     sam_same_dropout: bool = field(
@@ -326,13 +328,12 @@ class SAMArgumentsMixin:
         self._validate_loss_term_fields()
         self._warn_unused_fields(given)
         self._warn_large_radius()
-        if self.sam_enabled and self.deepspeed:
+        if self.deepspeed and (self.sam_enabled or self.sam_loss_term != "none"):
             # Checked before TrainingArguments.__post_init__, which would start setting DeepSpeed up.
-            raise ValueError(
-                "hf_sam does not support DeepSpeed (its backward() also steps the engine, so the perturbed pass"
-                " cannot be separated from the update). Use DDP or FSDP2 through accelerate, or sam_method='none'."
-            )
-        super().__post_init__()
+            where = f"deepspeed={self.deepspeed!r}" if isinstance(self.deepspeed, str) else "the deepspeed dict"
+            check_zero_config(zero_config(self.deepspeed), where, sam_step=self.sam_enabled)
+        with without_shm_comm_build():
+            super().__post_init__()  # may set up DeepSpeed's process group: without JIT-building its CPU op
         self._validate_sam_against_training_args()
 
     @property
@@ -536,11 +537,6 @@ class SAMArgumentsMixin:
                     f"sam_loss_term={term!r} runs one plain pass per step and never perturbs the weights, so"
                     f" {name}={getattr(self, name)!r} has nothing to act on. Drop --{name}, or choose a SAM method."
                 )
-        if self.deepspeed:
-            raise ValueError(
-                f"sam_loss_term={term!r} is not supported under DeepSpeed yet (MESA's EMA copy cannot follow"
-                " ZeRO-partitioned weights; SAF is untested there). Use DDP through accelerate."
-            )
 
     def _validate_sam_against_training_args(self) -> None:
         if not self.sam_enabled:

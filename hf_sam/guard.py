@@ -42,8 +42,9 @@ class UpdateGuard:
         """
         finite, self.finite = self.finite, None
         scaler = getattr(trainer.accelerator, "scaler", None)
-        if finite is None or (scaler is not None and scaler.is_enabled()):
-            return True
+        zero = trainer._sam.zero
+        if finite is None or (scaler is not None and scaler.is_enabled()) or (zero is not None and zero.loss_scale()):
+            return True  # fp16 loss scaling (AMP's or DeepSpeed's) skips an overflowed step itself
         finite = finite.to(torch.int32)
         if trainer.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # the descent gradient is shared: so is the decision
@@ -52,7 +53,7 @@ class UpdateGuard:
         if not skipped:
             self.skipped_in_a_row = 0
             return True
-        trainer._sam.release_grads()
+        trainer._sam.drop_update()
         self.skipped_in_a_row += 1
         step, rho = trainer.state.global_step, trainer._sam_rho()
         if self.skipped_in_a_row >= MAX_SKIPPED_UPDATES_IN_A_ROW:

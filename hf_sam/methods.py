@@ -20,6 +20,8 @@ class Capabilities:
     Args:
         ddp (`bool`): Runs under DDP (several processes, replicated weights).
         fsdp2 (`bool`): Runs under FSDP2 (sharded weights); False: refused there with a `ValueError`.
+        deepspeed (`bool`): Runs under DeepSpeed ZeRO stage 1 and 2 (`tests/distributed/zero_check.py` compares it
+            with DDP); False: refused there with a `ValueError`.
         stateful (`bool`): Its pieces keep state from step to step (a mask, an average, a reused gradient, a
             teacher); checkpoints carry it and resume restores it.
         needs_indices (`bool`): Reads each example's index; `SAMTrainer` adds the column to the training data.
@@ -27,6 +29,7 @@ class Capabilities:
 
     ddp: bool = True
     fsdp2: bool = True
+    deepspeed: bool = True
     stateful: bool = False
     needs_indices: bool = False
 

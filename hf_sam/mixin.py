@@ -27,7 +27,8 @@ from .saf import INDEX_COLUMN, add_example_index, signature_with_index
 from .schedules import is_sam_step
 from .setup_checks import check_loss_term_setup, check_sam_setup, check_train_dataset
 from .sync import gradient_sync
-from .tensors import local
+from .tensors import all_reduce_mean_, local
+from .zero import ZeroStep, without_shm_comm_build
 
 
 class SAMMixin:
@@ -54,7 +55,8 @@ class SAMMixin:
                 f"{type(self).__name__} needs the sam_* fields: pass SAMTrainingArguments (or a TrainingArguments"
                 f" subclass with SAMArgumentsMixin in front) instead of {type(training_args).__name__}."
             )
-        super().__init__(*args, **kwargs)
+        with without_shm_comm_build():  # the Accelerator may set up DeepSpeed's process group here
+            super().__init__(*args, **kwargs)
         self._sam_metrics = SAMMetrics()
         self._sam = SAMRun()  # everything one train() call holds: its pieces and where the step stands
         if self.args.sam_loss_term != "none":
@@ -71,7 +73,8 @@ class SAMMixin:
             self.train_dataset = add_example_index(self.train_dataset)  # unchanged when it has an `idx` column
         check_train_dataset(self)
         try:
-            return super().train(*args, **kwargs)
+            with without_shm_comm_build():  # deepspeed.initialize sets up its process group if nothing did before
+                return super().train(*args, **kwargs)
         except BaseException:
             # Interrupted between two micro-batches of a window (a KeyboardInterrupt in the Trainer's loop or a
             # callback), the weights would still be at w + eps.
@@ -84,6 +87,8 @@ class SAMMixin:
         Without it, an interrupted run (Ctrl-C in a notebook) or an out-of-memory error that `auto_find_batch_size`
         retries with a smaller batch would carry on from, evaluate or save the perturbed weights w + eps.
         """
+        if self._sam.zero is not None:
+            self._sam.zero.abort()
         perturbation = self._sam.perturbation
         if perturbation is None or not perturbation.active:
             return
@@ -93,6 +98,14 @@ class SAMMixin:
 
     def _sam_build(self) -> None:
         self._sam.build(self.model, self.args)
+        if getattr(self, "is_deepspeed_enabled", False):
+            self._sam.zero = ZeroStep(self.accelerator, self.model_wrapped)
+
+    def _sam_sync_held_grads(self, params: list[torch.Tensor]) -> None:
+        """DeepSpeed: average the gradient each rank holds (in `.grad`, not reduced by the engine) over the ranks,
+        where DDP's synced backward would have: a synced ascent, and before a descent transform."""
+        if self._sam.zero is not None:
+            all_reduce_mean_([p.grad for p in params if p.grad is not None])
 
     # ------------------------------------------------------------------ the step
 
@@ -116,6 +129,11 @@ class SAMMixin:
             self._sam_build()
         index, window = self._sam_position(inputs)
         last = index == len(window) - 1
+        zero = self._sam.zero
+        if zero is not None and index == 0:
+            # DeepSpeed: every backward of this step (SSAM-F's Fisher passes too) holds its gradient back from the
+            # engine until the weights are back at w
+            zero.begin()
         if index == 0:
             if self._sam.perturbation.mask is not None:
                 self._sam.perturbation.mask.before_step(self, self._sam.perturbation.params)
@@ -123,20 +141,25 @@ class SAMMixin:
             # One decision per optimizer step, seeded by (seed, global_step): identical on every rank.
             self._sam.window_is_sam = is_sam_step(self.args, self.state.global_step, self.state.max_steps)
             self._sam_metrics.add("sam/sam_step_fraction", float(self._sam.window_is_sam))
-        if not self._sam.window_is_sam:
-            self._sam_metrics.add("sam/passes_per_step", 1.0)
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if last:
-                self._sam.descent.after_plain_step(self._sam.perturbation)
-            return loss
-        self._sam_metrics.add("sam/passes_per_step", self._sam.esam.passes())
         try:
-            if self.args.sam_micro_batches > 1 or (self.args.sam_accumulation == "micro" and len(window) > 1):
-                return self._sam_micro_step(model, inputs, index, window, num_items_in_batch)
-            return self._sam_window_step(model, inputs, index, window, num_items_in_batch)
+            if not self._sam.window_is_sam:
+                self._sam_metrics.add("sam/passes_per_step", 1.0)
+                loss = super().training_step(model, inputs, num_items_in_batch)
+                if last and self._sam.descent.active:
+                    self._sam_sync_held_grads(self._sam.perturbation.params)
+                    self._sam.descent.after_plain_step(self._sam.perturbation)
+            else:
+                self._sam_metrics.add("sam/passes_per_step", self._sam.esam.passes())
+                if self.args.sam_micro_batches > 1 or (self.args.sam_accumulation == "micro" and len(window) > 1):
+                    loss = self._sam_micro_step(model, inputs, index, window, num_items_in_batch)
+                else:
+                    loss = self._sam_window_step(model, inputs, index, window, num_items_in_batch)
         except BaseException:
             self._sam_abort_step()
             raise
+        if zero is not None and last:
+            zero.finish()  # one reduction of the step's gradient into DeepSpeed's partitions, then engine.step()
+        return loss
 
     def _sam_position(self, inputs) -> tuple[int, list]:
         """Index of `inputs` in the current accumulation window, and the window (`[inputs]` if called alone)."""
@@ -170,6 +193,8 @@ class SAMMixin:
         if index == len(window) - 1:
             self._sam.perturbation.restore()
             if self._sam.guard.update_is_finite(self):
+                if self._sam.descent.active:
+                    self._sam_sync_held_grads(self._sam.perturbation.params)
                 self._sam.descent.after_sam_step(self._sam.perturbation, self._sam.raw_norm)
             self._sam.forget_step()  # also drops the clean copy of a step whose update was dropped
         return clean
@@ -229,6 +254,8 @@ class SAMMixin:
         rng = capture_rng(self.args.device) if self.args.sam_same_dropout or esam.sds else None
         with gradient_sync(model, sync), esam.clean_pass(self.model) as captured:
             loss = super().training_step(model, dict(inputs), num_items_in_batch)
+        if sync:
+            self._sam_sync_held_grads(self._sam.trainable)
         examples = None
         if esam.sds:
             with torch.no_grad():
@@ -295,6 +322,8 @@ class SAMMixin:
     def _sam_ascend(self, grad_factor: float) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
         loss_scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+        if self._sam.zero is not None:
+            loss_scale = self._sam.zero.loss_scale()  # DeepSpeed's fp16 scale, which the held `.grad` carries
         grad_unit = grad_factor / loss_scale if loss_scale is not None else grad_factor
         rho = self._sam_rho()
         mask = self._sam.perturbation.mask

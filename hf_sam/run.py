@@ -21,6 +21,7 @@ from .masks import SparseMask
 from .perturbation import Perturbation, select_perturbed
 from .replay import batch_norm_layers
 from .tensors import local
+from .zero import ZeroStep
 
 
 @dataclass
@@ -43,6 +44,7 @@ class SAMRun:
     raw_norm: torch.Tensor | None = None  # ||g|| of the last ascent, in `.grad` units
     stash: dict[int, torch.Tensor] = field(default_factory=dict)  # micro accumulation's gradient buffers
     guard: UpdateGuard = field(default_factory=UpdateGuard)
+    zero: ZeroStep | None = None  # under DeepSpeed ZeRO-1/2: holds each step's passes back from the engine
 
     def build(self, model: torch.nn.Module, args) -> None:
         """The method's pieces, from the prepared model: the perturbed set with its ascent rule and mask, the
@@ -74,6 +76,13 @@ class SAMRun:
         of adding it to zeros, which saves two passes over the parameters' size and frees eps's memory."""
         for p in self.trainable:
             p.grad = None
+
+    def drop_update(self) -> None:
+        """Leave the weights as they are at this step's optimizer step (the guard's dropped update)."""
+        if self.zero is not None:
+            self.zero.drop_update(self.trainable)
+        else:
+            self.release_grads()
 
     def zero_grads(self) -> None:
         grads = [local(p.grad) for p in self.trainable if p.grad is not None]

@@ -8,6 +8,7 @@ from .loss_term import one_output_message
 from .methods import METHODS
 from .perturbation import select_perturbed
 from .saf import is_map_style
+from .zero import check_deepspeed_version, check_zero_config, zero_config
 
 
 logger = logging.get_logger(__name__)
@@ -16,11 +17,7 @@ logger = logging.get_logger(__name__)
 def check_sam_setup(trainer) -> None:
     """The SAM-step methods: distributed backends, ESAM's SWP, the perturbed set, AdaSAM's optimizer."""
     args = trainer.args
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        raise ValueError(
-            "hf_sam does not support DeepSpeed: its backward() also steps the engine, so the perturbed pass"
-            " cannot be kept apart from the update. Supported: one device, DDP, and FSDP2 through accelerate."
-        )
+    _check_deepspeed(trainer)
     fsdp = getattr(trainer, "is_fsdp_enabled", False)
     if fsdp:
         plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
@@ -75,13 +72,22 @@ def _use_the_method_optimizer(trainer, optimizer_cls: type) -> None:
 
 
 def check_loss_term_setup(trainer) -> None:
-    """SAF and MESA: no DeepSpeed, and a head with more than one output (a softmax over one value is always 1)."""
-    term = trainer.args.sam_loss_term
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        raise ValueError(f"sam_loss_term={term!r} is not supported under DeepSpeed yet: use DDP.")
+    """SAF and MESA: ZeRO-1/2 only under DeepSpeed; a head with more than one output (softmax over one value is 1)."""
+    _check_deepspeed(trainer)
     config = getattr(trainer.model, "config", None)
     if getattr(config, "num_labels", None) == 1 or getattr(config, "problem_type", None) == "regression":
         raise ValueError(one_output_message(trainer.args.sam_method))
+
+
+def _check_deepspeed(trainer) -> None:
+    """ZeRO stage 1 and 2 only, without offload, whether the config came from `deepspeed=` or `accelerate launch`."""
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    sam_step = trainer.args.sam_enabled
+    check_zero_config(zero_config(plugin.deepspeed_config), "the DeepSpeed config", sam_step=sam_step)
+    if sam_step:
+        check_deepspeed_version()
 
 
 def check_train_dataset(trainer) -> None:

@@ -88,7 +88,15 @@ FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}
         ({"sam_accumulation": "sometimes"}, "sam_accumulation"),
         ({"sam_method": "none", "sam_rho": 0.1}, "contradict"),
         ({"sam_include": "("}, "sam_include"),
-        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "DeepSpeed"),
+        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "zero_optimization.stage=3.*stage=2.*FSDP2"),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}},
+            "zero_optimization.offload_optimizer.device='cpu'",
+        ),  # fmt: skip
+        ({"deepspeed": {"zero_optimization": {"stage": 1, "offload_param": {"device": "nvme"}}}}, "offload_param"),
+        ({"sam_method": "mesa", "deepspeed": {"zero_optimization": {"stage": 3}}}, "zero_optimization.stage=3"),
+        ({"deepspeed": {"train_batch_size": "auto"}}, r"zero_optimization.stage=0 \(0 when absent\)"),
+        ({"deepspeed": {"zero_optimization": {"stage": 0}}}, "zero_optimization.stage to 2"),
         ({"optim": "lomo"}, "optim"),
         ({"sam_schedule": "sometimes"}, "sam_schedule"),
         ({"sam_probability": 1.5}, "sam_probability"),
@@ -278,3 +286,64 @@ def test_each_method_refuses_its_bad_inputs_naming_the_field(method, overrides, 
 
 def test_every_method_row_lists_its_bad_inputs():
     assert all(case.get("errors") for case in METHOD_CASES.values())
+
+
+def test_a_zero_3_config_file_is_refused_before_deepspeed_is_set_up(tmp_path):
+    import json
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": "auto"}))
+    with pytest.raises(ValueError, match="zero_optimization.stage=3"):
+        make(deepspeed=str(config))
+
+
+def test_a_zero_3_config_from_accelerate_launch_is_refused_by_the_trainer():
+    # `accelerate launch --use_deepspeed` hands the config to the Trainer's accelerator, not to the arguments.
+    from types import SimpleNamespace
+
+    from hf_sam.setup_checks import check_loss_term_setup, check_sam_setup
+
+    refused = (
+        ({"stage": 3}, "stage=3"),
+        ({"stage": 2, "offload_param": {"device": "cpu"}}, "offload"),
+        ({}, "stage=0"),
+    )
+    for zero, match in refused:
+        plugin = SimpleNamespace(deepspeed_config={"zero_optimization": zero})
+        state = SimpleNamespace(deepspeed_plugin=plugin)
+        args = SimpleNamespace(sam_enabled=True)
+        trainer = SimpleNamespace(args=args, is_deepspeed_enabled=True, accelerator=SimpleNamespace(state=state))
+        for check in (check_sam_setup, check_loss_term_setup):
+            with pytest.raises(ValueError, match=match):
+                check(trainer)
+
+
+def test_deepspeed_cpu_op_build_is_skipped_only_inside_the_block(monkeypatch):
+    # DeepSpeed JIT-builds its shared-memory all-reduce op (a compiler, about a minute) when it starts its process
+    # group on CPU; hf_sam's set-up calls skip it, and nowhere else is it touched.
+    pytest.importorskip("deepspeed")
+    import importlib
+
+    from hf_sam.zero import SHM_ENV, without_shm_comm_build
+
+    module = importlib.import_module("deepspeed.comm.torch")
+    original = module.build_shm_op
+    monkeypatch.delenv(SHM_ENV, raising=False)
+    with without_shm_comm_build():
+        assert module.build_shm_op is not original and module.build_shm_op() is None
+    assert module.build_shm_op is original
+    monkeypatch.setenv(SHM_ENV, "1")
+    with without_shm_comm_build():
+        assert module.build_shm_op is original
+
+
+def test_a_deepspeed_without_the_held_backward_api_is_refused_with_the_version_to_install(monkeypatch):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from hf_sam.zero import check_deepspeed_version
+
+    check_deepspeed_version()  # the installed one has it
+    monkeypatch.delattr(DeepSpeedEngine, "coalesce_grad_reduction")
+    with pytest.raises(ValueError, match=r"deepspeed>=0.19.8"):
+        check_deepspeed_version()

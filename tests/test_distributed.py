@@ -3,7 +3,8 @@
 Each script runs under `torch.distributed.run` with two processes and writes its measurements to JSON; the
 asserts are here. `tests/distributed/ddp_check.py` trains the tiny BERT three ways (plain, SAM with per-rank
 ascent, SAM with all-reduced ascent) and compares with plain-PyTorch references built from the batches each rank
-saw; `tests/distributed/fsdp_core_check.py` runs `Perturbation` and `global_norm` on `fully_shard` DTensor shards.
+saw; `tests/distributed/fsdp_core_check.py` runs `Perturbation` and `global_norm` on `fully_shard` DTensor shards;
+`tests/distributed/zero_check.py` runs SAMTrainer under DeepSpeed ZeRO-1/2 against the same runs under DDP.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(script: str, out: Path, *extra: str) -> dict:
+def _launch(script: str, out: Path, *extra: str, launcher: tuple[str, ...] | None = None) -> dict:
+    """Run `script` in two processes (torchrun, or `launcher`: a command ending with its port flag) and read the JSON
+    it writes."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(
@@ -49,18 +52,9 @@ def _launch(script: str, out: Path, *extra: str) -> dict:
         TOKENIZERS_PARALLELISM="false",
         WANDB_DISABLED="true",
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(SCRIPTS / script),
-        str(out),
-        *extra,
-    ]
+    if launcher is None:
+        launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port")
+    command = [*launcher, str(_free_port()), str(SCRIPTS / script), str(out), *extra]
     proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not out.exists():
         pytest.fail(
@@ -372,3 +366,211 @@ def test_resume_under_ddp_matches_uninterrupted_run(ddp_methods):
     assert resumed, "no stateful method was resumed"
     for method, diff in resumed.items():
         assert diff == 0.0, f"{method}: resumed run differs by {diff}"
+
+
+# ---------------------------------------------------------------------- DeepSpeed ZeRO-1 and ZeRO-2
+
+
+def _zero_results(tmp_path_factory, mode: str) -> dict:
+    pytest.importorskip("deepspeed", reason="the DeepSpeed checks need deepspeed (the test extra installs it)")
+    results = _launch("zero_check.py", tmp_path_factory.mktemp(f"zero_{mode}") / "zero.json", mode)
+    assert results["world_size"] == 2
+    return results
+
+
+@pytest.fixture(scope="module")
+def zero(tmp_path_factory) -> dict:
+    return _zero_results(tmp_path_factory, "default")
+
+
+@pytest.fixture(scope="module")
+def zero_full(tmp_path_factory) -> dict:
+    return _zero_results(tmp_path_factory, "full")
+
+
+def _zero_diff(results: dict, a: str, b: str) -> float:
+    diffs = results["finals_max_diff"]
+    return diffs[f"{a}|{b}"] if f"{a}|{b}" in diffs else diffs[f"{b}|{a}"]
+
+
+def _zero_runs(results: dict) -> dict:
+    return {name: run for name, run in results.items() if isinstance(run, dict) and "wrapper" in run}
+
+
+def _assert_under_zero_equals_ddp(results: dict, name: str, stage: int) -> None:
+    sharded, replicated = results[f"{name}-z{stage}"], results[f"{name}-ddp"]
+    assert sharded["wrapper"] == "DeepSpeedEngine" and sharded["stage"] == stage
+    assert replicated["wrapper"] == "DistributedDataParallel"  # not a DeepSpeed run left over in the environment
+    assert sharded["sam_ascent_sync"] == replicated["sam_ascent_sync"]
+    assert sharded["ranks_identical"] and replicated["ranks_identical"] and sharded["finite"]
+    assert sharded["sam_passes_logged"] == replicated["sam_passes_logged"]
+    # The same SAM step on replicated weights: only where the gradient is reduced differs. AdaSAM's normalized steps
+    # amplify rounding (as under FSDP2).
+    tolerance = 1e-5 if name == "adasam" else 1e-6
+    assert _zero_diff(results, f"{name}-z{stage}", f"{name}-ddp") < tolerance, (name, stage)
+
+
+@pytest.mark.parametrize("sync", ["local", "sync"])
+def test_sam_under_zero_1_and_2_equals_ddp_with_the_same_ascent_sync(zero, sync):
+    for stage in (1, 2):
+        _assert_under_zero_equals_ddp(zero, f"sam-{sync}", stage)
+        assert zero[f"sam-{sync}-z{stage}"]["sam_ascent_sync"] is (sync == "sync")
+    # Each rank's own ascent is not the synced one: the two comparisons above could not both pass with them swapped.
+    assert _zero_diff(zero, "sam-local-z2", "sam-sync-z2") > 1e-4
+
+
+def test_every_method_family_under_zero_equals_it_under_ddp(zero):
+    from tests.distributed.zero_check import DEFAULT_FAMILIES, FAMILIES
+
+    for name in DEFAULT_FAMILIES:
+        stage = FAMILIES[name]
+        _assert_under_zero_equals_ddp(zero, name, stage)
+        assert _zero_diff(zero, f"{name}-z{stage}", f"sam-sync-z{stage}") > 1e-4, name  # another method really ran
+    assert {FAMILIES[name] for name in DEFAULT_FAMILIES} == {1, 2}
+
+
+def test_gradient_clipping_under_zero_is_deepspeeds_and_equals_ddp(zero):
+    _assert_under_zero_equals_ddp(zero, "sam-clip", 2)
+    assert _zero_diff(zero, "sam-clip-z2", "sam-sync-z2") > 1e-3  # max_grad_norm=0.05 really clipped
+
+
+def test_deepspeed_fp16_overflow_skips_and_loss_scale_behave_as_its_own_path(zero):
+    plain, rho0 = zero["fp16-none-z2"], zero["fp16-sam-rho0-z2"]
+    assert plain["param_dtypes"] == rho0["param_dtypes"] == ["torch.float16"]
+    # A loss scale of 2 ** 18 overflows: DeepSpeed skips those steps and halves the scale, the same steps at rho 0
+    # (whose clean passes overflow too: their ascent is skipped, sam/skipped), and the later steps train.
+    assert plain["skipped_steps"] == rho0["skipped_steps"] >= 1 and plain["moved_from_init"] > 1e-3
+    assert sum(rho0["sam_skipped_logged"]) >= 1
+    assert _zero_diff(zero, "fp16-none-z2", "fp16-sam-rho0-z2") == 0.0
+    # Stable SAM's ascent is unnormalized (eps = rho g): it matches fp32 only if the loss scale (2 ** 8) that the
+    # held gradient carries is divided out.
+    scaled = zero["fp16-stable-sam-z2"]
+    assert scaled["skipped_steps"] == 0 and scaled["finite"] and scaled["step_diffs"] == [0.0, 0.0, 0.0]
+    assert _zero_diff(zero, "fp16-stable-sam-z2", "fp16-stable-sam-fp32-z2") < 2e-3
+
+
+def test_faults_under_zero_drop_the_update_skip_the_ascent_and_restore_w(zero):
+    faults = zero["faults"]
+    for name, fault in faults.items():
+        assert fault["hit_step"] == 1 and fault["finite"] and fault["grads_left"] == 0, name
+        assert not fault["engine_holding"] and fault["accelerate_wrapper"] == "DeepSpeedEngineWrapper", name
+    # NaN at w + eps: that step's update is dropped through DeepSpeed's overflow skip, and training goes on.
+    dropped = faults["nan-perturbed"]
+    assert dropped["hit_step_update_max"] == 0.0 and dropped["skipped_steps"] == 1
+    assert dropped["sam_skipped_updates"] == 1.0 and dropped["moved_after_hit"] > 1e-3 and dropped["steps"] == 4
+    # NaN at w: the ascent is skipped (eps = 0), the step still updates.
+    skipped = faults["nan-clean"]
+    assert skipped["sam_skipped"] == 1.0 and skipped["skipped_steps"] == 0 and skipped["hit_step_update_max"] > 1e-3
+    # An interrupt between the passes: w back bit for bit, the engine no longer holding its reduction.
+    assert faults["interrupt"]["hit_step_update_max"] == 0.0 and faults["interrupt"]["steps"] == 1
+
+
+def test_zero_covers_every_method_of_the_table():
+    pytest.importorskip("deepspeed")
+    from tests.distributed.zero_check import FAMILIES
+
+    assert {"none", "sam", *FAMILIES} == set(METHOD_CASES)
+
+
+def test_rho_zero_under_zero_is_the_plain_deepspeed_trainer_bit_for_bit(zero):
+    # The held passes, the one reduction of the held gradient and engine.step(): at rho 0 exactly Trainer's own path.
+    for prefix, stages in (("", (1, 2)), ("bf16-", (2,))):
+        for stage in stages:
+            assert zero[f"{prefix}none-z{stage}"]["wrapper"] == "DeepSpeedEngine"
+            assert _zero_diff(zero, f"{prefix}none-z{stage}", f"{prefix}sam-rho0-z{stage}") == 0.0, (prefix, stage)
+    assert _zero_diff(zero, "none-z1", "none-z2") == 0.0
+
+
+def test_weights_are_restored_before_every_engine_step_and_no_ascent_gradient_reaches_the_descent(zero):
+    # Under ZeRO-1/2 the final weights cannot show a missing restore (engine.step() copies the fp32 master partitions
+    # back into the module), nor a missing zero_grad: the probe reads them on the engine itself.
+    checked = 0
+    for name, run in _zero_runs(zero).items():
+        if run["wrapper"] != "DeepSpeedEngine":
+            continue
+        # One engine.step() per optimizer step of this train() call (a resumed run starts at its checkpoint's step).
+        assert len(run["step_diffs"]) == run["steps"] - run["first_step"], name
+        assert all(diff == 0.0 for diff in run["step_diffs"]), (name, run["step_diffs"])
+        perturbed = [(step, grad) for distance, grad, step in run["backwards"] if distance > 0]
+        if name.startswith(("none", "saf", "mesa", "bf16-none", "fp16-none")) or "rho0" in name:
+            assert not perturbed, name  # one pass at w
+            continue
+        assert perturbed, f"{name}: no backward ran at w + eps"
+        # The first backward at w + eps of each step starts from no gradient: the ascent's gradient became eps and was
+        # dropped. (Later ones in the step add to the descent gradient.)
+        firsts = {}
+        for step, grad in perturbed:
+            firsts.setdefault(step, grad)
+        assert all(grad == 0.0 for grad in firsts.values()), (name, firsts)
+        checked += 1
+    assert checked >= 20
+
+
+def test_gradient_accumulation_window_under_zero_equals_the_doubled_batch(zero):
+    for stage in (1, 2):
+        run = zero[f"sam-ga2-z{stage}"]
+        assert run["ranks_identical"] and run["steps"] == 3
+        # GA 2 x batch 1 sees the same examples per step as GA 1 x batch 2 (across both ranks): one SAM step.
+        assert _zero_diff(zero, f"sam-ga2-z{stage}", f"sam-sync-z{stage}") < 1e-6
+    _assert_under_zero_equals_ddp(zero, "sam-micro-ga2", 2)
+
+
+def test_bf16_under_zero_runs_and_stage_1_equals_stage_2(zero):
+    for name in ("bf16-none-z2", "bf16-sam-rho0-z2", "bf16-sam-sync-z1", "bf16-sam-sync-z2"):
+        run = zero[name]
+        assert run["param_dtypes"] == ["torch.bfloat16"] and run["finite"] and run["ranks_identical"], name
+    assert _zero_diff(zero, "bf16-sam-sync-z1", "bf16-sam-sync-z2") == 0.0
+    assert 0 < _zero_diff(zero, "bf16-sam-sync-z2", "sam-sync-z2") < 1e-2  # bf16 compute, the same SAM step
+    assert _zero_diff(zero, "bf16-sam-sync-z2", "bf16-none-z2") > 1e-4
+
+
+def _assert_resumed(results: dict, name: str) -> None:
+    straight, resumed = results[f"{name}-straight"], results[f"{name}-resumed"]
+    assert straight["wrapper"] == resumed["wrapper"] == "DeepSpeedEngine"
+    assert straight["steps"] == resumed["steps"] == 4 and len(resumed["step_diffs"]) == 2  # steps 3-4 after resuming
+    assert _zero_diff(results, f"{name}-straight", f"{name}-resumed") == 0.0, name
+
+
+@pytest.mark.parametrize("name", ["fsam", "mesa"])
+def test_resume_from_a_deepspeed_checkpoint_equals_the_uninterrupted_run(zero, name):
+    _assert_resumed(zero, name)
+
+
+@pytest.mark.slow
+def test_every_method_under_both_zero_stages_equals_it_under_ddp(zero_full):
+    from tests.distributed.zero_check import FAMILIES, RESUMED_FULL
+
+    for name in ("sam-local", "sam-sync", "sam-micro-ga2", *FAMILIES):
+        for stage in (1, 2):
+            _assert_under_zero_equals_ddp(zero_full, name, stage)
+    assert _zero_diff(zero_full, "bf16-none-z1", "bf16-sam-rho0-z1") == 0.0
+    for name in RESUMED_FULL:
+        _assert_resumed(zero_full, name)
+
+
+def test_the_shipped_zero2_config_as_a_file_path_equals_ddp(zero):
+    run = zero["sam-sync-shipped-json"]
+    assert run["wrapper"] == "DeepSpeedEngine" and run["stage"].endswith("deepspeed_zero2.json")
+    assert run["ranks_identical"] and run["step_diffs"] == [0.0, 0.0, 0.0]
+    assert _zero_diff(zero, "sam-sync-shipped-json", "sam-sync-ddp") < 1e-6
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_shipped_zero2_config_equals_ddp(zero, tmp_path):
+    # The config comes from accelerate (examples/accelerate_configs/deepspeed_zero2.yaml and its JSON: ZeRO-2 with
+    # overlap_comm and contiguous_gradients), not from `deepspeed=`: the same SAM step as under DDP.
+    config = ROOT / "examples" / "accelerate_configs" / "deepspeed_zero2.yaml"
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+                "2", "--main_process_port")  # fmt: skip
+    launched = _launch("zero_launch_check.py", tmp_path / "launched.json", launcher=launcher)
+    assert launched["world_size"] == 2 and launched["args_deepspeed"] is None
+    assert launched["wrapper"] == "DeepSpeedEngine" and launched["zero"]["stage"] == 2
+    assert launched["zero"]["overlap_comm"] and launched["zero"]["contiguous_gradients"]
+    assert launched["ranks_identical"] and launched["steps"] == 3
+    from_file = launched["from_file"]  # the same JSON as `deepspeed=` a file path
+    assert from_file["args_deepspeed"].endswith("deepspeed_zero2.json") and from_file["zero"]["stage"] == 2
+    assert from_file["wrapper"] == "DeepSpeedEngine" and from_file["ranks_identical"]
+    assert launched["from_file_max_diff"] == 0.0
+    final, ddp = launched["final"], zero["sam-sync-ddp-final"]
+    assert len(final) == len(ddp)
+    assert max(abs(a - b) for a, b in zip(final, ddp)) < 1e-6

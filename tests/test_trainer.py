@@ -117,6 +117,12 @@ def test_each_method_entry_states_its_capabilities_truthfully(tmp_path, method):
     fsdp_refusals = [match for overrides, match in case["errors"] if "fsdp" in overrides]
     assert flags.fsdp2 == (not fsdp_refusals), "an FSDP2 refusal belongs in the row's errors, and fsdp2=False"
     assert flags.fsdp2 == (isinstance(case["fsdp"], dict) or case["fsdp"].startswith("checked"))
+    # Under DeepSpeed ZeRO-1/2 the check script runs every method that claims it and compares it with DDP; a method
+    # without it must be refused there, with the refusal among its row's errors.
+    from tests.distributed.zero_check import FAMILIES
+
+    deepspeed_refusals = [match for overrides, match in case["errors"] if "deepspeed" in overrides]
+    assert flags.deepspeed == (method in {"none", "sam", *FAMILIES}) == (not deepspeed_refusals)
     if flags.stateful:
         assert case.get("ddp_resume"), f"{method} keeps state: set ddp_resume on its row"
 

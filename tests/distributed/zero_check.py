@@ -1,0 +1,303 @@
+"""SAMTrainer under DeepSpeed ZeRO-1 and ZeRO-2 (CPU, gloo), compared with the same runs under DDP.
+
+Launch: `torchrun --nproc_per_node 2 tests/distributed/zero_check.py OUT.json [default|full]`. Rank 0 writes
+OUT.json; the asserts live in `tests/test_distributed.py`.
+
+Under ZeRO-1/2 every rank holds the whole weights, so a SAM step there is the SAM step of DDP with the same
+`sam_ascent_sync`: each run is made twice, with `deepspeed=` a ZeRO config and under DDP, and both must end at the
+same weights (DDP's runs are checked against hand-written loops elsewhere). Besides the final weights, an
+`EngineProbe` watches the engine itself, because under ZeRO a missing restore is invisible in the final weights
+(`engine.step()` copies its fp32 master partitions back into the module): right before every `engine.step()` the
+module's weights must equal those at the start of the step, and at the start of every backward the probe records
+how far the weights are from that start (0 for a clean pass, > 0 at w + eps) and the largest `.grad` entry (0 at
+a step's first pass at w + eps: no gradient of a first pass reaches the second).
+
+`default` is the set the default test suite runs (one launch, about 60 s on 2 CPU cores); `full` runs every
+method of the test table under both stages (marked `slow`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import sys
+import tempfile
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from tests.distributed.ddp_check import LR, RHO, RecordingTrainer, check_arguments, flat
+from tests.distributed.process_group import start_gloo, write_and_close
+from tests.helpers import tiny_bert, tiny_dataset
+from tests.method_cases import METHOD_CASES
+
+
+def zero(stage: int, fp16_scale_power: int | None = None) -> dict:
+    """A ZeRO config that runs on CPU: Trainer fills the "auto" fields and builds its own torch optimizer. With
+    `fp16_scale_power`, DeepSpeed's fp16 (dynamic loss scale starting at 2 ** power) follows `fp16=True`."""
+    fp16 = (
+        {"enabled": False}
+        if fp16_scale_power is None
+        else {"enabled": "auto", "initial_scale_power": fp16_scale_power}
+    )
+    return {
+        "zero_optimization": {"stage": stage},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": fp16,
+    }
+
+
+def method_overrides(name: str) -> dict:
+    """A table row's arguments with its short-run overrides (the ones its FSDP2 check uses)."""
+    case = METHOD_CASES[name]
+    extra = case["fsdp"] if isinstance(case["fsdp"], dict) else {}
+    overrides = {**case["args"], **extra}
+    if not overrides.get("esam_swp", name == "esam"):
+        overrides.setdefault("sam_ascent_sync", True)  # ESAM's SWP needs each rank's own ascent
+    return overrides
+
+
+# Every method of the table but none and sam (run below), with the stage it runs under in the default suite; `full`
+# runs each under both stages. The default suite runs one method per code path that differs under DeepSpeed: plain
+# windows between SAM steps, descent transforms on SAM and plain steps, the Fisher passes, ESAM's selection,
+# mSAM's shards, the method's own optimizer, the loss terms (ASAM, GSAM, F-SAM, SSAM-D and late-sam take a path
+# already there, and run in `full`).
+DEFAULT_FAMILIES = ("ss-sam", "stable-sam", "looksam", "ssam-f", "esam", "msam", "adasam", "saf", "mesa")
+FAMILIES = {
+    "asam": 1, "ss-sam": 2, "late-sam": 1, "stable-sam": 1, "adasam": 2, "msam": 1, "looksam": 2, "gsam": 1,
+    "fsam": 2, "ssam-f": 2, "ssam-d": 1, "esam": 1, "saf": 2, "mesa": 1,
+}  # fmt: skip
+SAM = {
+    "sam-local": dict(sam_method="sam", sam_rho=RHO, sam_ascent_sync=False),
+    "sam-sync": dict(sam_method="sam", sam_rho=RHO, sam_ascent_sync=True),
+}
+# Against SAM's synced run above: the same 3 steps of 4 examples per rank as 2 micro-batches of 2 (window mode is
+# the SAM step of the whole window; micro mode perturbs per micro-batch, so it is compared with DDP instead).
+GA2 = {
+    "sam-ga2": dict(sam_method="sam", sam_rho=RHO, sam_ascent_sync=True, gradient_accumulation_steps=2),
+    "sam-micro-ga2": dict(
+        sam_method="sam", sam_rho=RHO, sam_ascent_sync=True, gradient_accumulation_steps=2, sam_accumulation="micro"
+    ),
+}
+PLAIN = {"none": dict(sam_method="none"), "sam-rho0": dict(sam_method="sam", sam_rho=0.0)}
+# Gradient clipping is DeepSpeed's (gradient_clipping from max_grad_norm), on the reduced descent gradient.
+CLIPPED = {"sam-clip": dict(sam_method="sam", sam_rho=RHO, sam_ascent_sync=True, max_grad_norm=0.05)}
+# DeepSpeed's fp16: a loss scale of 2 ** 18 overflows the first steps, which DeepSpeed skips while halving it (rho 0
+# must skip exactly as the plain run does); at 2 ** 8 nothing overflows, and Stable SAM's unnormalized ascent
+# (eps = rho g) shows whether the scale the held gradient carries was divided out.
+FP16 = {
+    "fp16-none": dict(sam_method="none", fp16_scale_power=18, max_steps=6),
+    "fp16-sam-rho0": dict(sam_method="sam", sam_rho=0.0, fp16_scale_power=18, max_steps=6),
+    "fp16-stable-sam": dict(sam_method="stable-sam", sam_ascent_sync=True, fp16_scale_power=8),
+}
+SHIPPED_CONFIG = os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "examples", "accelerate_configs", "deepspeed_zero2.json")
+)
+RESUMED = ("fsam", "mesa")  # an ascent rule's average, a loss term's teacher
+RESUMED_FULL = ("ssam-d", "looksam", "saf")
+
+
+class EngineProbe(TrainerCallback):
+    """Records, on the DeepSpeed engine, what the final weights cannot show (see the module docstring)."""
+
+    def __init__(self):
+        self.trainer = None
+        self.start: list[torch.Tensor] | None = None
+        self.first_step = 0
+        self.step_diffs: list[float] = []  # max |w - w_start| right before each engine.step()
+        # (max |w - w_start|, max |.grad|, optimizer step) at each backward
+        self.backwards: list[tuple[float, float, int]] = []
+
+    def _distance(self) -> float:
+        params = list(self.trainer.model.parameters())
+        return max(float((p.detach() - s).abs().max()) for p, s in zip(params, self.start))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step  # after resuming, the checkpoint's step
+        engine = self.trainer.model_wrapped
+        step, backward = engine.step, engine.backward
+
+        def probed_step(*a, **k):
+            self.step_diffs.append(self._distance())
+            return step(*a, **k)
+
+        def probed_backward(loss, *a, **k):
+            grads = [p.grad.abs().max() for p in self.trainer.model.parameters() if p.grad is not None]
+            self.backwards.append((self._distance(), float(max(grads)) if grads else 0.0, len(self.step_diffs)))
+            return backward(loss, *a, **k)
+
+        engine.step, engine.backward = probed_step, probed_backward
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = [p.detach().clone() for p in self.trainer.model.parameters()]
+
+
+def run(name, overrides, out_dir, rank, world, stage=None, resume=None, **extra):
+    """Train the tiny BERT (SGD, 3 steps of 2 examples per rank) under ZeRO `stage` (or the DeepSpeed JSON file it
+    names), or under DDP when None."""
+    overrides = {**overrides, **extra}
+    train_size = overrides.pop("train_size", 32)
+    sgd = dict(optim="sgd", learning_rate=LR, weight_decay=0.0)
+    if overrides.get("sam_method") == "adasam":  # brings its own optimizer
+        del sgd["optim"]
+    if overrides.get("gradient_accumulation_steps", 1) > 1:
+        overrides.setdefault("per_device_train_batch_size", 1)
+    fp16_scale_power = overrides.pop("fp16_scale_power", None)
+    if isinstance(stage, str):  # a DeepSpeed JSON file
+        overrides["deepspeed"] = stage
+    elif stage is not None:
+        overrides["deepspeed"] = zero(stage, fp16_scale_power)
+    if fp16_scale_power is not None:
+        overrides["fp16"] = True
+    # An Accelerator built with a DeepSpeed plugin leaves ACCELERATE_USE_DEEPSPEED=true in the environment, which
+    # would turn the next run's TrainingArguments into DeepSpeed (with a default plugin) even without `deepspeed=`.
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    model = tiny_bert(dropout=0.0)
+    args = check_arguments(os.path.join(out_dir, name), **{**sgd, **overrides})
+    probe = EngineProbe() if stage is not None else None
+    trainer = RecordingTrainer(
+        model=model, args=args, train_dataset=tiny_dataset(train_size), callbacks=[probe] if probe else None
+    )
+    if probe is not None:
+        probe.trainer = trainer
+    trainer.train(resume_from_checkpoint=resume)
+    final = flat(trainer.model).float()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, final)
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    result = {
+        "skipped_steps": getattr(trainer.model_wrapped, "skipped_steps", None),  # DeepSpeed's overflow skips
+        "sam_skipped_logged": [e.get("sam/skipped") for e in logs],
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "stage": stage,
+        "sam_ascent_sync": trainer.args.sam_ascent_sync,
+        "ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered),
+        "finite": bool(torch.isfinite(final).all()),
+        "moved_from_init": float((final - flat(tiny_bert(dropout=0.0)).float()).abs().max()),
+        "steps": trainer.state.global_step,
+        "sam_passes_logged": [e.get("sam/passes_per_step") for e in logs],
+        "step_diffs": probe.step_diffs if probe else None,
+        "first_step": probe.first_step if probe else None,
+        "backwards": probe.backwards if probe else None,
+        "param_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()}),
+    }
+    del trainer
+    return result, final
+
+
+def faults(out_dir, rank, world) -> dict:
+    """The faults of tests/test_faults.py under ZeRO: a NaN loss at w + eps (the update is dropped: DeepSpeed's
+    overflow skip), a NaN clean loss (the ascent is skipped), and an interrupt between the passes (w restored, the
+    engine's hold and accelerate's wrapper put back)."""
+    from tests.test_faults import FaultInjector, Snapshots
+
+    results = {}
+    for name, stage, phase, value in (
+        ("nan-perturbed", 2, "perturbed", math.nan),
+        ("nan-clean", 1, "clean", math.nan),
+        ("interrupt", 2, "perturbed", KeyboardInterrupt()),
+    ):
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        snapshots = Snapshots()
+        args = check_arguments(os.path.join(out_dir, f"fault-{name}"), optim="sgd", learning_rate=LR, weight_decay=0.0,
+                               sam_method="sam", sam_ascent_sync=True, max_steps=4, deepspeed=zero(stage))  # fmt: skip
+        trainer = FaultInjector(model=tiny_bert(dropout=0.0), args=args, train_dataset=tiny_dataset(32),
+                                callbacks=[snapshots], phase=phase, value=value)  # fmt: skip
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            pass
+        engine, hit = trainer.model_wrapped, trainer.hit_step
+        now = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        at_hit = snapshots.end.get(hit, now)
+        logs = [e for e in trainer.state.log_history if "loss" in e]
+        results[name] = {
+            "hit_step": hit,
+            "steps": trainer.state.global_step,
+            "hit_step_update_max": max(float((at_hit[n] - snapshots.begin[hit][n]).abs().max()) for n in now),
+            "moved_after_hit": max(float((now[n] - at_hit[n]).abs().max()) for n in now),
+            "finite": all(bool(torch.isfinite(p).all()) for p in now.values()),
+            "skipped_steps": engine.skipped_steps,
+            "sam_skipped": sum(e.get("sam/skipped", 0.0) for e in logs),
+            "sam_skipped_updates": sum(e.get("sam/skipped_updates", 0.0) for e in logs),
+            "grads_left": sum(p.grad is not None for p in trainer.model.parameters()),
+            "engine_holding": bool(engine.inside_no_sync_ctxt),
+            "accelerate_wrapper": type(trainer.accelerator.deepspeed_engine_wrapped).__name__,
+        }
+        del trainer
+    return results
+
+
+def main():
+    out_path = sys.argv[1]
+    full = len(sys.argv) > 2 and sys.argv[2] == "full"
+    rank, world = start_gloo()
+    results, finals = {}, {}
+    folder = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(folder, src=0)
+
+    def record(key, *args, **kwargs):
+        results[key], finals[key] = run(key, *args, **kwargs)
+
+    with contextlib.ExitStack() as cleanup:
+        tmp = folder[0]
+        if rank == 0:
+            cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+        for name, overrides in {**SAM, **GA2, **PLAIN}.items():
+            for stage in (1, 2) if full or name != "sam-micro-ga2" else (2,):
+                record(f"{name}-z{stage}", overrides, tmp, rank, world, stage=stage)
+            if name in SAM or name == "sam-micro-ga2":
+                record(f"{name}-ddp", overrides, tmp, rank, world)
+        families = {name: (1, 2) if full else (stage,) for name, stage in FAMILIES.items()}
+        if not full:
+            families = {name: stages for name, stages in families.items() if name in DEFAULT_FAMILIES}
+        for name, stages in families.items():
+            overrides = method_overrides(name)
+            for stage in stages:
+                record(f"{name}-z{stage}", overrides, tmp, rank, world, stage=stage)
+            record(f"{name}-ddp", overrides, tmp, rank, world)
+        # The shipped config (ZeRO-2 with overlap_comm and contiguous_gradients), as `deepspeed=` its file path.
+        record("sam-sync-shipped-json", SAM["sam-sync"], tmp, rank, world, stage=SHIPPED_CONFIG)
+        for name, overrides in CLIPPED.items():
+            record(f"{name}-z2", overrides, tmp, rank, world, stage=2)
+            record(f"{name}-ddp", overrides, tmp, rank, world)
+        for name, overrides in FP16.items():
+            record(f"{name}-z2", overrides, tmp, rank, world, stage=2)
+        record("fp16-stable-sam-fp32-z2", {**FP16["fp16-stable-sam"], "fp16_scale_power": None}, tmp, rank, world,
+               stage=2)  # fmt: skip
+        results["faults"] = faults(tmp, rank, world)
+        for name in ("none", "sam-sync", "sam-rho0"):
+            for stage in (1, 2) if full or name == "sam-sync" else (2,):
+                record(f"bf16-{name}-z{stage}", {**SAM.get(name, PLAIN.get(name, {}))}, tmp, rank, world,
+                       stage=stage, bf16=True)  # fmt: skip
+        for name in RESUMED + (RESUMED_FULL if full else ()):
+            stage = FAMILIES[name]
+            resumable = {**method_overrides(name), "max_steps": 4}
+            record(f"{name}-straight", resumable, tmp, rank, world, stage=stage)
+            run(f"{name}-saved", resumable, tmp, rank, world, stage=stage, save_strategy="steps", save_steps=2)
+            checkpoint = os.path.join(tmp, f"{name}-saved", "checkpoint-2")
+            record(f"{name}-resumed", resumable, tmp, rank, world, stage=stage, resume=checkpoint)
+    if rank == 0:
+        results["world_size"] = world
+        results["sam-sync-ddp-final"] = finals["sam-sync-ddp"].tolist()  # for the `accelerate launch` check
+        results["finals_max_diff"] = {
+            f"{a}|{b}": float((finals[a] - finals[b]).abs().max())
+            for a in finals
+            for b in finals
+            if a < b and finals[a].shape == finals[b].shape
+        }
+    write_and_close(out_path, results)
+
+
+if __name__ == "__main__":
+    main()
