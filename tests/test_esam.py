@@ -40,14 +40,15 @@ def test_descent_runs_on_the_selected_examples_only(tmp_path):
 
     class Recording(SequentialSAMTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
-            sizes.append(len(inputs["labels"]))
+            sizes.append((len(inputs["labels"]), torch.is_grad_enabled()))
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     trainer = Recording(model=tiny_bert(), train_dataset=tiny_dataset(), args=sam_args(
         tmp_path, sam_method="esam", esam_gamma=0.3, per_device_train_batch_size=5, max_steps=2))  # fmt: skip
     trainer.train()
-    # per step: the clean pass on all 5 examples, then the descent on ceil(0.3 * 5) = 2
-    assert sizes == [5, 2, 5, 2]
+    # per step: the clean pass on all 5 examples, the no-grad scoring forward at w + eps (through the trainer's own
+    # loss, as the clean pass), then the descent on ceil(0.3 * 5) = 2
+    assert sizes == [(5, True), (5, False), (2, True)] * 2
 
 
 def test_per_example_losses_by_head():
