@@ -9,6 +9,7 @@ work unchanged.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
@@ -51,17 +52,29 @@ class SAMMixin:
     ```
     """
 
+    # The arguments class built when none is passed (None: SAMTrainingArguments); the ready-made TRL trainers set
+    # their config class, which the host trainer needs.
+    sam_default_args_class: type | None = None
+
     def __init__(self, *args: Any, **kwargs: Any):
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        # `args` is the host's second parameter for Trainer and SFTTrainer, the third for DPOTrainer (after ref_model).
+        parameters = list(inspect.signature(super().__init__).parameters)
+        position = parameters.index("args") if "args" in parameters else 1
+        training_args = kwargs.get("args", args[position] if len(args) > position else None)
         if training_args is None:
             from .arguments import SAMTrainingArguments
 
-            kwargs["args"] = SAMTrainingArguments(output_dir="trainer_output")
+            training_args = (self.sam_default_args_class or SAMTrainingArguments)(output_dir="trainer_output")
+            if len(args) > position:
+                args = (*args[:position], training_args, *args[position + 1 :])
+            else:
+                kwargs["args"] = training_args
         elif not hasattr(training_args, "sam_method"):
             raise ValueError(
                 f"{type(self).__name__} needs the sam_* fields: pass SAMTrainingArguments (or a TrainingArguments"
                 f" subclass with SAMArgumentsMixin in front) instead of {type(training_args).__name__}."
             )
+        self._sam_check_host(training_args)
         super().__init__(*args, **kwargs)
         self._sam_metrics = SAMMetrics()
         self._sam = SAMRun()  # everything one train() call holds: its pieces and where the step stands
@@ -70,6 +83,9 @@ class SAMMixin:
             self.add_callback(AfterOptimizerStep(self._sam_after_optimizer_step))
         if self.args.sam_enabled:
             check_sam_setup(self)  # also hands AdaSAM's optimizer to Trainer
+
+    def _sam_check_host(self, args) -> None:
+        """Refuse, before the host trainer builds anything, a method this host cannot run (see `SAMDPOTrainer`)."""
 
     def train(self, *args: Any, **kwargs: Any):
         # Parameters may be replaced between __init__ and the first step (FSDP2 sharding, model_init), so the

@@ -30,6 +30,8 @@ class SAMSFTTrainer(SAMMixin, SFTTrainer):
     method at `sam_rho=0`, logged metrics and token counts included.
     """
 
+    sam_default_args_class = SAMSFTConfig
+
 
 @dataclass
 class SAMDPOConfig(SAMArgumentsMixin, DPOConfig):
@@ -40,4 +42,25 @@ class SAMDPOConfig(SAMArgumentsMixin, DPOConfig):
 
 class SAMDPOTrainer(SAMMixin, DPOTrainer):
     """TRL's `DPOTrainer` with the SAM step: the policy is perturbed, the reference model (or, under PEFT, the base
-    with the adapters disabled) is not. Pass [`SAMDPOConfig`] as `args`."""
+    with the adapters disabled) is not. Pass [`SAMDPOConfig`] as `args`.
+
+    Refused: ESAM's data selection (`esam_gamma < 1`), whose per-example losses would have to be DPO's per-pair loss,
+    and the one-pass loss terms (SAF, MESA), whose teacher or bank would score the model on DPO's preference batches
+    (prompt, chosen and rejected columns, not model inputs).
+    """
+
+    sam_default_args_class = SAMDPOConfig
+
+    def _sam_check_host(self, args) -> None:
+        if args.sam_loss_term != "none":
+            raise ValueError(
+                f"sam_method={args.sam_method!r} is not supported by SAMDPOTrainer: its loss term compares the"
+                " model's logits with a teacher's (MESA) or a bank's (SAF) per training input, and DPO's batches are"
+                " preference pairs. Use a method that perturbs the weights, e.g. --sam_method sam."
+            )
+        if args.sam_enabled and args.esam_gamma < 1:
+            raise ValueError(
+                f"ESAM's data selection (esam_gamma={args.esam_gamma}) ranks examples by their own loss, which DPO"
+                " only defines per preference pair: SAMDPOTrainer does not select. Set --esam_gamma 1 (ESAM's weight"
+                " perturbation alone) or use --sam_method sam."
+            )
