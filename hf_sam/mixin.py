@@ -39,6 +39,15 @@ from .sync import gradient_sync
 from .tensors import local
 
 
+def _args_position(init) -> int:
+    """Where a trainer's `__init__` takes its training arguments positionally (1 when it does not say by name)."""
+    parameters = list(inspect.signature(init).parameters.values())
+    for i, parameter in enumerate(parameters):
+        if parameter.name == "args" and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            return i
+    return 1
+
+
 class SAMMixin:
     """Put in front of `transformers.Trainer` (or any subclass) to train with SAM and its variants.
 
@@ -58,8 +67,7 @@ class SAMMixin:
 
     def __init__(self, *args: Any, **kwargs: Any):
         # `args` is the host's second parameter for Trainer and SFTTrainer, the third for DPOTrainer (after ref_model).
-        parameters = list(inspect.signature(super().__init__).parameters)
-        position = parameters.index("args") if "args" in parameters else 1
+        position = _args_position(super().__init__)
         training_args = kwargs.get("args", args[position] if len(args) > position else None)
         if training_args is None:
             from .arguments import SAMTrainingArguments
@@ -289,6 +297,13 @@ class SAMMixin:
             with self.compute_loss_context_manager(), capture_outputs(self.model) as captured:
                 self.compute_loss(self.model, dict(prepared))
             rise = self.per_example_loss(captured[-1], prepared) - clean_examples
+        batch = next(v.shape[0] for v in prepared.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        if rise.shape != (batch,):
+            raise ValueError(
+                f"ESAM's data selection needs one loss per example, but per_example_loss gave shape"
+                f" {tuple(rise.shape)} for a batch of {batch}. Override `per_example_loss(outputs, inputs)` for this"
+                " trainer's loss, or set --esam_gamma 1."
+            )
         subset = take_examples(dict(inputs), self._sam.esam.select(rise), rise.shape[0])
         if rng is not None:
             restore_rng(rng, self.args.device)

