@@ -141,6 +141,11 @@ class PassOutputs:
     def output(self):
         """The pass's first model output: the forward whose loss is trained (a host may add no-grad forwards after
         it, as TRL's `SFTTrainer` does for its metrics under label smoothing)."""
+        if not self.outputs:
+            raise ValueError(
+                "The loss term (SAF, MESA) reads the model's outputs in its training pass, but the trainer's"
+                " compute_loss ran no forward of `trainer.model`. Call the model the trainer holds in compute_loss."
+            )
         return self.outputs[0]
 
     @property
