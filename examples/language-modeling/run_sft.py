@@ -98,9 +98,11 @@ def data_format(path: str) -> str:
     raise ValueError(f"{path!r}: give data as .json/.jsonl or .csv, not .{extension}.")
 
 
-def load_data(script_args: ScriptArguments, model_args: ModelConfig):
+def load_data(script_args: ScriptArguments):
+    """The training and evaluation splits (None without one), prompt and completion columns renamed."""
     if script_args.dataset_name is not None:
-        raw = load_hub_dataset(script_args.dataset_name, script_args.dataset_config, "--dataset_name", LOCAL_DATA_FLAGS)
+        name, config = script_args.dataset_name, script_args.dataset_config
+        raw = load_hub_dataset(name, config, "--dataset_name", LOCAL_DATA_FLAGS)
         train_split, eval_split = script_args.dataset_train_split, script_args.dataset_test_split
     else:
         files = {
@@ -118,8 +120,9 @@ def load_data(script_args: ScriptArguments, model_args: ModelConfig):
     renames = {script_args.prompt_column: "prompt", script_args.completion_column: "completion"}
     for old, new in renames.items():
         if old is not None and old != new:
-            if old not in raw[train_split].column_names:
-                raise ValueError(f"No column {old!r} in the data (it has: {', '.join(raw[train_split].column_names)}).")
+            columns = raw[train_split].column_names
+            if old not in columns:
+                raise ValueError(f"No column {old!r} in the data (it has: {', '.join(columns)}).")
             raw = raw.rename_column(old, new)
     train = raw[train_split]
     evaluation = raw[eval_split] if eval_split in raw else None
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     last_checkpoint = detect_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
-    train, evaluation = load_data(script_args, model_args)
+    train, evaluation = load_data(script_args)
     model, tokenizer = load_model(script_args, model_args, training_args.seed)
     do_eval = training_args.eval_strategy != "no" or training_args.do_eval
     if do_eval and evaluation is None:
