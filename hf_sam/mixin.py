@@ -57,7 +57,7 @@ class SAMMixin:
     Example:
 
     ```python
-    class SAMDPOTrainer(SAMMixin, DPOTrainer): ...
+    class SAMMyTrainer(SAMMixin, MyTrainer): ...  # TRL's SFTTrainer and DPOTrainer ship ready-made
     ```
     """
 
