@@ -210,6 +210,8 @@ class MESATerm(LossTerm):
         lm_head = unwrapped_model(self.trainer.model).get_output_embeddings()
         if not self.head_checked:
             self._check_head(label_mask)
+        # Only the scored positions, as the fused head itself does: the full (batch, length, vocabulary) logits with
+        # gradient are what it avoids. The boolean index costs one device-to-host sync, as in TRL's own head.
         return lm_head(hidden[label_mask]), teacher_logits[label_mask]
 
     def _check_head(self, label_mask: torch.Tensor) -> None:
