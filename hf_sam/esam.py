@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .loss_term import capture_outputs
+
 
 def kept_tensors(count: int, beta: float, seed: int, step: int) -> list[bool]:
     """Which of `count` tensors SWP keeps at `step` (at least one, so the ascent is never empty)."""
@@ -111,6 +113,14 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, shifts_labels: 
     )
 
 
+def per_example_nll(log_probs: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of each example's scored tokens, in fp32, from a fused LM head's per-token
+    log-probabilities (`(batch, positions)`, zero where `label_mask` is False). The same value as `per_example_loss`
+    on the logits: token-level CE averaged over the labels that are not -100."""
+    mask = label_mask.float()
+    return -(log_probs.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
 class ESAM:
     """ESAM's pieces for one run: SWP (`esam_swp`: which tensors this step's ascent keeps) and SDS (`esam_gamma` < 1:
     which examples the descent sees). Neither is on for the other methods; the axes combine with any of them.
@@ -143,15 +153,9 @@ class ESAM:
     @contextlib.contextmanager
     def clean_pass(self, model: torch.nn.Module) -> Iterator[list]:
         """Around the clean pass: SWP freezes the dropped tensors; SDS keeps the model's output (yielded list)."""
-        captured: list = []
         swp = frozen_tensors(self.params, self.keep) if self.swp else contextlib.nullcontext()
-        hook = model.register_forward_hook(lambda m, i, o: captured.append(o)) if self.sds else None
-        try:
-            with swp:
-                yield captured
-        finally:
-            if hook is not None:
-                hook.remove()
+        with swp, capture_outputs(model) if self.sds else contextlib.nullcontext([]) as captured:
+            yield captured
 
     def select(self, rise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """SDS: the examples whose loss rose most at w + eps, a share gamma of them: within each class with

@@ -7,8 +7,10 @@ after it, and `after_optimizer_step` runs after every optimizer step. The math: 
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,8 +33,13 @@ class LossTerm:
         """Runs before the student's forward on `inputs` (MESA's teacher); its result goes to `term`."""
         return None
 
-    def term(self, inputs: dict[str, Any], outputs, index, prepared, num_items_in_batch) -> torch.Tensor | None:
-        """The term to add to this pass's loss (None: nothing this pass)."""
+    # MESA reads the backbone's last hidden state when the host computes its loss without logits (a fused LM head).
+    needs_hidden_state = False
+
+    def term(
+        self, inputs: dict[str, Any], captured: PassOutputs, index, prepared, num_items_in_batch
+    ) -> torch.Tensor | None:
+        """The term to add to this pass's loss (None: nothing this pass). `captured` holds the pass's model outputs."""
         raise NotImplementedError
 
     def after_optimizer_step(self) -> None:
@@ -84,6 +91,78 @@ def logits_of(outputs, method: str) -> torch.Tensor:
         f"sam_method={method!r} needs the model to return logits (an output with `.logits`, or a tuple"
         f" (loss, logits, ...)); got {type(outputs).__name__}."
     )
+
+
+def per_token_log_probs(outputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(log_probs, label_mask)` of a fused LM head's output (per-token log-probabilities of the next-token labels,
+    without logits, as TRL's `SFTTrainer` computes its loss), or None for any other output."""
+    log_probs = getattr(outputs, "log_probs", None)
+    label_mask = getattr(outputs, "label_mask", None)
+    if isinstance(log_probs, torch.Tensor) and isinstance(label_mask, torch.Tensor):
+        return log_probs, label_mask
+    return None
+
+
+@contextlib.contextmanager
+def capture_outputs(module: torch.nn.Module) -> Iterator[list]:
+    """Collects what `module` returns in every forward of the block, in order (the yielded list)."""
+    captured: list = []
+    hook = module.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        yield captured
+    finally:
+        hook.remove()
+
+
+def unwrapped_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone_of(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's backbone, whose last hidden state its LM head turns into logits (None if it has none)."""
+    model = unwrapped_model(model)
+    backbone = getattr(model, "base_model", None)
+    return backbone if isinstance(backbone, torch.nn.Module) and backbone is not model else None
+
+
+def last_hidden_state(output) -> torch.Tensor:
+    return output["last_hidden_state"] if hasattr(output, "keys") else output[0]
+
+
+@dataclass
+class PassOutputs:
+    """What one training pass's forwards returned: the model's outputs and, when asked, the backbone's."""
+
+    outputs: list = field(default_factory=list)
+    backbone_outputs: list = field(default_factory=list)
+
+    @property
+    def output(self):
+        """The pass's first model output: the forward whose loss is trained (a host may add no-grad forwards after
+        it, as TRL's `SFTTrainer` does for its metrics under label smoothing)."""
+        if not self.outputs:
+            raise ValueError(
+                "The loss term (SAF, MESA) reads the model's outputs in its training pass, but the trainer's"
+                " compute_loss ran no forward of `trainer.model`. Call the model the trainer holds in compute_loss."
+            )
+        return self.outputs[0]
+
+    @property
+    def hidden_state(self) -> torch.Tensor | None:
+        return last_hidden_state(self.backbone_outputs[0]) if self.backbone_outputs else None
+
+
+@contextlib.contextmanager
+def capture_pass(model: torch.nn.Module, hidden_state: bool) -> Iterator[PassOutputs]:
+    """The outputs of `model` (and of its backbone with `hidden_state`) in every forward of the block."""
+    captured = PassOutputs()
+    backbone = backbone_of(model) if hidden_state else None
+    with contextlib.ExitStack() as stack:
+        captured.outputs = stack.enter_context(capture_outputs(model))
+        if backbone is not None:
+            captured.backbone_outputs = stack.enter_context(capture_outputs(backbone))
+        yield captured
 
 
 def one_output_message(method: str) -> str:

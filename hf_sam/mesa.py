@@ -4,13 +4,26 @@ average of the weights, an `EMATeacher` (eval mode, no grad). The math: docs/met
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import types
 from typing import Any
 
 import torch
 from torch import nn
 
-from .loss_term import LossTerm, kl_to_target, logits_of, term_scale, token_mask
+from .loss_term import (
+    LossTerm,
+    backbone_of,
+    capture_outputs,
+    kl_to_target,
+    last_hidden_state,
+    logits_of,
+    per_token_log_probs,
+    term_scale,
+    token_mask,
+    unwrapped_model,
+)
 from .tensors import DTensor, local
 
 
@@ -33,10 +46,14 @@ class EMATeacher:
         shared = {id(p): p for p in model.parameters() if not p.requires_grad}
         shared.update({id(b): b for b in model.buffers()})
         self.module = copy.deepcopy(model, memo=shared)
-        # accelerate patches `forward` on the instance (autocast, fp32 outputs); the copy uses the class's own
-        # forward, and the caller enters the autocast context itself.
-        for attribute in ("forward", "_original_forward"):
-            self.module.__dict__.pop(attribute, None)
+        # accelerate patches `forward` on the instance (autocast, fp32 outputs), and TRL's SFTTrainer patches the
+        # causal LM inside a PEFT wrapper (its fused LM head) with a function that closes over the *original*
+        # model's forward: copied, it would run the student's weights. Every module of the copy uses its class's
+        # own forward, and the caller enters the autocast context itself.
+        for module in self.module.modules():
+            if isinstance(module.__dict__.get("forward"), types.MethodType):
+                module.__dict__.pop("forward")
+            module.__dict__.pop("_original_forward", None)
         self.module.eval()
         self.names: list[str] = []
         self.student: list[torch.Tensor] = []
@@ -118,11 +135,18 @@ class ShardedEMATeacher(EMATeacher):
 class MESATerm(LossTerm):
     """MESA's term: KL to the EMA teacher's logits, per example or per labelled token; the EMA follows every step."""
 
+    needs_hidden_state = True
+
     def __init__(self, trainer):
         super().__init__(trainer)
         model, decay = trainer.model, self.args.mesa_ema_decay
         sharded = any(isinstance(p, DTensor) for p in model.parameters())
         self.teacher = ShardedEMATeacher(model, decay) if sharded else EMATeacher(model, decay)
+        # Under a fused LM head the student's logits are recomputed from its last hidden state; the first such
+        # pass checks on the teacher that the LM head alone gives the model's logits (no scaling or softcapping).
+        self.head_checked = False
+        self._teacher_hidden: torch.Tensor | None = None
+        self._teacher_logits_for_check: torch.Tensor | None = None
 
     def prepare(self, inputs: dict[str, Any]) -> torch.Tensor | None:
         """The teacher's logits for `inputs` (no gradient), or None before `mesa_start_epoch`. It runs before the
@@ -136,20 +160,31 @@ class MESATerm(LossTerm):
             # Labels only feed the teacher's own loss (encoder-decoders build their decoder inputs from them).
             teacher_inputs.pop("labels", None)
             teacher_inputs.pop("shift_labels", None)
-        with trainer.accelerator.autocast():
-            return logits_of(self.teacher(teacher_inputs), self.args.sam_method)
+        backbone = backbone_of(self.teacher.module) if not self.head_checked else None
+        with trainer.accelerator.autocast(), contextlib.ExitStack() as stack:
+            hidden = stack.enter_context(capture_outputs(backbone)) if backbone is not None else []
+            logits = logits_of(self.teacher(teacher_inputs), self.args.sam_method)
+        self._teacher_hidden = last_hidden_state(hidden[0]) if hidden else None
+        self._teacher_logits_for_check = logits if hidden else None
+        return logits
 
-    def term(self, inputs, outputs, index, prepared, num_items_in_batch) -> torch.Tensor | None:
+    def term(self, inputs, captured, index, prepared, num_items_in_batch) -> torch.Tensor | None:
         args, trainer, teacher_logits = self.args, self.trainer, prepared
         if teacher_logits is None:
             trainer._sam_metrics.add("sam/passes_per_step", 1.0)
             return None
-        if "shift_labels" in inputs:
-            labels, shift = inputs["shift_labels"], False
+        fused = per_token_log_probs(captured.output)
+        if fused is not None:
+            logits, teacher_logits = self._scored_positions(captured.hidden_state, fused[1], teacher_logits)
+            mask = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
         else:
-            labels, shift = inputs.get("labels"), trainer._sam_loss_shifts_labels()
-        logits, mask = token_mask(logits_of(outputs, args.sam_method), labels, shift)
-        teacher_logits, _ = token_mask(teacher_logits, labels, shift)
+            self.head_checked = True
+            if "shift_labels" in inputs:
+                labels, shift = inputs["shift_labels"], False
+            else:
+                labels, shift = inputs.get("labels"), trainer._sam_loss_shifts_labels()
+            logits, mask = token_mask(logits_of(captured.output, args.sam_method), labels, shift)
+            teacher_logits, _ = token_mask(teacher_logits, labels, shift)
         kl = torch.where(mask, kl_to_target(logits, teacher_logits, args.mesa_tau, args.sam_method), 0.0)
         count = mask.sum()
         term = args.mesa_lambda * args.mesa_tau**2 * kl.sum() * term_scale(trainer, count, num_items_in_batch)
@@ -157,6 +192,45 @@ class MESATerm(LossTerm):
         # A no-grad forward counted as a third of a pass (backward = 2 forwards), as ESAM's SDS forward.
         trainer._sam_metrics.add("sam/passes_per_step", 1.0 + 1 / 3)
         return term
+
+    def _scored_positions(self, hidden: torch.Tensor | None, label_mask: torch.Tensor, teacher_logits: torch.Tensor):
+        """Student and teacher logits `(scored tokens, vocab)` when the host's loss came from a fused LM head
+        (per-token log-probabilities, no logits): the student's are its LM head applied to its last hidden state at
+        the scored positions only, with gradient."""
+        if hidden is None:
+            raise ValueError(
+                "sam_method='mesa' needs the student's logits, but the model returned per-token log-probabilities"
+                " (a fused LM head) and has no backbone (`model.base_model`) whose last hidden state gives them."
+                " Use a transformers causal LM, or a SAM method such as --sam_method sam."
+            )
+        # The fused head scores the label at t + 1 from position t (label_mask has one position less), or takes
+        # pre-shifted labels position by position.
+        if label_mask.shape[1] == hidden.shape[1] - 1:
+            hidden, teacher_logits = hidden[:, :-1], teacher_logits[:, :-1]
+        lm_head = unwrapped_model(self.trainer.model).get_output_embeddings()
+        if not self.head_checked:
+            self._check_head(label_mask)
+        # Only the scored positions, as the fused head itself does: the full (batch, length, vocabulary) logits with
+        # gradient are what it avoids. The boolean index costs one device-to-host sync, as in TRL's own head.
+        return lm_head(hidden[label_mask]), teacher_logits[label_mask]
+
+    def _check_head(self, label_mask: torch.Tensor) -> None:
+        """Once per run: the LM head on the teacher's last hidden state must give the teacher's own logits; a model
+        that scales or softcaps its logits after the head would make the recomputed student logits wrong."""
+        teacher = unwrapped_model(self.teacher.module)
+        hidden, logits = self._teacher_hidden, self._teacher_logits_for_check
+        if hidden.shape[1] == label_mask.shape[1] + 1:
+            hidden, logits = hidden[:, :-1], logits[:, :-1]
+        with torch.no_grad(), self.trainer.accelerator.autocast():
+            recomputed = teacher.get_output_embeddings()(hidden[label_mask]).float()
+        if not torch.allclose(recomputed, logits[label_mask].float(), rtol=1e-3, atol=1e-3):
+            raise ValueError(
+                f"sam_method='mesa' under a fused LM head recomputes the student's logits as lm_head(hidden state),"
+                f" but {type(teacher).__name__} transforms its logits after the LM head (a scale or softcapping), so"
+                " they would be wrong. Use --sam_method sam (or another method that perturbs the weights) here."
+            )
+        self.head_checked = True
+        self._teacher_hidden = self._teacher_logits_for_check = None
 
     def after_optimizer_step(self) -> None:
         """v <- beta v + (1 - beta) w right after each optimizer step."""

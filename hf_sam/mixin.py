@@ -9,6 +9,7 @@ work unchanged.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
@@ -16,9 +17,17 @@ from torch import nn
 
 from .checkpoint import load_run_state, save_run_state
 from .components import LOSS_TERMS
-from .esam import per_example_loss, take_examples
+from .esam import per_example_loss, per_example_nll, take_examples
 from .gsam import step_rho
-from .loss_term import AfterOptimizerStep, logits_of, loss_shifts_labels
+from .host_state import off_the_record
+from .loss_term import (
+    AfterOptimizerStep,
+    capture_outputs,
+    capture_pass,
+    logits_of,
+    loss_shifts_labels,
+    per_token_log_probs,
+)
 from .metrics import SAMMetrics
 from .msam import split_batch
 from .replay import capture_rng, frozen_bn_stats, restore_rng
@@ -31,6 +40,15 @@ from .tensors import all_reduce_mean_, local
 from .zero import ZeroStep, without_shm_comm_build
 
 
+def _args_position(init) -> int:
+    """Where a trainer's `__init__` takes its training arguments positionally (1 when it does not say by name)."""
+    parameters = list(inspect.signature(init).parameters.values())
+    for i, parameter in enumerate(parameters):
+        if parameter.name == "args" and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            return i
+    return 1
+
+
 class SAMMixin:
     """Put in front of `transformers.Trainer` (or any subclass) to train with SAM and its variants.
 
@@ -40,21 +58,32 @@ class SAMMixin:
     Example:
 
     ```python
-    class SAMDPOTrainer(SAMMixin, DPOTrainer): ...
+    class SAMMyTrainer(SAMMixin, MyTrainer): ...  # TRL's SFTTrainer and DPOTrainer ship ready-made
     ```
     """
 
+    # The arguments class built when none is passed (None: SAMTrainingArguments); the ready-made TRL trainers set
+    # their config class, which the host trainer needs.
+    sam_default_args_class: type | None = None
+
     def __init__(self, *args: Any, **kwargs: Any):
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        # `args` is the host's second parameter for Trainer and SFTTrainer, the third for DPOTrainer (after ref_model).
+        position = _args_position(super().__init__)
+        training_args = kwargs.get("args", args[position] if len(args) > position else None)
         if training_args is None:
             from .arguments import SAMTrainingArguments
 
-            kwargs["args"] = SAMTrainingArguments(output_dir="trainer_output")
+            training_args = (self.sam_default_args_class or SAMTrainingArguments)(output_dir="trainer_output")
+            if len(args) > position:
+                args = (*args[:position], training_args, *args[position + 1 :])
+            else:
+                kwargs["args"] = training_args
         elif not hasattr(training_args, "sam_method"):
             raise ValueError(
                 f"{type(self).__name__} needs the sam_* fields: pass SAMTrainingArguments (or a TrainingArguments"
                 f" subclass with SAMArgumentsMixin in front) instead of {type(training_args).__name__}."
             )
+        self._sam_check_host(training_args)
         with without_shm_comm_build():  # the Accelerator may set up DeepSpeed's process group here
             super().__init__(*args, **kwargs)
         self._sam_metrics = SAMMetrics()
@@ -64,6 +93,9 @@ class SAMMixin:
             self.add_callback(AfterOptimizerStep(self._sam_after_optimizer_step))
         if self.args.sam_enabled:
             check_sam_setup(self)  # also hands AdaSAM's optimizer to Trainer
+
+    def _sam_check_host(self, args) -> None:
+        """Refuse, before the host trainer builds anything, a method this host cannot run (see `SAMDPOTrainer`)."""
 
     def train(self, *args: Any, **kwargs: Any):
         # Parameters may be replaced between __init__ and the first step (FSDP2 sharding, model_init), so the
@@ -136,7 +168,8 @@ class SAMMixin:
             zero.begin()
         if index == 0:
             if self._sam.perturbation.mask is not None:
-                self._sam.perturbation.mask.before_step(self, self._sam.perturbation.params)
+                with off_the_record(self):  # the Fisher passes are no training passes of the host's
+                    self._sam.perturbation.mask.before_step(self, self._sam.perturbation.params)
             self._sam.esam.before_step(self.state.global_step)
             # One decision per optimizer step, seeded by (seed, global_step): identical on every rank.
             self._sam.window_is_sam = is_sam_step(self.args, self.state.global_step, self.state.max_steps)
@@ -275,7 +308,8 @@ class SAMMixin:
             return self._esam_selected_descent(model, inputs, rng, clean, clean_examples)
         if rng is not None:
             restore_rng(rng, self.args.device)
-        with frozen_bn_stats(self._sam.bn_layers):
+        # Only the clean pass feeds the host's token counts and per-pass metrics (TRL's num_tokens, token accuracy).
+        with frozen_bn_stats(self._sam.bn_layers), off_the_record(self):
             loss = super().training_step(model, dict(inputs), num_items_in_batch)
         self._sam.guard.note(loss)
         return loss
@@ -284,13 +318,23 @@ class SAMMixin:
         prepared = self._prepare_inputs(dict(inputs))
         if rng is not None:
             restore_rng(rng, self.args.device)
-        with torch.no_grad(), frozen_bn_stats(self._sam.bn_layers), self.compute_loss_context_manager():
-            outputs = self.model(**prepared)  # unwrapped: a no-grad forward needs no DDP bookkeeping
-            rise = self.per_example_loss(outputs, prepared) - clean_examples
+        with torch.no_grad(), frozen_bn_stats(self._sam.bn_layers), off_the_record(self):
+            # The host's own loss computation, as in the clean pass, so both score examples from the same kind of
+            # output (logits, or a fused LM head's per-token log-probabilities). Unwrapped: no DDP bookkeeping.
+            with self.compute_loss_context_manager(), capture_outputs(self.model) as captured:
+                self.compute_loss(self.model, dict(prepared))
+            rise = self.per_example_loss(captured[-1], prepared) - clean_examples
+        batch = next(v.shape[0] for v in prepared.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        if rise.shape != (batch,):
+            raise ValueError(
+                f"ESAM's data selection needs one loss per example, but per_example_loss gave shape"
+                f" {tuple(rise.shape)} for a batch of {batch}. Override `per_example_loss(outputs, inputs)` for this"
+                " trainer's loss, or set --esam_gamma 1."
+            )
         subset = take_examples(dict(inputs), self._sam.esam.select(rise, prepared.get("labels")), rise.shape[0])
         if rng is not None:
             restore_rng(rng, self.args.device)
-        with frozen_bn_stats(self._sam.bn_layers):
+        with frozen_bn_stats(self._sam.bn_layers), off_the_record(self):
             # num_items_in_batch counts the whole window: the subset's loss is its own mean instead.
             self._sam.guard.note(super().training_step(model, subset, None))
         return clean + rise.mean().detach() / self.current_gradient_accumulation_steps
@@ -299,12 +343,16 @@ class SAMMixin:
         """Loss of each example of the batch (ESAM's data selection). Override for other heads or losses.
 
         Args:
-            outputs: What the model returned for `inputs` (a `ModelOutput`, dict or tuple with logits).
-            inputs (`dict`): The prepared batch, with `labels`.
+            outputs: What the model returned for `inputs`: a `ModelOutput`, dict or tuple with logits, or a fused LM
+                head's output with per-token `log_probs` and `label_mask` (TRL's `SFTTrainer`).
+            inputs (`dict`): The prepared batch, with `labels` (not needed for a fused LM head's output).
 
         Returns:
             `torch.Tensor` of shape `(batch,)`.
         """
+        token_log_probs = per_token_log_probs(outputs)
+        if token_log_probs is not None:
+            return per_example_nll(*token_log_probs)
         logits = logits_of(outputs, "esam")
         labels = inputs.get("labels")
         if labels is None:
@@ -386,12 +434,17 @@ class SAMMixin:
             )
         if self._sam.loss_term is None:
             self._sam_loss_term_build()
-        prepared = self._sam.loss_term.prepare(inputs)
+        loss_term = self._sam.loss_term
+        prepared = loss_term.prepare(inputs)
+        # The term reads the pass's own outputs through hooks rather than `return_outputs=True`, which a host may
+        # answer with an extra forward (TRL's SFTTrainer computes its loss without logits and recomputes them).
         # Trainer may pop `labels` (label smoothing) from the dict it gets: pass a copy, keep ours for MESA's mask.
-        loss, outputs = super().compute_loss(
-            model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
-        term = self._sam.loss_term.term(inputs, outputs, index, prepared, num_items_in_batch)
+        with capture_pass(self.model, loss_term.needs_hidden_state) as captured:
+            result = super().compute_loss(
+                model, dict(inputs), return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        loss, outputs = result if return_outputs else (result, None)
+        term = loss_term.term(inputs, captured, index, prepared, num_items_in_batch)
         if term is not None:
             loss = loss + term
         return (loss, outputs) if return_outputs else loss

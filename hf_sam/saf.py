@@ -246,14 +246,14 @@ class SAFTerm(LossTerm):
         dataset = trainer.train_dataset
         self.bank = LogitBank(len(dataset), self.args.saf_lag_epochs, self.args.device, example_ids(dataset))
 
-    def term(self, inputs, outputs, index, prepared, num_items_in_batch) -> torch.Tensor | None:
+    def term(self, inputs, captured, index, prepared, num_items_in_batch) -> torch.Tensor | None:
         args, trainer = self.args, self.trainer
         if index is None:
             raise ValueError(
                 f"sam_method='saf' needs the example index column {INDEX_COLUMN!r} in every training batch. SAMTrainer"
                 " adds it to a datasets.Dataset or a dataset of dicts; a custom collator must pass it through."
             )
-        logits = logits_of(outputs, args.sam_method)
+        logits = logits_of(captured.output, args.sam_method)
         bank = self.bank
         rows = bank.rows(index.to(logits.device).long().reshape(-1))
         epoch = trainer.state.epoch or 0.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers.utils import logging
 
-from .loss_term import one_output_message
+from .loss_term import loss_shifts_labels, one_output_message
 from .methods import METHODS
 from .perturbation import select_perturbed
 from .saf import is_map_style
@@ -77,6 +77,12 @@ def check_loss_term_setup(trainer) -> None:
     config = getattr(trainer.model, "config", None)
     if getattr(config, "num_labels", None) == 1 or getattr(config, "problem_type", None) == "regression":
         raise ValueError(one_output_message(trainer.args.sam_method))
+    if trainer.args.sam_loss_term == "saf" and loss_shifts_labels(trainer):
+        raise ValueError(
+            "sam_method='saf' keeps one row of logits per training example, and a causal language model has a"
+            " (sequence x vocabulary) block per example: the bank would not fit in memory. Use --sam_method mesa"
+            " (an EMA teacher instead of a per-example bank) or a SAM method such as --sam_method sam."
+        )
 
 
 def _check_deepspeed(trainer) -> None:

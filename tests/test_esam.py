@@ -42,15 +42,16 @@ def test_descent_runs_on_the_selected_examples_only(tmp_path):
 
     class Recording(SequentialSAMTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
-            sizes.append(len(inputs["labels"]))
+            sizes.append((len(inputs["labels"]), torch.is_grad_enabled()))
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     trainer = Recording(model=tiny_bert(), train_dataset=tiny_dataset(), args=sam_args(
         tmp_path, sam_method="esam", esam_gamma=0.3, esam_selection="batch", per_device_train_batch_size=5,
         max_steps=2))  # fmt: skip
     trainer.train()
-    # per step: the clean pass on all 5 examples, then the descent on ceil(0.3 * 5) = 2
-    assert sizes == [5, 2, 5, 2]
+    # per step: the clean pass on all 5 examples, the no-grad scoring forward at w + eps (through the trainer's own
+    # loss, as the clean pass), then the descent on ceil(0.3 * 5) = 2
+    assert sizes == [(5, True), (5, False), (2, True)] * 2
 
 
 def test_per_class_selection_keeps_each_class_share():
@@ -117,3 +118,16 @@ def test_trainer_per_example_loss_reads_logits_from_any_output_form(tmp_path):
     for outputs in ({"logits": logits}, (torch.tensor(1.0), logits), (logits,)):
         torch.testing.assert_close(trainer.per_example_loss(outputs, {"labels": labels}), expected)
     assert trainer._sam_loss_shifts_labels() is False  # a sequence classifier scores unshifted labels
+
+
+def test_per_example_losses_of_another_shape_than_the_batch_are_refused(tmp_path):
+    # A host whose loss is not per example (DPO's preference pairs: chosen and rejected stacked) would otherwise
+    # select rows of nothing and silently run the descent on the whole batch.
+    class PairLosses(SequentialSAMTrainer):
+        def per_example_loss(self, outputs, inputs):
+            return super().per_example_loss(outputs, inputs).repeat(2)
+
+    trainer = PairLosses(model=tiny_bert(), train_dataset=tiny_dataset(), args=sam_args(
+        tmp_path, sam_method="esam", per_device_train_batch_size=4, max_steps=1))  # fmt: skip
+    with pytest.raises(ValueError, match="one loss per example"):
+        trainer.train()

@@ -40,7 +40,9 @@ STEPS = 7
 
 class FaultInjector(SequentialSAMTrainer):
     """Multiplies the loss by `value` in the `phase` pass ("clean" or "perturbed") of the `at`-th SAM step (from 1),
-    or raises `value` there when it is an exception. Only the first pass of that phase in that step is hit."""
+    or raises `value` there when it is an exception. Only the first pass of that phase in that step is hit, and only
+    a pass with gradient: ESAM's no-grad scoring forward also goes through `compute_loss`, but only its outputs count
+    (a non-finite loss at w + eps shows in the descent pass that follows)."""
 
     def __init__(self, *args, phase: str, at: int = 2, value=math.nan, **kwargs):
         super().__init__(*args, **kwargs)
@@ -69,7 +71,7 @@ class FaultInjector(SequentialSAMTrainer):
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         loss = super().compute_loss(model, inputs, *args, **kwargs)
-        if self._in == self.phase and self.sam_steps == self.at and self.hit_step is None:
+        if self._in == self.phase and self.sam_steps == self.at and self.hit_step is None and torch.is_grad_enabled():
             self.hit_step = self.state.global_step
             if isinstance(self.value, BaseException):
                 assert self._sam.perturbation.active == (self.phase == "perturbed")

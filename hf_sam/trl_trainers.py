@@ -1,0 +1,66 @@
+"""Ready-made TRL trainers: `SAMMixin` in front of TRL's `SFTTrainer` and `DPOTrainer`, `SAMArgumentsMixin` in front
+of their configs. Importing this module needs `trl` (`pip install hf-sam[trl]`); `import hf_sam` does not.
+
+Every pass still goes through the TRL trainer's own `training_step` and `compute_loss` (its fused LM head, loss
+types, activation offloading); only the step's clean pass feeds TRL's metrics and token count
+(`hf_sam.host_state`). What each method does with a causal LM: docs/language-models.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+from .arguments import SAMArgumentsMixin
+from .mixin import SAMMixin
+
+
+@dataclass
+class SAMSFTConfig(SAMArgumentsMixin, SFTConfig):
+    __doc__ = "[`~trl.SFTConfig`] plus the `sam_*` fields of [`SAMArgumentsMixin`].\n\n" + (
+        SAMArgumentsMixin.__doc__ or ""
+    )
+
+
+class SAMSFTTrainer(SAMMixin, SFTTrainer):
+    """TRL's `SFTTrainer` with the SAM step of `SAMMixin`; same signature as `SFTTrainer`.
+
+    Pass [`SAMSFTConfig`] as `args`; `sam_method="none"` reproduces `SFTTrainer` bit for bit, and so does any SAM
+    method at `sam_rho=0`, logged metrics and token counts included.
+    """
+
+    sam_default_args_class = SAMSFTConfig
+
+
+@dataclass
+class SAMDPOConfig(SAMArgumentsMixin, DPOConfig):
+    __doc__ = "[`~trl.DPOConfig`] plus the `sam_*` fields of [`SAMArgumentsMixin`].\n\n" + (
+        SAMArgumentsMixin.__doc__ or ""
+    )
+
+
+class SAMDPOTrainer(SAMMixin, DPOTrainer):
+    """TRL's `DPOTrainer` with the SAM step: the policy is perturbed, the reference model (or, under PEFT, the base
+    with the adapters disabled) is not. Pass [`SAMDPOConfig`] as `args`.
+
+    Refused: ESAM's data selection (`esam_gamma < 1`), whose per-example losses would have to be DPO's per-pair loss,
+    and the one-pass loss terms (SAF, MESA), whose teacher or bank would score the model on DPO's preference batches
+    (prompt, chosen and rejected columns, not model inputs).
+    """
+
+    sam_default_args_class = SAMDPOConfig
+
+    def _sam_check_host(self, args) -> None:
+        if args.sam_loss_term != "none":
+            raise ValueError(
+                f"sam_method={args.sam_method!r} is not supported by SAMDPOTrainer: its loss term compares the"
+                " model's logits with a teacher's (MESA) or a bank's (SAF) per training input, and DPO's batches are"
+                " preference pairs. Use a method that perturbs the weights, e.g. --sam_method sam."
+            )
+        if args.sam_enabled and args.esam_gamma < 1:
+            raise ValueError(
+                f"ESAM's data selection (esam_gamma={args.esam_gamma}) ranks examples by their own loss, which DPO"
+                " only defines per preference pair: SAMDPOTrainer does not select. Set --esam_gamma 1 (ESAM's weight"
+                " perturbation alone) or use --sam_method sam."
+            )

