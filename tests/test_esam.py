@@ -83,7 +83,7 @@ def test_batch_selection_matches_reference(tmp_path):
     from tests.test_trainer import train_with_reference
 
     trainer, reference_model, _ = train_with_reference(
-        tmp_path, "sgd", 2, "window", {"sam_method": "esam", "esam_selection": "batch"},
+        tmp_path, "sgd", 2, "window", {"sam_method": "esam", "esam_gamma": 0.5, "esam_selection": "batch"},
         {"rho": 0.05, "esam_beta": 0.6, "esam_gamma": 0.5, "esam_selection": "batch"},
     )  # fmt: skip
     assert_same_weights(state(trainer.model), state(reference_model), exact=False, atol=1e-6)
@@ -128,6 +128,6 @@ def test_per_example_losses_of_another_shape_than_the_batch_are_refused(tmp_path
             return super().per_example_loss(outputs, inputs).repeat(2)
 
     trainer = PairLosses(model=tiny_bert(), train_dataset=tiny_dataset(), args=sam_args(
-        tmp_path, sam_method="esam", per_device_train_batch_size=4, max_steps=1))  # fmt: skip
+        tmp_path, sam_method="esam", esam_gamma=0.5, per_device_train_batch_size=4, max_steps=1))  # fmt: skip
     with pytest.raises(ValueError, match="one loss per example"):
         trainer.train()

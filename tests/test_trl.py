@@ -305,12 +305,12 @@ def test_only_the_trl_module_imports_trl_and_a_missing_trl_names_the_extra(monke
         getattr(hf_sam, "SAMSFTTrainer")  # noqa: B009 - the lazy lookup under test
 
 
-@pytest.mark.parametrize("method, match", [("mesa", "preference pairs"), ("saf", "preference pairs"),
-                                           ("esam", "esam_gamma 1")])  # fmt: skip
-def test_dpo_refuses_what_needs_a_per_example_loss_or_model_inputs(tmp_path, method, match):
+@pytest.mark.parametrize("method, extra, match", [("mesa", {}, "preference pairs"), ("saf", {}, "preference pairs"),
+                                                  ("esam", {"esam_gamma": 0.5}, "esam_gamma 1")])  # fmt: skip
+def test_dpo_refuses_what_needs_a_per_example_loss_or_model_inputs(tmp_path, method, extra, match):
     from hf_sam import SAMDPOConfig, SAMDPOTrainer
 
-    args = SAMDPOConfig(output_dir=str(tmp_path), sam_method=method, use_cpu=True, report_to="none")
+    args = SAMDPOConfig(output_dir=str(tmp_path), sam_method=method, use_cpu=True, report_to="none", **extra)
     with pytest.raises(ValueError, match=match):  # `args` given positionally, after ref_model
         SAMDPOTrainer(tiny_llama(), tiny_llama(), args)
 
