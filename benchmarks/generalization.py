@@ -15,8 +15,8 @@ restarted; `--report` turns the file into a markdown table and PNG plots (accura
     python benchmarks/generalization.py --tasks mnist mnist-noisy --seeds 0 1 2 --workers 2
     python benchmarks/generalization.py --tasks trec --methods none sam asam --grid sam asam --seeds 0 1 2
     python benchmarks/generalization.py --report
-    python benchmarks/generalization.py --tasks mnist --lengths short --methods sam --set esam_gamma=0.5 \
-        esam_selection=batch --results benchmarks/results/probe.jsonl
+    python benchmarks/generalization.py --tasks mnist --lengths short --methods sam --results probe.jsonl \\
+        --set esam_gamma=0.5 esam_selection=batch
 
 `--set` adds fields to every method but `none` (the row's label then shows them); `--report` names its tables and
 plots after the results file (`generalization.md`, `probe.md`, ...).
@@ -43,6 +43,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see examples/demo.py: spi
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.overhead import parse_overrides  # the same --set syntax as overhead.py
+
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 # Epochs of each training length, and the recipe every method of a task shares.
@@ -413,16 +416,6 @@ def report(cli) -> None:
         print(f"wrote {png}")
 
 
-def parse_setting(item: str) -> tuple[str, object]:
-    name, sep, text = item.partition("=")
-    if not sep:
-        raise SystemExit(f"--set takes FIELD=VALUE, got {item!r}")
-    try:
-        return name, json.loads(text)
-    except json.JSONDecodeError:
-        return name, text
-
-
 def main() -> None:
     from hf_sam import METHODS
 
@@ -454,7 +447,7 @@ def main() -> None:
     if cli.report:
         report(cli)
         return
-    cli.settings = dict(parse_setting(item) for item in cli.settings)
+    cli.settings = parse_overrides(cli.settings)
     cli.methods = ["none"] + [m for m in cli.methods if m != "none"]
     unknown = sorted(set(cli.methods) - set(METHODS))
     if unknown:

@@ -332,6 +332,19 @@ class LogFinalStepCallback(TrainerCallback):
         return control
 
 
+def train_and_save(trainer, train_samples: int, checkpoint: str | None) -> dict[str, Any]:
+    """Train (resuming from `checkpoint` when given), save the model and the trainer state, and log and save the
+    train metrics with `train_samples` and the `sam_summary` of the run. Returns those metrics."""
+    metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    metrics["train_samples"] = train_samples
+    metrics.update(sam_summary(trainer.state.log_history))
+    trainer.save_model()
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics
+
+
 def sam_summary(log_history: list[dict]) -> dict[str, float]:
     """Mean of every logged `sam/*` (and SAF's `saf/*`, MESA's `mesa/*`) metric over training (`none` logs none).
 

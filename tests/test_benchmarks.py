@@ -57,9 +57,12 @@ def test_summary_pairs_each_seed_with_the_plain_run_of_that_seed(bench):
 
 def test_set_fields_make_their_own_rows(bench):
     # `--set` runs are labelled and keyed by their fields: they neither collide with nor replace the preset's rows.
-    assert bench.parse_setting("esam_gamma=0.5") == ("esam_gamma", 0.5)
-    assert bench.parse_setting("esam_selection=batch") == ("esam_selection", "batch")
-    assert bench.parse_setting("adasam_bias_correction=false") == ("adasam_bias_correction", False)
+    settings = ["esam_gamma=0.5", "esam_selection=batch", "adasam_bias_correction=false"]
+    assert bench.parse_overrides(settings) == {
+        "esam_gamma": 0.5,
+        "esam_selection": "batch",
+        "adasam_bias_correction": False,
+    }
     row = {"task": "mnist", "length": "short", "method": "sam", "scale": 1.0, "seed": 0, "device": "cpu",
            "radius": 0.05, "epochs": 10, "accuracy": 0.5, "train_seconds": 2.0, "passes_per_step": 2.0}  # fmt: skip
     variant = {**row, "settings": {"esam_gamma": 0.5, "esam_selection": "batch"}, "accuracy": 0.4}

@@ -68,9 +68,9 @@ from example_utils import (
     from_pretrained,
     load_hub_dataset,
     parse_args,
-    sam_summary,
     setup_logging,
     shutdown_distributed,
+    train_and_save,
 )
 
 from hf_sam import SAMTrainer, SAMTrainingArguments
@@ -345,15 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {}
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        metrics = dict(train_result.metrics)
-        metrics["train_samples"] = len(train_dataset)
-        metrics.update(sam_summary(trainer.state.log_history))
-        trainer.save_model()
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        results.update(metrics)
+        results.update(train_and_save(trainer, len(train_dataset), checkpoint))
 
     if training_args.do_eval:
         metrics = trainer.evaluate()

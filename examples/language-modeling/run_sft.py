@@ -51,9 +51,9 @@ from example_utils import (  # noqa: E402
     from_pretrained,
     load_hub_dataset,
     parse_args,
-    sam_summary,
     setup_logging,
     shutdown_distributed,
+    train_and_save,
 )
 
 from hf_sam import SAMSFTConfig, SAMSFTTrainer  # noqa: E402
@@ -182,14 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         peft_config=get_peft_config(model_args),
         callbacks=[LogFinalStepCallback()],
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
-    metrics = dict(result.metrics)
-    metrics["train_samples"] = len(train)
-    metrics.update(sam_summary(trainer.state.log_history))
-    trainer.save_model()
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
+    metrics = train_and_save(trainer, len(train), training_args.resume_from_checkpoint or last_checkpoint)
     if do_eval:
         eval_metrics = trainer.evaluate()
         eval_metrics["eval_samples"] = len(evaluation)
