@@ -18,8 +18,10 @@ restarted; `--report` turns the file into a markdown table and PNG plots (accura
     python benchmarks/generalization.py --tasks mnist --lengths short --methods sam --results probe.jsonl \\
         --set esam_gamma=0.5 esam_selection=batch
 
-`--set` adds fields to every method but `none` (the row's label then shows them); `--report` names its tables and
-plots after the results file (`generalization.md`, `probe.md`, ...).
+`--set` adds fields to every method but `none` (the row's label then shows them; `--set-none` gives `none` them too,
+next to plain `none`, against which every row is paired). `--set epochs_scale=X` trains X times the task's epochs:
+`--methods none --set epochs_scale=2 --set-none` is the plain optimizer given SAM's wall time. `--report` names its
+tables and plots after the results file (`generalization.md`, `probe.md`, ...).
 
 Every method uses the task's one learning rate, schedule and batch size (the plain optimizer's settings): the
 table shows what switching `--sam_method` does to a given recipe, not each method's best tuned result.
@@ -51,6 +53,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 # Epochs of each training length, and the recipe every method of a task shares.
 TASKS = {
     "trec": {"epochs": {"short": 1, "long": 3}, "lr": 2e-4, "batch": 32, "train": 1000, "test": 1000},
+    "trec-500": {"epochs": {"short": 3, "long": 10}, "lr": 2e-4, "batch": 32, "train": 500, "test": 1000},
     "mnist": {"epochs": {"short": 10, "long": 30}, "lr": 2e-3, "batch": 128, "train": 4000, "test": 1000},
     "mnist-noisy": {"epochs": {"short": 10, "long": 30}, "lr": 2e-3, "batch": 128, "train": 4000, "test": 1000},
 }
@@ -166,7 +169,7 @@ def run_one(cfg: dict) -> dict:
     torch.set_num_threads(cfg["threads"])
     task = {**TASKS[cfg["task"]], **cfg.get("overrides", {})}  # tests shrink the recipe
     set_seed(cfg["seed"])
-    if cfg["task"] == "trec":
+    if cfg["task"].startswith("trec"):
         train, test, tokenizer, path, classes = trec_data(task)
         hf_logging.set_verbosity_error()  # "classifier newly initialized" is expected
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=classes)
@@ -174,9 +177,11 @@ def run_one(cfg: dict) -> dict:
     else:
         train, test = mnist_data(task, noisy=cfg["task"] == "mnist-noisy")
         model, collator = tiny_vit(cfg["seed"]), None
-    epochs = task["epochs"][cfg["length"]]
+    settings = dict(cfg.get("settings", {}))
+    # `--set epochs_scale=1.5` trains that many times the task's epochs: a method's budget given to `none`.
+    epochs = task["epochs"][cfg["length"]] * float(settings.pop("epochs_scale", 1.0))
     steps_per_epoch = -(-len(train) // task["batch"])
-    extra = {**method_args(cfg["method"], cfg["scale"]), **cfg.get("settings", {})}
+    extra = {**method_args(cfg["method"], cfg["scale"]), **settings}
     args = SAMTrainingArguments(
         output_dir=cfg["output_dir"],
         learning_rate=task["lr"],
@@ -235,6 +240,10 @@ def done_keys(path: Path) -> set:
     return {key(json.loads(line)) for line in path.read_text().splitlines() if line.strip()}
 
 
+def label_of(settings: dict) -> str:
+    return "-".join(f"{k}{v}" for k, v in sorted(settings.items()))
+
+
 def plan(cli) -> list[dict]:
     import torch
 
@@ -245,13 +254,17 @@ def plan(cli) -> list[dict]:
             for seed in cli.seeds:
                 for method in cli.methods:
                     scales = cli.scales if method in cli.grid else (1.0,)
+                    settings = [cli.settings] if method != "none" else [{}]
+                    if method == "none" and cli.set_none and cli.settings:
+                        settings.append(cli.settings)  # plain `none` stays: the rows are paired against it
                     for scale in scales if method != "none" else (1.0,):
-                        configs.append({
-                            "task": task, "length": length, "method": method, "scale": scale, "seed": seed,
-                            "device": device, "threads": cli.threads,
-                            "settings": cli.settings if method != "none" else {},
-                            "output_dir": str(RESULTS / "_tmp" / f"{task}-{length}-{method}-{scale}-{seed}"),
-                        })  # fmt: skip
+                        for extra in settings:
+                            run = f"{task}-{length}-{method}-{scale}-{seed}-{label_of(extra)}"
+                            configs.append({
+                                "task": task, "length": length, "method": method, "scale": scale, "seed": seed,
+                                "device": device, "threads": cli.threads, "settings": extra,
+                                "output_dir": str(RESULTS / "_tmp" / run),
+                            })  # fmt: skip
     return configs
 
 
@@ -437,6 +450,11 @@ def main() -> None:
         metavar="FIELD=VALUE",
         dest="settings",
         help="extra SAMTrainingArguments fields for every method but none (JSON values or strings)",
+    )
+    parser.add_argument(
+        "--set-none",
+        action="store_true",
+        help="also run `none` with the --set fields (settings that are not SAM's, such as weight_ema_decay)",
     )
     parser.add_argument("--report", action="store_true", help="only write the table and plots from the results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

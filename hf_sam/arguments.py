@@ -19,6 +19,11 @@ from .zero import check_zero_config, without_shm_comm_build, zero_config
 ACCUMULATION_MODES = ("window", "micro")
 # Choices come from the registries of the pieces: a new piece is a new choice.
 ASCENT_CHOICES = tuple(ASCENT_RULES)
+DIRECTIONS = ("gradient", "momentum")
+MOMENTUM_UNDER_DEEPSPEED = (
+    "sam_direction='momentum' (momentum-sam) reads the optimizer's first moment per parameter, and DeepSpeed ZeRO"
+    " keeps it in flat partitions: run momentum-sam under DDP or FSDP2, or use --sam_method sam under DeepSpeed."
+)
 DESCENT_CHOICES = ("none", *DESCENT_TRANSFORMS)
 ESAM_SELECTIONS = ("per_class", "batch")
 # Optimizers whose `step` happens inside `backward`: the perturbed pass would update the weights at w+eps.
@@ -113,6 +118,9 @@ class SAMArgumentsMixin:
         biases, eps = rho T^2 g / ||T g||), `unnormalized` (USAM: eps = rho g) or `fsam` (Friendly SAM).
     sam_adaptive_eta (`float`, *optional*, defaults to 0.01):
         The `eta` of ASAM.
+    sam_direction (`str`, *optional*, defaults to `"gradient"`):
+        Where eps comes from: `gradient` (a clean forward+backward, then the ascent rule) or `momentum`
+        (Momentum-SAM: eps = -rho m / ||m|| from the optimizer's first moment m, no extra pass).
 
     > Parameters that say how the step fits into training
 
@@ -139,6 +147,14 @@ class SAMArgumentsMixin:
         SAF's weight, temperature, epoch lag of the recorded logits, and first epoch with the term.
     mesa_lambda, mesa_tau, mesa_ema_decay, mesa_start_epoch (*optional*, defaults to 0.8, 5, 0.999, 0.0):
         MESA's weight, temperature, EMA decay of the teacher, and first epoch with the term.
+
+    > Averaging the weights (with any method)
+
+    weight_ema_decay (`float`, *optional*, defaults to 0.0):
+        Decay of an exponential moving average of the trainable weights, warmed up as min(decay, (1 + t) / (10 + t))
+        after t optimizer steps. Evaluation during training uses the average, and it is the model left after
+        `train()`; checkpoints keep the trained weights and the average apart, so a resume continues exactly.
+        0 turns it off.
     """
 
     sam_method: str = field(default="sam", metadata={"help": _method_help(), "choices": list(METHODS)})
@@ -174,6 +190,14 @@ class SAMArgumentsMixin:
     )
     sam_exclude: str | None = field(
         default=None, metadata={"help": "Regex: do not perturb parameters whose name matches."}
+    )
+    sam_direction: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where eps comes from: gradient (a clean pass, then the ascent rule) or momentum (Momentum-SAM:"
+            " eps = -rho m/||m|| from the optimizer's first moment, one pass per step). Default: from the preset.",
+            "choices": list(DIRECTIONS),
+        },
     )
     sam_ascent: str | None = field(
         default=None,
@@ -320,6 +344,14 @@ class SAMArgumentsMixin:
     mesa_start_epoch: float = field(
         default=0.0, metadata={"help": "MESA: add the term from this epoch on (the EMA is updated from the start)."}
     )
+    weight_ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Keep an exponential moving average of the trainable weights (decay warmed up as"
+            " min(decay, (1 + t) / (10 + t))), evaluate with it during training and leave it in the model after"
+            " training. 0 = off; 0.999 is a usual value. Works with every method, `none` included."
+        },
+    )
 
     def __post_init__(self):
         given = self._given_sam_fields()
@@ -328,6 +360,8 @@ class SAMArgumentsMixin:
         self._validate_loss_term_fields()
         self._warn_unused_fields(given)
         self._warn_large_radius()
+        if self.deepspeed and self.sam_enabled and self.sam_direction == "momentum":
+            raise ValueError(MOMENTUM_UNDER_DEEPSPEED)
         if self.deepspeed and (self.sam_enabled or self.sam_loss_term != "none"):
             # Checked before TrainingArguments.__post_init__, which would start setting DeepSpeed up.
             where = f"deepspeed={self.deepspeed!r}" if isinstance(self.deepspeed, str) else "the deepspeed dict"
@@ -335,6 +369,7 @@ class SAMArgumentsMixin:
         with without_shm_comm_build():
             super().__post_init__()  # may set up DeepSpeed's process group: without JIT-building its CPU op
         self._validate_sam_against_training_args()
+        self._validate_weight_ema()
 
     @property
     def _has_descent_transform(self) -> bool:
@@ -412,6 +447,7 @@ class SAMArgumentsMixin:
         # The parser checks choices on the command line; these checks hold for arguments built in Python too.
         for name, choices in (
             ("sam_ascent", ASCENT_CHOICES),
+            ("sam_direction", DIRECTIONS),
             ("sam_descent", DESCENT_CHOICES),
             ("sam_schedule", SCHEDULES),
             ("sam_mask", MASKS),
@@ -460,6 +496,7 @@ class SAMArgumentsMixin:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
                 raise ValueError(f"{name}={value!r} must lie in (0, 1]; the ESAM paper uses beta 0.6, gamma 0.5.")
+        self._validate_momentum_direction()
         if not 0 <= self.fsam_lambda < 1:
             raise ValueError(f"fsam_lambda={self.fsam_lambda} must lie in [0, 1); the paper's default is 0.9.")
         for name in ("sam_interval", "looksam_k", "sam_micro_batches", "sam_fisher_samples"):
@@ -537,6 +574,42 @@ class SAMArgumentsMixin:
                     f"sam_loss_term={term!r} runs one plain pass per step and never perturbs the weights, so"
                     f" {name}={getattr(self, name)!r} has nothing to act on. Drop --{name}, or choose a SAM method."
                 )
+
+    def _validate_momentum_direction(self) -> None:
+        """Momentum-SAM has no clean gradient: the axes that act on it have nothing to act on."""
+        if self.sam_direction != "momentum":
+            return
+        conflicts = {
+            "sam_ascent": self.sam_ascent != "sam",
+            "sam_mask": self.sam_mask != "none",
+            "esam_swp": bool(self.esam_swp),
+            "esam_gamma": self.esam_gamma < 1,
+            "sam_descent": self.sam_descent != "none",
+            "sam_renormalize": bool(self.sam_renormalize),
+            "sam_micro_batches": self.sam_micro_batches > 1,
+            "sam_accumulation": self.sam_accumulation == "micro",
+            "sam_loss_term": self.sam_loss_term != "none",
+        }
+        for name, conflict in conflicts.items():
+            if conflict:
+                raise ValueError(
+                    f"sam_direction='momentum' takes eps from the optimizer's momentum, once per step, without a"
+                    f" clean gradient, so {name}={getattr(self, name)!r} has nothing to act on. Drop --{name}, or"
+                    " use --sam_direction gradient."
+                )
+
+    def _validate_weight_ema(self) -> None:
+        decay = self.weight_ema_decay
+        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 <= decay < 1:
+            raise ValueError(
+                f"weight_ema_decay={decay!r} must lie in [0, 1): 0 turns the average off, 0.999 is usual."
+            )
+        if decay > 0 and self.load_best_model_at_end:
+            raise ValueError(
+                "weight_ema_decay evaluates the averaged weights while checkpoints keep the trained ones, so"
+                " load_best_model_at_end would reload weights that were never scored. Drop --load_best_model_at_end"
+                " (the model left after training is the average), or --weight_ema_decay."
+            )
 
     def _validate_sam_against_training_args(self) -> None:
         if not self.sam_enabled:

@@ -60,6 +60,8 @@ class MethodInfo:
     capabilities: Capabilities = STATELESS
 
 
+MOMENTUM_SAM_RHO = 0.2  # placeholder until the sweep picks it
+
 # Literal registry: name -> preset. `tests/test_trainer.py` fails when a name here has no row in
 # `tests/method_cases.py`.
 METHODS: dict[str, MethodInfo] = {
@@ -69,6 +71,13 @@ METHODS: dict[str, MethodInfo] = {
         "Kwon et al. 2021, arXiv 2102.11600",
         "2.0",
         {"sam_rho": 0.5, "sam_ascent": "adaptive", "sam_adaptive_eta": 0.01},
+    ),
+    "momentum-sam": MethodInfo(
+        "Becker et al. 2024, arXiv 2401.12033",
+        "1.0",
+        {"sam_rho": MOMENTUM_SAM_RHO, "sam_direction": "momentum"},
+        # ZeRO partitions the optimizer's moments into flat buffers, out of reach of a per-parameter perturbation.
+        capabilities=Capabilities(deepspeed=False),
     ),
     "ss-sam": MethodInfo(
         "Zhao et al. 2022, arXiv 2203.09962", "1 + p", {"sam_schedule": "constant", "sam_probability": 0.5}
@@ -143,6 +152,7 @@ AXIS_DEFAULTS: dict[str, Any] = {
     "sam_rho": 0.05,
     "sam_adaptive_eta": 0.01,
     "sam_ascent": "sam",
+    "sam_direction": "gradient",
     "sam_descent": "none",
     "sam_renormalize": False,
     "sam_schedule": "always",

@@ -29,6 +29,7 @@ from .loss_term import (
     per_token_log_probs,
 )
 from .metrics import SAMMetrics
+from .momentum_sam import first_moments, keeps_momentum, no_momentum_message
 from .msam import split_batch
 from .replay import capture_rng, frozen_bn_stats, restore_rng
 from .run import SAMRun
@@ -37,6 +38,7 @@ from .schedules import is_sam_step
 from .setup_checks import check_loss_term_setup, check_sam_setup, check_train_dataset
 from .sync import gradient_sync
 from .tensors import all_reduce_mean_, local
+from .weight_ema import WeightEMA
 from .zero import ZeroStep, without_shm_comm_build
 
 
@@ -90,6 +92,7 @@ class SAMMixin:
         self._sam = SAMRun()  # everything one train() call holds: its pieces and where the step stands
         if self.args.sam_loss_term != "none":
             check_loss_term_setup(self)
+        if self.args.sam_loss_term != "none" or self.args.weight_ema_decay > 0:
             self.add_callback(AfterOptimizerStep(self._sam_after_optimizer_step))
         if self.args.sam_enabled:
             check_sam_setup(self)  # also hands AdaSAM's optimizer to Trainer
@@ -106,12 +109,35 @@ class SAMMixin:
         check_train_dataset(self)
         try:
             with without_shm_comm_build():  # deepspeed.initialize sets up its process group if nothing did before
-                return super().train(*args, **kwargs)
+                result = super().train(*args, **kwargs)
         except BaseException:
             # Interrupted between two micro-batches of a window (a KeyboardInterrupt in the Trainer's loop or a
             # callback), the weights would still be at w + eps.
             self._sam_abort_step()
             raise
+        if self._sam.weight_ema is not None:
+            # The model left after training (saved, pushed, evaluated) is the average; checkpoints written during
+            # training keep the trained weights and the average apart, so a resume continues exactly.
+            self._sam.weight_ema.copy_to_model()
+            self._sam.weight_ema = None
+        return result
+
+    def evaluate(self, *args: Any, **kwargs: Any):
+        with self._sam_averaged_weights():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any):
+        with self._sam_averaged_weights():
+            return super().predict(*args, **kwargs)
+
+    def _sam_averaged_weights(self):
+        """During training with weight_ema_decay: evaluate the averaged weights, then go on from the trained ones."""
+        ema = self._sam.weight_ema
+        return ema.swapped_in() if ema is not None else contextlib.nullcontext()
+
+    def _sam_weight_ema_build(self) -> None:
+        trainable = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        self._sam.weight_ema = WeightEMA(trainable, self.args.weight_ema_decay)
 
     def _sam_abort_step(self) -> None:
         """Undo a SAM step cut short by an exception: w back to its bit-exact value, the step's gradients dropped.
@@ -175,7 +201,10 @@ class SAMMixin:
             self._sam.window_is_sam = is_sam_step(self.args, self.state.global_step, self.state.max_steps)
             self._sam_metrics.add("sam/sam_step_fraction", float(self._sam.window_is_sam))
         try:
-            if not self._sam.window_is_sam:
+            if self._sam.window_is_sam and self.args.sam_direction == "momentum":
+                self._sam_metrics.add("sam/passes_per_step", 1.0)
+                loss = self._sam_momentum_step(model, inputs, index, last, num_items_in_batch)
+            elif not self._sam.window_is_sam:
                 self._sam_metrics.add("sam/passes_per_step", 1.0)
                 loss = super().training_step(model, inputs, num_items_in_batch)
                 if last and self._sam.descent.active:
@@ -231,6 +260,25 @@ class SAMMixin:
                 self._sam.descent.after_sam_step(self._sam.perturbation, self._sam.raw_norm)
             self._sam.forget_step()  # also drops the clean copy of a step whose update was dropped
         return clean
+
+    def _sam_momentum_step(self, model, inputs, index, last, num_items_in_batch) -> torch.Tensor:
+        """Momentum-SAM: every pass of the window runs at w - rho m / ||m||; the update is applied from w."""
+        perturbation = self._sam.perturbation
+        if index == 0:
+            if not keeps_momentum(self.optimizer):
+                raise ValueError(no_momentum_message(self.optimizer))
+            rho = self._sam_rho()
+            # m is identical on every rank (replicated optimizer state) or sharded like its weight (FSDP2): no sync.
+            moments = first_moments(self.optimizer, perturbation.params)  # None before the first update
+            norm = perturbation.shift(moments, -rho)  # -m: along the coming update
+            self._sam_metrics.add("sam/momentum_norm", norm)
+            self._sam_metrics.add("sam/rho", rho)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._sam.guard.note(loss)
+        if last:
+            perturbation.restore()
+            self._sam.guard.update_is_finite(self)  # a loss that w - rho m/||m|| made non-finite: no update
+        return loss
 
     def _sam_micro_step(self, model, inputs, index, window, num_items_in_batch) -> torch.Tensor:
         """One perturbation per micro-batch, or per shard of it (mSAM); earlier descent gradients are set aside."""
@@ -459,9 +507,13 @@ class SAMMixin:
         return self._sam.shifts_labels
 
     def _sam_after_optimizer_step(self) -> None:
-        """A TrainerCallback calls this right after every optimizer step (MESA's EMA update)."""
+        """A TrainerCallback calls this right after every optimizer step (MESA's EMA update, the weight average)."""
         if self._sam.loss_term is not None:
             self._sam.loss_term.after_optimizer_step()
+        if self.args.weight_ema_decay > 0:
+            if self._sam.weight_ema is None:
+                self._sam_weight_ema_build()  # from the weights after the first step
+            self._sam.weight_ema.update()
 
     # ------------------------------------------------------------------ logging and checkpoints
 
@@ -482,16 +534,22 @@ class SAMMixin:
         """Restore what `sam_state_dict` returned: each piece gets the keys of its namespace, with it stripped."""
         if self.args.sam_loss_term != "none" and self._sam.loss_term is None:
             self._sam_loss_term_build()
+        if self.args.weight_ema_decay > 0 and self._sam.weight_ema is None:
+            self._sam_weight_ema_build()
         self._sam.load_state_dict(state, self.args.device, f"sam_method={self.args.sam_method!r}")
+
+    def _sam_has_run_state(self) -> bool:
+        args = self.args
+        return args.sam_enabled or args.sam_loss_term != "none" or args.weight_ema_decay > 0
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.sam_enabled or self.args.sam_loss_term != "none":
+        if self._sam_has_run_state():
             save_run_state(self, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and (self.args.sam_enabled or self.args.sam_loss_term != "none"):
+        if checkpoint is not None and self._sam_has_run_state():
             if self.args.sam_enabled and self._sam.perturbation is None:
                 self._sam_build()
             self.load_sam_state_dict(load_run_state(self, checkpoint))

@@ -95,6 +95,30 @@ class Perturbation:
         return grad_norm, (~finite).float()
 
     @torch.no_grad()
+    def shift(self, directions: list[torch.Tensor | None], rho: float) -> torch.Tensor:
+        """Move the weights to w + rho d / ||d|| (Momentum-SAM: d = m, rho < 0); a None direction leaves its tensor.
+
+        A non-finite or zero norm moves nothing, decided on the device without a host sync.
+
+        Returns:
+            ||d|| over the tensors that have a direction.
+        """
+        chosen = [(p, d) for p, d in zip(self.params, directions) if d is not None]
+        if not chosen:
+            return torch.zeros(())
+        params = [p for p, _ in chosen]
+        norm = global_norm([d for _, d in chosen])
+        scale = torch.where(torch.isfinite(norm) & (norm > 0), rho / norm, torch.zeros_like(norm))
+        local_params = [local(p) for p in params]
+        torch._foreach_copy_([self._backup_for(p) for p in params], local_params)
+        # w += d * scale, with the scale as a device tensor: no host sync, no temporary copy of the directions.
+        torch._foreach_addcmul_(
+            local_params, [local(d) for _, d in chosen], [scale.to(local_params[0].dtype)] * len(params)
+        )
+        self._active = params
+        return norm
+
+    @torch.no_grad()
     def restore(self) -> None:
         """Copy the saved weights back: w is bit-identical to what it was before `ascend`."""
         if not self._active:

@@ -21,6 +21,7 @@ from .masks import SparseMask
 from .perturbation import Perturbation, select_perturbed
 from .replay import batch_norm_layers
 from .tensors import local
+from .weight_ema import WeightEMA
 from .zero import ZeroStep
 
 
@@ -45,6 +46,7 @@ class SAMRun:
     stash: dict[int, torch.Tensor] = field(default_factory=dict)  # micro accumulation's gradient buffers
     guard: UpdateGuard = field(default_factory=UpdateGuard)
     zero: ZeroStep | None = None  # under DeepSpeed ZeRO-1/2: holds each step's passes back from the engine
+    weight_ema: WeightEMA | None = None  # the moving average of the weights (weight_ema_decay > 0)
 
     def build(self, model: torch.nn.Module, args) -> None:
         """The method's pieces, from the prepared model: the perturbed set with its ascent rule and mask, the
@@ -106,6 +108,8 @@ class SAMRun:
     def stateful_pieces(self) -> dict[str, Any]:
         """Every piece of this run that can hold state, by the namespace its keys are saved under."""
         pieces: dict[str, Any] = {}
+        if self.weight_ema is not None:
+            pieces["weight_ema"] = self.weight_ema
         if self.loss_term is not None:
             pieces["loss_term"] = self.loss_term
         if self.perturbation is not None:
@@ -140,7 +144,7 @@ class SAMRun:
             # a key without a dot is the piece's own (a counter), and the piece checks it.
             params = dict(zip(self.perturbation.names, self.perturbation.params))
             for namespace, piece_state in owned.items():
-                if namespace == "loss_term":  # SAF's bank and MESA's teacher check their own state
+                if namespace in ("loss_term", "weight_ema"):  # they check their own state (not per perturbed tensor)
                     continue
                 per_param = {k: v for k, v in piece_state.items() if "." in k}
                 expected = {k: local(params[k.split(".", 1)[1]]) for k in per_param if k.split(".", 1)[1] in params}

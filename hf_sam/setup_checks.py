@@ -18,6 +18,10 @@ def check_sam_setup(trainer) -> None:
     """The SAM-step methods: distributed backends, ESAM's SWP, the perturbed set, AdaSAM's optimizer."""
     args = trainer.args
     _check_deepspeed(trainer)
+    if args.sam_direction == "momentum" and getattr(trainer, "is_deepspeed_enabled", False):
+        from .arguments import MOMENTUM_UNDER_DEEPSPEED
+
+        raise ValueError(MOMENTUM_UNDER_DEEPSPEED)
     fsdp = getattr(trainer, "is_fsdp_enabled", False)
     if fsdp:
         plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)

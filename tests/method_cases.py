@@ -67,6 +67,17 @@ METHOD_CASES = {
         "ddp_resume": True,
         "errors": [({"sam_probability": 1.5}, "sam_probability")],
     },
+    "momentum-sam": {  # eps from the optimizer's first moment: plain first step (no moment yet), then perturbed
+        "args": {"sam_method": "momentum-sam", "sam_rho": 0.2},
+        "reference": {"rho": 0.2, "direction": "momentum"},
+        "accumulation": ("window",),
+        "fsdp": {},
+        "errors": [
+            ({"sam_mask": "fisher"}, "sam_direction='momentum'"),
+            ({"sam_accumulation": "micro"}, "nothing to act on"),
+            ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "DeepSpeed ZeRO"),
+        ],
+    },
     "late-sam": {  # the switch moved to the middle of these 4-step runs: plain steps 0-1, SAM steps 2-3
         "args": {"sam_method": "late-sam", "sam_schedule_boundary": 0.5},
         "reference": {"rho": 0.05, "sam_step": lambda t: t >= 2},

@@ -110,7 +110,7 @@ class Reference:
     def __init__(self, rho, ascent="sam", eta=0.01, descent="none", renormalize=False, shards=1,
                  accumulation="window", sam_step=lambda t: True, fsam_sigma=1.0, fsam_lambda=0.9,
                  gsam_alpha=0.4, looksam_alpha=0.7, mask=None, esam_beta=None, esam_gamma=None,
-                 esam_selection="per_class"):  # fmt: skip
+                 esam_selection="per_class", direction="gradient"):  # fmt: skip
         self.__dict__.update({k: v for k, v in locals().items() if k not in ("self", "descent")})
         self.descent_rule = descent
         self.ema = None  # F-SAM's m
@@ -125,6 +125,18 @@ class Reference:
         if self.mask is not None:  # Sparse SAM: normalized by the full norm, then masked
             eps = {n: e * self.mask[n] for n, e in eps.items()}
         return eps
+
+    def momentum_eps(self, model) -> dict[str, torch.Tensor]:
+        """Momentum-SAM: -rho m / ||m|| from the optimizer's first moment (nothing before its first step)."""
+        moments = {}
+        for n, p in model.named_parameters():
+            state = self.optimizer.state.get(p, {})
+            moment = state.get("exp_avg", state.get("momentum_buffer"))
+            if moment is not None:
+                moments[n] = moment
+        if not moments:
+            return {}
+        return {n: -self.rho * m / norm(moments) for n, m in moments.items()}
 
     def esam_keep(self, model, step):
         """SWP: the trainer's per-tensor draw for this step (statistics of the draw are tested on their own)."""
@@ -190,6 +202,8 @@ class Reference:
             units = [[{k: v[i] for k, v in zip(b, [torch.tensor_split(t, self.shards) for t in b.values()])}]
                      for b in window for i in range(self.shards)]  # fmt: skip
             return self.sam_units(model, units, parts * self.shards, float(parts * self.shards))
+        if self.direction == "momentum":
+            return grads_at(model, window, parts, self.momentum_eps(model))
         g = self.clean_gradient(model, window, parts, step)
         h = self.descent(model, window, parts, self.epsilon(model, g, 1.0))
         h = DESCENTS[self.descent_rule](self, g, h)
@@ -199,6 +213,7 @@ class Reference:
         return h
 
     def train(self, model, optimizer, windows):
+        self.optimizer = optimizer  # Momentum-SAM reads its first moment
         model.train()
         for step, window in enumerate(windows):
             grads = self.step_gradient(model, window, step)

@@ -441,21 +441,27 @@ class RestoreCheckingTrainer(SequentialSAMTrainer):
     def _sam_build(self):
         super()._sam_build()
         perturbation = self._sam.perturbation
-        ascend, restore = perturbation.ascend, perturbation.restore
+        restore = perturbation.restore
 
-        def checked_ascend(*args, **kwargs):
-            self._before = [p.detach().clone() for p in perturbation.params]
-            out = ascend(*args, **kwargs)
-            self.moved += any(not torch.equal(p, b) for p, b in zip(perturbation.params, self._before))
-            return out
+        def checked(move):  # ascend (from the gradient) or shift (Momentum-SAM, from the optimizer's moment)
+            def checked_move(*args, **kwargs):
+                self._before = [p.detach().clone() for p in perturbation.params]
+                out = move(*args, **kwargs)
+                self.moved += any(not torch.equal(p, b) for p, b in zip(perturbation.params, self._before))
+                return out
+
+            return checked_move
 
         def checked_restore():
+            if not perturbation.active:  # Momentum-SAM's first step has no moment to move along
+                return restore()
             restore()
             for p, before in zip(perturbation.params, self._before):
                 assert torch.equal(p, before)
             self.restores += 1
 
-        perturbation.ascend, perturbation.restore = checked_ascend, checked_restore
+        perturbation.ascend, perturbation.shift = checked(perturbation.ascend), checked(perturbation.shift)
+        perturbation.restore = checked_restore
 
 
 BF16_CASES = [("sam", torch.bfloat16)] + [(m, torch.float32) for m in SAM_CASES]

@@ -1,0 +1,47 @@
+"""Momentum-SAM (Becker et al. 2024, arXiv 2401.12033): the perturbation comes from the optimizer's momentum.
+
+SAM spends a whole forward+backward on the ascent direction. Momentum-SAM takes it from what the optimizer already
+keeps: the step's one pass runs at w - rho m / ||m||, where m is the first moment (Adam's `exp_avg`, SGD's
+`momentum_buffer`), and the update is applied from w. Since m points where past gradients pointed, -m leads along
+the coming update: the gradient is read ahead on the trajectory, the look-ahead of Nesterov momentum stretched to
+a fixed radius, which the paper shows flattens the minimum like SAM's ascent at the cost of one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")  # torch's Adam/AdamW/AdaSAM, and SGD with momentum
+
+
+def base_optimizer(optimizer):
+    """The optimizer that holds the state, under accelerate's (and any other) wrapper."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def keeps_momentum(optimizer) -> bool:
+    """Whether every parameter group keeps a first moment: Adam-style betas, or SGD's momentum > 0."""
+    groups = base_optimizer(optimizer).param_groups
+    return all("betas" in group or group.get("momentum", 0) > 0 for group in groups)
+
+
+def first_moments(optimizer, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Each parameter's first moment, or None where the optimizer has not stepped it yet."""
+    state = base_optimizer(optimizer).state
+    moments = []
+    for param in params:
+        entry = state.get(param, {})
+        moments.append(next((entry[key] for key in MOMENTUM_KEYS if key in entry), None))
+    return moments
+
+
+def no_momentum_message(optimizer) -> str:
+    name = type(base_optimizer(optimizer)).__name__
+    return (
+        f"sam_direction='momentum' (momentum-sam) perturbs along the optimizer's first moment, and {name} keeps"
+        " none (no Adam betas, no SGD momentum > 0). Use --optim adamw_torch, SGD with momentum > 0, or a"
+        " gradient-direction method such as --sam_method sam."
+    )

@@ -1,0 +1,89 @@
+"""An exponential moving average of the trained weights, used for evaluation and for the model left after training.
+
+Averaging the iterates is what Kaddour et al. (2022, "When Do Flat Minima Optimizers Work?") found to be the other
+route to flat minima, and it composes with SAM: the average of a trajectory that bounces across a valley sits near
+its floor. It costs one multiply-add over the trainable weights per optimizer step and one float32 copy of them.
+
+The decay warms up, d_t = min(decay, (1 + t) / (10 + t)) after t updates (as TensorFlow's
+`ExponentialMovingAverage(num_updates=...)`), so a short run averages over its recent steps rather than over its
+random start, and a long run over about 1 / (1 - decay) steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .checkpoint import check_state_keys
+from .tensors import local
+
+
+class WeightEMA:
+    """Float32 moving average of `params` (their local shards under FSDP2).
+
+    Args:
+        named_params (`list[tuple[str, nn.Parameter]]`): The trainable parameters, by name.
+        decay (`float`): The decay once warmed up, in (0, 1).
+    """
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float):
+        self.names = [name for name, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.decay = decay
+        self.updates = 0
+        with torch.no_grad():
+            self.average = [local(p).detach().to(torch.float32, copy=True) for p in self.params]
+
+    def current_decay(self) -> float:
+        """The decay of the next update: warmed up by the number of updates so far."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the current weights in: average <- d average + (1 - d) w (called after every optimizer step)."""
+        weight = 1.0 - self.current_decay()
+        # `.float()` is the tensor itself for float32 weights: no copy in the usual case.
+        torch._foreach_lerp_(self.average, [local(p).detach().float() for p in self.params], weight)
+        self.updates += 1
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """Run the block with the averaged weights in the model; the trained weights come back bit for bit."""
+        with torch.no_grad():
+            backup = [local(p).detach().clone() for p in self.params]
+            self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([local(p) for p in self.params], backup)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """Put the averaged weights into the model (in the weights' own dtype)."""
+        torch._foreach_copy_([local(p) for p in self.params], self.average)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"average.{name}": value for name, value in zip(self.names, self.average)}
+        state["updates"] = torch.tensor(self.updates, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], owner: str = "weight_ema_decay") -> None:
+        if "updates" not in state:
+            raise ValueError(f"{owner}: the checkpoint's weight average has no update count. Resume with its own run.")
+        averages = {k: v for k, v in state.items() if k != "updates"}
+        expected = {f"average.{name}": average for name, average in zip(self.names, self.average)}
+        check_state_keys(averages, expected, owner)
+        missing = sorted(set(expected) - set(averages))
+        if missing:
+            raise ValueError(
+                f"{owner}: the checkpoint's weight average lacks {missing[:3]}: it was written for other trainable"
+                " parameters. Resume with the model (and adapters) of the original run."
+            )
+        with torch.no_grad():
+            for key, average in expected.items():
+                average.copy_(averages[key])
+        self.updates = int(state["updates"])

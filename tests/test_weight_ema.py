@@ -1,0 +1,144 @@
+"""The moving average of the weights (`weight_ema_decay`): its defining property, evaluation, resume, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_sam import SAMTrainer
+
+from .helpers import SequentialSAMTrainer, assert_same_weights, sam_args, state, tiny_bert, tiny_dataset
+
+
+DECAY = 0.6  # small, so the warm-up min(decay, (1 + t) / (10 + t)) and the plain decay both occur in 8 steps
+
+
+class Snapshots:
+    """Records the trained weights after every optimizer step (a callback)."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_optimizer_step(self, args, state_, control, model=None, **kwargs):
+        self.weights.append({n: p.detach().clone().float() for n, p in model.named_parameters()})
+
+
+def hand_average(snapshots: list[dict]) -> dict:
+    average = None
+    for t, weights in enumerate(snapshots):
+        if average is None:
+            average = {n: w.clone() for n, w in weights.items()}  # built from the weights after the first step
+        decay = min(DECAY, (1 + t) / (10 + t))
+        average = {n: decay * average[n] + (1 - decay) * weights[n] for n in average}
+    return average
+
+
+@pytest.mark.parametrize("method", ["none", "sam"])
+def test_the_model_left_after_training_is_the_moving_average_of_the_iterates(tmp_path, method):
+    from transformers import TrainerCallback
+
+    class Recorder(Snapshots, TrainerCallback):
+        pass
+
+    recorder = Recorder()
+    args = sam_args(tmp_path, sam_method=method, max_steps=8, weight_ema_decay=DECAY)
+    trainer = SequentialSAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset(), callbacks=[recorder])
+    trainer.train()
+    assert len(recorder.weights) == 8
+    expected = hand_average(recorder.weights)
+    assert_same_weights(state(trainer.model), expected, exact=False, atol=1e-6)
+    assert not torch.equal(trainer.model.classifier.weight, recorder.weights[-1]["classifier.weight"])
+
+
+def test_evaluation_during_training_scores_the_average_and_training_goes_on_from_the_trained_weights(tmp_path):
+    from transformers import TrainerCallback
+
+    class Recorder(Snapshots, TrainerCallback):
+        pass
+
+    seen = []
+
+    class Probe(SequentialSAMTrainer):
+        def evaluation_loop(self, *args, **kwargs):
+            ema = self._sam.weight_ema
+            seen.append((state(self.model), {n: a.clone() for n, a in zip(ema.names, ema.average)}))
+            return super().evaluation_loop(*args, **kwargs)
+
+    trained = []
+    for decay, trainer_class, extra in ((0.0, SequentialSAMTrainer, {}), (DECAY, Probe, {"eval_steps": 2})):
+        recorder = Recorder()
+        args = sam_args(
+            tmp_path / str(decay),
+            max_steps=5,
+            weight_ema_decay=decay,
+            eval_strategy="steps" if extra else "no",
+            **extra,
+        )
+        trainer_class(
+            model=tiny_bert(),
+            args=args,
+            train_dataset=tiny_dataset(),
+            eval_dataset=tiny_dataset(8),
+            callbacks=[recorder],
+        ).train()
+        trained.append(recorder.weights[-1])
+    assert len(seen) == 3  # steps 2, 4 and the last one
+    for evaluated, average in seen:
+        assert_same_weights(evaluated, average)
+    assert_same_weights(*trained)  # evaluation swapped the trained weights back bit for bit
+
+
+def test_resume_continues_the_average_exactly(tmp_path):
+    full = SAMTrainer(
+        model=tiny_bert(),
+        train_dataset=tiny_dataset(),
+        args=sam_args(tmp_path / "full", max_steps=6, weight_ema_decay=DECAY),
+    )
+    full.train()
+    first = SAMTrainer(
+        model=tiny_bert(),
+        train_dataset=tiny_dataset(),
+        args=sam_args(tmp_path / "cut", max_steps=6, weight_ema_decay=DECAY, save_strategy="steps", save_steps=3),
+    )
+    first.train()
+    resumed = SAMTrainer(
+        model=tiny_bert(1),
+        train_dataset=tiny_dataset(),
+        args=sam_args(tmp_path / "cut", max_steps=6, weight_ema_decay=DECAY),
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
+    assert_same_weights(state(resumed.model), state(full.model))
+
+
+def test_a_checkpoint_without_the_average_is_refused_on_resume(tmp_path):
+    SAMTrainer(
+        model=tiny_bert(),
+        train_dataset=tiny_dataset(),
+        args=sam_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+    ).train()
+    resumed = SAMTrainer(
+        model=tiny_bert(), train_dataset=tiny_dataset(), args=sam_args(tmp_path, max_steps=4, weight_ema_decay=DECAY)
+    )
+    with pytest.raises(ValueError, match="update count"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"weight_ema_decay": 1.0}, "weight_ema_decay=1.0 must lie in"),
+        ({"weight_ema_decay": -0.1}, "weight_ema_decay=-0.1 must lie in"),
+        (
+            {
+                "weight_ema_decay": 0.9,
+                "load_best_model_at_end": True,
+                "eval_strategy": "steps",
+                "save_strategy": "steps",
+            },
+            "load_best_model_at_end",
+        ),
+    ],
+)
+def test_bad_weight_average_settings_are_refused_before_training(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        sam_args(tmp_path, **overrides)
