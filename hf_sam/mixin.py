@@ -523,6 +523,14 @@ class SAMMixin:
             if self.accelerator.num_processes > 1:
                 reduce = lambda t: self.accelerator.reduce(t, reduction="mean")  # noqa: E731
             logs.update(self._sam_metrics.log_values(reduce))
+            if self.args.sam_enabled and "sam/rho" in logs:
+                self._sam.stall.observe(
+                    logs["loss"],
+                    logs.get("sam/sharpness"),
+                    self.state.global_step,
+                    self.state.max_steps,
+                    logs["sam/rho"],
+                )
         super().log(logs, *args, **kwargs)
 
     def sam_state_dict(self) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from .loss_term import LossTerm
 from .masks import SparseMask
 from .perturbation import Perturbation, select_perturbed
 from .replay import batch_norm_layers
+from .stall import StallWatch
 from .tensors import local
 from .weight_ema import WeightEMA
 from .zero import ZeroStep
@@ -47,6 +48,7 @@ class SAMRun:
     guard: UpdateGuard = field(default_factory=UpdateGuard)
     zero: ZeroStep | None = None  # under DeepSpeed ZeRO-1/2: holds each step's passes back from the engine
     weight_ema: WeightEMA | None = None  # the moving average of the weights (weight_ema_decay > 0)
+    stall: StallWatch = field(default_factory=StallWatch)  # warns when the training loss does not fall
 
     def build(self, model: torch.nn.Module, args) -> None:
         """The method's pieces, from the prepared model: the perturbed set with its ascent rule and mask, the

@@ -358,3 +358,18 @@ def test_the_examples_resume_from_the_newest_complete_checkpoint(tmp_path):
     for script in ("text-classification/run_glue.py", "image-classification/run_image_classification.py"):
         source = (ROOT / "examples" / script).read_text()
         assert "detect_last_checkpoint(" in source and "get_last_checkpoint" not in source
+
+
+@pytest.mark.parametrize("learning_rate, warns", [(0.0, True), (0.05, False)])
+def test_a_sam_run_whose_loss_does_not_fall_says_so(tmp_path, learning_rate, warns):
+    """A radius that stalls training (no NaN, nothing skipped) is reported once; a run that trains is not."""
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_sam import stall
+
+    # Logged once per epoch (8 steps), so with lr 0 every logged loss is the same epoch mean.
+    args = sam_args(tmp_path, max_steps=80, logging_steps=8, learning_rate=learning_rate, sam_rho=0.05)
+    trainer = SequentialSAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
+    with CaptureLogger(stall.logger) as captured:
+        trainer.train()
+    assert captured.out.count("sam_rho=0.05 is likely too large") == (1 if warns else 0)
