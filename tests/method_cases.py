@@ -71,7 +71,7 @@ METHOD_CASES = {
         "args": {"sam_method": "momentum-sam", "sam_rho": 0.2},
         "reference": {"rho": 0.2, "direction": "momentum"},
         "accumulation": ("window",),
-        "fsdp": {},
+        "fsdp": {"optim_args": "momentum=0.9"},  # the check's SGD, with a first moment to perturb along
         "errors": [
             ({"sam_mask": "fisher"}, "sam_direction='momentum'"),
             ({"sam_accumulation": "micro"}, "nothing to act on"),

