@@ -72,13 +72,6 @@ METHODS: dict[str, MethodInfo] = {
         "2.0",
         {"sam_rho": 0.5, "sam_ascent": "adaptive", "sam_adaptive_eta": 0.01},
     ),
-    "momentum-sam": MethodInfo(
-        "Becker et al. 2024, arXiv 2401.12033",
-        "1.0",
-        {"sam_rho": MOMENTUM_SAM_RHO, "sam_direction": "momentum"},
-        # ZeRO partitions the optimizer's moments into flat buffers, out of reach of a per-parameter perturbation.
-        capabilities=Capabilities(deepspeed=False),
-    ),
     "ss-sam": MethodInfo(
         "Zhao et al. 2022, arXiv 2203.09962", "1 + p", {"sam_schedule": "constant", "sam_probability": 0.5}
     ),
@@ -92,6 +85,13 @@ METHODS: dict[str, MethodInfo] = {
             "sam_probability_end": 1.0,
             "sam_schedule_boundary": 0.875,
         },
+    ),
+    "momentum-sam": MethodInfo(
+        "Becker et al. 2024, arXiv 2401.12033",
+        "1.0",
+        {"sam_rho": MOMENTUM_SAM_RHO, "sam_direction": "momentum"},
+        # ZeRO partitions the optimizer's moments into flat buffers, out of reach of a per-parameter perturbation.
+        capabilities=Capabilities(deepspeed=False),
     ),
     "stable-sam": MethodInfo(
         "Tan et al. 2024, arXiv 2401.07250",

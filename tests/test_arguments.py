@@ -33,7 +33,7 @@ def test_explicit_flag_wins_over_preset():
 def test_every_sam_field_is_a_cli_flag_with_help(capsys):
     parser = HfArgumentParser(SAMTrainingArguments)
     sam_fields = [f for f in SAMArgumentsMixin.__dataclass_fields__.values()]
-    prefixes = ("sam_", "esam_", "looksam_", "gsam_", "fsam_", "adasam_", "saf_", "mesa_")
+    prefixes = ("sam_", "esam_", "looksam_", "gsam_", "fsam_", "adasam_", "saf_", "mesa_", "weight_ema_")
     assert all(f.name.startswith(prefixes) and f.metadata.get("help") for f in sam_fields)
     help_text = parser.format_help()
     for f in sam_fields:
