@@ -362,9 +362,16 @@ def matrix(summary: list[dict]) -> str:
     cells = {(s["method"], s["radius"], s["task"], s["length"]): s for s in summary}
     rows = sorted({(s["method"], s["radius"]) for s in summary}, key=lambda r: (r[0] != "none", r[0], r[1]))
     epochs = {(s["task"], s["length"]): s["epochs"] for s in summary}
-    header = " | ".join(f"{task} {length} ({epochs[(task, length)]} ep)" for task, length in columns)
-    lines = [f"| method | radius | {header} |", "|---|---|" + "---|" * len(columns)]
+    header = " | ".join(f"{task} {length} ({epochs[(task, length)]:g} ep)" for task, length in columns)
+    lines = [f"| method | radius | cost | {header} |", "|---|---|---|" + "---|" * len(columns)]
     for method, value in rows:
+        # Passes per step from the runs' own logs (a schedule's SAM share, ESAM's cheaper passes) times the share of
+        # the task's epochs trained: the budget against `none`, whatever else ran on the machine.
+        costs = [
+            s["passes"] * s["epochs"] / TASKS[s["task"]]["epochs"][s["length"]]
+            for s in summary
+            if (s["method"], s["radius"]) == (method, value) and s["task"] in TASKS
+        ]
         out = []
         for task, length in columns:
             s = cells.get((method, value, task, length))
@@ -377,7 +384,8 @@ def matrix(summary: list[dict]) -> str:
             else:
                 text = f"{100 * s['delta_mean']:+.1f} ± {100 * s['delta_std']:.1f}"
                 out.append(f"**{text}**" if s["delta_mean"] > s["delta_std"] else text)
-        lines.append(f"| {method} | {value:g} | " + " | ".join(out) + " |")
+        cost = f"{statistics.mean(costs):.2f}" if costs else "–"
+        lines.append(f"| {method} | {value:g} | {cost} | " + " | ".join(out) + " |")
     return "\n".join(lines) + "\n"
 
 
