@@ -12,6 +12,7 @@ from transformers.utils import logging
 from .components import ASCENT_RULES, DESCENT_TRANSFORMS, LOSS_TERM_CHOICES
 from .masks import MASKS
 from .methods import AXIS_DEFAULTS, METHODS, unknown_method_message
+from .momentum_sam import MOMENTUM_UNDER_DEEPSPEED
 from .schedules import SCHEDULES
 from .zero import check_zero_config, without_shm_comm_build, zero_config
 
@@ -20,10 +21,6 @@ ACCUMULATION_MODES = ("window", "micro")
 # Choices come from the registries of the pieces: a new piece is a new choice.
 ASCENT_CHOICES = tuple(ASCENT_RULES)
 DIRECTIONS = ("gradient", "momentum")
-MOMENTUM_UNDER_DEEPSPEED = (
-    "sam_direction='momentum' (momentum-sam) reads the optimizer's first moment per parameter, and DeepSpeed ZeRO"
-    " keeps it in flat partitions: run momentum-sam under DDP or FSDP2, or use --sam_method sam under DeepSpeed."
-)
 DESCENT_CHOICES = ("none", *DESCENT_TRANSFORMS)
 ESAM_SELECTIONS = ("per_class", "batch")
 # Optimizers whose `step` happens inside `backward`: the perturbed pass would update the weights at w+eps.
@@ -568,12 +565,11 @@ class SAMArgumentsMixin:
             "sam_micro_batches": self.sam_micro_batches > 1,
             "sam_schedule": self.sam_schedule != "always",
         }
-        for name, conflict in conflicts.items():
-            if conflict:
-                raise ValueError(
-                    f"sam_loss_term={term!r} runs one plain pass per step and never perturbs the weights, so"
-                    f" {name}={getattr(self, name)!r} has nothing to act on. Drop --{name}, or choose a SAM method."
-                )
+        self._refuse_conflicts(
+            conflicts,
+            f"sam_loss_term={term!r} runs one plain pass per step and never perturbs the weights",
+            "choose a SAM method",
+        )
 
     def _validate_momentum_direction(self) -> None:
         """Momentum-SAM has no clean gradient: the axes that act on it have nothing to act on."""
@@ -590,12 +586,19 @@ class SAMArgumentsMixin:
             "sam_accumulation": self.sam_accumulation == "micro",
             "sam_loss_term": self.sam_loss_term != "none",
         }
+        self._refuse_conflicts(
+            conflicts,
+            "sam_direction='momentum' takes eps from the optimizer's momentum, once per step, without a clean"
+            " gradient",
+            "use --sam_direction gradient",
+        )
+
+    def _refuse_conflicts(self, conflicts: dict[str, bool], why: str, fix: str) -> None:
+        """A `ValueError` naming the first field marked as conflicting: `why` it has nothing to act on, and `fix`."""
         for name, conflict in conflicts.items():
             if conflict:
                 raise ValueError(
-                    f"sam_direction='momentum' takes eps from the optimizer's momentum, once per step, without a"
-                    f" clean gradient, so {name}={getattr(self, name)!r} has nothing to act on. Drop --{name}, or"
-                    " use --sam_direction gradient."
+                    f"{why}, so {name}={getattr(self, name)!r} has nothing to act on. Drop --{name}, or {fix}."
                 )
 
     def _validate_weight_ema(self) -> None:

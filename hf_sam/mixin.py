@@ -155,6 +155,8 @@ class SAMMixin:
         self._sam.forget_step()
 
     def _sam_build(self) -> None:
+        if self.args.sam_direction == "momentum" and not keeps_momentum(self.optimizer):
+            raise ValueError(no_momentum_message(self.optimizer))  # at the first step, before any update
         self._sam.build(self.model, self.args)
         if getattr(self, "is_deepspeed_enabled", False):
             self._sam.zero = ZeroStep(self.accelerator, self.model_wrapped)
@@ -265,8 +267,6 @@ class SAMMixin:
         """Momentum-SAM: every pass of the window runs at w - rho m / ||m||; the update is applied from w."""
         perturbation = self._sam.perturbation
         if index == 0:
-            if not keeps_momentum(self.optimizer):
-                raise ValueError(no_momentum_message(self.optimizer))
             rho = self._sam_rho()
             # m is identical on every rank (replicated optimizer state) or sharded like its weight (FSDP2): no sync.
             moments = first_moments(self.optimizer, perturbation.params)  # None before the first update

@@ -13,6 +13,10 @@ import torch
 
 
 MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")  # torch's Adam/AdamW/AdaSAM, and SGD with momentum
+MOMENTUM_UNDER_DEEPSPEED = (
+    "sam_direction='momentum' (momentum-sam) reads the optimizer's first moment per parameter, and DeepSpeed ZeRO"
+    " keeps it in flat partitions: run momentum-sam under DDP or FSDP2, or use --sam_method sam under DeepSpeed."
+)
 
 
 def base_optimizer(optimizer):

@@ -87,11 +87,8 @@ class Perturbation:
             self.mask.apply_(names, grads)
         local_grads = [local(g) for g in grads]
         zero_non_finite_(local_grads)
-        local_params = [local(p) for p in params]
-        backup = [self._backup_for(p) for p in params]
-        torch._foreach_copy_(backup, local_params)
+        local_params = self._back_up(params)
         torch._foreach_add_(local_params, local_grads)
-        self._active = params
         return grad_norm, (~finite).float()
 
     @torch.no_grad()
@@ -109,13 +106,11 @@ class Perturbation:
         params = [p for p, _ in chosen]
         norm = global_norm([d for _, d in chosen])
         scale = torch.where(torch.isfinite(norm) & (norm > 0), rho / norm, torch.zeros_like(norm))
-        local_params = [local(p) for p in params]
-        torch._foreach_copy_([self._backup_for(p) for p in params], local_params)
+        local_params = self._back_up(params)
         # w += d * scale, with the scale as a device tensor: no host sync, no temporary copy of the directions.
         torch._foreach_addcmul_(
             local_params, [local(d) for _, d in chosen], [scale.to(local_params[0].dtype)] * len(params)
         )
-        self._active = params
         return norm
 
     @torch.no_grad()
@@ -125,6 +120,13 @@ class Perturbation:
             return
         torch._foreach_copy_([local(p) for p in self._active], [self._backup[id(p)] for p in self._active])
         self._active = []
+
+    def _back_up(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy `params` into their backup buffers and mark them perturbed; returns their local shards to move."""
+        local_params = [local(p) for p in params]
+        torch._foreach_copy_([self._backup_for(p) for p in params], local_params)
+        self._active = params
+        return local_params
 
     def _backup_for(self, param: torch.Tensor) -> torch.Tensor:
         buffer = self._backup.get(id(param))

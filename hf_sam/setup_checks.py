@@ -6,6 +6,7 @@ from transformers.utils import logging
 
 from .loss_term import loss_shifts_labels, one_output_message
 from .methods import METHODS
+from .momentum_sam import MOMENTUM_UNDER_DEEPSPEED
 from .perturbation import select_perturbed
 from .saf import is_map_style
 from .zero import check_deepspeed_version, check_zero_config, zero_config
@@ -19,8 +20,6 @@ def check_sam_setup(trainer) -> None:
     args = trainer.args
     _check_deepspeed(trainer)
     if args.sam_direction == "momentum" and getattr(trainer, "is_deepspeed_enabled", False):
-        from .arguments import MOMENTUM_UNDER_DEEPSPEED
-
         raise ValueError(MOMENTUM_UNDER_DEEPSPEED)
     fsdp = getattr(trainer, "is_fsdp_enabled", False)
     if fsdp:

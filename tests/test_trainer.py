@@ -930,3 +930,17 @@ def test_adasam_builds_its_optimizer_and_checkpoints_its_state(tmp_path):
     assert isinstance(trainer.optimizer.optimizer, AdaSAMOptimizer)
     saved = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)
     assert {"m", "v", "v_hat"} <= set(next(iter(saved["state"].values())))
+
+
+def test_momentum_sam_refuses_an_optimizer_without_momentum_before_any_update(tmp_path):
+    model = tiny_bert()
+    before = state(model)
+    trainer = SequentialSAMTrainer(
+        model=model,
+        args=sam_args(tmp_path, sam_method="momentum-sam"),
+        train_dataset=tiny_dataset(),
+        optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),  # plain SGD keeps no first moment
+    )
+    with pytest.raises(ValueError, match="SGD keeps none"):
+        trainer.train()
+    assert_same_weights(before, state(trainer.model))
