@@ -28,7 +28,7 @@ from hf_sam.esam import top_rise_per_class
 def probe(checkpoints: list[int], batch: int = 128, rho: float = 0.05, seed: int = 0) -> list[dict]:
     """One report per entry of `checkpoints` (cumulative AdamW steps at lr 2e-3, batch 128)."""
     torch.manual_seed(seed)
-    train, _ = bench.mnist_data(bench.TASKS["mnist"], noisy=False)
+    train, _ = bench.mnist_data(bench.TASKS["mnist"])
     images = torch.stack([train[i]["pixel_values"] for i in range(2048)])
     labels = torch.tensor([int(train[i]["labels"]) for i in range(2048)])
     model = bench.tiny_vit(seed).eval()  # no dropout: the rise is exactly l(w + eps) - l(w)

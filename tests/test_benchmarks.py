@@ -5,9 +5,11 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,3 +237,28 @@ def test_overhead_run_reports_what_the_method_holds_and_counts(overhead, tmp_pat
     # Every timed step is sorted by what it ran: SAM steps for the SAM methods, one-pass steps for the others.
     sam_steps = method in ("sam", "msam", "esam")
     assert (row["sam_step_s"] is not None, row["plain_step_s"] is not None) == (sam_steps, not sam_steps)
+
+
+def test_perturbation_size_uses_each_presets_own_ascent(tmp_path):
+    size = load_script("perturbation_size")
+
+    class Regression(torch.nn.Module):
+        def __init__(self, bias: bool):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1, bias=bias)
+
+        def forward(self, x, y):
+            return SimpleNamespace(loss=(self.layer(x).squeeze(-1) - y).square().mean())
+
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(8, 4), "y": torch.randn(8)}
+    for bias in (True, False):
+        model = Regression(bias)
+        before = [p.detach().clone() for p in model.parameters()]
+        sam = size.perturbation(model, batch, "sam")
+        assert sam["eps_norm"] == pytest.approx(0.05, rel=1e-5)  # SAM's eps has norm rho
+        stable = size.perturbation(model, batch, "stable-sam")  # USAM: eps = rho g
+        assert stable["eps_norm"] == pytest.approx(0.05 * stable["grad_norm"], rel=1e-5)
+        asam = size.perturbation(model, batch, "asam", rho=0.5)
+        assert asam["rho"] == 0.5 and (asam["bias_share"] > 0) == bias
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model is left as it was
