@@ -3,11 +3,12 @@
 
 Takes one batch of each benchmark task (the MNIST ViT at its initialization, the pretrained MiniLM with its new
 head on TREC; dropout off, so the numbers repeat), computes the clean gradient g, and turns it into eps with
-hf_sam's own ascent rule of each preset at its default radius (or a radius given with `--rho METHOD=VALUE`).
+hf_sam's own ascent rule of each preset at its defaults (or with fields given by `--set METHOD.FIELD=VALUE`).
 Reports ||g||, ||eps|| and the share of ||eps||^2 that falls on biases.
 
     python benchmarks/perturbation_size.py
-    python benchmarks/perturbation_size.py --methods sam asam --rho asam=0.5
+    python benchmarks/perturbation_size.py --methods sam asam stable-sam --set asam.sam_rho=0.5 \
+        stable-sam.sam_ascent=unnormalized
 """
 
 # ruff: noqa: E402  (benchmarks/generalization.py's loaders are imported after the path is set)
@@ -22,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import generalization as bench
+from benchmarks.overhead import parse_overrides
 from hf_sam import SAMTrainingArguments
 from hf_sam.components import ASCENT_RULES
 from hf_sam.tensors import global_norm
@@ -30,9 +32,9 @@ from hf_sam.tensors import global_norm
 METHODS = ("sam", "asam", "stable-sam", "fsam")
 
 
-def perturbation(model: torch.nn.Module, batch: dict, method: str, rho: float | None = None) -> dict:
+def perturbation(model: torch.nn.Module, batch: dict, method: str, overrides: dict | None = None) -> dict:
     """||g||, ||eps|| and the biases' share of ||eps||^2 for `method`'s ascent on one batch (the model unchanged)."""
-    overrides = {} if rho is None else {"sam_rho": rho}
+    overrides = overrides or {}
     args = SAMTrainingArguments(
         output_dir="/tmp/unused", use_cpu=True, report_to="none", sam_method=method, **overrides
     )
@@ -70,14 +72,17 @@ def benchmark_batches(seed: int = 0) -> dict[str, tuple[torch.nn.Module, dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--rho", nargs="*", default=[], help="METHOD=VALUE: a radius other than the preset's")
+    parser.add_argument("--set", nargs="*", default=[], help="METHOD.FIELD=VALUE: a field other than the preset's")
     cli = parser.parse_args()
-    radii = {m: float(v) for m, v in (pair.split("=", 1) for pair in cli.rho)}
+    fields: dict[str, dict] = {}
+    for name, value in parse_overrides(cli.set).items():
+        method, _, field = name.partition(".")
+        fields.setdefault(method, {})[field] = value
     torch.set_num_threads(1)
     print("| model | method | rho | ‖g‖ | ‖ε‖ | share of ‖ε‖² on biases |\n|---|---|---|---|---|---|")
     for name, (model, batch) in benchmark_batches().items():
         for method in cli.methods:
-            r = perturbation(model, batch, method, radii.get(method))
+            r = perturbation(model, batch, method, fields.get(method))
             print(f"| {name} | {method} | {r['rho']:g} | {r['grad_norm']:.3f} | {r['eps_norm']:.4f} |"
                   f" {r['bias_share']:.2f} |")  # fmt: skip
 

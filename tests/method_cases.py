@@ -86,7 +86,9 @@ METHOD_CASES = {
         "errors": [({"sam_schedule_boundary": 2.0}, "sam_schedule_boundary")],
     },
     "stable-sam": {
-        "args": {"sam_method": "stable-sam"},
+        # The paper's USAM ascent (eps = rho g, whose fp16 loss scale must be divided out) with the renormalized
+        # descent; the preset's normalized ascent is `sam`'s, tested in its row.
+        "args": {"sam_method": "stable-sam", "sam_ascent": "unnormalized"},
         "reference": {"rho": 0.05, "ascent": "unnormalized", "renormalize": True},
         "accumulation": ("window",),
         "fsdp": "checked against a full-batch single-process reference under FSDP2 (CONFIGS)",
@@ -164,7 +166,7 @@ METHOD_CASES = {
     "esam": {
         # The preset is SWP alone; the row adds the data selection (per class, the default ranking) to test both.
         "args": {"sam_method": "esam", "esam_gamma": 0.5},
-        "reference": {"rho": 0.05, "esam_beta": 0.6, "esam_gamma": 0.5},
+        "reference": {"rho": 0.03, "esam_beta": 0.6, "esam_gamma": 0.5},
         "accumulation": BOTH,
         "rho_zero_plain": False,
         "window_invariant": False,

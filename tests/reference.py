@@ -109,7 +109,7 @@ class Reference:
 
     def __init__(self, rho, ascent="sam", eta=0.01, descent="none", renormalize=False, shards=1,
                  accumulation="window", sam_step=lambda t: True, fsam_sigma=1.0, fsam_lambda=0.9,
-                 gsam_alpha=0.4, looksam_alpha=0.7, mask=None, esam_beta=None, esam_gamma=None,
+                 gsam_alpha=0.1, looksam_alpha=0.7, mask=None, esam_beta=None, esam_gamma=None,
                  esam_selection="per_class", direction="gradient"):  # fmt: skip
         self.__dict__.update({k: v for k, v in locals().items() if k not in ("self", "descent")})
         self.descent_rule = descent

@@ -19,7 +19,7 @@ def test_presets_fill_unset_fields():
     assert make().sam_method == "sam"
     assert make().sam_rho == 0.05 and make().sam_ascent == "sam"
     asam = make(sam_method="asam")
-    assert asam.sam_rho == 0.5 and asam.sam_ascent == "adaptive" and asam.sam_adaptive_eta == 0.01
+    assert asam.sam_rho == 0.02 and asam.sam_ascent == "adaptive" and asam.sam_adaptive_eta == 0.01
     assert make(sam_method="none").sam_rho == 0.0
 
 
@@ -27,6 +27,10 @@ def test_explicit_flag_wins_over_preset():
     args = make(sam_method="asam", sam_rho=1.0, sam_adaptive_eta=0.0)
     assert args.sam_rho == 1.0 and args.sam_adaptive_eta == 0.0 and args.sam_ascent == "adaptive"
     assert make(sam_method="sam", sam_ascent="adaptive").sam_ascent == "adaptive"
+    assert make(sam_method="gsam").gsam_alpha == 0.1
+    stable = make(sam_method="stable-sam")
+    assert stable.sam_ascent == "sam" and stable.sam_renormalize is True and stable.sam_rho == 0.05
+    assert make(sam_method="esam").sam_rho == 0.03  # eps of norm rho / beta = 0.05 on the kept tensors
     assert make(sam_method="esam").esam_swp is True and make(sam_method="esam", esam_swp=False).esam_swp is False
 
 
@@ -71,7 +75,7 @@ def test_cli_round_trip():
 
 def test_seq2seq_arguments_have_sam_fields():
     args = SAMSeq2SeqTrainingArguments(output_dir="x", report_to="none", use_cpu=True, sam_method="asam")
-    assert args.sam_rho == 0.5 and hasattr(args, "predict_with_generate")
+    assert args.sam_rho == 0.02 and hasattr(args, "predict_with_generate")
 
 
 FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}

@@ -30,7 +30,7 @@ def bench():
 
 def test_method_args_scale_the_radius_of_each_method(bench):
     assert bench.method_args("sam", 0.2) == {"sam_method": "sam", "sam_rho": pytest.approx(0.01)}
-    assert bench.method_args("asam", 2.0)["sam_rho"] == pytest.approx(1.0)
+    assert bench.method_args("asam", 2.0)["sam_rho"] == pytest.approx(0.04)
     assert bench.method_args("saf", 2.0) == {"sam_method": "saf", "saf_lambda": pytest.approx(0.6)}
     assert bench.method_args("mesa", 1.0)["mesa_lambda"] == pytest.approx(0.8)
     assert bench.method_args("none", 1.0) == {"sam_method": "none"}
@@ -257,8 +257,8 @@ def test_perturbation_size_uses_each_presets_own_ascent(tmp_path):
         before = [p.detach().clone() for p in model.parameters()]
         sam = size.perturbation(model, batch, "sam")
         assert sam["eps_norm"] == pytest.approx(0.05, rel=1e-5)  # SAM's eps has norm rho
-        stable = size.perturbation(model, batch, "stable-sam")  # USAM: eps = rho g
+        stable = size.perturbation(model, batch, "stable-sam", {"sam_ascent": "unnormalized"})  # eps = rho g
         assert stable["eps_norm"] == pytest.approx(0.05 * stable["grad_norm"], rel=1e-5)
-        asam = size.perturbation(model, batch, "asam", rho=0.5)
+        asam = size.perturbation(model, batch, "asam", {"sam_rho": 0.5})
         assert asam["rho"] == 0.5 and (asam["bias_share"] > 0) == bias
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model is left as it was

@@ -15,8 +15,8 @@ batches both ranks saw:
 
 - `none`: plain Trainer, SGD on the mean gradient;
 - `sam`: eps = rho g / ||g|| from the mean gradient, the mean descent gradient at w + eps;
-- `stable-sam`: unnormalized ascent eps = rho g, descent rescaled to ||g|| (norms over the whole model,
-  summed over both ranks' shards).
+- `stable-sam` with `sam_ascent=unnormalized` (the paper's USAM): eps = rho g, descent rescaled to ||g|| (norms
+  over the whole model, summed over both ranks' shards).
 
 Every other method that runs under FSDP runs twice, under FSDP2 and under DDP with the synced ascent, which is
 the same SAM step (DDP's methods are checked against hand-written loops elsewhere), so both runs must end at the
@@ -66,7 +66,7 @@ from tests.method_cases import METHOD_CASES
 CONFIGS = {
     "none": dict(sam_method="none"),
     "sam": dict(sam_method="sam", sam_rho=RHO),
-    "stable-sam": dict(sam_method="stable-sam", sam_rho=RHO),
+    "stable-sam": dict(sam_method="stable-sam", sam_ascent="unnormalized", sam_rho=RHO),
     "sam-ga2": dict(sam_method="sam", sam_rho=RHO, gradient_accumulation_steps=2),
 }
 # Every method of the test table with FSDP2 overrides (its `fsdp` entry; adasam's eps 1e-3 in its row: with v_hat

@@ -98,7 +98,9 @@ CLIPPED = {"sam-clip": dict(sam_method="sam", sam_rho=RHO, sam_ascent_sync=True,
 FP16 = {
     "fp16-none": dict(sam_method="none", fp16_scale_power=18, max_steps=6),
     "fp16-sam-rho0": dict(sam_method="sam", sam_rho=0.0, fp16_scale_power=18, max_steps=6),
-    "fp16-stable-sam": dict(sam_method="stable-sam", sam_ascent_sync=True, fp16_scale_power=8),
+    "fp16-stable-sam": dict(
+        sam_method="stable-sam", sam_ascent="unnormalized", sam_ascent_sync=True, fp16_scale_power=8
+    ),
 }
 SHIPPED_CONFIG = os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "examples", "accelerate_configs", "deepspeed_zero2.json")
