@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -195,6 +196,17 @@ def radius(args: dict) -> float:
     return next((v for k, v in args.items() if k in ("sam_rho", "saf_lambda", "mesa_lambda")), 0.0)
 
 
+class Warnings(logging.Handler):
+    """Keeps the library's warnings of a run (a stalled run's report, a skipped step), for its result row."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def run_one(cfg: dict) -> dict:
     """Train one configuration and evaluate it on the held-out split."""
     import numpy as np
@@ -239,9 +251,14 @@ def run_one(cfg: dict) -> dict:
         **extra,
     )
     trainer = SAMTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
-    start = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - start
+    warnings = Warnings()
+    logging.getLogger("hf_sam").addHandler(warnings)
+    try:
+        start = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - start
+    finally:
+        logging.getLogger("hf_sam").removeHandler(warnings)
     prediction = trainer.predict(test)
     accuracy = float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -257,6 +274,7 @@ def run_one(cfg: dict) -> dict:
         "train_seconds": train_seconds,
         "passes_per_step": float(np.mean(passes)) if passes else 1.0,
         "threads": cfg["threads"],
+        "warnings": warnings.messages,
     }
 
 

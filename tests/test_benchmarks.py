@@ -150,6 +150,7 @@ def test_one_shrunk_run_and_the_report(bench, tmp_path, monkeypatch):
     none, sam = results
     assert 0.0 <= none["accuracy"] <= 1.0 and math.isfinite(none["test_loss"])
     assert (none["passes_per_step"], sam["passes_per_step"], sam["radius"]) == (1.0, 2.0, 0.05)
+    assert none["warnings"] == [] and isinstance(sam["warnings"], list)  # the library's warnings of the run
     assert none["accuracy"] != sam["accuracy"] or none["test_loss"] != sam["test_loss"]  # SAM changed the run
     path = tmp_path / "generalization.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in results))
@@ -262,3 +263,19 @@ def test_perturbation_size_uses_each_presets_own_ascent(tmp_path):
         asam = size.perturbation(model, batch, "asam", {"sam_rho": 0.5})
         assert asam["rho"] == 0.5 and (asam["bias_share"] > 0) == bias
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model is left as it was
+
+
+def test_a_run_keeps_the_librarys_warnings(bench):
+    import logging
+
+    from hf_sam.stall import StallWatch
+
+    warnings = bench.Warnings()
+    logging.getLogger("hf_sam").addHandler(warnings)
+    try:
+        watch = StallWatch()
+        for step in (10, 40):  # a loss that has not fallen a quarter of the way in
+            watch.observe(0.693, None, step=step, max_steps=100, rho=0.1)
+    finally:
+        logging.getLogger("hf_sam").removeHandler(warnings)
+    assert len(warnings.messages) == 1 and "sam_rho=0.1" in warnings.messages[0]
