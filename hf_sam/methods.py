@@ -62,7 +62,8 @@ class MethodInfo:
 
 # ASAM's radius. With T = 1 on biases and T = |w| + 0.01 elsewhere, the biases carry ~100% of ||eps||^2 on the
 # benchmark models (benchmarks/perturbation_size.py) and ||eps|| ~ rho: the paper's 0.5 moves them ten times as far
-# as SAM's 0.05 moves the model. 0.02 stayed within 2 points of `sam` on every short benchmark task; 0.05 did not (docs/methods.md#asam).
+# as SAM's 0.05 moves the model. 0.02 stayed within 2 points of `sam` on every short benchmark task; 0.05 did not
+# (docs/methods.md#asam).
 ASAM_RHO = 0.02
 
 # ESAM's radius: SWP scales eps on the kept tensors by 1/beta, so its norm is rho/beta; 0.03 with beta 0.6 gives
