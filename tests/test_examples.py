@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_sam.methods import METHODS
+
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -244,7 +246,7 @@ def test_run_glue_csv(run_glue, monkeypatch, tmp_path, tiny_bert, text_data, met
     config = json.loads((out / "config.json").read_text())
     assert config["label2id"] == {"neg": 0, "pos": 1}
     if method == "asam":
-        assert results["sam/rho"] == pytest.approx(0.5)
+        assert results["sam/rho"] == pytest.approx(METHODS["asam"].preset["sam_rho"])  # the preset's radius
 
 
 def test_run_glue_json_lines_named_columns(run_glue, monkeypatch, tmp_path, tiny_bert, text_data):
