@@ -110,6 +110,25 @@ def test_label_noise_flips_a_fifth_of_the_training_labels_to_another_class(bench
     assert float(clean_train[0]["pixel_values"].min()) >= -1.0 and float(clean_train[0]["pixel_values"].max()) <= 1.0
 
 
+def test_digits_task_splits_every_image_once_and_trains_a_vit_on_its_8x8_pixels(bench, tmp_path):
+    pytest.importorskip("sklearn", reason="pip install scikit-learn")
+    train, test = bench.sklearn_digits_data(bench.TASKS["digits-noisy"])
+    clean, _ = bench.sklearn_digits_data({**bench.TASKS["digits-noisy"], "noise": 0.0})
+    assert (len(train), len(test)) == (1297, 500)  # all 1,797 images, none in both splits
+    from sklearn.datasets import load_digits
+
+    split = torch.cat([train.images, test.images]).flatten(1).tolist()
+    pixels = [tuple(v / 8.0 - 1.0 for v in row) for row in load_digits().data.tolist()]  # exact: v is 0..16
+    assert sorted(map(tuple, split)) == sorted(pixels)
+    assert train.images.shape[1:] == (1, 8, 8) and train.images.min() == -1.0 and train.images.max() == 1.0
+    assert abs((train.labels != clean.labels).mean() - 0.2) < 0.03  # the training labels are the noisy ones
+    assert sorted(set(test.labels.tolist())) == list(range(10))
+    cfg = {"task": "digits-noisy", "length": "short", "method": "none", "scale": 1.0, "seed": 0, "device": "cpu",
+           "threads": 1, "output_dir": str(tmp_path), "overrides": {"epochs": {"short": 1}}}  # fmt: skip
+    result = bench.run_one(cfg)
+    assert result["epochs"] == 1 and 0.0 <= result["accuracy"] <= 1.0 and math.isfinite(result["test_loss"])
+
+
 def test_corrupt_gives_every_flipped_label_another_class_and_the_same_draw_each_time(bench):
     labels = np.arange(2000) % 6
     noisy = bench.corrupt(labels, 6, 0.2)
