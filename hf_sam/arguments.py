@@ -13,7 +13,7 @@ from .components import ASCENT_RULES, DESCENT_TRANSFORMS, LOSS_TERM_CHOICES
 from .masks import MASKS
 from .methods import AXIS_DEFAULTS, METHODS, unknown_method_message
 from .momentum_sam import MOMENTUM_UNDER_DEEPSPEED
-from .schedules import SCHEDULES
+from .schedules import SCHEDULES, sam_probability
 from .zero import check_zero_config, without_shm_comm_build, zero_config
 
 
@@ -362,6 +362,7 @@ class SAMArgumentsMixin:
         self._validate_sam_fields()
         self._validate_loss_term_fields()
         self._warn_unused_fields(given)
+        self._warn_half_given_schedule(given)
         self._warn_large_radius()
         if self.deepspeed and self.sam_enabled and self.sam_direction == "momentum":
             raise ValueError(MOMENTUM_UNDER_DEEPSPEED)
@@ -406,6 +407,26 @@ class SAMArgumentsMixin:
                 f"sam_method={self.sam_method!r} ignores {', '.join(unused)}. Drop these flags, or choose a method"
                 " that uses them."
             )
+
+    def _warn_half_given_schedule(self, given: set[str]) -> None:
+        """Warn when a preset's moving schedule (ss-sam's ramp, late-sam's switch) gets only one end from the user.
+
+        `--sam_method ss-sam --sam_probability 0.3` reads like "SAM on 30% of the steps", but the preset's linear
+        schedule then runs from 0.3 to its own end of 1.0: say so, with the mean, and how to fix the probability.
+        """
+        ends = {"sam_probability", "sam_probability_end"}
+        if "sam_schedule" in given or self.sam_schedule not in ("piecewise", "linear", "cosine") or not given & ends:
+            return
+        if ends <= given:
+            return
+        steps = 1000
+        mean = sum(sam_probability(self, (t + 0.5) / steps) for t in range(steps)) / steps
+        logger.warning(
+            f"sam_method={self.sam_method!r} runs SAM on a {self.sam_schedule} schedule from sam_probability to"
+            f" sam_probability_end; with only {' and '.join(sorted(given & ends))} given it goes from"
+            f" {self.sam_probability} to {self.sam_probability_end} (SAM on {mean:.0%} of the steps on average)."
+            " For a fixed share p of the steps pass --sam_schedule constant --sam_probability p."
+        )
 
     def _warn_large_radius(self) -> None:
         if not self.sam_enabled:

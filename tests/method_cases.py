@@ -29,9 +29,9 @@ from hf_sam.schedules import is_sam_step
 
 
 def _ss_sam_draws(step: int) -> bool:
-    # The reference uses the same (seed, global_step) draws (docs/methods.md#ss-sam); their statistics are
-    # checked on their own.
-    args = SimpleNamespace(sam_schedule="constant", sam_probability=0.5, sam_probability_end=0.5, seed=0)
+    # The reference uses the same (seed, global_step) draws as the preset's ramp p = t / 4 over these 4-step runs
+    # (docs/methods.md#ss-sam); their statistics are checked on their own.
+    args = SimpleNamespace(sam_schedule="linear", sam_probability=0.0, sam_probability_end=1.0, seed=0)
     return is_sam_step(args, step, 4)
 
 

@@ -228,6 +228,30 @@ def test_a_radius_far_above_the_usual_range_is_warned_about(kwargs, warned):
     assert ("far above" in captured.out) == warned
 
 
+@pytest.mark.parametrize(
+    "kwargs, mean",
+    [
+        ({"sam_method": "ss-sam", "sam_probability": 0.3}, "65%"),  # the preset's ramp then runs 0.3 -> 1
+        ({"sam_method": "late-sam", "sam_probability": 0.2}, "30%"),  # 0.2 until 7/8 of training, then 1
+        ({"sam_method": "ss-sam"}, None),
+        ({"sam_method": "ss-sam", "sam_schedule": "constant", "sam_probability": 0.3}, None),
+        ({"sam_method": "ss-sam", "sam_probability": 0.2, "sam_probability_end": 0.6}, None),
+        ({"sam_method": "sam", "sam_schedule": "linear", "sam_probability": 0.3}, None),
+    ],
+)
+def test_one_end_of_a_preset_schedule_is_warned_about_with_the_share_it_gives(kwargs, mean):
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_sam import arguments
+
+    with CaptureLogger(arguments.logger) as captured:
+        make(**kwargs)
+    if mean is None:
+        assert "sam_schedule constant" not in captured.out
+    else:
+        assert f"SAM on {mean} of the steps" in captured.out and "--sam_schedule constant" in captured.out
+
+
 def test_a_model_without_trainable_parameters_is_refused_as_such(tmp_path):
     model = tiny_bert()
     model.requires_grad_(False)
