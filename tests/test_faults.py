@@ -36,7 +36,7 @@ SAM_STEP_METHODS = [n for n, c in METHOD_CASES.items() if c["reference"] is not 
 # Momentum-SAM takes eps from the optimizer's moment: it has no clean pass to fault.
 CLEAN_PASS_METHODS = [n for n in SAM_STEP_METHODS if METHOD_CASES[n]["reference"].get("direction") != "momentum"]
 STATEFUL_METHODS = [n for n in METHOD_CASES if n != "none"]  # every method that writes a state file
-# Enough steps for two SAM steps of every method (LookSAM's k is 3 in its row; SS-SAM's ramp draws SAM on steps 3, 5, 6).
+# Enough steps for two SAM steps of every method (LookSAM's k is 3 in its row; SS-SAM's ramp draws steps 3, 5, 6).
 STEPS = 7
 
 
