@@ -13,7 +13,7 @@ from .components import ASCENT_RULES, DESCENT_TRANSFORMS, LOSS_TERM_CHOICES
 from .masks import MASKS
 from .methods import AXIS_DEFAULTS, METHODS, unknown_method_message
 from .momentum_sam import MOMENTUM_UNDER_DEEPSPEED
-from .schedules import SCHEDULES, sam_probability
+from .schedules import SCHEDULES, mean_sam_probability
 from .zero import check_zero_config, without_shm_comm_build, zero_config
 
 
@@ -414,16 +414,14 @@ class SAMArgumentsMixin:
         `--sam_method ss-sam --sam_probability 0.3` reads like "SAM on 30% of the steps", but the preset's linear
         schedule then runs from 0.3 to its own end of 1.0: say so, with the mean, and how to fix the probability.
         """
-        ends = {"sam_probability", "sam_probability_end"}
-        if "sam_schedule" in given or self.sam_schedule not in ("piecewise", "linear", "cosine") or not given & ends:
+        ends_given = given & {"sam_probability", "sam_probability_end"}
+        moving = self.sam_schedule in ("piecewise", "linear", "cosine")
+        if "sam_schedule" in given or not moving or len(ends_given) != 1:
             return
-        if ends <= given:
-            return
-        steps = 1000
-        mean = sum(sam_probability(self, (t + 0.5) / steps) for t in range(steps)) / steps
+        mean = mean_sam_probability(self)
         logger.warning(
             f"sam_method={self.sam_method!r} runs SAM on a {self.sam_schedule} schedule from sam_probability to"
-            f" sam_probability_end; with only {' and '.join(sorted(given & ends))} given it goes from"
+            f" sam_probability_end; with only {ends_given.pop()} given it goes from"
             f" {self.sam_probability} to {self.sam_probability_end} (SAM on {mean:.0%} of the steps on average)."
             " For a fixed share p of the steps pass --sam_schedule constant --sam_probability p."
         )

@@ -33,6 +33,24 @@ def sam_probability(args, progress: float) -> float:
     raise ValueError(f"sam_schedule={schedule!r} has no probability")
 
 
+def mean_sam_probability(args) -> float:
+    """p-bar, the mean of p(t) over training: the expected share of SAM steps (SS-SAM costs 1 + p-bar passes)."""
+    p0, p1 = args.sam_probability, args.sam_probability_end
+    schedule = args.sam_schedule
+    if schedule == "always":
+        return 1.0
+    if schedule == "every_k":
+        return 1.0 / args.sam_interval
+    if schedule == "constant":
+        return p0
+    if schedule == "piecewise":
+        boundary = args.sam_schedule_boundary
+        return p0 * boundary + p1 * (1 - boundary)
+    if schedule in ("linear", "cosine"):  # cosine's (1 - cos)/2 averages 1/2 over [0, 1], as the line does
+        return (p0 + p1) / 2
+    raise ValueError(f"sam_schedule={schedule!r} has no mean probability")
+
+
 def is_sam_step(args, global_step: int, max_steps: int) -> bool:
     """Whether optimizer step `global_step` runs SAM (host-side CPU draw: no device sync)."""
     if args.sam_schedule == "always":

@@ -10,7 +10,7 @@ from torch import nn
 from hf_sam.components import ASCENT_RULES, build_ascent
 from hf_sam.optim import AdaSAMOptimizer
 from hf_sam.perturbation import Perturbation, select_perturbed
-from hf_sam.schedules import SCHEDULES, is_sam_step, sam_probability
+from hf_sam.schedules import SCHEDULES, is_sam_step, mean_sam_probability, sam_probability
 from hf_sam.tensors import global_norm
 
 
@@ -163,6 +163,7 @@ def test_sam_step_share_is_within_3_sigma_of_the_mean_probability(schedule, p0, 
     mean = sum(probabilities) / steps
     sigma = math.sqrt(sum(p * (1 - p) for p in probabilities)) / steps
     assert abs(share - mean) < 3 * sigma
+    assert math.isclose(mean_sam_probability(args), mean, abs_tol=1e-3)  # the closed form is the average of p(t)
 
 
 def test_schedule_shapes():
@@ -171,6 +172,8 @@ def test_schedule_shapes():
     assert math.isclose(sam_probability(schedule_args("linear", 0.0, 1.0), 0.25), 0.25)
     assert math.isclose(sam_probability(schedule_args("cosine", 0.0, 1.0), 0.5), 0.5)
     assert [is_sam_step(schedule_args("every_k", interval=3), t, 10) for t in range(6)] == [1, 0, 0, 1, 0, 0]
+    assert mean_sam_probability(schedule_args("every_k", interval=3)) == 1 / 3
+    assert mean_sam_probability(schedule_args("always", 0.2, 0.2)) == 1.0
     assert set(SCHEDULES) == {"always", "constant", "piecewise", "linear", "cosine", "every_k"}
 
 
