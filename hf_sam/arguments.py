@@ -36,7 +36,7 @@ _PROBABILITY_SCHEDULES = ("constant", "piecewise", "linear", "cosine")
 # Fields that act only under one setting: a value given for a method without that setting would be silently
 # ignored, so it is warned about. (fields, the setting they need, whether the resolved arguments have it)
 ONLY_UNDER = (
-    (("sam_adaptive_eta",), "sam_ascent='adaptive' (asam)", lambda a: a.sam_ascent == "adaptive"),
+    (("sam_adaptive_eta", "sam_adaptive_bias"), "sam_ascent='adaptive' (asam)", lambda a: a.sam_ascent == "adaptive"),
     (("fsam_sigma", "fsam_lambda"), "sam_ascent='fsam' (fsam)", lambda a: a.sam_ascent == "fsam"),
     (("gsam_alpha",), "sam_descent='gsam' (gsam)", lambda a: a.sam_descent == "gsam"),
     (("looksam_k", "looksam_alpha"), "sam_descent='looksam' (looksam)", lambda a: a.sam_descent == "looksam"),
@@ -115,6 +115,8 @@ class SAMArgumentsMixin:
         biases, eps = rho T^2 g / ||T g||), `unnormalized` (USAM: eps = rho g) or `fsam` (Friendly SAM).
     sam_adaptive_eta (`float`, *optional*, defaults to 0.01):
         The `eta` of ASAM.
+    sam_adaptive_bias (`bool`, *optional*, defaults to `False`):
+        ASAM on biases: `False` keeps the paper's `T = 1` there, `True` uses `T = |b| + eta` as on the weights.
     sam_direction (`str`, *optional*, defaults to `"gradient"`):
         Where eps comes from: `gradient` (a clean forward+backward, then the ascent rule) or `momentum`
         (Momentum-SAM: eps = -rho m / ||m|| from the optimizer's first moment m, no extra pass).
@@ -162,6 +164,13 @@ class SAMArgumentsMixin:
         },
     )
     sam_adaptive_eta: float | None = field(default=None, metadata={"help": "ASAM's eta added to |w| (default 0.01)."})
+    sam_adaptive_bias: bool | None = field(
+        default=None,
+        metadata={
+            "help": "ASAM: scale biases by T = |b| + eta like the weights (True) or leave them at T = 1 as the paper"
+            " does (False). Default: False."
+        },
+    )
     sam_accumulation: str | None = field(
         default=None,
         metadata={

@@ -39,10 +39,14 @@ class AscentRule:
 
 
 class AdaptiveAscent(AscentRule):
-    """ASAM (Kwon et al.): T = |w| + eta except on biases (T = 1), eps = rho T^2 g / (||T g|| + 1e-12)."""
+    """ASAM (Kwon et al.): T = |w| + eta, eps = rho T^2 g / (||T g|| + 1e-12).
+
+    The paper leaves biases unscaled (T = 1); `sam_adaptive_bias` scales them by |b| + eta as well.
+    """
 
     def __call__(self, names, params, grads, rho, grad_unit, grad_norm) -> torch.Tensor:
-        weights = [i for i, name in enumerate(names) if not name.endswith("bias")]
+        scale_all = self.args.sam_adaptive_bias
+        weights = [i for i, name in enumerate(names) if scale_all or not name.endswith("bias")]
         weight_grads = [local(grads[i]) for i in weights]
         operator = torch._foreach_abs([local(params[i]) for i in weights])
         torch._foreach_add_(operator, self.args.sam_adaptive_eta)

@@ -54,7 +54,12 @@ def sam_eps(ref, model, g, unit):
 
 def adaptive_eps(ref, model, g, unit):
     params = dict(model.named_parameters())
-    t = {n: torch.ones_like(x) if n.endswith("bias") else params[n].detach().abs() + ref.eta for n, x in g.items()}
+
+    def operator(n):  # T: |w| + eta, and 1 on biases unless they are scaled too
+        unscaled = n.endswith("bias") and not ref.scale_biases
+        return torch.ones_like(g[n]) if unscaled else params[n].detach().abs() + ref.eta
+
+    t = {n: operator(n) for n in g}
     tg_norm = norm({n: t[n] * x for n, x in g.items()})
     return {n: ref.rho * t[n] * t[n] * x / (tg_norm + 1e-12) for n, x in g.items()}
 
@@ -107,7 +112,7 @@ class Reference:
     """Computes one method. `ascent` and `descent` name functions above (ASCENTS, DESCENTS); `renormalize` is
     Stable SAM's rescale; `shards` is mSAM's m; `sam_step(t)` says whether step t runs SAM."""
 
-    def __init__(self, rho, ascent="sam", eta=0.01, descent="none", renormalize=False, shards=1,
+    def __init__(self, rho, ascent="sam", eta=0.01, scale_biases=False, descent="none", renormalize=False, shards=1,
                  accumulation="window", sam_step=lambda t: True, fsam_sigma=1.0, fsam_lambda=0.9,
                  gsam_alpha=0.1, looksam_alpha=0.7, mask=None, esam_beta=None, esam_gamma=None,
                  esam_selection="per_class", direction="gradient"):  # fmt: skip

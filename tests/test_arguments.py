@@ -194,6 +194,8 @@ def test_looksam_period_is_looksam_k_and_an_equal_sam_interval_is_accepted():
         ({"sam_method": "ssam-f", "sam_sparsity": 0.9}, []),
         ({"sam_method": "ss-sam", "sam_probability": 0.3}, []),
         ({"sam_method": "msam"}, []),
+        ({"sam_method": "sam", "sam_adaptive_bias": True}, ["sam_adaptive_bias"]),
+        ({"sam_method": "asam", "sam_adaptive_bias": True}, []),
         ({"sam_method": "esam", "esam_beta": 0.5}, []),
     ],
 )

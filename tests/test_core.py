@@ -15,7 +15,8 @@ from hf_sam.tensors import global_norm
 
 
 def rule_args(**kw):
-    base = {"sam_ascent": "sam", "sam_adaptive_eta": 0.01, "fsam_sigma": 1.0, "fsam_lambda": 0.9}
+    base = {"sam_ascent": "sam", "sam_adaptive_eta": 0.01, "sam_adaptive_bias": False}
+    base.update(fsam_sigma=1.0, fsam_lambda=0.9)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -66,6 +67,60 @@ def test_asam_is_invariant_to_rescaling_between_relu_layers():
     # plain SAM is not invariant: the same check fails for it
     s_base, s_scaled = eps_of(base, "sam", 0.5), eps_of(scaled, "sam", 0.5)
     assert not torch.allclose(s_scaled[0], c * s_base[0], rtol=1e-2)
+
+
+def mlp_with_biases(c: float = 1.0) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(c)
+        model[0].bias.mul_(c)
+        model[2].weight.div_(c)
+    return model
+
+
+def adaptive_eps_of(model, rho, scale_biases):
+    named = select_perturbed(model, None, None)
+    before = [p.detach().clone() for _, p in named]
+    rule = build_ascent(rule_args(sam_ascent="adaptive", sam_adaptive_eta=0.0, sam_adaptive_bias=scale_biases))
+    perturbation = Perturbation(named, rule)
+    perturbation.ascend(rho)
+    eps = {name: p.detach() - b for (name, p), b in zip(named, before)}
+    perturbation.restore()
+    return eps
+
+
+@pytest.mark.parametrize("scale_biases", [True, False])
+def test_asam_with_scaled_biases_is_invariant_to_rescaling_a_whole_relu_unit(scale_biases):
+    # (w1, b1) -> c (w1, b1), w2 -> w2 / c leaves a ReLU network with biases unchanged. With T = |b| + eta on the
+    # biases (sam_adaptive_bias) eps follows the rescaling on every tensor, the first bias included; the paper's
+    # T = 1 on biases breaks it: then the perturbed function depends on c.
+    c = 3.0
+    base, scaled = mlp_with_biases(), mlp_with_biases(c)
+    grads_for(base)
+    grads_for(scaled)
+    e_base, e_scaled = adaptive_eps_of(base, 0.5, scale_biases), adaptive_eps_of(scaled, 0.5, scale_biases)
+    expected = {"0.weight": c, "0.bias": c, "2.weight": 1 / c}
+    matches = [torch.allclose(e_scaled[n], f * e_base[n], rtol=1e-4, atol=1e-7) for n, f in expected.items()]
+    assert all(matches) == scale_biases, matches
+
+
+def test_asam_with_scaled_biases_gives_eps_rho_t2_g_over_the_norm_of_t_g():
+    model = mlp_with_biases()
+    grads_for(model)
+    params = dict(model.named_parameters())
+    grads = {n: p.grad.clone() for n, p in params.items()}
+    eta, rho = 0.01, 0.3
+    named = select_perturbed(model, None, None)
+    rule = build_ascent(rule_args(sam_ascent="adaptive", sam_adaptive_eta=eta, sam_adaptive_bias=True))
+    perturbation = Perturbation(named, rule)
+    before = {n: p.detach().clone() for n, p in named}
+    perturbation.ascend(rho)
+    t = {n: before[n].abs() + eta for n in grads}
+    norm = torch.sqrt(sum(((t[n] * grads[n]) ** 2).sum() for n in grads))
+    for n, p in named:
+        torch.testing.assert_close(p.detach() - before[n], rho * t[n] ** 2 * grads[n] / norm, rtol=1e-4, atol=1e-8)
+    perturbation.restore()
 
 
 @pytest.mark.parametrize("rule", list(ASCENT_RULES))

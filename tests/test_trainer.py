@@ -324,6 +324,19 @@ def test_unnormalized_ascent_matches_reference(tmp_path):
     assert_same_weights(state(trainer.model), state(reference_model), exact=False)
 
 
+@pytest.mark.parametrize("scale_biases", [True, False])
+def test_asam_bias_scaling_matches_reference(tmp_path, scale_biases):
+    trainer, reference_model, _ = train_with_reference(
+        tmp_path,
+        "sgd",
+        2,
+        "window",
+        {"sam_method": "asam", "sam_rho": 0.5, "sam_adaptive_bias": scale_biases},
+        {"rho": 0.5, "ascent": "adaptive", "eta": 0.01, "scale_biases": scale_biases},
+    )
+    assert_same_weights(state(trainer.model), state(reference_model), exact=False)
+
+
 @pytest.mark.parametrize("method", SAM_CASES)
 def test_window_batch2_ga2_equals_batch4_ga1(tmp_path, method):
     if "window" not in METHOD_CASES[method]["accumulation"]:
