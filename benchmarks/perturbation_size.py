@@ -4,7 +4,7 @@
 Takes one batch of each benchmark task (the MNIST ViT at its initialization, the pretrained MiniLM with its new
 head on TREC; dropout off, so the numbers repeat), computes the clean gradient g, and turns it into eps with
 hf_sam's own ascent rule of each preset at its defaults (or with fields given by `--set METHOD.FIELD=VALUE`).
-Reports ||g||, ||eps|| and the share of ||eps||^2 that falls on biases.
+Reports ||g||, ||eps|| and the shares of ||eps||^2 that fall on biases and on LayerNorm gains.
 
     python benchmarks/perturbation_size.py
     python benchmarks/perturbation_size.py --methods sam asam stable-sam --set asam.sam_rho=0.5 \
@@ -48,8 +48,15 @@ def perturbation(model: torch.nn.Module, batch: dict, method: str, overrides: di
         ASCENT_RULES[args.sam_ascent](args)(names, params, eps, torch.tensor(args.sam_rho), 1.0, grad_norm)
     total = float(sum(e.square().sum() for e in eps))
     on_biases = float(sum(e.square().sum() for n, e in zip(names, eps) if n.endswith("bias")))
+    on_norm_gains = float(sum(e.square().sum() for n, e in zip(names, eps) if is_norm_gain(n)))
     return {"method": method, "rho": args.sam_rho, "grad_norm": float(grad_norm), "eps_norm": total**0.5,
-            "bias_share": on_biases / total if total else 0.0}  # fmt: skip
+            "bias_share": on_biases / total if total else 0.0,
+            "norm_gain_share": on_norm_gains / total if total else 0.0}  # fmt: skip
+
+
+def is_norm_gain(name: str) -> bool:
+    """A LayerNorm's gain (`...layernorm.weight`, `...LayerNorm.weight`): |w| ~ 1 where other weights are ~0.05."""
+    return "norm" in name.lower() and name.endswith("weight")
 
 
 def benchmark_batches(seed: int = 0) -> dict[str, tuple[torch.nn.Module, dict]]:
@@ -80,12 +87,13 @@ def main() -> None:
         method, _, field = name.partition(".")
         fields.setdefault(method, {})[field] = value
     torch.set_num_threads(1)
-    print("| model | method | rho | ‖g‖ | ‖ε‖ | share of ‖ε‖² on biases |\n|---|---|---|---|---|---|")
+    print("| model | method | rho | ‖g‖ | ‖ε‖ | share of ‖ε‖² on biases | on LayerNorm gains |")
+    print("|---|---|---|---|---|---|---|")
     for name, (model, batch) in benchmark_batches().items():
         for method in cli.methods:
             r = perturbation(model, batch, method, fields.get(method))
             print(f"| {name} | {method} | {r['rho']:g} | {r['grad_norm']:.3f} | {r['eps_norm']:.4f} |"
-                  f" {r['bias_share']:.2f} |")  # fmt: skip
+                  f" {r['bias_share']:.2f} | {r['norm_gain_share']:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -284,6 +284,33 @@ def test_perturbation_size_uses_each_presets_own_ascent(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model is left as it was
 
 
+def test_perturbation_size_counts_layernorm_gains_where_scaled_asam_puts_eps():
+    size = load_script("perturbation_size")
+
+    class Normed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 4)
+            self.layer_norm = torch.nn.LayerNorm(4)  # gain 1, where the linear weights are ~0.3
+            self.head = torch.nn.Linear(4, 1)
+
+        def forward(self, x, y):
+            out = self.head(self.layer_norm(self.layer(x))).squeeze(-1)
+            return SimpleNamespace(loss=(out - y).square().mean())
+
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(8, 4), "y": torch.randn(8)}
+    model = Normed()
+    sam = size.perturbation(model, batch, "sam")
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    expected = grads["layer_norm.weight"].square().sum() / sum(g.square().sum() for g in grads.values())
+    assert sam["norm_gain_share"] == pytest.approx(float(expected), rel=1e-5)  # SAM: eps proportional to g
+    paper = size.perturbation(model, batch, "asam", {"sam_rho": 0.5})
+    scaled = size.perturbation(model, batch, "asam", {"sam_rho": 0.5, "sam_adaptive_bias": True})
+    assert paper["bias_share"] > scaled["bias_share"]  # T = 1 on biases draws eps there
+    assert scaled["norm_gain_share"] > paper["norm_gain_share"]
+
+
 def test_a_run_keeps_the_librarys_warnings(bench):
     import logging
 
