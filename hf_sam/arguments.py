@@ -112,7 +112,8 @@ class SAMArgumentsMixin:
         Radius of the perturbation. `sam` 0.05, `asam` 0.02. `0` gives the plain `Trainer` trajectory.
     sam_ascent (`str`, *optional*, defaults to `"sam"`):
         The ascent rule: `sam` (eps = rho g / ||g||), `adaptive` (ASAM: `T = |w| + eta` on every tensor except
-        biases, eps = rho T^2 g / ||T g||), `unnormalized` (USAM: eps = rho g) or `fsam` (Friendly SAM).
+        biases unless `sam_adaptive_bias`, eps = rho T^2 g / ||T g||), `unnormalized` (USAM: eps = rho g) or
+        `fsam` (Friendly SAM).
     sam_adaptive_eta (`float`, *optional*, defaults to 0.01):
         The `eta` of ASAM.
     sam_adaptive_bias (`bool`, *optional*, defaults to `False`):
@@ -168,7 +169,7 @@ class SAMArgumentsMixin:
         default=None,
         metadata={
             "help": "ASAM: scale biases by T = |b| + eta like the weights (True) or leave them at T = 1 as the paper"
-            " does (False). Default: False."
+            " does (False). Default: False. Scaled, rho needs the paper's range (1 on long runs; docs/methods.md)."
         },
     )
     sam_accumulation: str | None = field(
@@ -211,8 +212,8 @@ class SAMArgumentsMixin:
         default=None,
         metadata={
             "help": "Ascent rule: sam (eps = rho g/||g||), adaptive (ASAM: eps = rho T^2 g/||T g||, T = |w| + eta,"
-            " T = 1 on biases), unnormalized (USAM: eps = rho g) or fsam (Friendly SAM). Default: from the method"
-            " preset, else sam.",
+            " T = 1 on biases unless sam_adaptive_bias), unnormalized (USAM: eps = rho g) or fsam (Friendly SAM)."
+            " Default: from the method preset, else sam.",
             "choices": list(ASCENT_CHOICES),
         },
     )
