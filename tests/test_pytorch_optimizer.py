@@ -2,9 +2,10 @@
 
 Their classes wrap the base optimizer and run the two passes themselves; here they run the same micro-batches
 as SAMTrainer (GA 1, SGD with momentum) and must end at the same weights. Their ASAM applies |w| to biases and
-has no eta, where ours follows the official ASAM code (T = 1 on biases, eta = 0.01): they are compared on a
-bias-free model with eta = 0, where the two rules coincide, and with `sam_adaptive_bias` on a model with biases. LookSAM's projection is per tensor there and over
-the whole vector here (docs/methods.md#looksam), so they differ on purpose.
+has no eta, where our preset follows the official ASAM code (T = 1 on biases, eta = 0.01): they are compared on
+a bias-free model with eta = 0, where the two rules coincide, and with `sam_adaptive_bias` and eta = 0 on a model
+with biases. LookSAM's projection is per tensor there and over the whole vector here (docs/methods.md#looksam),
+so they differ on purpose.
 """
 
 import pytest
@@ -116,11 +117,5 @@ def test_asam_with_scaled_biases_matches_pytorch_optimizer_on_a_model_with_biase
     reference = copy_model(model)
     train_sam(tmp_path, model, tiny_dataset(), "sgd", max_steps=STEPS, per_device_train_batch_size=BATCH,
               sam_method="asam", sam_rho=0.5, sam_adaptive_eta=0.0, sam_adaptive_bias=True)  # fmt: skip
-    opt = po.SAM(reference.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, lr=LR, momentum=MOMENTUM)
-    for batch in batches(tiny_dataset(), BATCH)[:STEPS]:
-        reference.zero_grad()
-        loss_of(reference, batch).backward()
-        opt.first_step(zero_grad=True)
-        loss_of(reference, batch).backward()
-        opt.second_step(zero_grad=True)
+    run_two_step(po.SAM, reference, rho=0.5, adaptive=True)
     assert_same_weights(state(model), state(reference), exact=False)
