@@ -20,11 +20,14 @@ def rule_args(**kw):
     return SimpleNamespace(**{**base, **kw})
 
 
-def mlp(c: float = 1.0) -> nn.Sequential:
+def mlp(c: float = 1.0, bias: bool = False) -> nn.Sequential:
+    """A ReLU MLP with its first unit scaled by c (weights and bias) and the next layer's weights by 1 / c."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False))
+    model = nn.Sequential(nn.Linear(4, 8, bias=bias), nn.ReLU(), nn.Linear(8, 3, bias=bias))
     with torch.no_grad():
         model[0].weight.mul_(c)
+        if bias:
+            model[0].bias.mul_(c)
         model[2].weight.div_(c)
     return model
 
@@ -36,12 +39,13 @@ def grads_for(model):
     nn.functional.cross_entropy(model(x), y).backward()
 
 
-def eps_of(model, rule, rho):
+def eps_of(model, rule, rho, **fields):
+    """eps of `rule` (eta 0 unless `fields` say otherwise) by parameter name; the model is restored exactly."""
     named = select_perturbed(model, None, None)
     before = [p.detach().clone() for _, p in named]
-    perturbation = Perturbation(named, build_ascent(rule_args(sam_ascent=rule, sam_adaptive_eta=0.0)))
+    perturbation = Perturbation(named, build_ascent(rule_args(sam_ascent=rule, **{"sam_adaptive_eta": 0.0, **fields})))
     perturbation.ascend(rho)
-    eps = [p.detach() - b for (_, p), b in zip(named, before)]
+    eps = {name: p.detach() - b for (name, p), b in zip(named, before)}
     perturbation.restore()
     assert all(torch.equal(p, b) for (_, p), b in zip(named, before))
     return eps
@@ -51,7 +55,7 @@ def test_sam_eps_has_norm_rho():
     model = mlp()
     grads_for(model)
     eps = eps_of(model, "sam", 0.05)
-    assert math.isclose(torch.sqrt(sum((e**2).sum() for e in eps)).item(), 0.05, rel_tol=1e-5)
+    assert math.isclose(torch.sqrt(sum((e**2).sum() for e in eps.values())).item(), 0.05, rel_tol=1e-5)
 
 
 def test_asam_is_invariant_to_rescaling_between_relu_layers():
@@ -62,32 +66,11 @@ def test_asam_is_invariant_to_rescaling_between_relu_layers():
     grads_for(base)
     grads_for(scaled)
     e_base, e_scaled = eps_of(base, "adaptive", 0.5), eps_of(scaled, "adaptive", 0.5)
-    torch.testing.assert_close(e_scaled[0], c * e_base[0], rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(e_scaled[1], e_base[1] / c, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(e_scaled["0.weight"], c * e_base["0.weight"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(e_scaled["2.weight"], e_base["2.weight"] / c, rtol=1e-4, atol=1e-7)
     # plain SAM is not invariant: the same check fails for it
     s_base, s_scaled = eps_of(base, "sam", 0.5), eps_of(scaled, "sam", 0.5)
-    assert not torch.allclose(s_scaled[0], c * s_base[0], rtol=1e-2)
-
-
-def mlp_with_biases(c: float = 1.0) -> nn.Sequential:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    with torch.no_grad():
-        model[0].weight.mul_(c)
-        model[0].bias.mul_(c)
-        model[2].weight.div_(c)
-    return model
-
-
-def adaptive_eps_of(model, rho, scale_biases):
-    named = select_perturbed(model, None, None)
-    before = [p.detach().clone() for _, p in named]
-    rule = build_ascent(rule_args(sam_ascent="adaptive", sam_adaptive_eta=0.0, sam_adaptive_bias=scale_biases))
-    perturbation = Perturbation(named, rule)
-    perturbation.ascend(rho)
-    eps = {name: p.detach() - b for (name, p), b in zip(named, before)}
-    perturbation.restore()
-    return eps
+    assert not torch.allclose(s_scaled["0.weight"], c * s_base["0.weight"], rtol=1e-2)
 
 
 @pytest.mark.parametrize("scale_biases", [True, False])
@@ -96,31 +79,27 @@ def test_asam_with_scaled_biases_is_invariant_to_rescaling_a_whole_relu_unit(sca
     # biases (sam_adaptive_bias) eps follows the rescaling on every tensor, the first bias included; the paper's
     # T = 1 on biases breaks it: then the perturbed function depends on c.
     c = 3.0
-    base, scaled = mlp_with_biases(), mlp_with_biases(c)
+    base, scaled = mlp(bias=True), mlp(c, bias=True)
     grads_for(base)
     grads_for(scaled)
-    e_base, e_scaled = adaptive_eps_of(base, 0.5, scale_biases), adaptive_eps_of(scaled, 0.5, scale_biases)
+    e_base = eps_of(base, "adaptive", 0.5, sam_adaptive_bias=scale_biases)
+    e_scaled = eps_of(scaled, "adaptive", 0.5, sam_adaptive_bias=scale_biases)
     expected = {"0.weight": c, "0.bias": c, "2.weight": 1 / c}
     matches = [torch.allclose(e_scaled[n], f * e_base[n], rtol=1e-4, atol=1e-7) for n, f in expected.items()]
     assert all(matches) == scale_biases, matches
 
 
 def test_asam_with_scaled_biases_gives_eps_rho_t2_g_over_the_norm_of_t_g():
-    model = mlp_with_biases()
+    model = mlp(bias=True)
     grads_for(model)
     params = dict(model.named_parameters())
-    grads = {n: p.grad.clone() for n, p in params.items()}
+    grads = {n: p.grad.clone() for n, p in params.items()}  # the rule turns .grad into eps in place
     eta, rho = 0.01, 0.3
-    named = select_perturbed(model, None, None)
-    rule = build_ascent(rule_args(sam_ascent="adaptive", sam_adaptive_eta=eta, sam_adaptive_bias=True))
-    perturbation = Perturbation(named, rule)
-    before = {n: p.detach().clone() for n, p in named}
-    perturbation.ascend(rho)
-    t = {n: before[n].abs() + eta for n in grads}
-    norm = torch.sqrt(sum(((t[n] * grads[n]) ** 2).sum() for n in grads))
-    for n, p in named:
-        torch.testing.assert_close(p.detach() - before[n], rho * t[n] ** 2 * grads[n] / norm, rtol=1e-4, atol=1e-8)
-    perturbation.restore()
+    eps = eps_of(model, "adaptive", rho, sam_adaptive_eta=eta, sam_adaptive_bias=True)
+    t = {n: p.detach().abs() + eta for n, p in params.items()}
+    norm = torch.sqrt(sum(((t[n] * grads[n]) ** 2).sum() for n in params))
+    for n in params:
+        torch.testing.assert_close(eps[n], rho * t[n] ** 2 * grads[n] / norm, rtol=1e-4, atol=1e-8)
 
 
 @pytest.mark.parametrize("rule", list(ASCENT_RULES))
