@@ -77,6 +77,7 @@ ONLY_UNDER = (
             "sam_include",
             "sam_exclude",
             "sam_rho_min",
+            "sam_rho_warmup",
             "esam_gamma",
             "sam_same_dropout",
             "sam_freeze_bn_stats",
@@ -118,6 +119,9 @@ class SAMArgumentsMixin:
         The `eta` of ASAM.
     sam_adaptive_bias (`bool`, *optional*, defaults to `False`):
         ASAM on biases: `False` keeps the paper's `T = 1` there, `True` uses `T = |b| + eta` as on the weights.
+    sam_rho_warmup (`float`, *optional*, defaults to 0):
+        Share of the optimizer steps, in [0, 1], over which the radius grows linearly from 0 to `sam_rho`
+        (step t of T at `sam_rho * min(1, (t + 1) / (sam_rho_warmup * T))`). `0` keeps it constant.
     sam_direction (`str`, *optional*, defaults to `"gradient"`):
         Where eps comes from: `gradient` (a clean forward+backward, then the ascent rule) or `momentum`
         (Momentum-SAM: eps = -rho m / ||m|| from the optimizer's first moment m, no extra pass).
@@ -263,6 +267,13 @@ class SAMArgumentsMixin:
     sam_rho_min: float | None = field(
         default=None,
         metadata={"help": "GSAM: rho moves linearly with the learning rate from sam_rho (peak lr) to this (lr 0)."},
+    )
+    sam_rho_warmup: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share of the optimizer steps over which rho grows linearly from 0 to sam_rho, in [0, 1]"
+            " (1: the whole run). Default: 0 (off), or from the method."
+        },
     )
     sam_mask: str | None = field(
         default=None,
@@ -509,11 +520,12 @@ class SAMArgumentsMixin:
             "gsam_alpha",
             "looksam_alpha",
             "sam_rho_min",
+            "sam_rho_warmup",
         ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
-        for name in ("sam_probability", "sam_probability_end", "sam_schedule_boundary"):
+        for name in ("sam_probability", "sam_probability_end", "sam_schedule_boundary", "sam_rho_warmup"):
             if getattr(self, name) > 1:
                 raise ValueError(f"{name}={getattr(self, name)} must lie in [0, 1].")
         if not (isinstance(self.sam_sparsity, (int, float)) and 0 <= self.sam_sparsity < 1):

@@ -32,13 +32,3 @@ def scheduled_rho(args, learning_rate: float, peak_learning_rate: float | None) 
         return args.sam_rho
     ratio = min(1.0, max(0.0, learning_rate / peak_learning_rate))
     return args.sam_rho_min + (args.sam_rho - args.sam_rho_min) * ratio
-
-
-def step_rho(trainer) -> float:
-    """This step's radius for `trainer`: `sam_rho`, or the schedule above along its learning rate."""
-    args = trainer.args
-    if args.sam_rho_min >= args.sam_rho:  # no schedule: no need to read the learning rate
-        return args.sam_rho
-    # The peak is the scheduler's base lr (the optimizer's own lr when the user passed an optimizer).
-    base_lrs = getattr(trainer.lr_scheduler, "base_lrs", None) or [args.learning_rate]
-    return scheduled_rho(args, trainer._get_learning_rate(), base_lrs[0])

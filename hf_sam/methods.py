@@ -171,6 +171,7 @@ AXIS_DEFAULTS: dict[str, Any] = {
     "sam_rho": 0.05,
     "sam_adaptive_eta": 0.01,
     "sam_adaptive_bias": False,
+    "sam_rho_warmup": 0.0,
     "sam_ascent": "sam",
     "sam_direction": "gradient",
     "sam_descent": "none",

@@ -18,7 +18,6 @@ from torch import nn
 from .checkpoint import load_run_state, save_run_state
 from .components import LOSS_TERMS
 from .esam import per_example_loss, per_example_nll, take_examples
-from .gsam import step_rho
 from .host_state import off_the_record
 from .loss_term import (
     AfterOptimizerStep,
@@ -31,6 +30,7 @@ from .loss_term import (
 from .metrics import SAMMetrics
 from .momentum_sam import first_moments, keeps_momentum, no_momentum_message
 from .msam import split_batch
+from .radius import step_rho
 from .replay import capture_rng, frozen_bn_stats, restore_rng
 from .run import SAMRun
 from .saf import INDEX_COLUMN, add_example_index, signature_with_index

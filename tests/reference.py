@@ -110,12 +110,13 @@ PLAIN_STEP = {"looksam": looksam_plain}
 
 class Reference:
     """Computes one method. `ascent` and `descent` name functions above (ASCENTS, DESCENTS); `renormalize` is
-    Stable SAM's rescale; `shards` is mSAM's m; `sam_step(t)` says whether step t runs SAM."""
+    Stable SAM's rescale; `shards` is mSAM's m; `sam_step(t)` says whether step t runs SAM; `rho_warmup` is the
+    share of the run over which the radius grows as rho (t + 1) / (rho_warmup T), written out here."""
 
     def __init__(self, rho, ascent="sam", eta=0.01, scale_biases=False, descent="none", renormalize=False, shards=1,
                  accumulation="window", sam_step=lambda t: True, fsam_sigma=1.0, fsam_lambda=0.9,
                  gsam_alpha=0.1, looksam_alpha=0.7, mask=None, esam_beta=None, esam_gamma=None,
-                 esam_selection="per_class", direction="gradient"):  # fmt: skip
+                 esam_selection="per_class", direction="gradient", rho_warmup=0.0):  # fmt: skip
         self.__dict__.update({k: v for k, v in locals().items() if k not in ("self", "descent")})
         self.descent_rule = descent
         self.ema = None  # F-SAM's m
@@ -199,6 +200,8 @@ class Reference:
     def step_gradient(self, model, window, step: int) -> dict[str, torch.Tensor]:
         parts = len(window)
         self._step = step
+        if self.rho_warmup > 0:
+            self.rho = self.full_rho * min(1.0, (step + 1) / (self.rho_warmup * self.total_steps))
         if not self.sam_step(step):
             g = grads_at(model, window, parts)
             plain = PLAIN_STEP.get(self.descent_rule)
@@ -219,6 +222,7 @@ class Reference:
 
     def train(self, model, optimizer, windows):
         self.optimizer = optimizer  # Momentum-SAM reads its first moment
+        self.full_rho, self.total_steps = self.rho, len(windows)
         model.train()
         for step, window in enumerate(windows):
             grads = self.step_gradient(model, window, step)

@@ -114,6 +114,8 @@ FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}
         ({"sam_method": "gsam", "sam_accumulation": "micro", "gradient_accumulation_steps": 2}, "window"),
         ({"sam_method": "looksam", "sam_schedule": "constant"}, "LookSAM"),
         ({"sam_rho": 0.05, "sam_rho_min": 0.1}, "sam_rho_min"),
+        ({"sam_rho_warmup": 1.5}, r"sam_rho_warmup=1.5 must lie in \[0, 1\]"),
+        ({"sam_rho_warmup": -0.1}, "sam_rho_warmup"),
         ({"sam_ascent": "sideways"}, "sam_ascent"),
         ({"sam_method": "esam", **FSDP2}, "FSDP always syncs the ascent"),
         ({"sam_mask": "random_tensor"}, "sam_mask='random_tensor' is unknown"),  # ESAM's SWP is esam_swp
@@ -196,6 +198,8 @@ def test_looksam_period_is_looksam_k_and_an_equal_sam_interval_is_accepted():
         ({"sam_method": "msam"}, []),
         ({"sam_method": "sam", "sam_adaptive_bias": True}, ["sam_adaptive_bias"]),
         ({"sam_method": "asam", "sam_adaptive_bias": True}, []),
+        ({"sam_method": "mesa", "sam_rho_warmup": 0.5}, ["sam_rho_warmup"]),
+        ({"sam_method": "sam", "sam_rho_warmup": 0.5}, []),
         ({"sam_method": "esam", "esam_beta": 0.5}, []),
     ],
 )

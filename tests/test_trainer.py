@@ -338,6 +338,31 @@ def test_asam_bias_scaling_matches_reference(tmp_path):
     assert_same_weights(state(trainer.model), state(reference_model), exact=False)
 
 
+@pytest.mark.parametrize(("rule", "reference_rule"), [
+    ({"sam_method": "sam", "sam_rho": 0.5}, {"rho": 0.5}),
+    ({"sam_method": "asam", "sam_rho": 2.0, "sam_adaptive_bias": True},
+     {"rho": 2.0, "ascent": "adaptive", "eta": 0.01, "scale_biases": True}),
+])  # fmt: skip
+def test_rho_warmup_matches_reference(tmp_path, rule, reference_rule):
+    # Over the first 3/4 of the 4 steps: rho/3, 2 rho/3, rho, rho.
+    trainer, reference_model, _ = train_with_reference(
+        tmp_path, "sgd", 2, "window", {**rule, "sam_rho_warmup": 0.75}, {**reference_rule, "rho_warmup": 0.75}
+    )
+    assert_same_weights(state(trainer.model), state(reference_model), exact=False)
+    logged = [h["sam/rho"] for h in trainer.state.log_history if "sam/rho" in h]
+    rho = rule["sam_rho"]
+    assert logged == pytest.approx([rho / 3, 2 * rho / 3, rho, rho], rel=1e-5)  # logs keep 6 digits
+
+
+def test_rho_warmup_multiplies_the_learning_rate_schedule(tmp_path):
+    trainer = train_sam(tmp_path, tiny_bert(), tiny_dataset(), "sgd", sam_method="gsam", sam_rho=0.2,
+                        sam_rho_min=0.05, sam_rho_warmup=0.5, lr_scheduler_type="linear", max_steps=4)  # fmt: skip
+    logs = [h for h in trainer.state.log_history if "sam/rho" in h]
+    for step, entry in enumerate(logs):
+        along_lr = 0.05 + (0.2 - 0.05) * entry["learning_rate"] / 0.1
+        assert math.isclose(entry["sam/rho"], along_lr * min(1.0, (step + 1) / 2), rel_tol=1e-5)
+
+
 @pytest.mark.parametrize("method", SAM_CASES)
 def test_window_batch2_ga2_equals_batch4_ga1(tmp_path, method):
     if "window" not in METHOD_CASES[method]["accumulation"]:
