@@ -110,15 +110,16 @@ class SAMArgumentsMixin:
     > Parameters that shape the ascent step (defaults come from the method preset)
 
     sam_rho (`float`, *optional*):
-        Radius of the perturbation. `sam` 0.05, `asam` 0.02. `0` gives the plain `Trainer` trajectory.
+        Radius of the perturbation. `sam` 0.05, `asam` 1 (relative to |w|). `0` gives the plain `Trainer` trajectory.
     sam_ascent (`str`, *optional*, defaults to `"sam"`):
         The ascent rule: `sam` (eps = rho g / ||g||), `adaptive` (ASAM: `T = |w| + eta` on every tensor except
         biases unless `sam_adaptive_bias`, eps = rho T^2 g / ||T g||), `unnormalized` (USAM: eps = rho g) or
         `fsam` (Friendly SAM).
     sam_adaptive_eta (`float`, *optional*, defaults to 0.01):
         The `eta` of ASAM.
-    sam_adaptive_bias (`bool`, *optional*, defaults to `False`):
-        ASAM on biases: `False` keeps the paper's `T = 1` there, `True` uses `T = |b| + eta` as on the weights.
+    sam_adaptive_bias (`bool`, *optional*):
+        ASAM on biases: `True` (the `asam` preset) uses `T = |b| + eta` as on the weights, `False` keeps the
+        paper's `T = 1` there.
     sam_rho_warmup (`float`, *optional*, defaults to 0):
         Share of the optimizer steps, in [0, 1], over which the radius grows linearly from 0 to `sam_rho`
         (step t of T at `sam_rho * min(1, (t + 1) / (sam_rho_warmup * T))`). `0` keeps it constant.
@@ -164,16 +165,15 @@ class SAMArgumentsMixin:
     sam_method: str = field(default="sam", metadata={"help": _method_help(), "choices": list(METHODS)})
     sam_rho: float | None = field(
         default=None,
-        metadata={
-            "help": "Perturbation radius rho (default from the method: sam 0.05, asam 0.02). 0 = plain Trainer."
-        },
+        metadata={"help": "Perturbation radius rho (default from the method: sam 0.05, asam 1). 0 = plain Trainer."},
     )
     sam_adaptive_eta: float | None = field(default=None, metadata={"help": "ASAM's eta added to |w| (default 0.01)."})
     sam_adaptive_bias: bool | None = field(
         default=None,
         metadata={
             "help": "ASAM: scale biases by T = |b| + eta like the weights (True) or leave them at T = 1 as the paper"
-            " does (False). Default: False. Scaled, rho needs the paper's range (1 on long runs; docs/methods.md)."
+            " does (False). Default: True under asam (False elsewhere). Unscaled, eps sits on the biases and rho"
+            " wants ~0.02 (docs/methods.md#asam)."
         },
     )
     sam_accumulation: str | None = field(
@@ -454,7 +454,7 @@ class SAMArgumentsMixin:
         if self.sam_rho > usual:
             logger.warning(
                 f"sam_rho={self.sam_rho} is far above the radii SAM is used with (up to about {usual} for"
-                f" sam_ascent={self.sam_ascent!r}; sam 0.05, asam 0.02 by default). At w + eps the loss may overflow:"
+                f" sam_ascent={self.sam_ascent!r}; sam 0.05, asam 1 by default). At w + eps the loss may overflow:"
                 " such steps are skipped (sam/skipped_updates) and a run of them stops training. Try --sam_rho 0.05."
             )
 

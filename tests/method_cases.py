@@ -28,9 +28,9 @@ from types import SimpleNamespace
 from hf_sam.schedules import is_sam_step
 
 
-def _ss_sam_draws(step: int) -> bool:
-    # The reference uses the same (seed, global_step) draws as the preset's ramp p = t / 4 over these 4-step runs
-    # (docs/methods.md#ss-sam); their statistics are checked on their own.
+def _ramp_draws(step: int) -> bool:
+    # The reference uses the same (seed, global_step) draws as the ramp p = t / 4 of the ss-sam and asam presets
+    # over these 4-step runs (docs/methods.md#ss-sam); their statistics are checked on their own.
     args = SimpleNamespace(sam_schedule="linear", sam_probability=0.0, sam_probability_end=1.0, seed=0)
     return is_sam_step(args, step, 4)
 
@@ -54,14 +54,14 @@ METHOD_CASES = {
     },
     "asam": {
         "args": {"sam_method": "asam", "sam_rho": 0.5},
-        "reference": {"rho": 0.5, "ascent": "adaptive", "eta": 0.01},
+        "reference": {"rho": 0.5, "ascent": "adaptive", "eta": 0.01, "scale_biases": True, "sam_step": _ramp_draws},
         "accumulation": BOTH,
         "fsdp": {},
         "errors": [({"sam_adaptive_eta": -1.0}, "sam_adaptive_eta")],
     },
     "ss-sam": {
         "args": {"sam_method": "ss-sam"},
-        "reference": {"rho": 0.05, "sam_step": _ss_sam_draws},
+        "reference": {"rho": 0.05, "sam_step": _ramp_draws},
         "accumulation": BOTH,
         "fsdp": {},
         "ddp_resume": True,

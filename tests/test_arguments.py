@@ -19,7 +19,12 @@ def test_presets_fill_unset_fields():
     assert make().sam_method == "sam"
     assert make().sam_rho == 0.05 and make().sam_ascent == "sam"
     asam = make(sam_method="asam")
-    assert asam.sam_rho == 0.02 and asam.sam_ascent == "adaptive" and asam.sam_adaptive_eta == 0.01
+    assert asam.sam_rho == 1.0 and asam.sam_ascent == "adaptive" and asam.sam_adaptive_eta == 0.01
+    assert asam.sam_adaptive_bias and (asam.sam_schedule, asam.sam_probability, asam.sam_probability_end) == (
+        "linear",
+        0.0,
+        1.0,
+    )
     assert make(sam_method="none").sam_rho == 0.0
 
 
@@ -75,7 +80,7 @@ def test_cli_round_trip():
 
 def test_seq2seq_arguments_have_sam_fields():
     args = SAMSeq2SeqTrainingArguments(output_dir="x", report_to="none", use_cpu=True, sam_method="asam")
-    assert args.sam_rho == 0.02 and hasattr(args, "predict_with_generate")
+    assert args.sam_rho == 1.0 and hasattr(args, "predict_with_generate")
 
 
 FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}

@@ -213,8 +213,12 @@ def check_results(output_dir: Path, method: str) -> dict:
     else:
         for key in SAM_KEYS:
             assert key in results and math.isfinite(results[key]), (key, results)
-        assert results["sam/passes_per_step"] == 2.0
-        assert results["sam/sam_step_fraction"] == 1.0
+        fraction = results["sam/sam_step_fraction"]
+        assert results["sam/passes_per_step"] == pytest.approx(1.0 + fraction)
+        if METHODS[method].preset.get("sam_schedule", "always") == "always":
+            assert fraction == 1.0
+        else:  # asam's ramp: plain steps first, SAM steps later (seeded draws, the same on every run)
+            assert 0.0 < fraction < 1.0
         assert results["sam/skipped"] == 0.0
     return results
 

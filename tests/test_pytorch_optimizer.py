@@ -1,10 +1,10 @@
 """A second, independent reference: pytorch-optimizer's SAM, Friendly SAM and GSAM driven by hand.
 
 Their classes wrap the base optimizer and run the two passes themselves; here they run the same micro-batches
-as SAMTrainer (GA 1, SGD with momentum) and must end at the same weights. Their ASAM applies |w| to biases and
-has no eta, where our preset follows the official ASAM code (T = 1 on biases, eta = 0.01): they are compared on
-a bias-free model with eta = 0, where the two rules coincide, and with `sam_adaptive_bias` and eta = 0 on a model
-with biases. LookSAM's projection is per tensor there and over the whole vector here (docs/methods.md#looksam),
+as SAMTrainer (GA 1, SGD with momentum, SAM on every step) and must end at the same weights. Their ASAM applies
+|w| + 0 to biases, as our preset does with eta = 0.01 (the official ASAM code keeps T = 1 on biases: our
+`sam_adaptive_bias false`): they are compared with eta = 0 on a bias-free model and on a model with biases.
+LookSAM's projection is per tensor there and over the whole vector here (docs/methods.md#looksam),
 so they differ on purpose.
 """
 
@@ -101,7 +101,7 @@ def test_asam_matches_pytorch_optimizer_where_the_rules_coincide(tmp_path):
     model = BiasFreeClassifier()
     reference = copy_model(model)
     train_sam(tmp_path, model, tiny_dataset(), "sgd", max_steps=STEPS, per_device_train_batch_size=BATCH,
-              sam_method="asam", sam_rho=0.5, sam_adaptive_eta=0.0)  # fmt: skip
+              sam_method="asam", sam_rho=0.5, sam_adaptive_eta=0.0, sam_schedule="always")  # fmt: skip
     opt = po.SAM(reference.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, lr=LR, momentum=MOMENTUM)
     for batch in batches(tiny_dataset(), BATCH)[:STEPS]:
         reference.zero_grad()
@@ -113,9 +113,9 @@ def test_asam_matches_pytorch_optimizer_where_the_rules_coincide(tmp_path):
 
 
 def test_asam_with_scaled_biases_matches_pytorch_optimizer_on_a_model_with_biases(tmp_path):
-    model = tiny_bert()  # biases and LayerNorms: the preset's T = 1 on biases would differ from theirs here
+    model = tiny_bert()  # biases and LayerNorms: with the paper's T = 1 on biases it would differ from theirs here
     reference = copy_model(model)
     train_sam(tmp_path, model, tiny_dataset(), "sgd", max_steps=STEPS, per_device_train_batch_size=BATCH,
-              sam_method="asam", sam_rho=0.5, sam_adaptive_eta=0.0, sam_adaptive_bias=True)  # fmt: skip
+              sam_method="asam", sam_rho=0.5, sam_adaptive_eta=0.0, sam_schedule="always")  # fmt: skip
     run_two_step(po.SAM, reference, rho=0.5, adaptive=True)
     assert_same_weights(state(model), state(reference), exact=False)

@@ -324,23 +324,23 @@ def test_unnormalized_ascent_matches_reference(tmp_path):
     assert_same_weights(state(trainer.model), state(reference_model), exact=False)
 
 
-def test_asam_bias_scaling_matches_reference(tmp_path):
-    # The paper's form (biases unscaled) is the asam row of test_matches_reference_loop.
-    scale_biases = True
+def test_asam_in_the_papers_form_matches_reference(tmp_path):
+    # The preset (biases scaled, on the ramp) is the asam row of test_matches_reference_loop; this is the paper's
+    # form one flag pair away: T = 1 on biases, SAM on every step.
     trainer, reference_model, _ = train_with_reference(
         tmp_path,
         "sgd",
         2,
         "window",
-        {"sam_method": "asam", "sam_rho": 0.5, "sam_adaptive_bias": scale_biases},
-        {"rho": 0.5, "ascent": "adaptive", "eta": 0.01, "scale_biases": scale_biases},
+        {"sam_method": "asam", "sam_rho": 0.5, "sam_adaptive_bias": False, "sam_schedule": "always"},
+        {"rho": 0.5, "ascent": "adaptive", "eta": 0.01},
     )
     assert_same_weights(state(trainer.model), state(reference_model), exact=False)
 
 
 @pytest.mark.parametrize(("rule", "reference_rule"), [
     ({"sam_method": "sam", "sam_rho": 0.5}, {"rho": 0.5}),
-    ({"sam_method": "asam", "sam_rho": 2.0, "sam_adaptive_bias": True},
+    ({"sam_method": "asam", "sam_rho": 2.0, "sam_schedule": "always"},
      {"rho": 2.0, "ascent": "adaptive", "eta": 0.01, "scale_biases": True}),
 ])  # fmt: skip
 def test_rho_warmup_matches_reference(tmp_path, rule, reference_rule):

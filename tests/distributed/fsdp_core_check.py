@@ -125,6 +125,8 @@ def make_perturbation(named, rule: str) -> Perturbation:
         sam_method=method,
         sam_rho=RHO[rule],
         sam_adaptive_eta=ETA,
+        # the paper's T = 1 on biases, which the reference here writes out (the asam preset scales them)
+        **({"sam_adaptive_bias": False} if rule == "adaptive" else {}),
     )
     return Perturbation(named, build_ascent(args))
 
