@@ -354,15 +354,6 @@ def test_rho_warmup_matches_reference(tmp_path, rule, reference_rule):
     assert logged == pytest.approx([rho / 3, 2 * rho / 3, rho, rho], rel=1e-5)  # logs keep 6 digits
 
 
-def test_rho_warmup_multiplies_the_learning_rate_schedule(tmp_path):
-    trainer = train_sam(tmp_path, tiny_bert(), tiny_dataset(), "sgd", sam_method="gsam", sam_rho=0.2,
-                        sam_rho_min=0.05, sam_rho_warmup=0.5, lr_scheduler_type="linear", max_steps=4)  # fmt: skip
-    logs = [h for h in trainer.state.log_history if "sam/rho" in h]
-    for step, entry in enumerate(logs):
-        along_lr = 0.05 + (0.2 - 0.05) * entry["learning_rate"] / 0.1
-        assert math.isclose(entry["sam/rho"], along_lr * min(1.0, (step + 1) / 2), rel_tol=1e-5)
-
-
 @pytest.mark.parametrize("method", SAM_CASES)
 def test_window_batch2_ga2_equals_batch4_ga1(tmp_path, method):
     if "window" not in METHOD_CASES[method]["accumulation"]:
@@ -950,15 +941,20 @@ def test_stable_sam_descent_keeps_the_ascent_norm(tmp_path):
     assert any(not math.isclose(e["grad_norm"], e["sam/grad_norm"], rel_tol=1e-3) for e in logs)
 
 
-def test_gsam_rho_follows_the_learning_rate(tmp_path):
+@pytest.mark.parametrize("warmup", [0.0, 0.5])
+def test_gsam_rho_follows_the_learning_rate(tmp_path, warmup):
+    # With sam_rho_warmup the two schedules multiply: steps 0 and 1 of 4 at half and full of the warm-up.
     trainer = train_sam(tmp_path, tiny_bert(), tiny_dataset(), "sgd", sam_method="gsam", sam_rho=0.2,
-                        sam_rho_min=0.05, lr_scheduler_type="linear", max_steps=4)  # fmt: skip
+                        sam_rho_min=0.05, sam_rho_warmup=warmup, lr_scheduler_type="linear",
+                        max_steps=4)  # fmt: skip
     peak = 0.1  # the SGD optimizer's lr, which the scheduler decays
     logs = [h for h in trainer.state.log_history if "sam/rho" in h]
-    for entry in logs:
+    assert len(logs) == 4
+    for step, entry in enumerate(logs):
         # The lr logged at a step is the one the step used: rho = rho_min + (rho - rho_min) lr / peak lr.
         expected = 0.05 + (0.2 - 0.05) * entry["learning_rate"] / peak
-        assert math.isclose(entry["sam/rho"], expected, rel_tol=1e-5)
+        warmed = min(1.0, (step + 1) / (warmup * 4)) if warmup else 1.0
+        assert math.isclose(entry["sam/rho"], expected * warmed, rel_tol=1e-5)
     assert logs[0]["sam/rho"] > logs[-1]["sam/rho"]
 
 
