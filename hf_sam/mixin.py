@@ -37,7 +37,7 @@ from .saf import INDEX_COLUMN, add_example_index, signature_with_index
 from .schedules import is_sam_step
 from .setup_checks import check_loss_term_setup, check_sam_setup, check_train_dataset
 from .sync import gradient_sync
-from .tensors import all_reduce_mean_, local
+from .tensors import all_reduce_mean_, global_norm, local
 from .weight_ema import WeightEMA
 from .zero import ZeroStep, without_shm_comm_build
 
@@ -427,6 +427,8 @@ class SAMMixin:
             mask.before_ascent(self, self._sam.perturbation.params)
         step_rho = self._sam.esam.ascent_rho(rho)
         raw_norm, skipped = self._sam.perturbation.ascend(step_rho, grad_unit)
+        # ||eps|| as applied (eps now sits in `.grad`): below rho where a mask or a skipped step shortens it.
+        self._sam_metrics.add("sam/eps_norm", global_norm(self._sam.perturbation.with_grads()[2]))
         if mask is not None:
             self._sam_metrics.add("sam/mask_density", mask.current_density)
         self._sam.raw_norm = raw_norm

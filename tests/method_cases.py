@@ -156,7 +156,7 @@ METHOD_CASES = {
     },
     "ssam-d": {
         "args": {"sam_method": "ssam-d"},
-        "reference": {"rho": 0.05, "mask": "from_trainer"},
+        "reference": {"rho": 0.07071, "mask": "from_trainer"},
         "accumulation": BOTH,
         "fsdp": {"sam_mask_interval": 1},
         "ddp_resume": True,

@@ -650,8 +650,29 @@ def test_sam_metrics_are_logged(tmp_path):
             assert math.isfinite(entry[key]), key
         assert entry["sam/rho"] == 0.05 and entry["sam/passes_per_step"] == 2.0 and entry["sam/skipped"] == 0.0
         assert entry["sam/grad_norm"] > 0
+        assert math.isclose(entry["sam/eps_norm"], 0.05, rel_tol=1e-5)  # SAM's eps has norm rho
         # sharpness is perturbed minus clean loss, on the same per-step scale as Trainer's `loss`.
         assert abs(entry["sam/perturbed_loss"] - entry["sam/sharpness"] - entry["loss"]) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"sam_method": "esam"}, 0.03 / 0.6),  # SWP: rho / beta on the kept tensors
+        ({"sam_method": "ssam-d", "sam_sparsity": 0.0}, 0.07071),  # a full mask leaves the norm whole
+        ({"sam_method": "ssam-d"}, None),  # a random half of the entries: shorter (rho / sqrt(2) in expectation)
+    ],
+)
+def test_logged_eps_norm_is_the_perturbation_applied(tmp_path, overrides, expected):
+    trainer = train_sam(tmp_path, tiny_bert(), tiny_dataset(), "sgd", logging_steps=1, max_steps=3, **overrides)
+    norms = [h["sam/eps_norm"] for h in trainer.state.log_history if "sam/eps_norm" in h]
+    assert len(norms) == 3
+    rho = trainer.args.sam_rho
+    for norm in norms:
+        if expected is not None:
+            assert math.isclose(norm, expected, rel_tol=1e-5), norms
+        else:
+            assert 0 < norm < 0.9 * rho, norms
 
 
 def test_esam_swp_under_torch_compile_warns_of_recompiles(tmp_path):
