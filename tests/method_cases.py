@@ -61,7 +61,7 @@ METHOD_CASES = {
     },
     "ss-sam": {
         "args": {"sam_method": "ss-sam"},
-        "reference": {"rho": 0.05, "sam_step": _ramp_draws},
+        "reference": {"rho": 0.1, "sam_step": _ramp_draws},
         "accumulation": BOTH,
         "fsdp": {},
         "ddp_resume": True,
