@@ -80,7 +80,7 @@ METHOD_CASES = {
     },
     "late-sam": {  # the switch moved to the middle of these 4-step runs: plain steps 0-1, SAM steps 2-3
         "args": {"sam_method": "late-sam", "sam_schedule_boundary": 0.5},
-        "reference": {"rho": 0.05, "sam_step": lambda t: t >= 2},
+        "reference": {"rho": 0.1, "sam_step": lambda t: t >= 2},
         "accumulation": BOTH,
         "fsdp": {},
         "errors": [({"sam_schedule_boundary": 2.0}, "sam_schedule_boundary")],
