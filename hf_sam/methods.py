@@ -86,16 +86,16 @@ SSAM_D_RHO = 0.07071
 # ss-sam's schedule: SAM with a probability rising linearly from 0 to 1 over training (mean 0.5).
 SAM_RAMP = {"sam_schedule": "linear", "sam_probability": 0.0, "sam_probability_end": 1.0}
 
+# ss-sam's radius. On the ramp the early steps run plain and most SAM steps come late; there 0.1 gained more than
+# 0.05 on all four long benchmark runs where both ran (noisy digits +5.2 against +2.3, polarity
+# +1.1 +- 0.1 against +0.3 +- 1.5) and kept 86-112% of `sam`'s gain at 1.5 passes, where 0.05 kept 26-83%; on the
+# short runs the two were within noise (docs/methods.md#ss-sam).
+SS_SAM_RHO = 0.1
+
 # late-sam's radius. SAM runs only for the last eighth of training; there 0.1 gained more than 0.05 on all three
 # noisy-label runs (noisy digits +3.2 +- 1.5 against +1.6 +- 0.9), was even on the clean ones and within a point on
 # the short runs (docs/methods.md#late-sam).
 LATE_SAM_RHO = 0.1
-
-# ss-sam's radius. On the ramp the early steps run plain and most SAM steps come late; there 0.1 gained more than
-# 0.05 on all five long benchmark runs with noisy labels or little data (noisy digits +5.2 against +2.3, polarity
-# +1.1 +- 0.1 against +0.3 +- 1.5) and kept 86-112% of `sam`'s gain at 1.5 passes, where 0.05 kept 26-83%; on the
-# short runs the two were within noise (docs/methods.md#ss-sam).
-SS_SAM_RHO = 0.1
 
 # Literal registry: name -> preset. `tests/test_trainer.py` fails when a name here has no row in
 # `tests/method_cases.py`.
