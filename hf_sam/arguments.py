@@ -68,7 +68,7 @@ ONLY_UNDER = (
         lambda a: a.sam_loss_term == "saf",
     ),
     (
-        ("mesa_lambda", "mesa_tau", "mesa_ema_decay", "mesa_start_epoch"),
+        ("mesa_lambda", "mesa_tau", "mesa_ema_decay", "mesa_ema_warmup", "mesa_start_epoch"),
         "sam_loss_term='mesa' (mesa)",
         lambda a: a.sam_loss_term == "mesa",
     ),
@@ -152,6 +152,9 @@ class SAMArgumentsMixin:
         SAF's weight, temperature, epoch lag of the recorded logits, and first epoch with the term.
     mesa_lambda, mesa_tau, mesa_ema_decay, mesa_start_epoch (*optional*, defaults to 0.8, 5, 0.999, 0.0):
         MESA's weight, temperature, EMA decay of the teacher, and first epoch with the term.
+    mesa_ema_warmup (`bool`, *optional*, defaults to `False`):
+        Warm the teacher's decay up as min(mesa_ema_decay, (1 + t) / (10 + t)) after t optimizer steps, as
+        `weight_ema_decay` does.
 
     > Averaging the weights (with any method)
 
@@ -364,6 +367,13 @@ class SAMArgumentsMixin:
     mesa_tau: float = field(default=5.0, metadata={"help": "MESA: softmax temperature tau (the term is times tau^2)."})
     mesa_ema_decay: float = field(
         default=0.999, metadata={"help": "MESA: EMA decay beta of the teacher, v <- beta v + (1 - beta) w, in [0, 1)."}
+    )
+    mesa_ema_warmup: bool = field(
+        default=False,
+        metadata={
+            "help": "MESA: warm the teacher's decay up as min(beta, (1 + t) / (10 + t)) after t steps, so a short run"
+            " distills from its recent weights rather than from the starting model."
+        },
     )
     mesa_start_epoch: float = field(
         default=0.0, metadata={"help": "MESA: add the term from this epoch on (the EMA is updated from the start)."}

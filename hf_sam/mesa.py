@@ -25,6 +25,7 @@ from .loss_term import (
     unwrapped_model,
 )
 from .tensors import DTensor, local
+from .weight_ema import warmed_up_decay
 
 
 try:  # FSDP2's module class (public from torch 2.6 on)
@@ -69,9 +70,11 @@ class EMATeacher:
                 self.ema.append(v)
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, decay: float | None = None) -> None:
+        """v <- decay v + (1 - decay) w, with `self.decay` unless a (warmed-up) decay is given."""
+        decay = self.decay if decay is None else decay
         # v + (1 - beta)(w - v) = beta v + (1 - beta) w, as one pass over the weights (this rank's shards).
-        torch._foreach_lerp_(self.ema, [local(p).detach() for p in self.student], 1 - self.decay)
+        torch._foreach_lerp_(self.ema, [local(p).detach() for p in self.student], 1 - decay)
 
     @torch.no_grad()
     def __call__(self, inputs: dict[str, Any]):
@@ -233,8 +236,16 @@ class MESATerm(LossTerm):
         self._teacher_hidden = self._teacher_logits_for_check = None
 
     def after_optimizer_step(self) -> None:
-        """v <- beta v + (1 - beta) w right after each optimizer step."""
-        self.teacher.update()
+        """v <- beta v + (1 - beta) w right after each optimizer step.
+
+        With `mesa_ema_warmup`, beta is min(beta, (1 + t) / (10 + t)) after t optimizer steps, so on a run shorter
+        than about 1 / (1 - beta) steps the teacher averages the recent weights instead of staying near the
+        starting model. t is Trainer's `global_step` (not yet counting this step), which a resume restores.
+        """
+        decay = self.args.mesa_ema_decay
+        if self.args.mesa_ema_warmup:
+            decay = warmed_up_decay(decay, self.trainer.state.global_step)
+        self.teacher.update(decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.teacher.state_dict()

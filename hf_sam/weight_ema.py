@@ -21,6 +21,15 @@ from .checkpoint import check_state_keys
 from .tensors import local
 
 
+def warmed_up_decay(decay: float, updates: int) -> float:
+    """The decay of an update that follows `updates` earlier ones: min(decay, (1 + t) / (10 + t)).
+
+    Early on the average follows the recent weights instead of staying near the start; after about
+    10 / (1 - decay) updates it is the plain `decay`. Shared by `WeightEMA` and MESA's warmed-up teacher.
+    """
+    return min(decay, (1 + updates) / (10 + updates))
+
+
 class WeightEMA:
     """Float32 moving average of `params` (their local shards under FSDP2).
 
@@ -39,7 +48,7 @@ class WeightEMA:
 
     def current_decay(self) -> float:
         """The decay of the next update: warmed up by the number of updates so far."""
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        return warmed_up_decay(self.decay, self.updates)
 
     @torch.no_grad()
     def update(self) -> None:

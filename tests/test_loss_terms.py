@@ -193,8 +193,9 @@ def test_saf_resume_across_the_epoch_boundary_equals_uninterrupted_run(tmp_path)
 # ---------------------------------------------------------------------- MESA
 
 
-def reference_mesa(model, windows, lam, tau, decay, start, steps_per_epoch, shift=False):
-    """MESA in plain PyTorch: an EMA copy (eval mode) of the weights as teacher, updated after every step."""
+def reference_mesa(model, windows, lam, tau, decay, start, steps_per_epoch, shift=False, warmup=False):
+    """MESA in plain PyTorch: an EMA copy (eval mode) of the weights as teacher, updated after every step
+    (with `warmup`, at decay min(decay, (1 + t) / (10 + t)) after t steps)."""
     optimizer = sgd(model)
     teacher = copy.deepcopy(model).eval()
     for step, window in enumerate(windows):
@@ -218,9 +219,10 @@ def reference_mesa(model, windows, lam, tau, decay, start, steps_per_epoch, shif
                     loss = loss + lam * tau**2 * kl(out.logits, target, tau).mean() / len(window)
             loss.backward()
         optimizer.step()
+        d = min(decay, (1 + step) / (10 + step)) if warmup else decay
         with torch.no_grad():
             for v, w in zip(teacher.parameters(), model.parameters()):
-                v.mul_(decay).add_(w, alpha=1 - decay)
+                v.mul_(d).add_(w, alpha=1 - d)
     return model, teacher
 
 
@@ -240,6 +242,26 @@ def test_mesa_matches_hand_written_ema_teacher_loop(tmp_path):
     plain, _ = reference_mesa(copy_model(tiny_bert()), windows, lam=0.0, tau=2.0, decay=0.5, start=0.5,
                               steps_per_epoch=4)  # fmt: skip
     assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(state(plain).values(), state(reference).values()))
+
+
+def test_mesa_warmed_up_teacher_matches_hand_loop_and_follows_the_recent_weights(tmp_path):
+    data = tiny_dataset(8)
+    windows = [[b] for b in batches(data, 2)] * 2  # 2 epochs of 4 steps
+    common = dict(lam=0.8, tau=2.0, decay=0.999, start=0.0, steps_per_epoch=4)
+    reference, teacher = reference_mesa(copy_model(tiny_bert()), windows, warmup=True, **common)
+    trainer = train(tmp_path, tiny_bert(), data, max_steps=8, per_device_train_batch_size=2, sam_method="mesa",
+                    mesa_tau=2.0, mesa_ema_warmup=True)  # fmt: skip
+    assert_same_weights(state(trainer.model), state(reference), exact=False, atol=1e-5)
+    ema = trainer._sam.loss_term.teacher
+    assert_same_weights(dict(zip(ema.names, ema.ema)), state(teacher), exact=False, atol=1e-5)
+    # Its defining property: after 8 steps at beta 0.999 the plain teacher is still ~99% the starting model; the
+    # warmed-up one (decay 0.1 ... 0.47) sits nearer the trained weights than the start.
+    start, trained = state(tiny_bert()), state(trainer.model)
+    name = next(n for n in ema.names if "classifier" in n and n.endswith("weight"))
+    averaged = dict(zip(ema.names, ema.ema))[name]
+    assert (averaged - trained[name]).norm() < (averaged - start[name]).norm()
+    _, plain = reference_mesa(copy_model(tiny_bert()), windows, **common)
+    assert (state(plain)[name] - start[name]).norm() < (state(plain)[name] - trained[name]).norm()
 
 
 def test_mesa_token_level_matches_hand_loop_and_normalizes_over_the_window(tmp_path):
