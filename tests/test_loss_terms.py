@@ -360,7 +360,7 @@ def test_presets_and_validation():
 
     saf, mesa = make(sam_method="saf"), make(sam_method="mesa")
     assert (saf.sam_loss_term, saf.sam_rho, saf.sam_enabled) == ("saf", 0.0, False)
-    assert (saf.saf_lambda, saf.saf_tau, saf.saf_lag_epochs, saf.saf_start_epoch) == (0.3, 5.0, 1, 1.0)
+    assert (saf.saf_lambda, saf.saf_tau, saf.saf_lag_epochs, saf.saf_start_epoch) == (2.4, 5.0, 1, 1.0)
     assert (mesa.mesa_lambda, mesa.mesa_tau, mesa.mesa_ema_decay, mesa.mesa_start_epoch) == (0.8, 5.0, 0.999, 0.0)
     assert make(sam_method="sam").sam_loss_term == "none"
     bad = [
