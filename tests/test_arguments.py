@@ -183,7 +183,7 @@ def test_a_method_name_in_other_case_or_separators_gets_a_suggestion(typed, mean
 
 
 def test_looksam_period_is_looksam_k_and_an_equal_sam_interval_is_accepted():
-    assert make(sam_method="looksam").sam_interval == 5
+    assert make(sam_method="looksam").sam_interval == 2
     assert make(sam_method="looksam", looksam_k=3).sam_interval == 3
     assert make(sam_method="looksam", looksam_k=3, sam_interval=3).sam_interval == 3
     assert make(sam_schedule="every_k").sam_interval == 2
