@@ -57,6 +57,13 @@ def zero(stage: int, fp16_scale_power: int | None = None) -> dict:
     }
 
 
+def fp16_supported() -> bool:
+    """Whether DeepSpeed's accelerator (its CPU one here) accepts fp16; its `is_fp16_supported` may return None."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
 def method_overrides(name: str) -> dict:
     """A table row's arguments with its short-run overrides (the ones its FSDP2 check uses)."""
     case = METHOD_CASES[name]
@@ -273,10 +280,14 @@ def main():
         for name, overrides in CLIPPED.items():
             record(f"{name}-z2", overrides, tmp, rank, world, stage=2)
             record(f"{name}-ddp", overrides, tmp, rank, world)
-        for name, overrides in FP16.items():
-            record(f"{name}-z2", overrides, tmp, rank, world, stage=2)
-        record("fp16-stable-sam-fp32-z2", {**FP16["fp16-stable-sam"], "fp16_scale_power": None}, tmp, rank, world,
-               stage=2)  # fmt: skip
+        # DeepSpeed's CPU accelerator has fp16 only where oneDNN does (CPUs with AVX512-FP16 or AMX-FP16); elsewhere
+        # its engine refuses fp16 at start-up, so these runs are left out and their test skips.
+        results["fp16_supported"] = fp16_supported()
+        if results["fp16_supported"]:
+            for name, overrides in FP16.items():
+                record(f"{name}-z2", overrides, tmp, rank, world, stage=2)
+            record("fp16-stable-sam-fp32-z2", {**FP16["fp16-stable-sam"], "fp16_scale_power": None}, tmp, rank,
+                   world, stage=2)  # fmt: skip
         results["faults"] = faults(tmp, rank, world)
         for name in ("none", "sam-sync", "sam-rho0"):
             for stage in (1, 2) if full or name == "sam-sync" else (2,):
