@@ -601,7 +601,7 @@ class SAMArgumentsMixin:
             value = getattr(self, name)
             finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not finite or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a finite number > 0 (lambda: SAF 0.3, MESA 0.8; tau 5).")
+                raise ValueError(f"{name}={value!r} must be a finite number > 0 (lambda: SAF 2.4, MESA 0.8; tau 5).")
         for name in ("saf_start_epoch", "mesa_start_epoch"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
@@ -612,6 +612,8 @@ class SAMArgumentsMixin:
         decay = self.mesa_ema_decay
         if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 <= decay < 1:
             raise ValueError(f"mesa_ema_decay={decay!r} must lie in [0, 1); the default is 0.999.")
+        if not isinstance(self.mesa_ema_warmup, bool):
+            raise ValueError(f"mesa_ema_warmup={self.mesa_ema_warmup!r} must be True or False.")
         if self.sam_loss_term == "none":
             return
         term = self.sam_loss_term

@@ -42,8 +42,7 @@ class EMATeacher:
     State: `mesa_ema.<parameter name>` per trainable parameter.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: nn.Module):
         shared = {id(p): p for p in model.parameters() if not p.requires_grad}
         shared.update({id(b): b for b in model.buffers()})
         self.module = copy.deepcopy(model, memo=shared)
@@ -70,9 +69,8 @@ class EMATeacher:
                 self.ema.append(v)
 
     @torch.no_grad()
-    def update(self, decay: float | None = None) -> None:
-        """v <- decay v + (1 - decay) w, with `self.decay` unless a (warmed-up) decay is given."""
-        decay = self.decay if decay is None else decay
+    def update(self, decay: float) -> None:
+        """v <- decay v + (1 - decay) w (the caller picks the decay: MESATerm warms it up on request)."""
         # v + (1 - beta)(w - v) = beta v + (1 - beta) w, as one pass over the weights (this rank's shards).
         torch._foreach_lerp_(self.ema, [local(p).detach() for p in self.student], 1 - decay)
 
@@ -109,8 +107,7 @@ class ShardedEMATeacher(EMATeacher):
     for the student's passes, and the student's shards are copied back. Extra memory: two shard-sized copies.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: nn.Module):
         self.module = model
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in named]
@@ -142,9 +139,9 @@ class MESATerm(LossTerm):
 
     def __init__(self, trainer):
         super().__init__(trainer)
-        model, decay = trainer.model, self.args.mesa_ema_decay
+        model = trainer.model
         sharded = any(isinstance(p, DTensor) for p in model.parameters())
-        self.teacher = ShardedEMATeacher(model, decay) if sharded else EMATeacher(model, decay)
+        self.teacher = ShardedEMATeacher(model) if sharded else EMATeacher(model)
         # Under a fused LM head the student's logits are recomputed from its last hidden state; the first such
         # pass checks on the teacher that the LM head alone gives the model's logits (no scaling or softcapping).
         self.head_checked = False

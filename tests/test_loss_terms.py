@@ -370,6 +370,7 @@ def test_presets_and_validation():
         ({"saf_lag_epochs": 0}, "saf_lag_epochs"),
         ({"saf_lag_epochs": 1.5}, "saf_lag_epochs"),
         ({"mesa_ema_decay": 1.0}, "mesa_ema_decay"),
+        ({"sam_method": "mesa", "mesa_ema_warmup": "yes"}, "mesa_ema_warmup"),
         ({"saf_start_epoch": -1.0}, "saf_start_epoch"),
         ({"sam_method": "saf", "sam_rho": 0.05}, "sam_rho"),
         ({"sam_method": "mesa", "sam_schedule": "constant"}, "sam_schedule"),
