@@ -32,7 +32,7 @@ def test_method_args_scale_the_radius_of_each_method(bench):
     assert bench.method_args("sam", 0.2) == {"sam_method": "sam", "sam_rho": pytest.approx(0.01)}
     assert bench.method_args("asam", 2.0)["sam_rho"] == pytest.approx(2.0)  # asam's radius is 1
     assert bench.method_args("saf", 0.125) == {"sam_method": "saf", "saf_lambda": pytest.approx(0.3)}
-    assert bench.method_args("mesa", 1.0)["mesa_lambda"] == pytest.approx(0.8)
+    assert bench.method_args("mesa", 1.0)["mesa_lambda"] == pytest.approx(2.4)
     assert bench.method_args("none", 1.0) == {"sam_method": "none"}
 
 

@@ -233,7 +233,7 @@ def test_mesa_matches_hand_written_ema_teacher_loop(tmp_path):
     reference, teacher = reference_mesa(copy_model(model), windows, lam=0.8, tau=2.0, decay=0.5, start=0.5,
                                         steps_per_epoch=4)  # fmt: skip
     trainer = train(tmp_path, model, data, max_steps=8, per_device_train_batch_size=2, sam_method="mesa",
-                    mesa_tau=2.0, mesa_ema_decay=0.5, mesa_start_epoch=0.5)  # fmt: skip
+                    mesa_lambda=0.8, mesa_tau=2.0, mesa_ema_decay=0.5, mesa_start_epoch=0.5)  # fmt: skip
     assert_same_weights(state(trainer.model), state(reference), exact=False, atol=1e-5)
     ema = trainer._sam.loss_term.teacher
     assert_same_weights(dict(zip(ema.names, ema.ema)), state(teacher), exact=False, atol=1e-5)
@@ -250,7 +250,7 @@ def test_mesa_warmed_up_teacher_matches_hand_loop_and_follows_the_recent_weights
     common = dict(lam=0.8, tau=2.0, decay=0.999, start=0.0, steps_per_epoch=4)
     reference, teacher = reference_mesa(copy_model(tiny_bert()), windows, warmup=True, **common)
     trainer = train(tmp_path, tiny_bert(), data, max_steps=8, per_device_train_batch_size=2, sam_method="mesa",
-                    mesa_tau=2.0, mesa_ema_warmup=True)  # fmt: skip
+                    mesa_lambda=0.8, mesa_tau=2.0, mesa_ema_warmup=True)  # fmt: skip
     assert_same_weights(state(trainer.model), state(reference), exact=False, atol=1e-5)
     ema = trainer._sam.loss_term.teacher
     assert_same_weights(dict(zip(ema.names, ema.ema)), state(teacher), exact=False, atol=1e-5)
@@ -274,7 +274,7 @@ def test_mesa_token_level_matches_hand_loop_and_normalizes_over_the_window(tmp_p
     windows = [micro[k : k + 2] for k in (0, 2)] * 2
     reference, _ = reference_mesa(copy_model(model), windows, lam=0.8, tau=2.0, decay=0.5, start=0.0,
                                   steps_per_epoch=2, shift=True)  # fmt: skip
-    common = dict(max_steps=4, sam_method="mesa", mesa_tau=2.0, mesa_ema_decay=0.5)
+    common = dict(max_steps=4, sam_method="mesa", mesa_lambda=0.8, mesa_tau=2.0, mesa_ema_decay=0.5)
     # Llama takes num_items_in_batch: Trainer normalizes over the window's scored tokens, and so does the term.
     ga = train(tmp_path / "ga", model, data, per_device_train_batch_size=2, gradient_accumulation_steps=2, **common)
     assert_same_weights(state(ga.model), state(reference), exact=False, atol=1e-5)
@@ -361,7 +361,7 @@ def test_presets_and_validation():
     saf, mesa = make(sam_method="saf"), make(sam_method="mesa")
     assert (saf.sam_loss_term, saf.sam_rho, saf.sam_enabled) == ("saf", 0.0, False)
     assert (saf.saf_lambda, saf.saf_tau, saf.saf_lag_epochs, saf.saf_start_epoch) == (2.4, 5.0, 1, 1.0)
-    assert (mesa.mesa_lambda, mesa.mesa_tau, mesa.mesa_ema_decay, mesa.mesa_start_epoch) == (0.8, 5.0, 0.999, 0.0)
+    assert (mesa.mesa_lambda, mesa.mesa_tau, mesa.mesa_ema_decay, mesa.mesa_start_epoch) == (2.4, 5.0, 0.999, 0.0)
     assert make(sam_method="sam").sam_loss_term == "none"
     bad = [
         ({"saf_lambda": 0.0}, "saf_lambda"),
