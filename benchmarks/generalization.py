@@ -221,7 +221,10 @@ def method_args(method: str, scale: float) -> dict:
 
 
 def radius(args: dict) -> float:
-    return next((v for k, v in args.items() if k in ("sam_rho", "saf_lambda", "mesa_lambda")), 0.0)
+    """The run's radius as its result row records it. Rounded, because the report groups rows by it and default × scale
+    carries float noise (0.8 × 3 is 2.4000000000000004, not 2.4) that would split one setting into two rows."""
+    value = next((v for k, v in args.items() if k in ("sam_rho", "saf_lambda", "mesa_lambda")), 0.0)
+    return round(value, 6)
 
 
 class Warnings(logging.Handler):

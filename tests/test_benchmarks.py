@@ -34,6 +34,10 @@ def test_method_args_scale_the_radius_of_each_method(bench):
     assert bench.method_args("saf", 0.125) == {"sam_method": "saf", "saf_lambda": pytest.approx(0.3)}
     assert bench.method_args("mesa", 1.0)["mesa_lambda"] == pytest.approx(2.4)
     assert bench.method_args("none", 1.0) == {"sam_method": "none"}
+    # The recorded radius is free of default × scale float noise, so the report keeps one row per setting.
+    assert bench.radius(bench.method_args("saf", 3.0)) == 7.2
+    assert bench.radius({"mesa_lambda": 0.8 * 3}) == bench.radius({"mesa_lambda": 2.4}) == 2.4
+    assert bench.radius({"sam_method": "none"}) == 0.0
 
 
 def row(method, seed, acc, seconds, scale=1.0, length="short"):
