@@ -147,6 +147,10 @@ class MESATerm(LossTerm):
         self.head_checked = False
         self._teacher_hidden: torch.Tensor | None = None
         self._teacher_logits_for_check: torch.Tensor | None = None
+        # Unset: warm up for causal LMs, where a teacher near the starting model (random, or the base model under
+        # LoRA) pulls every token's prediction back towards it; the classification benchmark measured the plain decay.
+        warmup = self.args.mesa_ema_warmup
+        self.ema_warmup = trainer._sam_loss_shifts_labels() if warmup is None else warmup
 
     def prepare(self, inputs: dict[str, Any]) -> torch.Tensor | None:
         """The teacher's logits for `inputs` (no gradient), or None before `mesa_start_epoch`. It runs before the
@@ -235,12 +239,13 @@ class MESATerm(LossTerm):
     def after_optimizer_step(self) -> None:
         """v <- beta v + (1 - beta) w right after each optimizer step.
 
-        With `mesa_ema_warmup`, beta is min(beta, (1 + t) / (10 + t)) after t optimizer steps, so on a run shorter
-        than about 1 / (1 - beta) steps the teacher averages the recent weights instead of staying near the
-        starting model. t is Trainer's `global_step` (not yet counting this step), which a resume restores.
+        With `mesa_ema_warmup` (unset: for causal LMs), beta is min(beta, (1 + t) / (10 + t)) after t optimizer
+        steps, so on a run shorter than about 1 / (1 - beta) steps the teacher averages the recent weights instead
+        of staying near the starting model. t is Trainer's `global_step` (not yet counting this step), which a
+        resume restores.
         """
         decay = self.args.mesa_ema_decay
-        if self.args.mesa_ema_warmup:
+        if self.ema_warmup:
             decay = warmed_up_decay(decay, self.trainer.state.global_step)
         self.teacher.update(decay)
 

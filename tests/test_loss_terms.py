@@ -234,6 +234,7 @@ def test_mesa_matches_hand_written_ema_teacher_loop(tmp_path):
                                         steps_per_epoch=4)  # fmt: skip
     trainer = train(tmp_path, model, data, max_steps=8, per_device_train_batch_size=2, sam_method="mesa",
                     mesa_lambda=0.8, mesa_tau=2.0, mesa_ema_decay=0.5, mesa_start_epoch=0.5)  # fmt: skip
+    assert not trainer._sam.loss_term.ema_warmup  # unset: off for a classifier
     assert_same_weights(state(trainer.model), state(reference), exact=False, atol=1e-5)
     ema = trainer._sam.loss_term.teacher
     assert_same_weights(dict(zip(ema.names, ema.ema)), state(teacher), exact=False, atol=1e-5)
@@ -272,14 +273,20 @@ def test_mesa_token_level_matches_hand_loop_and_normalizes_over_the_window(tmp_p
         for i in range(0, 8, 2)
     ]
     windows = [micro[k : k + 2] for k in (0, 2)] * 2
-    reference, _ = reference_mesa(copy_model(model), windows, lam=0.8, tau=2.0, decay=0.5, start=0.0,
-                                  steps_per_epoch=2, shift=True)  # fmt: skip
+    hand = dict(lam=0.8, tau=2.0, decay=0.5, start=0.0, steps_per_epoch=2, shift=True)
+    # mesa_ema_warmup unset is on for a causal LM (the teacher follows the recent weights), off when set False.
+    reference, _ = reference_mesa(copy_model(model), windows, warmup=True, **hand)
+    plain, _ = reference_mesa(copy_model(model), windows, warmup=False, **hand)
     common = dict(max_steps=4, sam_method="mesa", mesa_lambda=0.8, mesa_tau=2.0, mesa_ema_decay=0.5)
     # Llama takes num_items_in_batch: Trainer normalizes over the window's scored tokens, and so does the term.
     ga = train(tmp_path / "ga", model, data, per_device_train_batch_size=2, gradient_accumulation_steps=2, **common)
+    assert ga.args.mesa_ema_warmup is None and ga._sam.loss_term.ema_warmup
     assert_same_weights(state(ga.model), state(reference), exact=False, atol=1e-5)
     whole = train(tmp_path / "b4", tiny_llama(), data, per_device_train_batch_size=4, **common)
     assert_same_weights(state(ga.model), state(whole.model), exact=False, atol=1e-5)
+    off = train(tmp_path / "off", tiny_llama(), data, per_device_train_batch_size=4, mesa_ema_warmup=False, **common)
+    assert_same_weights(state(off.model), state(plain), exact=False, atol=1e-5)
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(state(plain).values(), state(reference).values()))
 
 
 def test_mesa_teacher_shares_frozen_weights_under_lora_and_runs_the_class_forward(tmp_path):
@@ -362,6 +369,7 @@ def test_presets_and_validation():
     assert (saf.sam_loss_term, saf.sam_rho, saf.sam_enabled) == ("saf", 0.0, False)
     assert (saf.saf_lambda, saf.saf_tau, saf.saf_lag_epochs, saf.saf_start_epoch) == (2.4, 5.0, 1, 1.0)
     assert (mesa.mesa_lambda, mesa.mesa_tau, mesa.mesa_ema_decay, mesa.mesa_start_epoch) == (2.4, 5.0, 0.999, 0.0)
+    assert mesa.mesa_ema_warmup is None  # unset: on for causal LMs only (the token-level test)
     assert make(sam_method="sam").sam_loss_term == "none"
     bad = [
         ({"saf_lambda": 0.0}, "saf_lambda"),
