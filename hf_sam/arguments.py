@@ -120,7 +120,7 @@ class SAMArgumentsMixin:
     sam_adaptive_bias (`bool`, *optional*):
         ASAM on biases: `True` (the `asam` preset) uses `T = |b| + eta` as on the weights, `False` keeps the
         paper's `T = 1` there.
-    sam_rho_warmup (`float`, *optional*, defaults to 0):
+    sam_rho_warmup (`float`, *optional*, defaults to 0, 1 for `looksam`):
         Share of the optimizer steps, in [0, 1], over which the radius grows linearly from 0 to `sam_rho`
         (step t of T at `sam_rho * min(1, (t + 1) / (sam_rho_warmup * T))`). `0` keeps it constant.
     sam_direction (`str`, *optional*, defaults to `"gradient"`):
@@ -330,7 +330,8 @@ class SAMArgumentsMixin:
         default=0.1, metadata={"help": "GSAM: weight of the orthogonal-component descent (default 0.1)."}
     )
     # 2, not the paper's 5: with nothing reused (alpha 0) the SAM steps are all LookSAM gives, and under AdamW one in
-    # five kept 18% of `sam`'s gain on noisy digits, one in three 39%, one in two 87% (docs/methods.md#looksam).
+    # five kept 18% of `sam`'s gain on noisy digits, one in three 39%, one in two 87% (constant radius;
+    # docs/methods.md#looksam).
     looksam_k: int = field(
         default=2, metadata={"help": "LookSAM: full SAM step every k optimizer steps (the paper's: 5)."}
     )
