@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+
 logger = logging.get_logger(__name__)
 
 
