@@ -16,10 +16,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
-from transformers.utils import logging
-
-
-logger = logging.get_logger(__name__)
 
 
 class LossTerm:
@@ -48,14 +44,6 @@ class LossTerm:
 
     def after_optimizer_step(self) -> None:
         pass
-
-    _warned_two_classes = False
-
-    def check_classes(self, logits: torch.Tensor) -> None:
-        """Warns once per run when the outputs have two classes, where the term cannot do what it does on more."""
-        if logits.shape[-1] == 2 and not self._warned_two_classes:
-            self._warned_two_classes = True
-            logger.warning(two_class_message(self.args.sam_method))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
@@ -183,16 +171,6 @@ def one_output_message(method: str) -> str:
         " model has one output per example (a regression head, num_labels=1): a softmax over one value is always 1,"
         " so the term would be 0 and the method would do nothing (at its full cost). For regression use a method"
         " that perturbs the weights, e.g. --sam_method sam."
-    )
-
-
-def two_class_message(method: str) -> str:
-    # The measurements behind it: docs/methods.md#saf (same model, recipe and noise with 6 classes and with 2).
-    return (
-        f"sam_method={method!r} on a two-class output: with two classes its KL term depends on each example's margin"
-        " alone, so it only re-weights that example's gradient and never turns it. On the benchmark's two-class"
-        " fine-tunes (clean, and with 20% flipped labels) neither saf nor mesa gained, where the methods that"
-        " perturb the weights did; for two classes prefer --sam_method ss-sam (1.5 passes). See docs/methods.md#saf."
     )
 
 

@@ -358,23 +358,6 @@ def test_one_pass_per_micro_batch(tmp_path, method):
     assert trainer._sam.perturbation is None  # the SAM machinery never ran
 
 
-@pytest.mark.parametrize("method", ["saf", "mesa"])
-def test_two_class_outputs_warn_once_that_the_term_only_reweights_examples(tmp_path, method):
-    from transformers.testing_utils import CaptureLogger
-
-    from hf_sam import loss_term
-
-    run = dict(max_steps=-1, num_train_epochs=2, per_device_train_batch_size=2, sam_method=method,
-               saf_start_epoch=0.0)  # fmt: skip
-    binary = tiny_dataset(8).map(lambda example: {"labels": example["labels"] % 2})
-    with CaptureLogger(loss_term.logger) as two:
-        train(tmp_path / "two", tiny_bert(num_labels=2), binary, **run)
-    assert two.out.count("on a two-class output") == 1 and "--sam_method ss-sam" in two.out
-    with CaptureLogger(loss_term.logger) as three:
-        train(tmp_path / "three", tiny_bert(), tiny_dataset(8), **run)
-    assert "two-class" not in three.out
-
-
 # ---------------------------------------------------------------------- arguments
 
 
