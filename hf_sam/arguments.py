@@ -120,7 +120,7 @@ class SAMArgumentsMixin:
     sam_adaptive_bias (`bool`, *optional*):
         ASAM on biases: `True` (the `asam` preset) uses `T = |b| + eta` as on the weights, `False` keeps the
         paper's `T = 1` there.
-    sam_rho_warmup (`float`, *optional*, defaults to 0):
+    sam_rho_warmup (`float`, *optional*, defaults to 0, 1 for `looksam`):
         Share of the optimizer steps, in [0, 1], over which the radius grows linearly from 0 to `sam_rho`
         (step t of T at `sam_rho * min(1, (t + 1) / (sam_rho_warmup * T))`). `0` keeps it constant.
     sam_direction (`str`, *optional*, defaults to `"gradient"`):
@@ -275,7 +275,7 @@ class SAMArgumentsMixin:
         default=None,
         metadata={
             "help": "Share of the optimizer steps over which rho grows linearly from 0 to sam_rho, in [0, 1]"
-            " (1: the whole run). Default: 0 (off)."
+            " (1: the whole run). Default: 0 (off), or from the method."
         },
     )
     sam_mask: str | None = field(

@@ -5,7 +5,8 @@ On a pretrained model fine-tuned with little data it can instead spoil the featu
 descent gradient at w + eps, several times larger than the clean one and pointing partly elsewhere, is applied at
 full learning rate by an adaptive optimizer, after which the encoder's output carries no information and the model
 settles at the class prior (loss ln C) for the rest of the run. Nothing is non-finite and nothing is skipped, so the
-run ends at chance level without a word. This check reads the losses Trainer already logs (on the host): no sync.
+run ends at chance level without a word. The same can happen later: a run that has begun to learn falls back to the
+class prior and stays there. This check reads the losses Trainer already logs (on the host): no sync.
 """
 
 from __future__ import annotations
@@ -16,18 +17,21 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 # The check looks at runs whose first log comes in their first tenth (not a resume late in a converged run), once a
-# quarter of training has gone by; a loss that has not fallen by 1% by then has not trained.
+# quarter of training has gone by; a loss that has not fallen by 1% by then has not trained, and one that is back
+# there later has fallen back to where it started.
 FIRST_LOG_BY = 0.1
 CHECK_AFTER = 0.25
 MIN_FALL = 0.01
 
 
 class StallWatch:
-    """Warns once per `train()` call when the logged training loss has not fallen after `CHECK_AFTER` of training."""
+    """Warns once per `train()` call when, after `CHECK_AFTER` of training, a logged training loss is no lower than
+    the first one: the run has not trained, or it trained and fell back."""
 
     def __init__(self):
         self.first_loss: float | None = None
         self.first_progress: float | None = None
+        self.trained = False
         self.warned = False
 
     def observe(self, loss: float, sharpness: float | None, step: int, max_steps: int, rho: float) -> bool:
@@ -41,13 +45,14 @@ class StallWatch:
         if self.first_progress > FIRST_LOG_BY or progress - self.first_progress < CHECK_AFTER:
             return False
         if loss < (1 - MIN_FALL) * self.first_loss:
-            self.first_progress = float("inf")  # it trains: nothing more to check in this run
+            self.trained = True  # keep watching: a run can still fall back to its start
             return False
+        what = "is back at its value at the start" if self.trained else "is no lower than at the start"
         rise = f", while the loss at w + eps runs {sharpness:.3g} above it" if sharpness is not None else ""
         logger.warning(
-            f"SAM: after {100 * progress:.0f}% of training the training loss ({loss:.4g}) is no lower than at the"
-            f" start ({self.first_loss:.4g}){rise}. sam_rho={rho:g} is likely too large for this model: on a"
-            " pretrained model the first perturbed steps can spoil its features and leave it at the class prior for"
+            f"SAM: after {100 * progress:.0f}% of training the training loss ({loss:.4g}) {what}"
+            f" ({self.first_loss:.4g}){rise}. sam_rho={rho:g} is likely too large for this model: on a"
+            " pretrained model the perturbed steps can spoil its features and leave it at the class prior for"
             f" the rest of the run. Lower --sam_rho (e.g. {rho / 3:.3g}), or compare with --sam_rho 0."
         )
         self.warned = True

@@ -116,7 +116,7 @@ METHOD_CASES = {
     "looksam": {
         # The preset reuses nothing (alpha 0); the row sets the paper's alpha so the reuse is tested.
         "args": {"sam_method": "looksam", "looksam_k": 3, "looksam_alpha": 0.7},
-        "reference": {"rho": 0.1, "descent": "looksam", "sam_step": lambda t: t % 3 == 0},
+        "reference": {"rho": 0.1, "rho_warmup": 1.0, "descent": "looksam", "sam_step": lambda t: t % 3 == 0},
         "accumulation": ("window",),
         "fsdp": {"looksam_k": 2},
         "ddp_resume": True,

@@ -360,7 +360,9 @@ def test_the_examples_resume_from_the_newest_complete_checkpoint(tmp_path):
         assert "detect_last_checkpoint(" in source and "get_last_checkpoint" not in source
 
 
-@pytest.mark.parametrize("learning_rate, warns", [(0.0, True), (0.05, False)])
+# lr 0.01 trains (logged loss 1.10 -> 0.18); lr 0.05 is no run that trains: its loss wanders (1.15, 1.28, 1.12, ...)
+# and ends at the class prior (1.09, ln 3 = 1.10), which is reported.
+@pytest.mark.parametrize("learning_rate, warns", [(0.0, True), (0.05, True), (0.01, False)])
 def test_a_sam_run_whose_loss_does_not_fall_says_so(tmp_path, learning_rate, warns):
     """A radius that stalls training (no NaN, nothing skipped) is reported once; a run that trains is not."""
     from transformers.testing_utils import CaptureLogger
@@ -373,3 +375,23 @@ def test_a_sam_run_whose_loss_does_not_fall_says_so(tmp_path, learning_rate, war
     with CaptureLogger(stall.logger) as captured:
         trainer.train()
     assert captured.out.count("sam_rho=0.05 is likely too large") == (1 if warns else 0)
+
+
+def test_a_sam_run_that_trains_and_falls_back_to_its_start_says_so():
+    """A fine-tune that learns for a while and then collapses to the class prior is reported once, when it is back."""
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_sam import stall
+
+    watch = stall.StallWatch()
+    with CaptureLogger(stall.logger) as captured:
+        # Logged per epoch of a 10-epoch run: at the prior, learning, then back at the prior for good.
+        for epoch, loss in enumerate([0.6937, 0.6924, 0.6883, 0.6454, 0.60, 0.6931, 0.6931], start=1):
+            watch.observe(loss, 0.01, step=16 * epoch, max_steps=160, rho=0.1)
+    assert captured.out.count("sam_rho=0.1 is likely too large") == 1
+    assert "is back at its value at the start (0.6937)" in captured.out and "after 60% of training" in captured.out
+    watch = stall.StallWatch()  # a run that keeps learning is not reported
+    with CaptureLogger(stall.logger) as captured:
+        for epoch, loss in enumerate([0.6937, 0.6924, 0.6883, 0.6454, 0.50, 0.30, 0.20], start=1):
+            watch.observe(loss, 0.01, step=16 * epoch, max_steps=160, rho=0.1)
+    assert captured.out == ""

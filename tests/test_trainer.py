@@ -933,16 +933,16 @@ def test_plain_steps_run_one_pass(tmp_path, method, extra):
 
 
 def test_looksam_preset_is_sam_every_k_steps_and_keeps_no_copy(tmp_path):
-    # Its default alpha 0 reuses nothing (docs/methods.md#looksam): bit for bit SAM on every k-th step at radius 0.1,
-    # no g_v held.
+    # Its default alpha 0 reuses nothing (docs/methods.md#looksam): bit for bit SAM on every k-th step with the radius
+    # grown to 0.1 over the run, no g_v held.
     look = train_sam(tmp_path / "l", tiny_bert(), tiny_dataset(), "adamw", max_steps=6, sam_method="looksam",
                      looksam_k=2, logging_steps=1)  # fmt: skip
     every_k = train_sam(tmp_path / "s", tiny_bert(), tiny_dataset(), "adamw", max_steps=6, sam_method="sam",
-                        sam_rho=0.1, sam_schedule="every_k", sam_interval=2)  # fmt: skip
+                        sam_rho=0.1, sam_rho_warmup=1.0, sam_schedule="every_k", sam_interval=2)  # fmt: skip
     assert_same_weights(state(look.model), state(every_k.model))
     assert look._sam.state_dict() == {}
     rhos = [h["sam/rho"] for h in look.state.log_history if "sam/rho" in h]
-    assert rhos == pytest.approx([0.1] * 3, rel=1e-4)  # the SAM steps 0, 2, 4 (rounded logs)
+    assert rhos == pytest.approx([0.1 * (t + 1) / 6 for t in (0, 2, 4)], rel=1e-4)  # the SAM steps (rounded logs)
     reuse = train_sam(tmp_path / "r", tiny_bert(), tiny_dataset(), "adamw", max_steps=6, sam_method="looksam",
                       looksam_k=2, looksam_alpha=0.7)  # fmt: skip
     assert reuse._sam.state_dict() and any(
