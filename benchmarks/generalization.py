@@ -246,8 +246,8 @@ class Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def run_one(cfg: dict) -> dict:
-    """Train one configuration and evaluate it on the held-out split."""
+def run_one(cfg: dict, callbacks: list | None = None) -> dict:
+    """Train one configuration and evaluate it on the held-out split (`callbacks` go to the trainer)."""
     import numpy as np
     import torch
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
@@ -290,7 +290,7 @@ def run_one(cfg: dict) -> dict:
         use_cpu=cfg["device"] == "cpu",
         **extra,
     )
-    trainer = SAMTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=callbacks)
     warnings = Warnings()
     logging.getLogger("hf_sam").addHandler(warnings)
     try:
