@@ -11,8 +11,8 @@ scored best held out, and how far it fell once it fit the flipped labels.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +20,8 @@ import torch
 from transformers import DataCollatorWithPadding, TrainerCallback
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_generalization():
-    spec = importlib.util.spec_from_file_location("generalization", ROOT / "benchmarks" / "generalization.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import generalization as bench
 
 
 def fit_shares(predicted: np.ndarray, noisy: np.ndarray, clean: np.ndarray) -> dict[str, float]:
@@ -71,8 +65,18 @@ class EpochScores(TrainerCallback):
         print(self.rows[-1], flush=True)
 
 
+def scored_run(task_name: str, method: str, seed: int, output_dir: str, threads: int = 1, overrides=None):
+    """Run `generalization.run_one` with an `EpochScores` callback; returns (per-epoch rows, the run's result row)."""
+    task = {**bench.TASKS[task_name], **(overrides or {})}
+    train, test, tokenizer, *_ = bench.text_data(task)
+    clean_train, *_ = bench.text_data({**task, "noise": 0.0})
+    scores = EpochScores(train, clean_train["labels"], test, DataCollatorWithPadding(tokenizer))
+    cfg = {"task": task_name, "length": "long", "method": method, "scale": 1.0, "seed": seed, "device": "cpu",
+           "threads": threads, "output_dir": output_dir, "overrides": overrides or {}}  # fmt: skip
+    return scores.rows, bench.run_one(cfg, callbacks=[scores])
+
+
 def main() -> None:
-    bench = load_generalization()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     noisy_text = [name for name, task in bench.TASKS.items() if task["noise"] and task["data"] not in bench.IMAGE_DATA]
     parser.add_argument("--task", choices=noisy_text, required=True)
@@ -81,15 +85,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=bench.RESULTS / "label_fit.jsonl")
     cli = parser.parse_args()
-    task = bench.TASKS[cli.task]
-    train, test, tokenizer, *_ = bench.text_data(task)
-    clean_train, *_ = bench.text_data({**task, "noise": 0.0})
-    scores = EpochScores(train, clean_train["labels"], test, DataCollatorWithPadding(tokenizer))
-    cfg = {"task": cli.task, "length": "long", "method": cli.method, "scale": 1.0, "seed": cli.seed, "device": "cpu",
-           "threads": cli.threads, "output_dir": f"/tmp/label_fit/{cli.task}-{cli.method}-{cli.seed}"}  # fmt: skip
-    result = bench.run_one(cfg, callbacks=[scores])
+    output_dir = f"/tmp/label_fit/{cli.task}-{cli.method}-{cli.seed}"
+    rows, result = scored_run(cli.task, cli.method, cli.seed, output_dir, cli.threads)
     with open(cli.results, "a") as f:
-        for row in scores.rows:
+        for row in rows:
             f.write(json.dumps({"task": cli.task, "method": cli.method, "seed": cli.seed, **row}) + "\n")
     print(f"held out at the end: {result['accuracy']:.3f}")
 

