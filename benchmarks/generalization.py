@@ -235,6 +235,20 @@ def radius(args: dict) -> float:
     return round(value, 6)
 
 
+def numerics() -> str:
+    """What decides a run's floating-point results beyond its seed: torch and transformers versions and the CPU's
+    kernel set. A from-scratch run amplifies last-bit differences over its epochs, so a row paired by seed with a
+    `none` row from other numerics is a different draw, not a paired one."""
+    import platform
+
+    import torch
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.machine()} " + (
+        torch.backends.cpu.get_cpu_capability()
+    )
+
+
 class Warnings(logging.Handler):
     """Keeps the library's warnings of a run (a stalled run's report, a skipped step), for its result row."""
 
@@ -314,6 +328,7 @@ def run_one(cfg: dict, callbacks: list | None = None) -> dict:
         "train_seconds": train_seconds,
         "passes_per_step": float(np.mean(passes)) if passes else 1.0,
         "threads": cfg["threads"],
+        "numerics": numerics(),
         "warnings": warnings.messages,
     }
 
@@ -400,22 +415,42 @@ def run_all(cli) -> None:
 # ---------------------------------------------------------------------- report
 
 
+# From-scratch rows made before rows recorded their numerics, on a machine whose runs the recorded ones do not
+# reproduce (a from-scratch run drifts from last-bit differences; a fine-tune agrees to the sixth digit).
+ELSEWHERE = "unrecorded (another machine)"
+
+
+def base_for(row: dict, plain: dict) -> dict | None:
+    """The `none` row a row pairs with: same seed and same numerics. Rows that record none (fine-tunes from before the
+    stamp, which today's runs reproduce to the sixth digit) pair with that seed's `none` row of any numerics."""
+    runs, numerics = plain.get(row["seed"], {}), row.get("numerics")
+    if numerics in runs:
+        return runs[numerics]
+    return next(iter(runs.values()), None) if numerics is None else runs.get(None)
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean ± std over seeds per (task, length, method, scale), with the paired difference to `none`."""
+    """Mean ± std over seeds per (task, length, method, scale, numerics), with the paired difference to `none` (the
+    `none` row of the same seed and the same numerics)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["task"], row["length"], label(row), float(row["scale"]), row["device"]), []).append(row)
-    plain = {(k[0], k[1], k[4]): {r["seed"]: r for r in g} for k, g in groups.items() if k[2] == "none"}
+        k = (row["task"], row["length"], label(row), float(row["scale"]), row["device"], row.get("numerics"))
+        groups.setdefault(k, []).append(row)
+    plain: dict[tuple, dict] = {}
+    for k, g in groups.items():
+        if k[2] == "none":
+            for r in g:
+                plain.setdefault((k[0], k[1], k[4]), {}).setdefault(r["seed"], {})[k[5]] = r
     summary = []
-    for (task, length, method, scale, device), group in sorted(groups.items()):
-        base = plain.get((task, length, device), {})
-        paired = [r for r in group if r["seed"] in base]
+    for (task, length, method, scale, device, numerics), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        pairs = [(r, base_for(r, plain.get((task, length, device), {}))) for r in group]
+        pairs = [(r, b) for r, b in pairs if b is not None]
         acc = [r["accuracy"] for r in group]
-        delta = [r["accuracy"] - base[r["seed"]]["accuracy"] for r in paired]
-        cost = [r["train_seconds"] / base[r["seed"]]["train_seconds"] for r in paired]
+        delta = [r["accuracy"] - b["accuracy"] for r, b in pairs]
+        cost = [r["train_seconds"] / b["train_seconds"] for r, b in pairs]
         summary.append({
-            "task": task, "length": length, "method": method, "scale": scale, "device": device,
-            "radius": group[0]["radius"], "epochs": group[0]["epochs"], "seeds": len(group),
+            "task": task, "length": length, "method": method, "scale": scale, "device": device, "numerics": numerics,
+            "radius": group[0]["radius"], "epochs": group[0]["epochs"], "seeds": len(group), "paired": len(pairs),
             "acc_mean": statistics.mean(acc), "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
             "delta_mean": statistics.mean(delta) if delta else None,
             "delta_std": statistics.stdev(delta) if len(delta) > 1 else 0.0,
@@ -424,6 +459,16 @@ def summarize(rows: list[dict]) -> list[dict]:
             "passes": statistics.mean(r["passes_per_step"] for r in group),
         })  # fmt: skip
     return summary
+
+
+def elsewhere(s: dict) -> str:
+    """The mark of a summary row whose runs, and the `none` runs they pair with, came from another machine."""
+    return " †" if s.get("numerics") == ELSEWHERE else ""
+
+
+ELSEWHERE_NOTE = (
+    "† ran on another machine (numerics unrecorded), paired with that machine's `none` runs of the same seeds."
+)
 
 
 def markdown(summary: list[dict]) -> str:
@@ -443,10 +488,18 @@ def markdown(summary: list[dict]) -> str:
                 f"{100 * s['delta_mean']:+.2f} ± {100 * s['delta_std']:.2f}"
             )  # fmt: skip
             cost = f"{s['cost_median']:.2f}" if s["cost_median"] is not None else "–"
-            lines.append(
-                f"| {s['method']} | {s['radius']:g} | {100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f} | {delta} |"
-                f" {cost} | {s['passes']:.2f} | {s['seeds']} |"
+            seeds = (
+                f"{s['seeds']}"
+                if s["method"] == "none" or s["paired"] == s["seeds"]
+                else f"{s['seeds']} ({s['paired']} paired)"
             )
+            accuracy = f"{100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f}"
+            lines.append(
+                f"| {s['method']}{elsewhere(s)} | {s['radius']:g} | {accuracy} | {delta} | {cost} |"
+                f" {s['passes']:.2f} | {seeds} |"
+            )
+        if any(elsewhere(s) for s in part):
+            lines += ["", ELSEWHERE_NOTE]
         lines.append("")
     return "\n".join(lines)
 
@@ -455,7 +508,9 @@ def matrix(summary: list[dict]) -> str:
     """One row per (method, radius), one column per (task, length): accuracy change vs `none` in points, paired
     over seeds (mean ± std), bold where the mean beats `none` by more than its std. For the README."""
     columns = sorted({(s["task"], s["length"]) for s in summary}, key=lambda t: (t[0], t[1] != "short"))
-    cells = {(s["method"], s["radius"], s["task"], s["length"]): s for s in summary}
+    cells = {}  # one cell per (setting, task): where several machines ran it, the recorded one with the most seeds
+    for s in sorted(summary, key=lambda s: (not elsewhere(s), s["seeds"])):
+        cells[(s["method"], s["radius"], s["task"], s["length"])] = s
     rows = sorted({(s["method"], s["radius"]) for s in summary}, key=lambda r: (r[0] != "none", r[0], r[1]))
     epochs = {(s["task"], s["length"]): s["epochs"] for s in summary}
     header = " | ".join(f"{task} {length} ({epochs[(task, length)]:g} ep)" for task, length in columns)
@@ -479,9 +534,11 @@ def matrix(summary: list[dict]) -> str:
                 out.append("–")
             else:
                 text = f"{100 * s['delta_mean']:+.1f} ± {100 * s['delta_std']:.1f}"
-                out.append(f"**{text}**" if s["delta_mean"] > s["delta_std"] else text)
+                out.append((f"**{text}**" if s["delta_mean"] > s["delta_std"] else text) + elsewhere(s))
         cost = f"{statistics.mean(costs):.2f}" if costs else "–"
         lines.append(f"| {method} | {value:g} | {cost} | " + " | ".join(out) + " |")
+    if any(elsewhere(s) for s in cells.values()):
+        lines += ["", ELSEWHERE_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -503,9 +560,13 @@ def plot(summary: list[dict], folder: Path, stem: str) -> list[Path]:
             cost = s["cost_median"] if s["cost_median"] is not None else 1.0
             ax.errorbar(cost, 100 * s["acc_mean"], yerr=100 * s["acc_std"], fmt="o", capsize=3)
             ax.annotate(
-                s["method"], (cost, 100 * s["acc_mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8
+                s["method"] + elsewhere(s),
+                (cost, 100 * s["acc_mean"]),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
             )
-        plain = next((s for s in part if s["method"] == "none"), None)
+        plain = next((s for s in sorted(part, key=elsewhere) if s["method"] == "none"), None)
         if plain is not None:
             ax.axhline(100 * plain["acc_mean"], linestyle="--", color="gray", linewidth=1)
         ax.set_xlabel("training wall time relative to the plain optimizer (median over seeds)")

@@ -58,7 +58,38 @@ def test_summary_pairs_each_seed_with_the_plain_run_of_that_seed(bench):
     assert sam["delta_std"] == pytest.approx(np.std([0.02, 0.03], ddof=1))
     assert sam["cost_median"] == pytest.approx((2.0 + 1.5) / 2)
     table = bench.markdown(bench.summarize(rows))
-    assert "| sam | 0.05 | 91.33 ± 8.02 | +2.50 ± 0.71 | 1.75 | 2.00 | 3 |" in table
+    assert "| sam | 0.05 | 91.33 ± 8.02 | +2.50 ± 0.71 | 1.75 | 2.00 | 3 (2 paired) |" in table
+
+
+def test_rows_pair_with_the_plain_run_of_their_own_numerics(bench):
+    # A from-scratch run under another torch build or CPU kernel set is another draw: each row pairs with the `none`
+    # run of its own seed and numerics, and the two machines' runs of one setting are summarized apart.
+    here, there = bench.numerics(), bench.ELSEWHERE
+    rows = [{**row("none", s, acc, 10.0), "numerics": here} for s, acc in ((0, 0.90), (1, 0.80))]
+    rows += [{**row("none", s, acc, 10.0), "numerics": there} for s, acc in ((0, 0.70), (1, 0.60))]
+    rows += [{**row("sam", 0, 0.92, 20.0), "numerics": here}, {**row("sam", 1, 0.83, 20.0), "numerics": here}]
+    rows += [{**row("sam", 0, 0.75, 20.0), "numerics": there}]
+    rows += [{**row("sam", 0, 0.50, 20.0), "numerics": "torch 0.0, transformers 0.0, x86_64 AVX2"}]  # no `none` run
+    rows += [row("asam", 0, 0.85, 20.0), row("none", 1, 0.78, 10.0), row("asam", 1, 0.88, 20.0)]  # before the stamp
+    summary = {(s["method"], s["numerics"]): s for s in bench.summarize(rows)}
+    assert summary[("sam", here)]["delta_mean"] == pytest.approx(0.025) and summary[("sam", here)]["paired"] == 2
+    assert summary[("sam", there)]["delta_mean"] == pytest.approx(0.05)
+    assert summary[("sam", "torch 0.0, transformers 0.0, x86_64 AVX2")]["delta_mean"] is None
+    assert summary[("none", here)]["acc_mean"] == pytest.approx(0.85)
+    # Rows that recorded no numerics pair with the unrecorded `none` run of their seed, else with any of it.
+    assert summary[("asam", None)]["paired"] == 2 and summary[("asam", None)]["delta_mean"] in (
+        pytest.approx((-0.05 + 0.10) / 2),
+        pytest.approx((0.15 + 0.10) / 2),
+    )
+    table = bench.markdown(bench.summarize(rows))
+    assert "| sam † | 0.05 | 75.00 ± 0.00 | +5.00 ± 0.00 |" in table and bench.ELSEWHERE_NOTE in table
+    # The matrix shows the recorded machine's cell where both ran a setting, and marks the other machine's.
+    grid = bench.matrix(bench.summarize(rows))
+    assert "| sam | 0.05 | 1.00 | **+2.5 ± 0.7** |" in grid and "85.0 ± 7.1 (accuracy)" in grid
+    assert "+5.0 ± 0.0** †" not in grid
+    elsewhere_only = bench.matrix(bench.summarize([r for r in rows if r.get("numerics") == there]))
+    assert "**+5.0 ± 0.0** †" in elsewhere_only and bench.ELSEWHERE_NOTE in elsewhere_only
+    assert bench.numerics().startswith("torch ") and "transformers " in bench.numerics()
 
 
 def test_set_fields_make_their_own_rows(bench):
