@@ -531,7 +531,7 @@ def matrix(summary: list[dict]) -> str:
             elif method == "none":
                 out.append(f"{100 * s['acc_mean']:.1f} ± {100 * s['acc_std']:.1f} (accuracy)")
             elif s["delta_mean"] is None:
-                out.append("–")
+                out.append("–" + elsewhere(s))
             else:
                 text = f"{100 * s['delta_mean']:+.1f} ± {100 * s['delta_std']:.1f}"
                 out.append((f"**{text}**" if s["delta_mean"] > s["delta_std"] else text) + elsewhere(s))
