@@ -96,7 +96,7 @@ SS_SAM_RHO = 0.1
 # constant 0.1 from the first step is near the radius that spoils the pretrained encoder: it left one clean seed of
 # 13 at the class prior for 40% of the run and one noisy-label seed of 10 there at the end, and kept 19% of `sam`'s
 # gain on the clean one (61% on the noisy one); a constant 0.07 kept none on the noisy one. Grown, no run stalled and
-# it kept 76-90% on the other tasks where `sam` gains; it does not stop that noisy fine-tune from fitting its flipped
+# it kept 71-90% on the other tasks where `sam` gains; it does not stop that noisy fine-tune from fitting its flipped
 # labels (docs/methods.md#looksam).
 LOOKSAM_RHO_WARMUP = 1.0
 
