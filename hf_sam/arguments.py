@@ -408,6 +408,7 @@ class SAMArgumentsMixin:
         self._resolve_sam_preset()
         self._validate_sam_fields()
         self._validate_loss_term_fields()
+        self._refuse_a_schedule_without_sam_steps(given)
         self._warn_unused_fields(given)
         self._warn_half_given_schedule(given)
         self._warn_large_radius()
@@ -471,6 +472,25 @@ class SAMArgumentsMixin:
             f" sam_probability_end; with only {ends_given.pop()} given it goes from"
             f" {self.sam_probability} to {self.sam_probability_end} (SAM on {mean:.0%} of the steps on average)."
             " For a fixed share p of the steps pass --sam_schedule constant --sam_probability p."
+        )
+
+    def _refuse_a_schedule_without_sam_steps(self, given: set[str]) -> None:
+        """A SAM method whose schedule can never draw a SAM step, with a probability the user did not give.
+
+        ss-sam, late-sam and asam set sam_probability 0 as the start of their own moving schedule; an explicit
+        `--sam_schedule constant` (the paper's fixed p) would otherwise keep that 0 and train without one SAM step.
+        An explicit probability wins, as every explicit flag does.
+        """
+        if not self.sam_enabled or given & {"sam_probability", "sam_probability_end"}:
+            return
+        if mean_sam_probability(self) > 0:
+            return
+        raise ValueError(
+            f"sam_method={self.sam_method!r} with sam_schedule={self.sam_schedule!r} runs SAM with probability"
+            f" sam_probability={self.sam_probability} (the preset's value for its own"
+            f" {METHODS[self.sam_method].preset.get('sam_schedule', 'always')} schedule), so no step would run SAM."
+            " Pass --sam_probability p (e.g. --sam_probability 0.5 for SAM on half of the steps), or drop"
+            " --sam_schedule to keep the preset's schedule."
         )
 
     def _warn_large_radius(self) -> None:

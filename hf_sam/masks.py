@@ -12,6 +12,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from .schedules import is_sam_step
 from .seeds import step_generator
 from .tensors import local, shard_group, shard_rows
 
@@ -108,7 +109,7 @@ class SparseMask:
 
     def due(self, trainer) -> bool:
         """Whether the mask is refreshed at this optimizer step: every `sam_mask_interval` steps (default one
-        epoch's), the first step included, once per step."""
+        epoch's), the first step included, once per step; the dynamic mask at the first SAM step of each interval."""
         state = trainer.state
         if self.updated_at == state.global_step:
             return False
@@ -116,7 +117,17 @@ class SparseMask:
         if interval is None:  # one epoch's optimizer steps
             epochs = max(1.0, float(state.num_train_epochs or 1))
             interval = max(1, math.ceil(state.max_steps / epochs))
-        return state.global_step % interval == 0
+        if self.kind != "dynamic":
+            return state.global_step % interval == 0
+        # SSAM-D reads the clean gradient, which only a SAM step computes (it is asked on SAM steps only): a
+        # schedule's plain step at the interval's start must not drop the refresh, so it is due at the interval's
+        # first SAM step.
+        start = state.global_step - state.global_step % interval
+        if self.updated_at >= 0:
+            return self.updated_at < start
+        # Right after a resume the last refresh is not known; the schedule's draws are a function of (seed, step):
+        # a SAM step earlier in this interval already refreshed the mask that the checkpoint holds.
+        return not any(is_sam_step(self.args, t, state.max_steps) for t in range(start, state.global_step))
 
     def before_step(self, trainer, params: list[torch.Tensor]) -> None:
         """SSAM-F: before a due step (the first one included), rebuild the mask from the empirical Fisher."""
@@ -194,7 +205,8 @@ class SparseMask:
         self._set(top_k_mask(fisher, self.live, self.group), params)
 
     def drop_and_grow(self, grads: list[torch.Tensor], params: list[torch.Tensor], step: int, progress: float):
-        """SSAM-D update: keep the top live entries by |g|, revive as many dead ones at random."""
+        """SSAM-D update: keep the top live entries by |g|, revive as many dead ones at random (topped up from the
+        just-dropped entries when too few are dead), so (1 - s)N entries stay live."""
         drop = self.args.sam_mask_drop_rate * (1 + math.cos(math.pi * min(1.0, progress))) / 2
         keep = math.floor(self.live * (1 - drop))
         revive = math.floor(self.live * drop)
@@ -204,7 +216,13 @@ class SparseMask:
                        for m, g in zip(old, grads)]  # fmt: skip
         kept = top_k_mask(keep_scores, keep, self.group)
         generator = step_generator("ssam-d-regrow", self.args.seed, step)
-        grow_scores = [torch.where(m, -1.0, local_rand(p, generator).to(m.device)) for m, p in zip(old, params)]
+        # Revived at random among the entries that were dead (scores in [0, 1)); when fewer are dead than `revive`
+        # (sam_sparsity below d / (1 + d)), the rest among the entries just dropped ([-1, 0)), never a kept one (-2),
+        # so the live count stays keep + revive. With enough dead entries the pick is the dead ones' alone.
+        grow_scores = []
+        for m, k, p in zip(old, kept, params):
+            draw = local_rand(p, generator).to(m.device)
+            grow_scores.append(torch.where(k, -2.0, torch.where(m, draw - 1.0, draw)))
         grown = top_k_mask(grow_scores, revive, self.group)
         self._set([k | g for k, g in zip(kept, grown)], params)
 

@@ -125,7 +125,8 @@ METHODS: dict[str, MethodInfo] = {
         "Zhao et al. 2022, arXiv 2203.09962",
         "1 + mean p (1.5)",
         # p ramps from 0 to 1 (mean 0.5): at the cost of a constant 0.5 it gained more on 3 of 4 regime tasks and
-        # the same on the fourth (docs/methods.md#ss-sam). `--sam_schedule constant` is the paper's fixed p.
+        # the same on the fourth (docs/methods.md#ss-sam). `--sam_schedule constant --sam_probability p` is the
+        # paper's fixed p.
         {"sam_rho": SS_SAM_RHO, **SAM_RAMP},
     ),
     "late-sam": MethodInfo(

@@ -178,8 +178,14 @@ class LogitBank:
         return self._bank[rows, slot], found
 
     def record(self, logits: torch.Tensor, rows: torch.Tensor, epoch: int) -> None:
-        """Store `logits` as epoch `epoch`'s for bank `rows` (row `num_examples` marks padding: kept nowhere)."""
+        """Store `logits` as epoch `epoch`'s for bank `rows` (row `num_examples` marks padding: kept nowhere).
+
+        A row whose logits are not finite (an fp16 overflow in a batch the GradScaler skips) is kept nowhere either:
+        as a target it would make the example's term NaN an epoch later, and the bank unfit for a checkpoint. The
+        example then has no target from this epoch, as before its first record.
+        """
         self._check(logits, rows)
+        rows = torch.where(torch.isfinite(logits).all(-1), rows, self.num_examples)
         slot = epoch % self.slots
         self._bank[rows, slot] = logits.detach().float()
         self._written[rows, slot] = epoch

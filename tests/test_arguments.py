@@ -386,3 +386,22 @@ def test_a_deepspeed_without_the_held_backward_api_is_refused_with_the_version_t
     monkeypatch.delattr(DeepSpeedEngine, "coalesce_grad_reduction")
     with pytest.raises(ValueError, match=r"deepspeed>=0.19.8"):
         check_deepspeed_version()
+
+
+def args_of(**kw):
+    return SAMTrainingArguments(output_dir="unused", report_to="none", use_cpu=True, **kw)
+
+
+@pytest.mark.parametrize("method", ["ss-sam", "late-sam", "asam"])
+def test_a_schedule_that_never_runs_sam_with_the_presets_probability_is_refused(method):
+    with pytest.raises(ValueError, match="sam_probability.*--sam_probability"):
+        args_of(sam_method=method, sam_schedule="constant")
+
+
+def test_the_documented_forms_still_construct():
+    assert args_of(sam_method="ss-sam", sam_schedule="constant", sam_probability=0.5).sam_probability == 0.5
+    assert args_of(sam_method="ss-sam").sam_schedule == "linear"  # the ramp: p from 0 to 1
+    assert args_of(sam_method="late-sam").sam_schedule == "piecewise"
+    assert args_of(sam_method="ss-sam", sam_schedule="cosine").sam_probability_end == 1.0
+    # An explicit probability of 0 is the user's own choice: it wins, as every explicit flag does.
+    assert args_of(sam_method="sam", sam_schedule="constant", sam_probability=0.0).sam_probability == 0.0

@@ -411,3 +411,43 @@ def test_logit_bank_state_round_trip():
     assert torch.equal(other.bank, bank.bank) and torch.equal(other.written, bank.written)
     with pytest.raises(ValueError, match="saf_lag_epochs"):
         LogitBank(5, lag=2, device=torch.device("cpu")).load_state_dict(bank.state_dict())
+
+
+def test_saf_bank_does_not_record_non_finite_logits():
+    bank = LogitBank(4, lag=1, device=torch.device("cpu"))
+    logits = torch.tensor([[1.0, 2.0], [math.inf, 0.0], [math.nan, 1.0], [0.5, 0.5]])
+    bank.record(logits, torch.arange(4), epoch=0)
+    assert bool(torch.isfinite(bank.bank).all())
+    _, found = bank.lookup(torch.zeros(4, 2), torch.arange(4), epoch=1)
+    assert found.tolist() == [True, False, False, True]  # the overflowed examples have no target yet
+
+
+class ScalerSAF(SequentialSAMTrainer):
+    """A real CPU GradScaler (as tests/test_trainer.py's ScalerTrainer), and the classifier's output overflowing at
+    one step."""
+
+    def __init__(self, *args, poison_step=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        self.accelerator.scaler = scaler
+        self.accelerator.unscale_gradients = lambda optimizer=None: [
+            scaler.unscale_(opt.optimizer) for opt in self.accelerator._optimizers
+        ]
+
+        def overflow(module, inputs, output):
+            if module.training and self.state.global_step == poison_step and torch.is_grad_enabled():
+                return output * math.inf
+
+        self.model.classifier.register_forward_hook(overflow)
+
+
+def test_an_overflowed_batch_costs_saf_one_skipped_step_and_its_checkpoints_resume(tmp_path):
+    common = dict(sam_method="saf", saf_start_epoch=0.0, max_steps=8, learning_rate=0.01)
+    first = ScalerSAF(model=tiny_bert(), train_dataset=tiny_dataset(16),
+                      args=sam_args(tmp_path, save_strategy="steps", save_steps=5, **common))  # fmt: skip
+    first.train()
+    assert first.accelerator.scaler.get_scale() == 2.0**9  # one skipped step, as the plain Trainer's
+    assert bool(torch.isfinite(first._sam.loss_term.bank.bank).all())
+    resumed = ScalerSAF(model=tiny_bert(), train_dataset=tiny_dataset(16), args=sam_args(tmp_path, **common))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
+    assert resumed.state.global_step == 8

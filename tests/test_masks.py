@@ -121,3 +121,75 @@ def test_fisher_mask_on_an_iterable_dataset_is_a_clear_error_before_training(tmp
                          train_dataset=tiny_dataset().to_iterable_dataset())  # fmt: skip
     dynamic.train()
     assert dynamic.state.global_step == 2
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.2, 0.1, 0.0])
+def test_drop_and_grow_keeps_the_live_count_when_few_entries_are_dead(tmp_path, sparsity):
+    # Under s < d / (1 + d) (the official code's s 0.2 with d 0.5) fewer entries are dead than the grow step revives:
+    # the rest must come from the entries just dropped, never from kept ones, or the mask shrinks.
+    args = sam_args(tmp_path, sam_method="ssam-d", sam_sparsity=sparsity)
+    torch.manual_seed(0)
+    params = [torch.randn(40, 30), torch.randn(50)]
+    mask = SparseMask(args, ["a", "b"], params)
+    grads = [torch.randn_like(p) for p in params]
+    for step, progress in ((1, 0.0), (2, 0.25), (3, 0.5)):
+        mask.drop_and_grow(grads, params, step, progress)
+        live = sum(int(m.sum()) for m in mask.masks.values())
+        drop = args.sam_mask_drop_rate * (1 + math.cos(math.pi * progress)) / 2
+        assert live == math.floor(mask.live * (1 - drop)) + math.floor(mask.live * drop)
+        assert mask.live - 1 <= live <= mask.live
+
+
+def test_with_enough_dead_entries_drop_and_grow_revives_only_dead_ones(tmp_path):
+    args = sam_args(tmp_path, sam_method="ssam-d", sam_sparsity=0.5)
+    params = [torch.randn(40, 30)]
+    mask = SparseMask(args, ["a"], params)
+    old = mask.masks["a"].clone()
+    mask.drop_and_grow([torch.randn_like(params[0])], params, 1, 0.0)
+    revived = mask.masks["a"] & ~old
+    assert int(revived.sum()) == math.floor(mask.live * args.sam_mask_drop_rate)
+
+
+def dynamic_refreshes(tmp_path, monkeypatch, resume_at=None, **overrides):
+    """The steps at which SSAM-D's mask was redrawn, and the trained weights."""
+    steps = []
+    original = SparseMask.drop_and_grow
+
+    def spy(self, grads, params, step, progress):
+        steps.append(step)
+        return original(self, grads, params, step, progress)
+
+    monkeypatch.setattr(SparseMask, "drop_and_grow", spy)
+    data = tiny_dataset(64)
+    if resume_at is None:
+        trainer = SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, sam_method="ssam-d", **overrides),
+                             train_dataset=data)  # fmt: skip
+        trainer.train()
+        return list(steps), trainer.model
+    save = dict(save_strategy="steps", save_steps=resume_at)
+    SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, sam_method="ssam-d", **save, **overrides),
+               train_dataset=data).train()  # fmt: skip
+    steps.clear()
+    resumed = SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, sam_method="ssam-d", **overrides),
+                         train_dataset=data)  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{resume_at}"))
+    return list(steps), resumed.model
+
+
+def test_dynamic_mask_refreshes_at_the_first_sam_step_of_each_interval(tmp_path, monkeypatch):
+    # SAM on even steps, a refresh due every 3: intervals [3, 6), [6, 9), [9, 12), [12, 13). The refresh reads the
+    # clean gradient, which a plain step does not compute; it used to be dropped when the interval began on one.
+    every_other = dict(sam_schedule="every_k", sam_interval=2, sam_mask_interval=3, max_steps=13)
+    assert dynamic_refreshes(tmp_path / "a", monkeypatch, **every_other)[0] == [4, 6, 10, 12]
+    assert dynamic_refreshes(tmp_path / "b", monkeypatch, sam_mask_interval=3, max_steps=10)[0] == [3, 6, 9]
+
+
+@pytest.mark.parametrize("resume_at", [5, 7])
+def test_dynamic_mask_refreshes_the_same_after_a_resume(tmp_path, monkeypatch, resume_at):
+    # Checkpoint 5 falls after interval [3, 6)'s refresh at step 4; checkpoint 7 before interval [6, 9)'s at 8.
+    every_other = dict(sam_schedule="every_k", sam_interval=2, sam_mask_interval=3, max_steps=13, learning_rate=0.01)
+    straight, model = dynamic_refreshes(tmp_path / "a", monkeypatch, **every_other)
+    after, resumed = dynamic_refreshes(tmp_path / "b", monkeypatch, resume_at=resume_at, **every_other)
+    assert after == [s for s in straight if s >= resume_at]
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
