@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from .checkpoint import load_run_state, save_run_state
 from .components import LOSS_TERMS
@@ -29,7 +31,7 @@ from .loss_term import (
 )
 from .metrics import SAMMetrics
 from .momentum_sam import first_moments, keeps_momentum, no_momentum_message
-from .msam import split_batch
+from .msam import shard_sizes, split_batch
 from .radius import step_rho
 from .replay import capture_rng, frozen_bn_stats, restore_rng
 from .run import SAMRun
@@ -49,6 +51,18 @@ def _args_position(init) -> int:
         if parameter.name == "args" and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
             return i
     return 1
+
+
+class _EndOfEpoch(TrainerCallback):
+    """Calls `hook()` at the end of every epoch, before the epoch's evaluation and checkpoint. Holds it weakly."""
+
+    def __init__(self, hook):
+        self._hook = weakref.WeakMethod(hook)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        hook = self._hook()
+        if hook is not None:
+            hook()
 
 
 class SAMMixin:
@@ -96,6 +110,8 @@ class SAMMixin:
             self.add_callback(AfterOptimizerStep(self._sam_after_optimizer_step))
         if self.args.sam_enabled:
             check_sam_setup(self)  # also hands AdaSAM's optimizer to Trainer
+            # First, so no callback's on_epoch_end sees w + eps of a window that Trainer left early.
+            self.callback_handler.callbacks.insert(0, _EndOfEpoch(self._sam_end_cut_window))
 
     def _sam_check_host(self, args) -> None:
         """Refuse, before the host trainer builds anything, a method this host cannot run (see `SAMDPOTrainer`)."""
@@ -115,6 +131,7 @@ class SAMMixin:
             # callback), the weights would still be at w + eps.
             self._sam_abort_step()
             raise
+        self._sam_end_cut_window()
         if self._sam.weight_ema is not None:
             # The model left after training (saved, pushed, evaluated) is the average; checkpoints written during
             # training keep the trained weights and the average apart, so a resume continues exactly.
@@ -153,6 +170,14 @@ class SAMMixin:
         perturbation.restore()
         self._sam.release_grads()  # `.grad` holds eps or a descent gradient at w + eps: neither belongs to a step now
         self._sam.forget_step()
+
+    def _sam_end_cut_window(self) -> None:
+        """Trainer leaves its loop after any micro-batch once a callback sets `should_training_stop` or
+        `should_epoch_stop` (e.g. in `on_step_begin`), so a window can end before its last micro-batch, with the
+        weights still at w + eps. Put w back and drop the window's partial gradients, as for an interrupted step."""
+        perturbation = self._sam.perturbation
+        if perturbation is not None and perturbation.active:
+            self._sam_abort_step()
 
     def _sam_build(self) -> None:
         if self.args.sam_direction == "momentum" and not keeps_momentum(self.optimizer):
@@ -283,12 +308,15 @@ class SAMMixin:
     def _sam_micro_step(self, model, inputs, index, window, num_items_in_batch) -> torch.Tensor:
         """One perturbation per micro-batch, or per shard of it (mSAM); earlier descent gradients are set aside."""
         shards = split_batch(inputs, self.args.sam_micro_batches)
+        sizes = shard_sizes(shards)
         outer_ga = self.current_gradient_accumulation_steps
-        # Each shard's loss is its share of the micro-batch: Trainer divides by this when it normalizes by GA.
-        self.current_gradient_accumulation_steps = outer_ga * len(shards)
         total_clean = total_perturbed = 0.0
         try:
             for j, shard in enumerate(shards):
+                # Each shard's loss is its share of the micro-batch, by its number of examples (shards differ in size
+                # when the batch is not a multiple of their number): Trainer divides by this when it normalizes by GA.
+                share = sum(sizes) / sizes[j]
+                self.current_gradient_accumulation_steps = outer_ga * share
                 held = [p for p in self._sam.trainable if p.grad is not None]
                 stash = None
                 # Inside the Trainer loop, index > 0 (or a later shard) means earlier descent gradients sit in .grad.
@@ -298,7 +326,7 @@ class SAMMixin:
                 clean, rng, examples = self._sam_clean_pass(
                     model, shard, num_items_in_batch, self.args.sam_ascent_sync
                 )
-                self._sam_ascend(grad_factor=float(len(window) * len(shards)))
+                self._sam_ascend(grad_factor=float(len(window) * share))
                 self._sam.zero_grads()
                 if stash is not None:
                     # Back in .grad before the descent backward, so a synced backward all-reduces the full sum.
@@ -382,10 +410,27 @@ class SAMMixin:
         subset = take_examples(dict(inputs), self._sam.esam.select(rise, prepared.get("labels")), rise.shape[0])
         if rng is not None:
             restore_rng(rng, self.args.device)
-        with frozen_bn_stats(self._sam.bn_layers), off_the_record(self):
-            # num_items_in_batch counts the whole window: the subset's loss is its own mean instead.
+        with frozen_bn_stats(self._sam.bn_layers), off_the_record(self), self._sam_loss_divided_by_ga():
+            # num_items_in_batch counts the whole window: the subset's loss is its own mean instead, which Trainer
+            # must divide by the accumulation steps, as it does a model's mean loss.
             self._sam.guard.note(super().training_step(model, subset, None))
         return clean + rise.mean().detach() / self.current_gradient_accumulation_steps
+
+    @contextlib.contextmanager
+    def _sam_loss_divided_by_ga(self):
+        """Trainer skips its 1/GA division whenever a `compute_loss_func` is set (or `loss_is_scaled_for_ga` is True),
+        taking the loss as normalized over the window by `num_items_in_batch`; a pass run without that count returns
+        a mean of its own, so the division is asked for explicitly."""
+        had = "loss_is_scaled_for_ga" in vars(self)
+        previous = vars(self).get("loss_is_scaled_for_ga")
+        self.loss_is_scaled_for_ga = False
+        try:
+            yield
+        finally:
+            if had:
+                self.loss_is_scaled_for_ga = previous
+            else:
+                del self.loss_is_scaled_for_ga
 
     def per_example_loss(self, outputs, inputs: dict[str, Any]) -> torch.Tensor:
         """Loss of each example of the batch (ESAM's data selection). Override for other heads or losses.

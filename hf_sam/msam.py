@@ -26,3 +26,12 @@ def split_batch(inputs: dict[str, Any], shards: int) -> list[dict[str, Any]]:
             for piece, part in zip(pieces, torch.tensor_split(value, len(pieces))):
                 piece[key] = part
     return pieces
+
+
+def shard_sizes(shards: list[dict[str, Any]]) -> list[int]:
+    """The number of examples in each shard of `split_batch` (one shard: 1, whatever the batch holds)."""
+    if len(shards) == 1:
+        return [1]
+    return [
+        next(v.shape[0] for v in shard.values() if isinstance(v, torch.Tensor) and v.dim() > 0) for shard in shards
+    ]

@@ -131,3 +131,38 @@ def test_per_example_losses_of_another_shape_than_the_batch_are_refused(tmp_path
         tmp_path, sam_method="esam", esam_gamma=0.5, per_device_train_batch_size=4, max_steps=1))  # fmt: skip
     with pytest.raises(ValueError, match="one loss per example"):
         trainer.train()
+
+
+# Trainer does not divide a compute_loss_func's loss by GA: the subset pass, whose loss is its own mean, must
+# still be divided, or the same loss gives GA times the gradient.
+def ce_window(outputs, labels, num_items_in_batch=None):
+    loss = F.cross_entropy(outputs.logits, labels, reduction="sum")
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss / labels.numel()
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+def test_esam_selection_with_a_compute_loss_func_matches_the_models_loss(tmp_path, ga):
+    runs = []
+    for name, kwargs in (("model", {}), ("func", {"compute_loss_func": ce_window})):
+        trainer = SequentialSAMTrainer(
+            model=tiny_bert(),
+            args=sam_args(
+                tmp_path / name,
+                sam_method="esam",
+                esam_gamma=0.5,
+                esam_selection="batch",
+                gradient_accumulation_steps=ga,
+                per_device_train_batch_size=4 // ga,
+                max_steps=3,
+                optim="sgd",
+                learning_rate=0.5,
+            ),
+            train_dataset=tiny_dataset(),
+            **kwargs,
+        )
+        trainer.train()
+        runs.append(trainer)
+    norms = [[h["grad_norm"] for h in t.state.log_history if "grad_norm" in h] for t in runs]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+    assert_same_weights(state(runs[0].model), state(runs[1].model), exact=False, atol=1e-5)
+    assert "loss_is_scaled_for_ga" not in vars(runs[1])

@@ -395,3 +395,59 @@ def test_a_sam_run_that_trains_and_falls_back_to_its_start_says_so():
         for epoch, loss in enumerate([0.6937, 0.6924, 0.6883, 0.6454, 0.50, 0.30, 0.20], start=1):
             watch.observe(loss, 0.01, step=16 * epoch, max_steps=160, rho=0.1)
     assert captured.out == ""
+
+
+# A callback that stops training or the epoch at the start of an optimizer step, with GA > 1 (window mode):
+# Trainer leaves its loop after the window's first micro-batch; the weights must be w, not w + eps.
+class StopAtStepBegin(TrainerCallback):
+    def __init__(self, flag):
+        self.flag, self.at_stop, self.at_eval, self.next_begin = flag, None, None, None
+
+    def on_step_begin(self, args, st, control, model=None, **kwargs):
+        if st.global_step == 2 and self.at_stop is None:
+            self.at_stop = state(model)
+            setattr(control, self.flag, True)
+        elif self.at_stop is not None and self.next_begin is None:
+            self.next_begin = state(model)
+
+    def on_evaluate(self, args, st, control, model=None, **kwargs):
+        if self.at_stop is not None and self.at_eval is None:
+            self.at_eval = state(model)
+
+
+@pytest.mark.parametrize("method", ["sam", "momentum-sam"])
+def test_a_stop_inside_a_window_leaves_the_unperturbed_weights(tmp_path, method):
+    stop = StopAtStepBegin("should_training_stop")
+    trainer = SequentialSAMTrainer(
+        model=tiny_bert(dropout=0.1),
+        args=sam_args(
+            tmp_path, sam_method=method, gradient_accumulation_steps=2, per_device_train_batch_size=2, max_steps=10
+        ),
+        train_dataset=tiny_dataset(),
+        callbacks=[stop],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert not trainer._sam.perturbation.active
+    assert_same_weights(stop.at_stop, state(trainer.model))
+
+
+def test_an_epoch_stop_inside_a_window_evaluates_and_continues_from_w(tmp_path):
+    stop = StopAtStepBegin("should_epoch_stop")
+    trainer = SequentialSAMTrainer(
+        model=tiny_bert(dropout=0.1),
+        args=sam_args(
+            tmp_path,
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=2,
+            max_steps=-1,
+            num_train_epochs=2,
+            eval_strategy="epoch",
+        ),
+        train_dataset=tiny_dataset(),
+        eval_dataset=tiny_dataset(8, seed=1),
+        callbacks=[stop],
+    )
+    trainer.train()
+    assert_same_weights(stop.at_stop, stop.at_eval)  # the epoch-end evaluation scores w
+    assert_same_weights(stop.at_stop, stop.next_begin)  # the next epoch starts from w

@@ -1003,3 +1003,25 @@ def test_momentum_sam_refuses_an_optimizer_without_momentum_before_any_update(tm
     with pytest.raises(ValueError, match="SGD keeps none"):
         trainer.train()
     assert_same_weights(before, state(trainer.model))
+
+
+# Shards of unequal size (a batch not a multiple of sam_micro_batches): each shard's loss is its share of the
+# micro-batch by its number of examples, so mSAM at rho 0 stays the plain Trainer.
+@pytest.mark.parametrize("batch, ga", [(4, 1), (6, 1), (5, 1), (3, 2)])
+def test_msam_at_rho_zero_is_the_plain_trainer_with_unequal_shards(tmp_path, batch, ga):
+    common = dict(
+        per_device_train_batch_size=batch, gradient_accumulation_steps=ga, max_steps=3, optim="sgd", learning_rate=0.5
+    )
+    plain = SequentialSAMTrainer(
+        model=tiny_bert(), args=sam_args(tmp_path / "p", sam_method="none", **common), train_dataset=tiny_dataset()
+    )
+    plain.train()
+    msam = SequentialSAMTrainer(
+        model=tiny_bert(),
+        args=sam_args(tmp_path / "m", sam_method="msam", sam_rho=0.0, **common),
+        train_dataset=tiny_dataset(),
+    )
+    msam.train()
+    assert_same_weights(state(plain.model), state(msam.model), exact=False, atol=1e-6)
+    plain_losses = [h["loss"] for h in plain.state.log_history if "loss" in h]
+    assert plain_losses == pytest.approx([h["loss"] for h in msam.state.log_history if "loss" in h], rel=1e-5)
