@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.utils import logging
@@ -31,6 +32,18 @@ USUAL_MAX_RHO = {"adaptive": 5.0}
 USUAL_MAX_RHO_DEFAULT = 1.0
 
 logger = logging.get_logger(__name__)
+
+
+def _bool_field_kind(annotation: Any) -> str | None:
+    """ "required" for a `bool` field, "optional" for `bool | None`, None otherwise. The annotation is a string until
+    `HfArgumentParser` resolves it in place to the type, so both forms are read."""
+    if isinstance(annotation, str):
+        annotation = annotation.replace(" ", "")
+        return {"bool": "required", "bool|None": "optional"}.get(annotation)
+    if annotation is bool:
+        return "required"
+    return "optional" if annotation == (bool | None) else None
+
 
 _PROBABILITY_SCHEDULES = ("constant", "piecewise", "linear", "cosine")
 # Fields that act only under one setting: a value given for a method without that setting would be silently
@@ -513,6 +526,8 @@ class SAMArgumentsMixin:
         for name, value in preset.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.sam_descent == "looksam" and self.sam_schedule is None:
+            self.sam_schedule = "every_k"  # LookSAM's full steps are its schedule, whichever method brings the descent
         for name, default in AXIS_DEFAULTS.items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
@@ -546,6 +561,12 @@ class SAMArgumentsMixin:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is unknown; use one of {', '.join(choices)}.")
+        for f in fields(SAMArgumentsMixin):
+            # A string such as "false" given in Python would read as true; the parser converts its own strings.
+            value = getattr(self, f.name)
+            kind = _bool_field_kind(f.type)
+            if kind is not None and not isinstance(value, bool) and not (kind == "optional" and value is None):
+                raise ValueError(f"{f.name}={value!r} must be True or False (a bool, not {type(value).__name__}).")
         optim = str(getattr(self.optim, "value", self.optim))
         default_optim = TrainingArguments.__dataclass_fields__["optim"].default
         own = METHODS[self.sam_method].optimizer
@@ -598,7 +619,7 @@ class SAMArgumentsMixin:
         if self.sam_descent == "looksam" and self.sam_schedule != "every_k":
             raise ValueError(
                 f"LookSAM runs full SAM every looksam_k steps; sam_schedule={self.sam_schedule!r} contradicts it."
-                " Drop --sam_schedule (LookSAM sets every_k)."
+                " Drop --sam_schedule, or use --sam_method looksam (its schedule is every_k)."
             )
         if self.sam_micro_batches > 1 and self.sam_accumulation == "window":
             raise ValueError(

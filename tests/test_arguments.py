@@ -405,3 +405,27 @@ def test_the_documented_forms_still_construct():
     assert args_of(sam_method="ss-sam", sam_schedule="cosine").sam_probability_end == 1.0
     # An explicit probability of 0 is the user's own choice: it wins, as every explicit flag does.
     assert args_of(sam_method="sam", sam_schedule="constant", sam_probability=0.0).sam_probability == 0.0
+
+
+@pytest.mark.parametrize("name", ["sam_renormalize", "esam_swp", "sam_adaptive_bias", "sam_same_dropout"])
+def test_a_bool_field_given_a_string_is_refused(name):
+    # "false" is truthy: read as given, it would turn the setting on.
+    with pytest.raises(ValueError, match=rf"{name}='false' must be True or False"):
+        args_of(sam_method="sam", **{name: "false"})
+
+
+def test_the_looksam_descent_brings_its_schedule_to_any_method():
+    args = args_of(sam_method="sam", sam_descent="looksam", looksam_k=3)
+    assert (args.sam_schedule, args.sam_interval) == ("every_k", 3)
+    with pytest.raises(ValueError, match="sam_schedule='linear' contradicts it. Drop --sam_schedule, or use"):
+        args_of(sam_method="ss-sam", sam_descent="looksam")
+
+
+def test_bool_fields_are_found_before_and_after_the_parser_resolves_their_annotations():
+    from hf_sam.arguments import _bool_field_kind
+
+    assert [_bool_field_kind(t) for t in ("bool", "bool | None", "float | None")] == ["required", "optional", None]
+    assert [_bool_field_kind(t) for t in (bool, bool | None, float | None)] == ["required", "optional", None]
+    HfArgumentParser(SAMTrainingArguments)  # resolves the dataclass annotations in place
+    with pytest.raises(ValueError, match="sam_renormalize='no' must be True or False"):
+        args_of(sam_method="sam", sam_renormalize="no")
