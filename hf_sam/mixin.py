@@ -250,6 +250,10 @@ class SAMMixin:
             zero.finish()  # one reduction of the step's gradient into DeepSpeed's partitions, then engine.step()
         return loss
 
+    def _sam_split_batch(self, inputs, shards: int) -> list[dict[str, Any]]:
+        """mSAM's shards of a micro-batch: contiguous rows (a host whose rows belong together overrides this)."""
+        return split_batch(inputs, shards)
+
     def _sam_position(self, inputs) -> tuple[int, list]:
         """Index of `inputs` in the current accumulation window, and the window (`[inputs]` if called alone)."""
         window, index = self._sam.window, self._sam.window_next
@@ -307,7 +311,7 @@ class SAMMixin:
 
     def _sam_micro_step(self, model, inputs, index, window, num_items_in_batch) -> torch.Tensor:
         """One perturbation per micro-batch, or per shard of it (mSAM); earlier descent gradients are set aside."""
-        shards = split_batch(inputs, self.args.sam_micro_batches)
+        shards = self._sam_split_batch(inputs, self.args.sam_micro_batches)
         sizes = shard_sizes(shards)
         outer_ga = self.current_gradient_accumulation_steps
         total_clean = total_perturbed = 0.0

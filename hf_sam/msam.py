@@ -28,6 +28,33 @@ def split_batch(inputs: dict[str, Any], shards: int) -> list[dict[str, Any]]:
     return pieces
 
 
+def split_pairs(inputs: dict[str, Any], shards: int) -> list[dict[str, Any]]:
+    """Split a preference batch into `shards` pieces of whole pairs (TRL's DPO collator stacks the rows as
+    `[chosen_1 .. chosen_B, rejected_1 .. rejected_B]`, and the loss pairs row i with row B + i).
+
+    Tensors with 2B rows give each shard its chosen rows and the matching rejected rows; tensors with B rows (one
+    value per pair, e.g. precomputed reference log-probabilities) are split as they are.
+    """
+    if shards == 1:
+        return [inputs]
+    rows = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    pairs = max(rows) // 2 if rows else 0
+    if not pairs or max(rows) != 2 * pairs or rows - {pairs, 2 * pairs}:
+        raise ValueError(
+            f"sam_micro_batches={shards} splits a preference batch by pairs: its tensors must have 2B rows (chosen"
+            f" then rejected) or B rows (one value per pair); got sizes {rows}."
+        )
+    pieces = []
+    for group in torch.tensor_split(torch.arange(pairs), min(shards, pairs)):
+        piece = dict(inputs)
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                index = torch.cat([group, group + pairs]) if value.shape[0] == 2 * pairs else group
+                piece[key] = value.index_select(0, index.to(value.device))
+        pieces.append(piece)
+    return pieces
+
+
 def shard_sizes(shards: list[dict[str, Any]]) -> list[int]:
     """The number of examples in each shard of `split_batch` (one shard: 1, whatever the batch holds)."""
     if len(shards) == 1:

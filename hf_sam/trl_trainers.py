@@ -14,6 +14,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from .arguments import SAMArgumentsMixin
 from .mixin import SAMMixin
+from .msam import split_pairs
 
 
 @dataclass
@@ -50,6 +51,11 @@ class SAMDPOTrainer(SAMMixin, DPOTrainer):
     """
 
     sam_default_args_class = SAMDPOConfig
+
+    def _sam_split_batch(self, inputs, shards: int):
+        # DPO's batch is [chosen rows, rejected rows] and its loss pairs row i with row B + i: mSAM's shards must
+        # hold whole pairs, not the first half of the chosen rows.
+        return split_pairs(inputs, shards)
 
     def _sam_check_host(self, args) -> None:
         if args.sam_loss_term != "none":

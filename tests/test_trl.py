@@ -357,3 +357,36 @@ def test_run_sft_example_offline_on_movie_dialog_with_lora(tmp_path, monkeypatch
     assert results["train_samples"] == 48 and results["eval_samples"] == 16
     assert results["sam/passes_per_step"] == 2.0 and math.isfinite(results["sam/sharpness"])
     assert (out / "adapter_config.json").exists()  # the LoRA adapters were saved, not a full model
+
+
+# DPO stacks a batch as [chosen rows, rejected rows] and pairs row i with row B + i: mSAM's shards must hold whole
+# pairs (contiguous shards held only chosen rows), also with precomputed reference log-probs (B-row tensors).
+DPO_PAIRS = Dataset.from_dict({
+    "prompt": ["the cat", "a dog", "the big", "a red"] * 2,
+    "chosen": [" sat on the mat", " ran", " log", " cat sat"] * 2,
+    "rejected": [" then", " under the mat and", " dog ran", " blue"] * 2,
+})  # fmt: skip
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_msam_keeps_preference_pairs_together_and_at_rho_zero_equals_dpo_trainer(tmp_path, precompute):
+    from hf_sam import SAMDPOConfig, SAMDPOTrainer
+
+    values = {**COMMON, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2,
+              "precompute_ref_log_probs": precompute}  # fmt: skip
+    plain = trl.DPOTrainer(model=tiny_llama(), ref_model=tiny_llama(), train_dataset=DPO_PAIRS,
+                           processing_class=tokenizer(),
+                           args=trl.DPOConfig(output_dir=str(tmp_path / "plain"), **values))  # fmt: skip
+    plain.train()
+    args = SAMDPOConfig(
+        output_dir=str(tmp_path / "msam"), sam_method="msam", sam_micro_batches=2, sam_rho=0.0, **values
+    )
+    msam = SAMDPOTrainer(model=tiny_llama(), ref_model=tiny_llama(), args=args, train_dataset=DPO_PAIRS,
+                         processing_class=tokenizer())  # fmt: skip
+    msam.train()
+    first_plain, first_msam = plain.state.log_history[0], msam.state.log_history[0]
+    for key in ("logps/chosen", "logps/rejected"):  # the shards' clean passes see the same chosen / rejected rows
+        assert first_msam[key] == pytest.approx(first_plain[key], rel=1e-5), key
+    a, b = state(plain.model), state(msam.model)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
