@@ -25,6 +25,17 @@ class SAMMetrics:
         self._sums[name] = value if current is None else current + value
         self._counts[name] += count
 
+    def add_finite(self, name: str, value: torch.Tensor) -> None:
+        """Add one sample of `name` only if it is finite, decided on the device: a NaN or inf sample (a dropped SAM
+        step's loss at w + eps) is left out of the mean, as Trainer's `logging_nan_inf_filter` leaves such a step's
+        loss out of `loss`, instead of turning the whole logging window's mean into NaN."""
+        value = value.detach().float()
+        finite = torch.isfinite(value)
+        current = self._sums.get(name)
+        kept = torch.where(finite, value, torch.zeros_like(value))
+        self._sums[name] = kept if current is None else current + kept
+        self._counts[name] = self._counts[name] + finite.float()
+
     def __bool__(self) -> bool:
         return bool(self._sums)
 

@@ -120,6 +120,9 @@ class SAMMixin:
         # Parameters may be replaced between __init__ and the first step (FSDP2 sharding, model_init), so the
         # method's pieces are built again, from the prepared model, at the first step of every `train()` call.
         self._sam.reset()
+        # Nor do the metrics of the steps after the last log of an earlier call (a resume on the same trainer,
+        # hyperparameter_search's next trial) belong to the first log of this one.
+        self._sam_metrics = SAMMetrics()
         if self.args.sam_loss_term == "saf" and self.train_dataset is not None:
             self.train_dataset = add_example_index(self.train_dataset)  # unchanged when it has an `idx` column
         check_train_dataset(self)
@@ -282,7 +285,7 @@ class SAMMixin:
         perturbed = self._sam_perturbed_pass(
             model, inputs, num_items_in_batch, self._sam.window_rng[index], clean, self._sam.window_examples[index]
         )
-        self._sam_record_losses(clean, perturbed, first=index == 0)
+        self._sam_record_losses(clean, perturbed, index, len(window))
         if index == len(window) - 1:
             self._sam.perturbation.restore()
             if self._sam.guard.update_is_finite(self):
@@ -350,7 +353,7 @@ class SAMMixin:
                 total_perturbed = total_perturbed + perturbed
         finally:
             self.current_gradient_accumulation_steps = outer_ga
-        self._sam_record_losses(total_clean, total_perturbed, first=index == 0)
+        self._sam_record_losses(total_clean, total_perturbed, index, len(window))
         if index == len(window) - 1:
             self._sam.guard.update_is_finite(self)
         return total_clean
@@ -485,12 +488,21 @@ class SAMMixin:
         self._sam_metrics.add("sam/skipped", skipped)
         self._sam_metrics.add("sam/rho", rho)
 
-    def _sam_record_losses(self, clean: torch.Tensor, perturbed: torch.Tensor, first: bool) -> None:
-        # Both are this micro-batch's share of the step loss; summing a window's shares and counting one sample
-        # per window gives per-step values on the same scale as Trainer's `loss`.
-        count = 1 if first else 0
-        self._sam_metrics.add("sam/perturbed_loss", perturbed, count)
-        self._sam_metrics.add("sam/sharpness", perturbed - clean, count)
+    def _sam_record_losses(self, clean: torch.Tensor, perturbed: torch.Tensor, index: int, window_size: int) -> None:
+        # Both are this micro-batch's share of the step loss; summing a window's shares into one sample per window
+        # gives per-step values on the same scale as Trainer's `loss`. With `logging_nan_inf_filter` (Trainer's
+        # default), a step whose loss at w + eps was not finite (its update dropped) is left out of the means.
+        if index == 0:
+            self._sam.step_losses = []  # nothing of a window that a stop cut short
+        self._sam.step_losses.append((clean, perturbed))
+        if index < window_size - 1:
+            return
+        clean = sum(c for c, _ in self._sam.step_losses)
+        perturbed = sum(p for _, p in self._sam.step_losses)
+        self._sam.step_losses = []
+        add = self._sam_metrics.add_finite if self.args.logging_nan_inf_filter else self._sam_metrics.add
+        add("sam/perturbed_loss", perturbed)
+        add("sam/sharpness", perturbed - clean)
 
     # ------------------------------------------------------------------ one-pass loss terms (SAF, MESA)
 

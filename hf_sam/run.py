@@ -43,6 +43,7 @@ class SAMRun:
     window_clean: list[torch.Tensor] = field(default_factory=list)  # each micro-batch's clean loss
     window_rng: list[Any] = field(default_factory=list)  # the RNG state before each clean pass (dropout replay)
     window_examples: list[Any] = field(default_factory=list)  # ESAM SDS: each micro-batch's per-example losses
+    step_losses: list[tuple[Any, Any]] = field(default_factory=list)  # (clean, perturbed) of each micro-batch so far
     raw_norm: torch.Tensor | None = None  # ||g|| of the last ascent, in `.grad` units
     stash: dict[int, torch.Tensor] = field(default_factory=dict)  # micro accumulation's gradient buffers
     guard: UpdateGuard = field(default_factory=UpdateGuard)
@@ -69,6 +70,7 @@ class SAMRun:
     def forget_step(self) -> None:
         """Drop what belongs to the current step only (a step cut short by an exception)."""
         self.window_clean, self.window_rng, self.window_examples = [], [], []
+        self.step_losses = []
         if self.descent is not None:
             self.descent.clean_copy = None
         self.guard.forget_step()

@@ -22,6 +22,11 @@ logger = logging.get_logger(__name__)
 FIRST_LOG_BY = 0.1
 CHECK_AFTER = 0.25
 MIN_FALL = 0.01
+# Logged losses are compared as means over the logs of a span of at least this share of training: a log of a few
+# steps (`logging_steps=1`) is the loss of a few batches, which scatters far more than training moves it in between.
+# Logs that are this far apart (per epoch of a 10-epoch run) are compared one by one.
+SPAN = 0.1
+EPS = 1e-9  # step / max_steps is rounded: logs exactly SPAN apart stay apart
 
 
 class StallWatch:
@@ -33,15 +38,22 @@ class StallWatch:
         self.first_progress: float | None = None
         self.trained = False
         self.warned = False
+        self._first_losses: list[float] = []  # the logs within SPAN of the first one, whose mean is `first_loss`
+        self._recent: list[tuple[float, float]] = []  # (progress, loss) of the logs within the last SPAN
 
     def observe(self, loss: float, sharpness: float | None, step: int, max_steps: int, rho: float) -> bool:
         """Look at one logged training loss; returns whether it warned."""
         if self.warned or max_steps <= 0 or rho <= 0:
             return False
         progress = step / max_steps
-        if self.first_loss is None:
-            self.first_loss, self.first_progress = loss, progress
+        if self.first_progress is None:
+            self.first_progress = progress
+        if progress < self.first_progress + SPAN - EPS and not self._recent:
+            self._first_losses.append(loss)
+            self.first_loss = sum(self._first_losses) / len(self._first_losses)
             return False
+        self._recent = [(p, v) for p, v in self._recent if p > progress - SPAN + EPS] + [(progress, loss)]
+        loss = sum(v for _, v in self._recent) / len(self._recent)
         if self.first_progress > FIRST_LOG_BY or progress - self.first_progress < CHECK_AFTER:
             return False
         if loss < (1 - MIN_FALL) * self.first_loss:

@@ -18,13 +18,15 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import TrainerCallback
+from transformers.testing_utils import CaptureLogger
 
-from hf_sam import SAMTrainer
+from hf_sam import SAMTrainer, stall
 from hf_sam.checkpoint import STATE_FILE
 from tests.helpers import SequentialSAMTrainer, assert_same_weights, sam_args, state, tiny_bert, tiny_dataset
 from tests.method_cases import METHOD_CASES
@@ -181,7 +183,8 @@ import torch
 torch.set_num_threads({threads})  # the parent's count: another count rounds CPU matmuls differently
 sys.path.insert(0, {root!r})
 from transformers import TrainerCallback
-from hf_sam import SAMTrainer
+from transformers.testing_utils import CaptureLogger
+from hf_sam import SAMTrainer, stall
 from tests.helpers import sam_args, tiny_bert, tiny_dataset
 
 class Kill(TrainerCallback):
@@ -451,3 +454,79 @@ def test_an_epoch_stop_inside_a_window_evaluates_and_continues_from_w(tmp_path):
     trainer.train()
     assert_same_weights(stop.at_stop, stop.at_eval)  # the epoch-end evaluation scores w
     assert_same_weights(stop.at_stop, stop.next_begin)  # the next epoch starts from w
+
+
+# The stalled-run warning compares means over a tenth of training: logged every step or two, single batches' losses
+# scatter more than training moves them, and a run that trains must not be reported.
+def stall_warnings_of(tmp_path, learning_rate, logging_steps):
+    args = sam_args(tmp_path, max_steps=80, logging_steps=logging_steps, learning_rate=learning_rate, sam_rho=0.05)
+    trainer = SequentialSAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
+    with CaptureLogger(stall.logger) as captured:
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return captured.out.count("sam_rho=0.05 is likely too large"), losses
+
+
+@pytest.mark.parametrize("logging_steps", [1, 2])
+def test_a_run_that_trains_logged_every_step_is_not_reported(tmp_path, logging_steps):
+    # lr 0.01 trains (logged per 8 steps: 1.10 -> 0.18, not reported); logged per step or two, single batches'
+    # losses scatter around the falling mean, a few of them back above the first logged one.
+    count, losses = stall_warnings_of(tmp_path, 0.01, logging_steps)
+    assert losses[-1] < 0.5 * losses[0]  # it trains
+    assert count == 0
+
+
+@pytest.mark.parametrize("logging_steps", [1, 2])
+def test_a_run_that_does_not_train_logged_every_step_is_still_reported(tmp_path, logging_steps):
+    count, _ = stall_warnings_of(tmp_path, 0.0, logging_steps)
+    assert count == 1
+
+
+# A SAM step whose loss at w + eps is not finite (its update dropped) is left out of the logged sam/perturbed_loss and
+# sam/sharpness, instead of turning the logging window's means into NaN.
+class Recording(FaultInjector):
+    """Also records the loss at w + eps and at w of every SAM step (summed over the window's micro-batches)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.perturbed, self.clean = defaultdict(float), defaultdict(float)
+
+    def _sam_clean_pass(self, *args, **kwargs):
+        loss, rng, examples = super()._sam_clean_pass(*args, **kwargs)
+        self.clean[self.state.global_step] += float(loss)
+        return loss, rng, examples
+
+    def _sam_perturbed_pass(self, *args, **kwargs):
+        loss = super()._sam_perturbed_pass(*args, **kwargs)
+        self.perturbed[self.state.global_step] += float(loss)
+        return loss
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"gradient_accumulation_steps": 2}, {"gradient_accumulation_steps": 2, "sam_accumulation": "micro"}],
+)
+def test_a_dropped_step_is_left_out_of_the_logged_losses(tmp_path, overrides):
+    args = sam_args(tmp_path, max_steps=10, logging_steps=5, learning_rate=0.01, **overrides)
+    trainer = Recording(
+        model=tiny_bert(), args=args, train_dataset=tiny_dataset(), phase="perturbed", at=2, value=math.nan
+    )
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if h.get("step") == 5)
+    assert first["sam/skipped_updates"] == 0.2  # one of the window's 5 SAM steps was dropped
+    kept = [s for s in range(5) if math.isfinite(trainer.perturbed[s])]
+    assert len(kept) == 4
+    expected = sum(trainer.perturbed[s] for s in kept) / 4
+    sharpness = sum(trainer.perturbed[s] - trainer.clean[s] for s in kept) / 4
+    assert first["sam/perturbed_loss"] == pytest.approx(expected, abs=2e-6)
+    assert first["sam/sharpness"] == pytest.approx(sharpness, abs=2e-6)
+
+
+def test_without_the_nan_filter_the_window_mean_is_nan(tmp_path):
+    args = sam_args(tmp_path, max_steps=10, logging_steps=5, learning_rate=0.01, logging_nan_inf_filter=False)
+    trainer = Recording(
+        model=tiny_bert(), args=args, train_dataset=tiny_dataset(), phase="perturbed", at=2, value=math.nan
+    )
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if h.get("step") == 5)
+    assert math.isnan(first["sam/perturbed_loss"])

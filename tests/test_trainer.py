@@ -1025,3 +1025,27 @@ def test_msam_at_rho_zero_is_the_plain_trainer_with_unequal_shards(tmp_path, bat
     assert_same_weights(state(plain.model), state(msam.model), exact=False, atol=1e-6)
     plain_losses = [h["loss"] for h in plain.state.log_history if "loss" in h]
     assert plain_losses == pytest.approx([h["loss"] for h in msam.state.log_history if "loss" in h], rel=1e-5)
+
+
+# The sam/* metrics of one train() call do not leak into the next call on the same trainer.
+def first_log_after_resume(trainer, step):
+    return next(h for h in trainer.state.log_history if "loss" in h and h["step"] == step)
+
+
+def test_a_resume_on_the_same_trainer_logs_only_its_own_steps(tmp_path):
+    common = dict(logging_steps=4, sam_method="ss-sam", sam_schedule="constant", sam_probability=0.5)
+    # 6 steps, the last log at step 4: steps 4 (plain) and 5 (SAM) are not logged by this call.
+    args = sam_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=6, **common)
+    trainer = SequentialSAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
+    trainer.train()
+    trainer.args.max_steps = 10  # go on to 10 steps, on the same trainer
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    fresh = SequentialSAMTrainer(
+        model=tiny_bert(), args=sam_args(tmp_path, max_steps=10, **common), train_dataset=tiny_dataset()
+    )
+    fresh.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    same, expected = first_log_after_resume(trainer, 8), first_log_after_resume(fresh, 8)
+    assert same["loss"] == expected["loss"]
+    assert expected["sam/sam_step_fraction"] == 1.0  # steps 6 and 7 are SAM steps
+    for key in ("sam/sam_step_fraction", "sam/passes_per_step", "sam/perturbed_loss", "sam/sharpness"):
+        assert same[key] == expected[key], key
