@@ -34,6 +34,16 @@ except ImportError:  # pragma: no cover - old torch
     FSDPModule = ()
 
 
+def _average_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32 for bf16 / fp16 weights (as `WeightEMA`), the weights' own dtype otherwise."""
+    return torch.float32 if tensor.is_floating_point() and tensor.element_size() < 4 else tensor.dtype
+
+
+def _float32_average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The EMA's working copy: a float32 copy of each lower-precision tensor, the tensor itself otherwise."""
+    return [t.detach().to(_average_dtype(t), copy=True) if _average_dtype(t) != t.dtype else t for t in tensors]
+
+
 class EMATeacher:
     """MESA's teacher: a copy of the model whose trainable weights follow v <- decay v + (1 - decay) w.
 
@@ -67,19 +77,31 @@ class EMATeacher:
                 self.names.append(name)
                 self.student.append(p)
                 self.ema.append(v)
+        self.average = _float32_average(self.ema)
+
+    def _sync(self) -> None:
+        """Copy the float32 average into the teacher's own lower-precision weights (a no-op for fp32 weights)."""
+        pairs = [(v, a) for v, a in zip(self.ema, self.average) if v is not a]
+        if pairs:
+            torch._foreach_copy_([v for v, _ in pairs], [a for _, a in pairs])
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
         """v <- decay v + (1 - decay) w (the caller picks the decay: MESATerm warms it up on request)."""
-        # v + (1 - beta)(w - v) = beta v + (1 - beta) w, as one pass over the weights (this rank's shards).
-        torch._foreach_lerp_(self.ema, [local(p).detach() for p in self.student], 1 - decay)
+        # v + (1 - beta)(w - v) = beta v + (1 - beta) w, as one pass over the weights (this rank's shards), on the
+        # float32 average: in bf16 (1 - beta)(w - v) is mostly below half a unit in the last place of v and rounds
+        # away.
+        weights = [local(p).detach() for p in self.student]
+        weights = [w if w.dtype == a.dtype else w.to(a.dtype) for w, a in zip(weights, self.average)]
+        torch._foreach_lerp_(self.average, weights, 1 - decay)
+        self._sync()
 
     @torch.no_grad()
     def __call__(self, inputs: dict[str, Any]):
         return self.module(**inputs)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"mesa_ema.{name}": v for name, v in zip(self.names, self.ema)}
+        return {f"mesa_ema.{name}": v for name, v in zip(self.names, self.average)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = self.state_dict()
@@ -96,6 +118,7 @@ class EMATeacher:
                         f"MESA state {key!r} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}."
                     )
                 value.copy_(state[key])
+        self._sync()
 
 
 class ShardedEMATeacher(EMATeacher):
@@ -112,8 +135,9 @@ class ShardedEMATeacher(EMATeacher):
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in named]
         self.student = [p for _, p in named]
-        self.ema = [local(p).detach().clone() for p in self.student]
-        self._held = [torch.empty_like(v) for v in self.ema]  # the student's shards during a teacher forward
+        self.ema = [local(p).detach().to(_average_dtype(p), copy=True) for p in self.student]
+        self.average = self.ema  # its own tensors, kept in float32: nothing to sync
+        self._held = [torch.empty_like(local(p)) for p in self.student]  # the student's shards during a forward
 
     @torch.no_grad()
     def __call__(self, inputs: dict[str, Any]):

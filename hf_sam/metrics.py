@@ -11,7 +11,8 @@ class SAMMetrics:
     """Running sums of tensors (no `.item()` per step) and host-side counters, averaged at log time.
 
     `add(name, value)` adds one sample of `name`; `log_values()` returns each mean over the samples since the
-    last call and resets. Under several processes, `reduce` (e.g. `accelerator.reduce`) averages across ranks.
+    last call and resets. Under several processes, `reduce` (a sum over ranks, e.g. `accelerator.reduce`) adds up
+    the sums and sample counts of every rank first.
     """
 
     def __init__(self):
@@ -44,11 +45,13 @@ class SAMMetrics:
             return {}
         names = sorted(self._sums)
         device = next((v.device for v in self._sums.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-        means = torch.stack(
-            [torch.as_tensor(self._sums[n], dtype=torch.float32, device=device) / self._counts[n] for n in names]
-        )
+        sums = torch.stack([torch.as_tensor(self._sums[n], dtype=torch.float32, device=device) for n in names])
+        counts = torch.stack([torch.as_tensor(self._counts[n], dtype=torch.float32, device=device) for n in names])
         if reduce is not None:
-            means = reduce(means)
+            # Sums and sample counts over every rank: each mean is over all ranks' samples, and a rank without a
+            # finite sample of a name (its only step's loss left out) does not turn the mean into NaN.
+            sums, counts = reduce(torch.stack([sums, counts]))
+        means = sums / counts
         self._sums.clear()
         self._counts.clear()
         return {name: round(float(v), 6) for name, v in zip(names, means.tolist())}

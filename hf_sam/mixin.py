@@ -39,7 +39,7 @@ from .saf import INDEX_COLUMN, add_example_index, signature_with_index
 from .schedules import is_sam_step
 from .setup_checks import check_loss_term_setup, check_sam_setup, check_train_dataset
 from .sync import gradient_sync
-from .tensors import all_reduce_mean_, global_norm, local
+from .tensors import all_reduce_mean_, global_norm, local, resharded_after
 from .weight_ema import WeightEMA
 from .zero import ZeroStep, without_shm_comm_build
 
@@ -143,11 +143,11 @@ class SAMMixin:
         return result
 
     def evaluate(self, *args: Any, **kwargs: Any):
-        with self._sam_averaged_weights():
+        with self._sam_averaged_weights(), resharded_after(self.model):
             return super().evaluate(*args, **kwargs)
 
     def predict(self, *args: Any, **kwargs: Any):
-        with self._sam_averaged_weights():
+        with self._sam_averaged_weights(), resharded_after(self.model):
             return super().predict(*args, **kwargs)
 
     def _sam_averaged_weights(self):
@@ -285,13 +285,16 @@ class SAMMixin:
         perturbed = self._sam_perturbed_pass(
             model, inputs, num_items_in_batch, self._sam.window_rng[index], clean, self._sam.window_examples[index]
         )
-        self._sam_record_losses(clean, perturbed, index, len(window))
-        if index == len(window) - 1:
+        if index < len(window) - 1:
+            self._sam_record_losses(clean, perturbed, index, len(window))
+        else:
             self._sam.perturbation.restore()
-            if self._sam.guard.update_is_finite(self):
+            finite = self._sam.guard.update_is_finite(self)
+            if finite:
                 if self._sam.descent.active:
                     self._sam_sync_held_grads(self._sam.perturbation.params)
                 self._sam.descent.after_sam_step(self._sam.perturbation, self._sam.raw_norm)
+            self._sam_record_losses(clean, perturbed, index, len(window), dropped=not finite)
             self._sam.forget_step()  # also drops the clean copy of a step whose update was dropped
         return clean
 
@@ -353,9 +356,8 @@ class SAMMixin:
                 total_perturbed = total_perturbed + perturbed
         finally:
             self.current_gradient_accumulation_steps = outer_ga
-        self._sam_record_losses(total_clean, total_perturbed, index, len(window))
-        if index == len(window) - 1:
-            self._sam.guard.update_is_finite(self)
+        dropped = index == len(window) - 1 and not self._sam.guard.update_is_finite(self)
+        self._sam_record_losses(total_clean, total_perturbed, index, len(window), dropped=dropped)
         return total_clean
 
     # ------------------------------------------------------------------ passes
@@ -488,7 +490,9 @@ class SAMMixin:
         self._sam_metrics.add("sam/skipped", skipped)
         self._sam_metrics.add("sam/rho", rho)
 
-    def _sam_record_losses(self, clean: torch.Tensor, perturbed: torch.Tensor, index: int, window_size: int) -> None:
+    def _sam_record_losses(
+        self, clean: torch.Tensor, perturbed: torch.Tensor, index: int, window_size: int, dropped: bool = False
+    ) -> None:
         # Both are this micro-batch's share of the step loss; summing a window's shares into one sample per window
         # gives per-step values on the same scale as Trainer's `loss`. With `logging_nan_inf_filter` (Trainer's
         # default), a step whose loss at w + eps was not finite (its update dropped) is left out of the means.
@@ -500,6 +504,10 @@ class SAMMixin:
         clean = sum(c for c, _ in self._sam.step_losses)
         perturbed = sum(p for _, p in self._sam.step_losses)
         self._sam.step_losses = []
+        if dropped:
+            # The guard dropped the update on every rank: a rank whose own loss at w + eps was finite leaves the step
+            # out of the means too, as the rank that saw the non-finite loss does.
+            perturbed = torch.full_like(torch.as_tensor(perturbed, dtype=torch.float32), float("nan"))
         add = self._sam_metrics.add_finite if self.args.logging_nan_inf_filter else self._sam_metrics.add
         add("sam/perturbed_loss", perturbed)
         add("sam/sharpness", perturbed - clean)
@@ -584,7 +592,7 @@ class SAMMixin:
         if "loss" in logs and self._sam_metrics:
             reduce = None
             if self.accelerator.num_processes > 1:
-                reduce = lambda t: self.accelerator.reduce(t, reduction="mean")  # noqa: E731
+                reduce = lambda t: self.accelerator.reduce(t, reduction="sum")  # noqa: E731
             logs.update(self._sam_metrics.log_values(reduce))
             if self.args.sam_enabled and "sam/rho" in logs:
                 self._sam.stall.observe(

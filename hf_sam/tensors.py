@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -10,6 +13,11 @@ try:  # DTensor is public from torch 2.4 on.
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # pragma: no cover - old torch
     DTensor, Shard = (), ()
+
+try:  # FSDP2's module class (public from torch 2.6 on)
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - old torch
+    FSDPModule = ()
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -96,3 +104,20 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
     torch._foreach_copy_(
         tensors, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
     )
+
+
+@contextlib.contextmanager
+def resharded_after(model: torch.nn.Module) -> Iterator[None]:
+    """Reshard every FSDP2 module of `model` when the block exits (a no-op without FSDP2).
+
+    FSDP2 keeps the root module's parameters gathered after a forward (it expects the backward to need them), and a
+    forward without gradient (evaluation, prediction) has no backward to reshard them. Weights that hf_sam then writes
+    into the shards (the weight average's restore, Momentum-SAM's shift, MESA's teacher swap) would not reach the
+    next forward, which would run on the stale gathered copy.
+    """
+    try:
+        yield
+    finally:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from tests.distributed.fsdp_eval_check import CASES as FSDP_EVAL_CASES
 from tests.method_cases import METHOD_CASES
 
 
@@ -580,3 +581,40 @@ def test_accelerate_launch_with_the_shipped_zero2_config_equals_ddp(zero, tmp_pa
     final, ddp = launched["final"], zero["sam-sync-ddp-final"]
     assert len(final) == len(ddp)
     assert max(abs(a - b) for a, b in zip(final, ddp)) < 1e-6
+
+
+# ---------------------------------------------------------------- evaluation during training under FSDP2
+
+
+@pytest.fixture(scope="module")
+def fsdp_eval(tmp_path_factory) -> dict:
+    _require_fsdp2()
+    return _launch("fsdp_eval_check.py", tmp_path_factory.mktemp("fsdp_eval") / "fsdp_eval.json")
+
+
+@pytest.mark.parametrize("name", list(FSDP_EVAL_CASES))
+def test_evaluating_during_training_under_fsdp2_changes_no_weight(fsdp_eval, name):
+    # FSDP2 keeps the root's parameters gathered after an evaluation's forward; what hf_sam writes into the shards
+    # next (Momentum-SAM's shift, the weight average's restore, MESA's teacher) must reach the next forward.
+    result = fsdp_eval[name]
+    assert result["fsdp_eval_vs_fsdp"] < 1e-6, result
+    assert result["fsdp_eval_vs_ddp_eval"] < 1e-6, result
+
+
+# ---------------------------------------------------------------- a step dropped on one rank's NaN: the logged means
+
+
+@pytest.fixture(scope="module")
+def dropped(tmp_path_factory) -> dict:
+    return _launch("ddp_dropped_metrics_check.py", tmp_path_factory.mktemp("dropped") / "dropped.json")
+
+
+@pytest.mark.parametrize("name", ["window-log1", "window-log4", "micro-log1", "micro-log4"])
+def test_a_step_dropped_on_one_ranks_nan_is_left_out_of_the_logged_losses_on_every_rank(dropped, name):
+    result = dropped[name]
+    assert result["rank1_hit_is_nan"]
+    for logged, expected in zip(result["logged"], result["expected"]):
+        if expected is None:  # the log's window held only the dropped step: no sample on any rank
+            continue
+        assert math.isfinite(logged), result
+        assert logged == pytest.approx(expected, abs=2e-6), result

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from safetensors import safe_open
-from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
+from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from hf_sam import SAMTrainer, SAMTrainingArguments, add_example_index
 from hf_sam.saf import IndexedDataset, LogitBank, example_ids
@@ -451,3 +451,39 @@ def test_an_overflowed_batch_costs_saf_one_skipped_step_and_its_checkpoints_resu
     resumed = ScalerSAF(model=tiny_bert(), train_dataset=tiny_dataset(16), args=sam_args(tmp_path, **common))
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
     assert resumed.state.global_step == 8
+
+
+# MESA's EMA teacher under bf16 weights: v <- 0.999 v + 0.001 w must not round away.
+class Float32EMA(TrainerCallback):
+    """The teacher's recursion by hand, in float32, on the student's (bf16) weights after each optimizer step."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.average = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        for name, p in model.named_parameters():
+            self.average[name].lerp_(p.detach().float(), 1 - self.decay)
+
+
+def test_mesa_teacher_with_bf16_weights_follows_the_float32_average(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_bert().to(torch.bfloat16)
+    trainer = SequentialSAMTrainer(
+        model=model,
+        args=sam_args(tmp_path, sam_method="mesa", bf16=True, max_steps=40, num_train_epochs=100,
+                      learning_rate=1e-4, logging_steps=1000),
+        train_dataset=tiny_dataset(),
+    )  # fmt: skip
+    reference = Float32EMA(model, trainer.args.mesa_ema_decay)
+    trainer.add_callback(reference)
+    trainer.train()
+    teacher = trainer._sam.loss_term.teacher
+    for name, v in zip(teacher.names, teacher.ema):
+        assert v.dtype == torch.bfloat16  # the teacher model itself stays in the weights' dtype
+        # Its weights are the float32 average rounded once to bf16, not a bf16 recursion that drops the updates.
+        torch.testing.assert_close(v.float(), reference.average[name].to(torch.bfloat16).float(), atol=0, rtol=0)
+    # The checkpointed state is the float32 average, so a resume continues it exactly.
+    saved = trainer._sam.state_dict()
+    for name in teacher.names:
+        torch.testing.assert_close(saved[f"loss_term.mesa_ema.{name}"], reference.average[name], atol=1e-7, rtol=0)
