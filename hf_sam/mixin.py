@@ -320,13 +320,19 @@ class SAMMixin:
         shards = self._sam_split_batch(inputs, self.args.sam_micro_batches)
         sizes = shard_sizes(shards)
         outer_ga = self.current_gradient_accumulation_steps
+        # A model that takes `num_items_in_batch` but returns its own mean (most classification heads): Trainer does
+        # not divide its loss, and each shard would count as the whole micro-batch. Its shards are divided by their
+        # share alone, so their sum is the micro-batch's mean, as the plain Trainer's loss for it (not divided by GA).
+        shard_means = len(shards) > 1 and self._sam_loss_ignores_item_count(model, shards[0], num_items_in_batch)
         total_clean = total_perturbed = 0.0
         try:
             for j, shard in enumerate(shards):
                 # Each shard's loss is its share of the micro-batch, by its number of examples (shards differ in size
                 # when the batch is not a multiple of their number): Trainer divides by this when it normalizes by GA.
                 share = sum(sizes) / sizes[j]
-                self.current_gradient_accumulation_steps = outer_ga * share
+                self.current_gradient_accumulation_steps = share if shard_means else outer_ga * share
+                if shard_means:
+                    self.loss_is_scaled_for_ga = False
                 held = [p for p in self._sam.trainable if p.grad is not None]
                 stash = None
                 # Inside the Trainer loop, index > 0 (or a later shard) means earlier descent gradients sit in .grad.
@@ -356,9 +362,38 @@ class SAMMixin:
                 total_perturbed = total_perturbed + perturbed
         finally:
             self.current_gradient_accumulation_steps = outer_ga
+            if shard_means:
+                del self.loss_is_scaled_for_ga  # back to Trainer's own rule
         dropped = index == len(window) - 1 and not self._sam.guard.update_is_finite(self)
         self._sam_record_losses(total_clean, total_perturbed, index, len(window), dropped=dropped)
         return total_clean
+
+    def _sam_loss_ignores_item_count(self, model, shard, num_items_in_batch) -> bool:
+        """Whether Trainer takes the model's loss as normalized by `num_items_in_batch` (and skips its 1/GA) while the
+        model returns its own mean. Decided once per `train()` call from two forwards without gradient (eval mode, RNG
+        kept) at `num_items_in_batch` and twice it: a loss normalized by the count halves."""
+        if (
+            num_items_in_batch is None
+            or self.compute_loss_func is not None
+            or not self.model_accepts_loss_kwargs
+            or getattr(self, "loss_is_scaled_for_ga", None) is not None
+        ):
+            return False
+        if self._sam.loss_ignores_item_count is None:
+            rng = capture_rng(self.args.device)
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad(), self.compute_loss_context_manager(), resharded_after(model):
+                    prepared = self._prepare_inputs(dict(shard))
+                    once = self.compute_loss(model, prepared, num_items_in_batch=num_items_in_batch)
+                    twice = self.compute_loss(model, prepared, num_items_in_batch=2 * num_items_in_batch)
+            finally:
+                model.train(was_training)
+                restore_rng(rng, self.args.device)
+            if float(once) != 0:  # one host sync, once per run
+                self._sam.loss_ignores_item_count = bool(torch.isclose(once, twice))
+        return bool(self._sam.loss_ignores_item_count)
 
     # ------------------------------------------------------------------ passes
 

@@ -43,6 +43,7 @@ class SAMRun:
     window_clean: list[torch.Tensor] = field(default_factory=list)  # each micro-batch's clean loss
     window_rng: list[Any] = field(default_factory=list)  # the RNG state before each clean pass (dropout replay)
     window_examples: list[Any] = field(default_factory=list)  # ESAM SDS: each micro-batch's per-example losses
+    loss_ignores_item_count: bool | None = None  # mSAM: the model's loss is its own mean (decided at its first step)
     step_losses: list[tuple[Any, Any]] = field(default_factory=list)  # (clean, perturbed) of each micro-batch so far
     raw_norm: torch.Tensor | None = None  # ||g|| of the last ascent, in `.grad` units
     stash: dict[int, torch.Tensor] = field(default_factory=dict)  # micro accumulation's gradient buffers

@@ -1006,22 +1006,32 @@ def test_momentum_sam_refuses_an_optimizer_without_momentum_before_any_update(tm
 
 
 # Shards of unequal size (a batch not a multiple of sam_micro_batches): each shard's loss is its share of the
-# micro-batch by its number of examples, so mSAM at rho 0 stays the plain Trainer.
-@pytest.mark.parametrize("batch, ga", [(4, 1), (6, 1), (5, 1), (3, 2)])
-def test_msam_at_rho_zero_is_the_plain_trainer_with_unequal_shards(tmp_path, batch, ga):
+# micro-batch by its number of examples, so mSAM at rho 0 stays the plain Trainer. Also for a model that takes
+# `num_items_in_batch` but returns its own mean (BERT's classification head, transformers' default
+# `accepts_loss_kwargs`): Trainer does not divide its loss, and each shard used to count as the whole micro-batch.
+@pytest.mark.parametrize("takes_item_count", [False, True])
+@pytest.mark.parametrize("batch, ga", [(4, 1), (6, 1), (5, 1), (3, 2), (4, 2)])
+def test_msam_at_rho_zero_is_the_plain_trainer_with_unequal_shards(tmp_path, batch, ga, takes_item_count):
     common = dict(
         per_device_train_batch_size=batch, gradient_accumulation_steps=ga, max_steps=3, optim="sgd", learning_rate=0.5
     )
+
+    def model():
+        bert = tiny_bert()
+        bert.accepts_loss_kwargs = takes_item_count
+        return bert
+
     plain = SequentialSAMTrainer(
-        model=tiny_bert(), args=sam_args(tmp_path / "p", sam_method="none", **common), train_dataset=tiny_dataset()
+        model=model(), args=sam_args(tmp_path / "p", sam_method="none", **common), train_dataset=tiny_dataset()
     )
     plain.train()
     msam = SequentialSAMTrainer(
-        model=tiny_bert(),
+        model=model(),
         args=sam_args(tmp_path / "m", sam_method="msam", sam_rho=0.0, **common),
         train_dataset=tiny_dataset(),
     )
     msam.train()
+    assert msam._sam.loss_ignores_item_count is (True if takes_item_count else None)
     assert_same_weights(state(plain.model), state(msam.model), exact=False, atol=1e-6)
     plain_losses = [h["loss"] for h in plain.state.log_history if "loss" in h]
     assert plain_losses == pytest.approx([h["loss"] for h in msam.state.log_history if "loss" in h], rel=1e-5)
