@@ -204,19 +204,31 @@ def token_mask(logits: torch.Tensor, labels: torch.Tensor | None, shift: bool) -
     return logits, labels.ne(-100)
 
 
-class AfterOptimizerStep(TrainerCallback):
-    """Calls `hook()` right after every `optimizer.step()` of the Trainer (MESA's EMA update).
-
-    Holds the hook weakly, so the callback does not keep its trainer alive.
-    """
+class _TrainerHook(TrainerCallback):
+    """Calls a trainer's bound method at one Trainer event; holds it weakly, so the callback does not keep its trainer
+    alive."""
 
     def __init__(self, hook):
         self._hook = weakref.WeakMethod(hook)
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def _call(self) -> None:
         hook = self._hook()
         if hook is not None:
             hook()
+
+
+class AfterOptimizerStep(_TrainerHook):
+    """Calls `hook()` right after every `optimizer.step()` of the Trainer (MESA's EMA update)."""
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self._call()
+
+
+class AtEpochEnd(_TrainerHook):
+    """Calls `hook()` at the end of every epoch, before the epoch's evaluation and checkpoint."""
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._call()
 
 
 def loss_shifts_labels(trainer) -> bool:

@@ -24,14 +24,8 @@ from .loss_term import (
     token_mask,
     unwrapped_model,
 )
-from .tensors import DTensor, local
+from .tensors import DTensor, local, resharded_after
 from .weight_ema import warmed_up_decay
-
-
-try:  # FSDP2's module class (public from torch 2.6 on)
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:  # pragma: no cover - old torch
-    FSDPModule = ()
 
 
 def _average_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -147,11 +141,9 @@ class ShardedEMATeacher(EMATeacher):
         was_training = self.module.training
         self.module.eval()
         try:
-            return self.module(**inputs)
+            with resharded_after(self.module):
+                return self.module(**inputs)
         finally:
-            for module in self.module.modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
             torch._foreach_copy_(shards, self._held)
             self.module.train(was_training)
 

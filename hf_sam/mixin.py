@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import weakref
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from .checkpoint import load_run_state, save_run_state
 from .components import LOSS_TERMS
@@ -23,6 +21,7 @@ from .esam import per_example_loss, per_example_nll, take_examples
 from .host_state import off_the_record
 from .loss_term import (
     AfterOptimizerStep,
+    AtEpochEnd,
     capture_outputs,
     capture_pass,
     logits_of,
@@ -51,18 +50,6 @@ def _args_position(init) -> int:
         if parameter.name == "args" and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
             return i
     return 1
-
-
-class _EndOfEpoch(TrainerCallback):
-    """Calls `hook()` at the end of every epoch, before the epoch's evaluation and checkpoint. Holds it weakly."""
-
-    def __init__(self, hook):
-        self._hook = weakref.WeakMethod(hook)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        hook = self._hook()
-        if hook is not None:
-            hook()
 
 
 class SAMMixin:
@@ -111,7 +98,7 @@ class SAMMixin:
         if self.args.sam_enabled:
             check_sam_setup(self)  # also hands AdaSAM's optimizer to Trainer
             # First, so no callback's on_epoch_end sees w + eps of a window that Trainer left early.
-            self.callback_handler.callbacks.insert(0, _EndOfEpoch(self._sam_end_cut_window))
+            self.callback_handler.callbacks.insert(0, AtEpochEnd(self._sam_end_cut_window))
 
     def _sam_check_host(self, args) -> None:
         """Refuse, before the host trainer builds anything, a method this host cannot run (see `SAMDPOTrainer`)."""
@@ -325,14 +312,15 @@ class SAMMixin:
         # share alone, so their sum is the micro-batch's mean, as the plain Trainer's loss for it (not divided by GA).
         shard_means = len(shards) > 1 and self._sam_loss_ignores_item_count(model, shards[0], num_items_in_batch)
         total_clean = total_perturbed = 0.0
-        try:
+        with contextlib.ExitStack() as restore:
+            restore.callback(setattr, self, "current_gradient_accumulation_steps", outer_ga)
+            if shard_means:
+                restore.enter_context(self._sam_loss_divided_by_ga())
             for j, shard in enumerate(shards):
                 # Each shard's loss is its share of the micro-batch, by its number of examples (shards differ in size
                 # when the batch is not a multiple of their number): Trainer divides by this when it normalizes by GA.
                 share = sum(sizes) / sizes[j]
                 self.current_gradient_accumulation_steps = share if shard_means else outer_ga * share
-                if shard_means:
-                    self.loss_is_scaled_for_ga = False
                 held = [p for p in self._sam.trainable if p.grad is not None]
                 stash = None
                 # Inside the Trainer loop, index > 0 (or a later shard) means earlier descent gradients sit in .grad.
@@ -360,10 +348,6 @@ class SAMMixin:
                 self._sam.perturbation.restore()
                 total_clean = total_clean + clean
                 total_perturbed = total_perturbed + perturbed
-        finally:
-            self.current_gradient_accumulation_steps = outer_ga
-            if shard_means:
-                del self.loss_is_scaled_for_ga  # back to Trainer's own rule
         dropped = index == len(window) - 1 and not self._sam.guard.update_is_finite(self)
         self._sam_record_losses(total_clean, total_perturbed, index, len(window), dropped=dropped)
         return total_clean
