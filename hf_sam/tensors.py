@@ -70,7 +70,12 @@ def global_norm(tensors: list[torch.Tensor], group: dist.ProcessGroup | None = N
     shards = [local(t) for t in tensors]
     if not shards:
         return torch.zeros((), dtype=torch.float32)
-    norms = torch._foreach_norm(shards)
+    # A bf16 or fp16 tensor's norm comes back in its own dtype, rounded to 3 or 4 significant digits: ask for fp32.
+    # fp32 and fp64 lists keep the plain call (the same kernel, so the same bits as before).
+    if any(s.dtype in (torch.float16, torch.bfloat16) for s in shards):
+        norms = torch._foreach_norm(shards, 2, dtype=torch.float32)
+    else:
+        norms = torch._foreach_norm(shards)
     squared = torch.stack([n.float() for n in norms]).square().sum()
     group = shard_group(tensors) if group is None else group
     if group is not None:
