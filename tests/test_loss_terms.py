@@ -487,3 +487,33 @@ def test_mesa_teacher_with_bf16_weights_follows_the_float32_average(tmp_path):
     saved = trainer._sam.state_dict()
     for name in teacher.names:
         torch.testing.assert_close(saved[f"loss_term.mesa_ema.{name}"], reference.average[name], atol=1e-7, rtol=0)
+
+
+def test_sharded_mesa_teacher_keeps_a_float32_average_of_bf16_shards():
+    # FSDP2's teacher (no second model: the EMA is copied into the model's own shards for the forward) on bf16
+    # weights. On a model that is not sharded its shards are the weights themselves, so this runs its bf16 branch
+    # in one process: the average follows the float32 recursion, and its forward is the model at that average
+    # rounded once to bf16, after which the student's weights are back bit for bit.
+    from hf_sam.mesa import EMATeacher, ShardedEMATeacher
+
+    model = tiny_bert().to(torch.bfloat16)
+    sharded, plain = ShardedEMATeacher(model), EMATeacher(model)
+    reference = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator).to(p.dtype), alpha=1e-3)
+        for teacher in (sharded, plain):
+            teacher.update(0.999)
+        for name, p in model.named_parameters():
+            reference[name].lerp_(p.detach().float(), 1 - 0.999)
+    for name, average in zip(sharded.names, sharded.average):
+        assert average.dtype == torch.float32
+        torch.testing.assert_close(average, reference[name], atol=1e-7, rtol=0)
+    model.train()
+    student = [p.detach().clone() for p in model.parameters()]
+    inputs = {"input_ids": torch.randint(0, 50, (4, 8), generator=generator)}
+    assert torch.equal(sharded(inputs).logits, plain(inputs).logits)
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), student))
+    assert model.training  # the forward ran in eval mode and gave the student back its training mode
