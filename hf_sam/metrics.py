@@ -11,7 +11,7 @@ class SAMMetrics:
     """Running sums of tensors (no `.item()` per step) and host-side counters, averaged at log time.
 
     `add(name, value)` adds one sample of `name`; `log_values()` returns each mean over the samples since the
-    last call and resets. Under several processes, `reduce` (a sum over ranks, e.g. `accelerator.reduce`) adds up
+    last call (a name with no finite sample is left out) and resets. Under several processes, `reduce` (a sum over ranks, e.g. `accelerator.reduce`) adds up
     the sums and sample counts of every rank first.
     """
 
@@ -54,4 +54,8 @@ class SAMMetrics:
         means = sums / counts
         self._sums.clear()
         self._counts.clear()
-        return {name: round(float(v), 6) for name, v in zip(names, means.tolist())}
+        # A name without a single finite sample (a window holding only a dropped step) is left out of this log:
+        # 0 / 0 would log NaN, which reads as a diverged run. `sam/skipped_updates` reports the drop.
+        return {
+            name: round(float(v), 6) for name, v, n in zip(names, means.tolist(), counts.tolist()) if n > 0
+        }

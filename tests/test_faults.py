@@ -530,3 +530,20 @@ def test_without_the_nan_filter_the_window_mean_is_nan(tmp_path):
     trainer.train()
     first = next(h for h in trainer.state.log_history if h.get("step") == 5)
     assert math.isnan(first["sam/perturbed_loss"])
+
+
+def test_a_window_holding_only_a_dropped_step_logs_no_perturbed_loss(tmp_path):
+    # Logged every step, the dropped step's window has no finite loss at w + eps to average: its sam/perturbed_loss
+    # and sam/sharpness are left out of that log (0 / 0 would log NaN, which reads as a diverged run), while
+    # sam/skipped_updates reports the drop.
+    args = sam_args(tmp_path, max_steps=5, logging_steps=1, learning_rate=0.01)
+    trainer = Recording(
+        model=tiny_bert(), args=args, train_dataset=tiny_dataset(), phase="perturbed", at=2, value=math.nan
+    )
+    trainer.train()
+    logs = {h["step"]: h for h in trainer.state.log_history if "sam/skipped_updates" in h}
+    assert logs[2]["sam/skipped_updates"] == 1.0  # the second step's update (at=2 counts from 1)
+    assert "sam/perturbed_loss" not in logs[2] and "sam/sharpness" not in logs[2]
+    for step in (1, 3, 4, 5):
+        assert logs[step]["sam/skipped_updates"] == 0.0
+        assert math.isfinite(logs[step]["sam/perturbed_loss"]) and math.isfinite(logs[step]["sam/sharpness"])
