@@ -11,8 +11,8 @@ class SAMMetrics:
     """Running sums of tensors (no `.item()` per step) and host-side counters, averaged at log time.
 
     `add(name, value)` adds one sample of `name`; `log_values()` returns each mean over the samples since the
-    last call (a name with no finite sample is left out) and resets. Under several processes, `reduce` (a sum over ranks, e.g. `accelerator.reduce`) adds up
-    the sums and sample counts of every rank first.
+    last call (a name with no finite sample is left out) and resets. Under several processes, `reduce` (a sum over
+    ranks, e.g. `accelerator.reduce`) adds up the sums and sample counts of every rank first.
     """
 
     def __init__(self):
