@@ -15,7 +15,13 @@ from .masks import MASKS
 from .methods import AXIS_DEFAULTS, METHODS, unknown_method_message
 from .momentum_sam import MOMENTUM_UNDER_DEEPSPEED
 from .schedules import SCHEDULES, mean_sam_probability
-from .zero import check_zero_config, without_shm_comm_build, zero_config
+from .zero import (
+    check_zero_config,
+    check_zero_data_types,
+    deepspeed_config_dict,
+    without_shm_comm_build,
+    zero_config,
+)
 
 
 ACCUMULATION_MODES = ("window", "micro")
@@ -431,6 +437,8 @@ class SAMArgumentsMixin:
             # Checked before TrainingArguments.__post_init__, which would start setting DeepSpeed up.
             where = f"deepspeed={self.deepspeed!r}" if isinstance(self.deepspeed, str) else "the deepspeed dict"
             check_zero_config(zero_config(self.deepspeed), where, sam_step=self.sam_enabled)
+            if self.sam_enabled:
+                check_zero_data_types(deepspeed_config_dict(self.deepspeed), where, bf16=bool(self.bf16))
         with without_shm_comm_build():
             super().__post_init__()  # may set up DeepSpeed's process group: without JIT-building its CPU op
         self._validate_sam_against_training_args()

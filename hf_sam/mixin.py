@@ -168,6 +168,11 @@ class SAMMixin:
         perturbation = self._sam.perturbation
         if perturbation is not None and perturbation.active:
             self._sam_abort_step()
+        elif self._sam.zero is not None and self._sam.zero.open:
+            # Under DeepSpeed the window's passes stay held from the engine even with w back (micro mode restores
+            # after each micro-batch, a plain window of a schedule never perturbs): without this the engine stayed
+            # inside its held reduction, with accelerate's wrapper swapped out and the partial gradient in `.grad`.
+            self._sam.zero.abort()
 
     def _sam_build(self) -> None:
         if self.args.sam_direction == "momentum" and not keeps_momentum(self.optimizer):

@@ -9,7 +9,7 @@ from .methods import METHODS
 from .momentum_sam import MOMENTUM_UNDER_DEEPSPEED
 from .perturbation import select_perturbed
 from .saf import is_map_style
-from .zero import check_deepspeed_version, check_zero_config, zero_config
+from .zero import check_deepspeed_version, check_zero_config, check_zero_data_types, zero_config
 
 
 logger = logging.get_logger(__name__)
@@ -96,6 +96,8 @@ def _check_deepspeed(trainer) -> None:
     sam_step = trainer.args.sam_enabled
     check_zero_config(zero_config(plugin.deepspeed_config), "the DeepSpeed config", sam_step=sam_step)
     if sam_step:
+        bf16 = bool(getattr(trainer.args, "bf16", False))
+        check_zero_data_types(plugin.deepspeed_config, "the DeepSpeed config", bf16=bf16)
         check_deepspeed_version()
 
 

@@ -11,7 +11,8 @@ optimizer state (ZeRO-1) and the reduced gradient (ZeRO-2) are partitioned, so a
   partitions in one pass; `engine.step()` then clips, checks for overflow and updates, exactly as on its own path.
 
 Norms and inner products run on the gradient each rank holds (never a per-parameter gather of partitions).
-ZeRO-3 (partitioned weights) and CPU offload are refused before training (`check_zero_config`).
+ZeRO-3 (partitioned weights), CPU offload and bf16 ZeRO-1 with fp32 gradient accumulation (DeepSpeed's
+`BF16_Optimizer`) are refused before training (`check_zero_config`, `check_zero_data_types`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 SHM_ENV = "HF_SAM_DEEPSPEED_SHM"
 
 
-def zero_config(deepspeed_config: Any) -> dict:
-    """The `zero_optimization` block of a DeepSpeed config given as a dict, a JSON file path or a JSON string."""
+def deepspeed_config_dict(deepspeed_config: Any) -> dict:
+    """A DeepSpeed config given as a dict, a JSON file path or a JSON string, as a dict ({} if unreadable here)."""
     config = deepspeed_config
     if isinstance(config, str):
         if os.path.isfile(config):
@@ -42,9 +43,12 @@ def zero_config(deepspeed_config: Any) -> dict:
                 config = json.loads(config)
             except ValueError:
                 return {}  # not readable here: DeepSpeed reports it itself
-    if not isinstance(config, dict):
-        return {}
-    return config.get("zero_optimization") or {}
+    return config if isinstance(config, dict) else {}
+
+
+def zero_config(deepspeed_config: Any) -> dict:
+    """The `zero_optimization` block of a DeepSpeed config given as a dict, a JSON file path or a JSON string."""
+    return deepspeed_config_dict(deepspeed_config).get("zero_optimization") or {}
 
 
 def check_zero_config(zero: dict, where: str, sam_step: bool = True) -> None:
@@ -80,6 +84,35 @@ def check_zero_config(zero: dict, where: str, sam_step: bool = True) -> None:
                 f"{device!r}, whose gradient path bypasses the SAM step's held-back passes. Remove {field} (ZeRO-2"
                 " without offload), or use FSDP2."
             )
+
+
+def check_zero_data_types(config: dict, where: str, bf16: bool) -> None:
+    """Refuse, before training, bf16 weights with fp32 gradient accumulation under ZeRO-1 for the SAM-step methods.
+
+    DeepSpeed runs that combination through its `BF16_Optimizer` instead of the ZeRO optimizer, and its engine cannot
+    hold a backward's gradient back there (`coalesce_grad_reduction` raises NotImplementedError at the first step).
+
+    Args:
+        config (`dict`): The whole DeepSpeed config.
+        where (`str`): Where the config came from, for the message.
+        bf16 (`bool`): The arguments' `bf16`, which a `"bf16": {"enabled": "auto"}` block follows.
+
+    Raises:
+        `ValueError`: naming `data_types.grad_accum_dtype` and pointing to ZeRO-2.
+    """
+    stage = str((config.get("zero_optimization") or {}).get("stage", 0))
+    accumulation = str((config.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
+    block = config.get("bf16") or config.get("bfloat16") or {}
+    enabled = block.get("enabled", False) if isinstance(block, dict) else False
+    enabled = bf16 if enabled == "auto" else bool(enabled)
+    if stage == "1" and enabled and accumulation in ("fp32", "float32", "float", "torch.float32"):
+        raise ValueError(
+            f"hf_sam cannot run SAM steps under DeepSpeed ZeRO-1 with bf16 and fp32 gradient accumulation: {where}"
+            f" sets data_types.grad_accum_dtype={accumulation!r} with zero_optimization.stage=1 and bf16, which"
+            " DeepSpeed runs through its BF16_Optimizer, whose engine cannot hold a pass's gradient back from its"
+            " reduction. Use zero_optimization.stage=2 (it accumulates in fp32 there too), or drop"
+            " data_types.grad_accum_dtype."
+        )
 
 
 def check_deepspeed_version() -> None:

@@ -357,6 +357,35 @@ def test_a_zero_3_config_from_accelerate_launch_is_refused_by_the_trainer():
                 check(trainer)
 
 
+def test_bf16_zero_1_with_fp32_gradient_accumulation_is_refused_before_training():
+    # DeepSpeed runs bf16 weights with fp32 gradient accumulation under ZeRO-1 through its BF16_Optimizer, whose
+    # engine has no `coalesce_grad_reduction`: without this check the first SAM step failed with DeepSpeed's
+    # NotImplementedError, after the engine was built. The loss terms and ZeRO-2 run there (refused neither).
+    from types import SimpleNamespace
+
+    from hf_sam.setup_checks import check_sam_setup
+
+    fp32_accumulation = {"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}
+    with pytest.raises(ValueError, match="data_types.grad_accum_dtype='fp32'.*stage=1.*BF16_Optimizer"):
+        make(bf16=True, deepspeed={**fp32_accumulation, "bf16": {"enabled": "auto"}})
+    for deepspeed in (
+        {**fp32_accumulation, "bf16": {"enabled": False}},  # fp32 weights
+        {**fp32_accumulation, "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}},
+    ):
+        make(deepspeed=deepspeed)
+    make(sam_method="mesa", bf16=True, deepspeed={**fp32_accumulation, "bf16": {"enabled": "auto"}})
+    # From `accelerate launch`: the Trainer's accelerator holds the config, with "auto" filled from the arguments.
+    for bf16 in (True, "auto"):
+        plugin = SimpleNamespace(deepspeed_config={**fp32_accumulation, "bf16": {"enabled": bf16}})
+        trainer = SimpleNamespace(
+            args=SimpleNamespace(sam_enabled=True, bf16=True),
+            is_deepspeed_enabled=True,
+            accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
+        )
+        with pytest.raises(ValueError, match="grad_accum_dtype"):
+            check_sam_setup(trainer)
+
+
 def test_deepspeed_cpu_op_build_is_skipped_only_inside_the_block(monkeypatch):
     # DeepSpeed JIT-builds its shared-memory all-reduce op (a compiler, about a minute) when it starts its process
     # group on CPU; hf_sam's set-up calls skip it, and nowhere else is it touched.

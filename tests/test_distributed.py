@@ -468,6 +468,18 @@ def test_faults_under_zero_drop_the_update_skip_the_ascent_and_restore_w(zero):
     assert faults["interrupt"]["hit_step_update_max"] == 0.0 and faults["interrupt"]["steps"] == 1
 
 
+def test_a_window_cut_short_under_zero_releases_the_engine(zero):
+    # A callback that stops training at a step's start cuts the window after its first micro-batch. Where w is back
+    # by then (SAM's micro mode, a plain window of a schedule) the step must still let go of the engine's held
+    # reduction and of accelerate's wrapper, and drop the partial gradient, as after an interrupt.
+    for name, stopped in zero["stopped"].items():
+        assert stopped["steps"] == 1 and stopped["micro_batches"] == 3, (name, stopped)  # 2 + the cut window's first
+        assert stopped["moved_in_cut_window"] == 0.0, (name, stopped)
+        assert not stopped["engine_holding"], (name, stopped)
+        assert stopped["accelerate_wrapper"] == "DeepSpeedEngineWrapper", (name, stopped)
+        assert stopped["grads_left"] == 0, (name, stopped)
+
+
 def test_zero_covers_every_method_of_the_table():
     pytest.importorskip("deepspeed")
     from hf_sam import METHODS

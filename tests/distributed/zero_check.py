@@ -36,6 +36,7 @@ from tests.distributed.ddp_check import LR, RHO, RecordingTrainer, check_argumen
 from tests.distributed.process_group import start_gloo, write_and_close
 from tests.helpers import tiny_bert, tiny_dataset
 from tests.method_cases import METHOD_CASES
+from tests.test_faults import Snapshots
 
 
 def zero(stage: int, fp16_scale_power: int | None = None) -> dict:
@@ -208,7 +209,7 @@ def faults(out_dir, rank, world) -> dict:
     """The faults of tests/test_faults.py under ZeRO: a NaN loss at w + eps (the update is dropped: DeepSpeed's
     overflow skip), a NaN clean loss (the ascent is skipped), and an interrupt between the passes (w restored, the
     engine's hold and accelerate's wrapper put back)."""
-    from tests.test_faults import FaultInjector, Snapshots
+    from tests.test_faults import FaultInjector
 
     results = {}
     for name, stage, phase, value in (
@@ -239,6 +240,49 @@ def faults(out_dir, rank, world) -> dict:
             "skipped_steps": engine.skipped_steps,
             "sam_skipped": sum(e.get("sam/skipped", 0.0) for e in logs),
             "sam_skipped_updates": sum(e.get("sam/skipped_updates", 0.0) for e in logs),
+            "grads_left": sum(p.grad is not None for p in trainer.model.parameters()),
+            "engine_holding": bool(engine.inside_no_sync_ctxt),
+            "accelerate_wrapper": type(trainer.accelerator.deepspeed_engine_wrapped).__name__,
+        }
+        del trainer
+    return results
+
+
+class StopInWindow(TrainerCallback):
+    """Stops training at the start of optimizer step `at`: Trainer leaves its loop after that window's first
+    micro-batch, a window cut short."""
+
+    def __init__(self, at: int = 1):
+        self.at = at
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            control.should_training_stop = True
+
+
+def stopped_windows(out_dir, rank, world) -> dict:
+    """A window of 2 micro-batches cut short after its first one (a callback stops training), where the weights are
+    back at w by then: SAM's micro mode, and a plain window of a schedule (late-sam's first steps). The engine must
+    let go of the held reduction and hand accelerate's wrapper back, as after an interrupt."""
+    results = {}
+    for name, overrides in (
+        ("micro", dict(sam_method="sam", sam_rho=RHO, sam_accumulation="micro")),
+        ("plain", dict(sam_method="late-sam")),
+    ):
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        snapshots = Snapshots()
+        args = check_arguments(os.path.join(out_dir, f"stop-{name}"), optim="sgd", learning_rate=LR, weight_decay=0.0,
+                               gradient_accumulation_steps=2, per_device_train_batch_size=1, deepspeed=zero(2),
+                               **overrides)  # fmt: skip
+        trainer = RecordingTrainer(model=tiny_bert(dropout=0.0), args=args, train_dataset=tiny_dataset(32),
+                                   callbacks=[snapshots, StopInWindow(1)])  # fmt: skip
+        trainer.train()
+        engine = trainer.model_wrapped
+        now = {n: p.detach() for n, p in trainer.model.named_parameters()}
+        results[name] = {
+            "steps": trainer.state.global_step,
+            "micro_batches": len(trainer.seen),
+            "moved_in_cut_window": max(float((now[n] - snapshots.begin[1][n]).abs().max()) for n in now),
             "grads_left": sum(p.grad is not None for p in trainer.model.parameters()),
             "engine_holding": bool(engine.inside_no_sync_ctxt),
             "accelerate_wrapper": type(trainer.accelerator.deepspeed_engine_wrapped).__name__,
@@ -289,6 +333,7 @@ def main():
             record("fp16-stable-sam-fp32-z2", {**FP16["fp16-stable-sam"], "fp16_scale_power": None}, tmp, rank,
                    world, stage=2)  # fmt: skip
         results["faults"] = faults(tmp, rank, world)
+        results["stopped"] = stopped_windows(tmp, rank, world)
         for name in ("none", "sam-sync", "sam-rho0"):
             for stage in (1, 2) if full or name == "sam-sync" else (2,):
                 record(f"bf16-{name}-z{stage}", {**SAM.get(name, PLAIN.get(name, {}))}, tmp, rank, world,
