@@ -143,6 +143,26 @@ class LogFinalStepCallback(TrainerCallback):
         return control
 
 
+def run_mean(log_history: list[dict], key: str) -> float | None:
+    """The run's mean of a logged `sam/*` metric: each window's mean weighted by the steps it was recorded on.
+
+    Windows differ in length (the last one is short) and in SAM steps (`asam`'s ramp); every metric but
+    `sam/passes_per_step` is recorded on SAM steps only (as `sam_summary` in `example_utils.py`, which needs
+    scikit-learn the demo does not install).
+    """
+    total = weight = 0.0
+    previous_step = 0
+    for entry in log_history:
+        if "loss" not in entry:
+            continue
+        steps, previous_step = entry["step"] - previous_step, entry["step"]
+        if key in entry:
+            if key not in ("sam/passes_per_step", "sam/sam_step_fraction"):
+                steps *= entry.get("sam/sam_step_fraction", 1.0)
+            total, weight = total + steps * entry[key], weight + steps
+    return total / weight if weight > 0 else None
+
+
 def run(method: str, train: Dataset, test: Dataset, tokenizer, path: Path, args, output_dir: str) -> dict:
     set_seed(args.seed)  # same classification head for every method
     verbosity = hf_logging.get_verbosity()
@@ -188,11 +208,11 @@ def run(method: str, train: Dataset, test: Dataset, tokenizer, path: Path, args,
     trainer.train()
     train_seconds = time.perf_counter() - start
     metrics = trainer.evaluate(test)
-    sam_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    history = trainer.state.log_history
 
     def mean_of(key: str, default: float | None) -> float | None:
-        values = [entry[key] for entry in sam_logs if key in entry]
-        return float(np.mean(values)) if values else default
+        mean = run_mean(history, key)
+        return default if mean is None else mean
 
     return {
         "method": method,

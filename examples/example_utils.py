@@ -345,8 +345,18 @@ def train_and_save(trainer, train_samples: int, checkpoint: str | None) -> dict[
     return metrics
 
 
+# Recorded once per training step (or micro-batch) whatever the step does; every other `sam/*` metric is recorded
+# only on SAM steps (the ascent, the loss at w + eps), so a window with few SAM steps holds few of its samples.
+PER_STEP_METRICS = ("sam/sam_step_fraction", "sam/passes_per_step")
+
+
 def sam_summary(log_history: list[dict]) -> dict[str, float]:
     """Mean of every logged `sam/*` (and SAF's `saf/*`, MESA's `mesa/*`) metric over training (`none` logs none).
+
+    Each logged value is the mean over one logging window, and windows differ in length (the last one is usually
+    shorter) and in how many SAM steps they hold (`asam`'s ramp, `late-sam`, ...). So each window counts by its
+    number of steps, and a metric recorded only on SAM steps by its number of SAM steps (steps times
+    `sam/sam_step_fraction`): the result is the mean over the run's steps, or over its SAM steps, as if logged once.
 
     Args:
         log_history (`list[dict]`): `trainer.state.log_history`.
@@ -354,12 +364,21 @@ def sam_summary(log_history: list[dict]) -> dict[str, float]:
     Returns:
         `dict[str, float]`: Each metric's mean, rounded to 6 decimals, sorted by name.
     """
-    values: dict[str, list[float]] = {}
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    previous_step = 0
     for entry in log_history:
+        if "loss" not in entry:  # evaluation and the final train summary: no window of training steps
+            continue
+        step = int(entry.get("step", previous_step))
+        steps, previous_step = max(step - previous_step, 0), step
+        sam_steps = steps * float(entry.get("sam/sam_step_fraction", 1.0))
         for key, value in entry.items():
             if key.startswith(("sam/", "saf/", "mesa/")):
-                values.setdefault(key, []).append(float(value))
-    return {key: round(float(np.mean(v)), 6) for key, v in sorted(values.items())}
+                weight = steps if key in PER_STEP_METRICS or not key.startswith("sam/") else sam_steps
+                sums[key] = sums.get(key, 0.0) + weight * float(value)
+                weights[key] = weights.get(key, 0.0) + weight
+    return {key: round(sums[key] / weights[key], 6) for key in sorted(sums) if weights[key] > 0}
 
 
 def shutdown_distributed() -> None:

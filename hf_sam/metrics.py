@@ -56,6 +56,4 @@ class SAMMetrics:
         self._counts.clear()
         # A name without a single finite sample (a window holding only a dropped step) is left out of this log:
         # 0 / 0 would log NaN, which reads as a diverged run. `sam/skipped_updates` reports the drop.
-        return {
-            name: round(float(v), 6) for name, v, n in zip(names, means.tolist(), counts.tolist()) if n > 0
-        }
+        return {name: round(float(v), 6) for name, v, n in zip(names, means.tolist(), counts.tolist()) if n > 0}

@@ -283,6 +283,53 @@ def test_run_glue_json_lines_named_columns(run_glue, monkeypatch, tmp_path, tiny
     assert results["sam/rho"] == pytest.approx(0.1)
 
 
+def test_run_glue_keeps_the_models_own_label_ids(run_glue, monkeypatch, tmp_path, tiny_bert, text_data):
+    # Two copies of one classifier: one numbers its classes neg=0, pos=1 (the data's sorted order), the other
+    # pos=0, neg=1 with its head's rows swapped (as another tool may have fine-tuned it). Evaluated and run on the
+    # same data they must agree on every prediction; with the data's order forced on the second, each of its
+    # predictions came out as the other class (eval accuracy 1.0 became 0.0).
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    folders = {}
+    for name, label2id in (("sorted", {"neg": 0, "pos": 1}), ("swapped", {"pos": 0, "neg": 1})):
+        if name == "swapped":
+            with torch.no_grad():
+                for tensor in (model.classifier.weight, model.classifier.bias):
+                    tensor.copy_(tensor.flip(0))
+        model.config.label2id, model.config.id2label = label2id, {i: label for label, i in label2id.items()}
+        folders[name] = tmp_path / name
+        model.save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    results, predictions = {}, {}
+    for name, folder in folders.items():
+        out = tmp_path / f"out-{name}"
+        argv = ["--model_name_or_path", str(folder), "--validation_file", str(text_data["validation"]), "--test_file",
+                str(text_data["validation"]), "--do_eval", "--do_predict", "--output_dir", str(out), "--report_to",
+                "none", "--use_cpu", "--sam_method", "sam"]  # fmt: skip
+        results[name] = run_main(run_glue, monkeypatch, GLUE_SCRIPT, argv)
+        predictions[name] = (out / "predict_results_test.txt").read_text()
+    assert predictions["swapped"] == predictions["sorted"]
+    assert results["swapped"]["eval_accuracy"] == results["sorted"]["eval_accuracy"]
+    assert results["swapped"]["eval_loss"] == pytest.approx(results["sorted"]["eval_loss"], rel=1e-5)
+
+
+def test_run_glue_labels(run_glue, monkeypatch, tmp_path, tiny_bert):
+    # Integer labels get ids by value (label 10 is class 10, not 2 as in text order), as in transformers' run_glue.
+    assert run_glue.sorted_labels({0, 1, 2, 10, 11}) == [0, 1, 2, 10, 11]
+    assert run_glue.sorted_labels({"b", "a", "10", "9"}) == ["10", "9", "a", "b"]
+    # A list of labels per example (multi-label) is refused clearly, not with "unhashable type: 'list'".
+    rows = [{"sentence": "the movie was good", "label": ["pos", "strong"]}, {"sentence": "bad", "label": ["neg"]}]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["--model_name_or_path", str(tiny_bert), "--train_file", str(train), "--validation_file", str(train),
+            *common_args(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(ValueError, match=r"'label' holds lists .* multi-label classification is not supported"):
+        run_main(run_glue, monkeypatch, GLUE_SCRIPT, argv)
+
+
 def test_local_glue_metrics_match_definitions(example_utils):
     # Offline, the metrics come from scikit-learn / scipy (as in `evaluate`'s glue metric); check them against the
     # textbook definitions, on a case small enough to count by hand.
@@ -310,6 +357,35 @@ def test_local_glue_metrics_match_definitions(example_utils):
     compute_metrics = example_utils.build_compute_metrics("mrpc", is_regression=False)
     result = compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
     assert result == pytest.approx({"accuracy": 4 / 6, "f1": 2 / 3, "combined_score": (4 / 6 + 2 / 3) / 2})
+
+
+def test_sam_summary_weighs_each_window_by_its_steps(example_utils):
+    # asam's ramp logged every 5 of 12 steps: 1 SAM step in the first window, 5 in the second, 2 in the last (short)
+    # one. The run's means are over its 12 steps, and the sharpness (recorded on SAM steps only) over its 8 SAM
+    # steps, not the plain mean of the three windows' means.
+    history = [
+        {"loss": 0.7, "sam/sam_step_fraction": 0.2, "sam/passes_per_step": 1.2, "sam/sharpness": 0.002, "step": 5},
+        {"loss": 0.7, "sam/sam_step_fraction": 1.0, "sam/passes_per_step": 2.0, "sam/sharpness": 0.009, "step": 10},
+        {"eval_loss": 0.6, "eval_accuracy": 0.5, "step": 10},
+        {"loss": 0.6, "sam/sam_step_fraction": 1.0, "sam/passes_per_step": 2.0, "sam/sharpness": 0.006, "step": 12},
+        {"train_loss": 0.7, "train_runtime": 1.0, "step": 12},
+    ]
+    summary = example_utils.sam_summary(history)
+    assert summary["sam/sam_step_fraction"] == pytest.approx(8 / 12, abs=1e-6)
+    assert summary["sam/passes_per_step"] == pytest.approx(20 / 12, abs=1e-6)
+    assert summary["sam/sharpness"] == pytest.approx((0.002 + 5 * 0.009 + 2 * 0.006) / 8, abs=1e-6)
+    # SAF's and MESA's metrics come from every step: windows of 4 and 1 steps.
+    history = [{"loss": 1.0, "saf/kl": 0.5, "sam/passes_per_step": 1.0, "step": 4},
+               {"loss": 1.0, "saf/kl": 1.0, "sam/passes_per_step": 1.0, "step": 5}]  # fmt: skip
+    assert example_utils.sam_summary(history) == pytest.approx({"sam/passes_per_step": 1.0, "saf/kl": 0.6})
+    # The demo's table weighs the same way (it does without example_utils' scikit-learn).
+    demo = load_script(EXAMPLES / "demo.py", "example_demo")
+    assert demo.run_mean(history, "saf/kl") == pytest.approx(0.6)
+    history = [{"loss": 0.7, "sam/sam_step_fraction": 0.2, "sam/sharpness": 0.002, "step": 5},
+               {"loss": 0.6, "sam/sam_step_fraction": 1.0, "sam/sharpness": 0.006, "step": 7}]  # fmt: skip
+    assert demo.run_mean(history, "sam/sharpness") == pytest.approx((0.002 + 2 * 0.006) / 3)
+    assert demo.run_mean(history, "sam/sam_step_fraction") == pytest.approx(3 / 7)
+    assert demo.run_mean(history, "sam/rho") is None
 
 
 # ----------------------------------------------------------------------------- run_image_classification.py
@@ -362,6 +438,24 @@ def test_run_image_classification_arrays_from_config(run_image, monkeypatch, tmp
     run_main(run_image, monkeypatch, IMAGE_SCRIPT, argv)
     results = check_results(out, "asam")
     assert results["train_samples"] == 24 and results["eval_samples"] == 6
+
+
+def test_image_arrays_number_the_classes_alike_in_every_file(run_image, tmp_path):
+    # A validation .npz without class 1 must still call class 2 by id 2, as the training file and the model do;
+    # numbered by its own labels it called it 1, and a model right on every image scored 50%.
+    np = pytest.importorskip("numpy")
+    images = np.zeros((6, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "train.npz", images=images, labels=np.array([0, 1, 2, 0, 1, 2]))
+    np.savez(tmp_path / "val.npz", images=images[:4], labels=np.array([0, 2, 0, 2]))
+    data_args = run_image.DataTrainingArguments(
+        train_file=str(tmp_path / "train.npz"), validation_file=str(tmp_path / "val.npz")
+    )
+    raw = run_image.load_raw_data(data_args, cache_dir=None)
+    for split in ("train", "validation"):
+        assert raw[split].features["label"].names == ["0", "1", "2"]
+    assert raw["validation"]["label"] == [0, 2, 0, 2]
+    data_args = run_image.DataTrainingArguments(validation_file=str(tmp_path / "val.npz"))  # alone: its own classes
+    assert run_image.load_raw_data(data_args, cache_dir=None)["validation"].features["label"].names == ["0", "2"]
 
 
 def test_examples_run_the_one_pass_loss_terms(run_glue, run_image, monkeypatch, tmp_path, tiny_bert, tiny_vit,

@@ -152,19 +152,22 @@ class DataTrainingArguments:
 # ----------------------------------------------------------------------------- data
 
 
-def arrays_to_dataset(path: str) -> Dataset:
-    """An `.npz` with `images` (N, H, W[, C]) and integer `labels` (N,) as a dataset of PIL images."""
+def load_arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """The `images` and `labels` arrays of an `.npz` file."""
     with np.load(path) as arrays:
         missing = [key for key in ("images", "labels") if key not in arrays]
         if missing:
             raise ValueError(f"{path!r} has no array(s) {missing}; it has {list(arrays)}. Save images= and labels=.")
-        images, labels = arrays["images"], arrays["labels"]
+        return arrays["images"], arrays["labels"]
+
+
+def arrays_to_dataset(images: np.ndarray, labels: np.ndarray, names: list[str]) -> Dataset:
+    """`images` (N, H, W[, C]) and integer `labels` (N,) as a dataset of PIL images, with class names `names`."""
     if images.dtype != np.uint8:
         scale = 255.0 if images.max() <= 1.0 else 1.0
         images = np.clip(images * scale, 0, 255).astype(np.uint8)
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
-    names = [str(label) for label in sorted(set(labels.tolist()))]
     features = Features({"image": Image(), "label": ClassLabel(names=names)})
     index = {name: i for i, name in enumerate(names)}
     return Dataset.from_dict(
@@ -175,7 +178,12 @@ def arrays_to_dataset(path: str) -> Dataset:
 def load_raw_data(data_args: DataTrainingArguments, cache_dir: str | None) -> DatasetDict:
     if data_args.train_file is not None or data_args.validation_file is not None:
         splits = {"train": data_args.train_file, "validation": data_args.validation_file}
-        return DatasetDict({split: arrays_to_dataset(path) for split, path in splits.items() if path is not None})
+        arrays = {split: load_arrays(path) for split, path in splits.items() if path is not None}
+        # The class names of all files together: one id per class in every split (a validation file without some
+        # class must not renumber the others).
+        labels = set().union(*(split_labels.tolist() for _, split_labels in arrays.values()))
+        names = [str(label) for label in sorted(labels)]
+        return DatasetDict({split: arrays_to_dataset(*pair, names) for split, pair in arrays.items()})
     if data_args.dataset_name in (None, "imagefolder"):
         if data_args.train_dir is None and data_args.validation_dir is None:
             raise ValueError("--dataset_name imagefolder needs --train_dir (and optionally --validation_dir).")

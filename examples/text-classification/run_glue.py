@@ -165,6 +165,40 @@ def data_format(path: str) -> str | None:
     return {"csv": "csv", "json": "json", "jsonl": "json"}.get(extension)
 
 
+def sorted_labels(labels: set) -> list:
+    """The distinct labels in order: numbers by value (so integer labels 0..N-1 get ids 0..N-1, as in transformers'
+    run_glue), anything else by its text."""
+    if all(isinstance(label, (int, float)) and not isinstance(label, bool) for label in labels):
+        return sorted(labels)
+    return sorted(labels, key=str)
+
+
+def model_label_order(config, label_list: list) -> list | None:
+    """`label_list` in the order the model's config numbers these labels, or None when it names other classes.
+
+    A fine-tuned checkpoint already has a class for each label: its head answers in that order, so evaluating or
+    fine-tuning it with the data's own order would read every class as another one. Names match case-insensitively,
+    as in transformers' run_glue (`ENTAILMENT` in a config, `entailment` in GLUE).
+
+    Args:
+        config (`PretrainedConfig`): The model's config, loaded with `num_labels=len(label_list)`.
+        label_list (`list`): The data's distinct labels (or `ClassLabel` names).
+    """
+    names = {str(name).lower(): int(i) for name, i in config.label2id.items()}
+    data = {str(label).lower(): label for label in label_list}
+    if (
+        config.label2id == {f"LABEL_{i}": i for i in range(len(label_list))}  # a config that names no classes
+        or len(data) != len(label_list)
+        or set(names) != set(data)
+        or sorted(names.values()) != list(range(len(label_list)))
+    ):
+        return None
+    order = [None] * len(label_list)
+    for name, i in names.items():
+        order[i] = data[name]
+    return order
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -269,7 +303,14 @@ def main(argv: list[str] | None = None) -> dict:
         label_list = list(label_feature.names)
         num_labels = len(label_list)
     else:
-        label_list = sorted({label for split in labelled for label in raw[split][label_column]}, key=str)
+        labels = [label for split in labelled for label in raw[split][label_column]]
+        several = next((label for label in labels if isinstance(label, (list, dict))), None)
+        if several is not None:  # e.g. a JSON list of labels per example (a set of labels cannot hold them)
+            raise ValueError(
+                f"Column {label_column!r} holds lists or objects (e.g. {several!r}), not one label per example:"
+                " multi-label classification is not supported by this script."
+            )
+        label_list = sorted_labels(set(labels))
         label_to_id = {label: i for i, label in enumerate(label_list)}
         num_labels = len(label_list)
         if num_labels < 2:
@@ -288,6 +329,15 @@ def main(argv: list[str] | None = None) -> dict:
         trust_remote_code=model_args.trust_remote_code,
     )
     if label_list is not None:
+        model_order = model_label_order(config, label_list)
+        if model_order is not None and model_order != label_list:
+            logger.info(f"Keeping the model's class ids {config.label2id} for the labels {label_list}.")
+            position = {label: i for i, label in enumerate(model_order)}
+            if label_to_id is None:  # ClassLabel: the data holds indices into label_list; -1 is an unlabelled row
+                label_to_id = {i: position[name] for i, name in enumerate(label_list)} | {-1: -1}
+            else:
+                label_to_id = {label: position[label] for label in label_list}
+            label_list = model_order
         config.label2id = {str(label): i for i, label in enumerate(label_list)}
         config.id2label = {i: str(label) for i, label in enumerate(label_list)}
     tokenizer = from_pretrained(
