@@ -19,6 +19,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .methods import METHODS
 from .perturbation import select_perturbed
 
 
@@ -122,6 +123,19 @@ def load_sam_state(
     return tensors
 
 
+def saved_method(checkpoint: str, suffix: str = "") -> str | None:
+    """The `sam_method` recorded in `checkpoint`'s state file, or None when it has none or it cannot be read (then
+    `load_sam_state` says why, where a run needs the file)."""
+    path = os.path.join(checkpoint, STATE_FILE.format(suffix=suffix))
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return (handle.metadata() or {}).get("sam_method")
+    except Exception:  # a damaged file: `load_sam_state` refuses it with the full explanation
+        return None
+
+
 def _check_values(tensors: dict[str, torch.Tensor], path: str, corrupt: str) -> None:
     for key, value in tensors.items():
         if not value.is_floating_point() or value.numel() == 0:
@@ -219,6 +233,23 @@ def save_run_state(trainer, output_dir: str) -> None:
     save_sam_state(
         output_dir, args.sam_method, trainer.sam_state_dict(), _rank_suffix(trainer), _run_settings(trainer)
     )
+
+
+def check_saved_optimizer(trainer, checkpoint: str) -> None:
+    """Before Trainer reads `optimizer.pt`: refuse the state of an optimizer that a method brings (AdaSAM's) for a run
+    whose optimizer is another one. torch would fail on it with a bare `KeyError` (AdamW reading AMSGrad's state),
+    before the state file's own method check could say what is wrong."""
+    method = saved_method(checkpoint, _rank_suffix(trainer))
+    if method is None or method == trainer.args.sam_method or method not in METHODS:
+        return
+    brought = METHODS[method].optimizer
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
+    if brought is not None and optimizer is not None and not isinstance(optimizer, brought):
+        raise ValueError(
+            f"{checkpoint} was written by sam_method={method!r}, whose optimizer.pt holds {brought.__name__}'s"
+            f" state, but this run uses sam_method={trainer.args.sam_method!r} with {type(optimizer).__name__}."
+            f" Resume with --sam_method {method}, or start a new run from the weights."
+        )
 
 
 def load_run_state(trainer, checkpoint: str) -> dict[str, torch.Tensor]:

@@ -245,5 +245,15 @@ class SparseMask:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
-            self.masks = {key[len("ssam_mask.") :]: value.bool() for key, value in state.items()}
+            masks = {key[len("ssam_mask.") :]: value.bool() for key, value in state.items()}
+            # A mask always covers every perturbed tensor (`_set`): one left out would be perturbed whole, silently,
+            # until the next refresh. (Unknown names and shapes are refused before this, by `SAMRun`.)
+            missing = [name for name in self.names if name not in masks]
+            if missing:
+                raise ValueError(
+                    f"The checkpoint's Sparse SAM masks lack {missing[:3]} ({len(missing)} of {len(self.names)}"
+                    " perturbed tensors): the file was not written whole for this run. Resume from an earlier"
+                    " checkpoint, or start a new run from the weights."
+                )
+            self.masks = masks
             self.current_density = self.density()

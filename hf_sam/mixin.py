@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_run_state, save_run_state
+from .checkpoint import check_saved_optimizer, load_run_state, save_run_state
 from .components import LOSS_TERMS
 from .esam import per_example_loss, per_example_nll, take_examples
 from .host_state import off_the_record
@@ -651,6 +651,8 @@ class SAMMixin:
             save_run_state(self, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None:
+            check_saved_optimizer(self, checkpoint)  # before torch reads another optimizer's state
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self._sam_has_run_state():
             if self.args.sam_enabled and self._sam.perturbation is None:

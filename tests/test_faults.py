@@ -292,6 +292,25 @@ def _rewrite_state(checkpoint: Path, method: str, change) -> None:
     save_sam_state(str(checkpoint), method, state_)
 
 
+@pytest.mark.parametrize("method", ["ssam-f", "ssam-d"])
+def test_a_state_file_without_the_mask_of_a_perturbed_tensor_is_refused(tmp_path, method):
+    # Sparse SAM's masks always cover every perturbed tensor; a file that lacks one (a buggy writer, an edited file)
+    # would perturb that tensor whole, silently, until the next refresh.
+    common = {**METHOD_CASES[method]["args"], "max_steps": 4}
+    SAMTrainer(model=tiny_bert(), train_dataset=tiny_dataset(),
+               args=sam_args(tmp_path, save_strategy="steps", save_steps=2, **common)).train()  # fmt: skip
+    checkpoint = tmp_path / "checkpoint-2"
+    from hf_sam.checkpoint import load_sam_state, save_sam_state
+
+    state_ = load_sam_state(str(checkpoint), method)
+    del state_["mask.ssam_mask.classifier.weight"]
+    save_sam_state(str(checkpoint), method, state_)
+    resumed = SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, **common), train_dataset=tiny_dataset())
+    with pytest.raises(ValueError, match="classifier.weight"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 2  # refused when the checkpoint is loaded, before any step
+
+
 @pytest.mark.parametrize("value, match", [(math.nan, "NaN or inf"), (1.7e38, "overflows float32")])
 @pytest.mark.parametrize("method", ["fsam", "looksam", "mesa"])
 def test_non_finite_or_overflowing_state_is_refused_on_load(tmp_path, method, value, match):

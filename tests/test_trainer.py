@@ -837,6 +837,18 @@ def test_resume_without_or_with_foreign_state_is_a_clear_error(tmp_path):
         again.train(resume_from_checkpoint=str(checkpoint))
 
 
+@pytest.mark.parametrize("other", ["sam", "none"])
+def test_resuming_adasam_with_another_method_is_refused_before_its_optimizer_state_is_read(tmp_path, other):
+    # optimizer.pt holds AdaSAMOptimizer's state: torch's AdamW fails on it with a bare KeyError('step'), before
+    # hf_sam's own check of the state file's method would have said what is wrong.
+    data = tiny_dataset()
+    saving = dict(save_strategy="steps", save_steps=2, max_steps=2, sam_method="adasam")
+    SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, **saving), train_dataset=data).train()
+    resumed = SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, max_steps=4, sam_method=other), train_dataset=data)
+    with pytest.raises(ValueError, match="sam_method='adasam'.*AdaSAMOptimizer"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
 # ---------------------------------------------------------------- Seq2Seq
 
 
