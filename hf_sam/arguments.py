@@ -104,6 +104,13 @@ ONLY_UNDER = (
             "sam_accumulation",
             "sam_ascent",
             "esam_swp",
+            # The other SAM-step axes: saf and mesa refuse them, and `none` would otherwise drop them silently.
+            "sam_direction",
+            "sam_mask",
+            "sam_schedule",
+            "sam_descent",
+            "sam_renormalize",
+            "sam_micro_batches",
         ),
         "a method that perturbs the weights (not none, saf or mesa)",
         lambda a: a.sam_enabled,
@@ -638,6 +645,15 @@ class SAMArgumentsMixin:
             raise ValueError(
                 "sam_micro_batches > 1 cannot combine with a descent transform (sam_renormalize, gsam, looksam):"
                 " they act on the whole window's gradient. Drop one of them."
+            )
+        if self.esam_swp and self._has_descent_transform:
+            # SWP computes no clean gradient for the tensors it drops, and the transforms need the whole g: GSAM and
+            # LookSAM would pair g's kept tensors with g~'s all (a shape error, or a silent broadcast), and Stable
+            # SAM would rescale the whole descent to ||g_kept|| (about half of ||g|| on the test model).
+            raise ValueError(
+                "esam_swp=True computes the clean gradient of only the tensors it keeps, and a descent transform"
+                " (sam_renormalize, gsam, looksam) needs the whole clean gradient. Drop --esam_swp (ESAM's data"
+                " selection, --esam_gamma, combines with them), or drop the descent transform."
             )
         if self.sam_method == "none" and self.sam_rho not in (0, 0.0):
             raise ValueError(

@@ -33,6 +33,9 @@ class DescentTransform:
     def after_plain_step(self, names, grads) -> None:
         """Called once per plain (non-SAM) window after its last pass."""
 
+    def after_zero_radius_step(self) -> None:
+        """Called instead of `after_sam_step` on a SAM step whose radius was 0 (g~ = g): the descent stays g~."""
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -67,11 +70,18 @@ class DescentPipeline:
             all_reduce_mean_(self.clean_copy)
 
     @torch.no_grad()
-    def after_sam_step(self, perturbation, raw_norm: torch.Tensor) -> None:
+    def after_sam_step(self, perturbation, raw_norm: torch.Tensor, rho: float | None = None) -> None:
         """Rewrite the final gradient of a SAM step in the perturbed parameters' `.grad` (`raw_norm`: ||g|| of the
-        ascent, used when no copy was kept)."""
+        ascent, used when no copy was kept; `rho`: the step's radius)."""
         clean, self.clean_copy = self.clean_copy, None
         if not self.active:
+            return
+        if rho == 0:
+            # This step's radius is 0 although sam_rho is not (GSAM's schedule where the learning rate is 0, e.g.
+            # the first warm-up step): as at sam_rho 0 the transforms are the identity and g_v is 0 in exact
+            # arithmetic, and LookSAM would rescale the rounding noise to alpha ||g|| on the next plain step.
+            for transform in self.transforms:
+                transform.after_zero_radius_step()
             return
         names, _, grads = perturbation.with_grads()
         clean_norm = global_norm(clean) if clean is not None else raw_norm

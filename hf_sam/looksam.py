@@ -34,6 +34,11 @@ class LookSAMReuse(DescentTransform):
         self.g_v = dict(zip(names, orthogonal))
         self._g_v_norm = None
 
+    def after_zero_radius_step(self) -> None:
+        # g~ = g: g_v is 0, so the plain steps until the next SAM step add nothing (as before the first SAM step).
+        self.g_v = {}
+        self._g_v_norm = None
+
     def after_plain_step(self, names, grads) -> None:
         if not self.g_v:  # no SAM step yet (e.g. resumed mid-period from a checkpoint without g_v)
             return

@@ -285,7 +285,7 @@ class SAMMixin:
             if finite:
                 if self._sam.descent.active:
                     self._sam_sync_held_grads(self._sam.perturbation.params)
-                self._sam.descent.after_sam_step(self._sam.perturbation, self._sam.raw_norm)
+                self._sam.descent.after_sam_step(self._sam.perturbation, self._sam.raw_norm, self._sam.rho)
             self._sam_record_losses(clean, perturbed, index, len(window), dropped=not finite)
             self._sam.forget_step()  # also drops the clean copy of a step whose update was dropped
         return clean
@@ -510,6 +510,7 @@ class SAMMixin:
         if mask is not None:
             self._sam_metrics.add("sam/mask_density", mask.current_density)
         self._sam.raw_norm = raw_norm
+        self._sam.rho = rho
         self._sam_metrics.add("sam/grad_norm", raw_norm * grad_unit)
         self._sam_metrics.add("sam/skipped", skipped)
         self._sam_metrics.add("sam/rho", rho)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 
-MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")  # torch's Adam/AdamW/AdaSAM, and SGD with momentum
+# torch's Adam/AdamW, SGD with momentum, and AdaSAMOptimizer ("m"; without it the direction found no moment there
+# and silently ran plain AdaSAM steps).
+MOMENTUM_KEYS = ("exp_avg", "momentum_buffer", "m")
 MOMENTUM_UNDER_DEEPSPEED = (
     "sam_direction='momentum' (momentum-sam) reads the optimizer's first moment per parameter, and DeepSpeed ZeRO"
     " keeps it in flat partitions: run momentum-sam under DDP or FSDP2, or use --sam_method sam under DeepSpeed."
@@ -33,12 +35,26 @@ def keeps_momentum(optimizer) -> bool:
 
 
 def first_moments(optimizer, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """Each parameter's first moment, or None where the optimizer has not stepped it yet."""
+    """Each parameter's first moment, or None where the optimizer has not stepped it yet.
+
+    Raises:
+        `ValueError`: the optimizer has stepped a parameter and keeps its moment under no known key (it would
+            otherwise never be perturbed, and every step would silently be a plain one).
+    """
     state = base_optimizer(optimizer).state
     moments = []
     for param in params:
         entry = state.get(param, {})
-        moments.append(next((entry[key] for key in MOMENTUM_KEYS if key in entry), None))
+        moment = next((entry[key] for key in MOMENTUM_KEYS if key in entry), None)
+        if moment is None and entry:
+            name = type(base_optimizer(optimizer)).__name__
+            raise ValueError(
+                f"sam_direction='momentum' (momentum-sam) perturbs along the optimizer's first moment, which it"
+                f" reads from the state keys {', '.join(MOMENTUM_KEYS)}; {name} keeps {', '.join(map(str, entry))}"
+                " instead. Use --optim adamw_torch, SGD with momentum > 0, or a gradient-direction method such as"
+                " --sam_method sam."
+            )
+        moments.append(moment)
     return moments
 
 

@@ -46,6 +46,7 @@ class SAMRun:
     loss_ignores_item_count: bool | None = None  # mSAM: the model's loss is its own mean (decided at its first step)
     step_losses: list[tuple[Any, Any]] = field(default_factory=list)  # (clean, perturbed) of each micro-batch so far
     raw_norm: torch.Tensor | None = None  # ||g|| of the last ascent, in `.grad` units
+    rho: float | None = None  # the radius of the last ascent (0 where GSAM's schedule reaches 0)
     stash: dict[int, torch.Tensor] = field(default_factory=dict)  # micro accumulation's gradient buffers
     guard: UpdateGuard = field(default_factory=UpdateGuard)
     zero: ZeroStep | None = None  # under DeepSpeed ZeRO-1/2: holds each step's passes back from the engine

@@ -137,7 +137,7 @@ class Reference:
         moments = {}
         for n, p in model.named_parameters():
             state = self.optimizer.state.get(p, {})
-            moment = state.get("exp_avg", state.get("momentum_buffer"))
+            moment = state.get("exp_avg", state.get("momentum_buffer", state.get("m")))  # "m": AdaSAM
             if moment is not None:
                 moments[n] = moment
         if not moments:

@@ -133,6 +133,11 @@ FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}
         ({"sam_method": "looksam", "looksam_k": 0}, "looksam_k=0"),
         ({"sam_method": "looksam", "sam_interval": 3}, "looksam_k 3"),
         ({"sam_method": "adasam", "optim": "sgd"}, "adasam.*own optimizer"),
+        # ESAM's SWP leaves the dropped tensors without a clean gradient, which the descent transforms need whole.
+        ({"sam_method": "esam", "sam_descent": "gsam"}, "esam_swp=True.*descent transform"),
+        ({"sam_method": "esam", "sam_descent": "looksam"}, "esam_swp=True.*descent transform"),
+        ({"sam_method": "esam", "sam_renormalize": True}, "esam_swp=True.*descent transform"),
+        ({"sam_method": "gsam", "esam_swp": True}, "esam_swp=True.*descent transform"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_field(kwargs, match):
@@ -198,6 +203,10 @@ def test_looksam_period_is_looksam_k_and_an_equal_sam_interval_is_accepted():
         ({"sam_method": "none", "esam_gamma": 0.5}, ["esam_gamma"]),
         ({"sam_method": "mesa", "saf_tau": 2.0}, ["saf_tau"]),
         ({"sam_method": "none", "esam_swp": True, "sam_ascent": "fsam"}, ["esam_swp", "sam_ascent"]),
+        ({"sam_method": "none", "sam_mask": "fisher", "sam_schedule": "every_k"}, ["sam_mask", "sam_schedule"]),
+        ({"sam_method": "none", "sam_descent": "gsam", "sam_renormalize": True}, ["sam_descent", "sam_renormalize"]),
+        ({"sam_method": "none", "sam_direction": "momentum"}, ["sam_direction"]),
+        ({"sam_method": "none", "sam_micro_batches": 2, "sam_accumulation": "micro"}, ["sam_micro_batches"]),
         ({"sam_method": "ssam-f", "sam_sparsity": 0.9}, []),
         ({"sam_method": "ss-sam", "sam_probability": 0.3}, []),
         ({"sam_method": "msam"}, []),

@@ -962,6 +962,17 @@ def test_looksam_preset_is_sam_every_k_steps_and_keeps_no_copy(tmp_path):
     )
 
 
+def test_looksam_reuses_nothing_from_a_sam_step_at_radius_zero(tmp_path):
+    # GSAM's schedule with sam_rho_min 0 gives rho 0 where the learning rate is 0 (step 0 of a warm-up): there g~ = g
+    # and g_v = 0 in exact arithmetic; its rounding noise, rescaled to alpha ||g||, must not reach the next step.
+    common = dict(max_steps=2, sam_method="looksam", sam_rho_warmup=0.0, sam_rho_min=0.0,
+                  lr_scheduler_type="linear", warmup_steps=2)  # fmt: skip
+    reuse = train_sam(tmp_path / "r", tiny_bert(), tiny_dataset(), "sgd", looksam_alpha=0.7, **common)
+    assert [h["sam/rho"] for h in reuse.state.log_history if "sam/rho" in h] == [0.0]  # step 0 is the SAM step
+    plain = train_sam(tmp_path / "p", tiny_bert(), tiny_dataset(), "sgd", looksam_alpha=0.0, **common)
+    assert_same_weights(state(reuse.model), state(plain.model))
+
+
 def test_stable_sam_descent_keeps_the_ascent_norm(tmp_path):
     # Trainer logs the norm of the final gradient (no clipping here): it must equal ||g||, logged as sam/grad_norm.
     trainer = train_sam(tmp_path, tiny_bert(), tiny_dataset(), "sgd", sam_method="stable-sam", sam_rho=0.5,
@@ -1015,6 +1026,51 @@ def test_momentum_sam_refuses_an_optimizer_without_momentum_before_any_update(tm
     with pytest.raises(ValueError, match="SGD keeps none"):
         trainer.train()
     assert_same_weights(before, state(trainer.model))
+
+
+def test_momentum_direction_over_adasam_perturbs_along_its_first_moment(tmp_path):
+    # AdaSAM keeps its first moment as "m": the direction used to find none there and ran plain AMSGrad steps.
+    args = {"sam_method": "adasam", "sam_direction": "momentum", "sam_rho": 0.2, "adam_epsilon": 1e-3}
+    trainer, reference_model, windows = train_with_reference(
+        tmp_path, None, 1, "window", args, {"rho": 0.2, "direction": "momentum"}, own_eps=1e-3
+    )
+    norms = [h["sam/momentum_norm"] for h in trainer.state.log_history if "sam/momentum_norm" in h]
+    assert norms[0] == 0 and all(n > 0 for n in norms[1:]), norms  # no moment before the first update
+    assert_same_weights(state(trainer.model), state(reference_model), exact=False)
+    plain = copy_model(tiny_bert())
+    reference_sam(plain, AMSGrad(plain.parameters(), lr=0.05, eps=1e-3), windows, rho=0.0)
+    pairs = zip(state(plain).values(), state(reference_model).values())
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in pairs)  # the test can fail: plain AdaSAM differs
+
+
+class _BetasWithOtherMomentKey(torch.optim.SGD):
+    """Adam-style betas, and its first moment under a key Momentum-SAM does not know (as bitsandbytes' "state1")."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.1, momentum=0.9)
+        for group in self.param_groups:
+            group["betas"], group["momentum"] = (0.9, 0.999), 0.0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    state = self.state[p]
+                    state["state1"] = 0.9 * state.get("state1", torch.zeros_like(p)) + p.grad
+                    p -= group["lr"] * state["state1"]
+
+
+def test_momentum_sam_refuses_an_optimizer_whose_first_moment_it_cannot_find(tmp_path):
+    model = tiny_bert()
+    trainer = SequentialSAMTrainer(
+        model=model,
+        args=sam_args(tmp_path, sam_method="momentum-sam"),
+        train_dataset=tiny_dataset(),
+        optimizers=(_BetasWithOtherMomentKey(model.parameters()), None),
+    )
+    with pytest.raises(ValueError, match="state1"):  # instead of plain steps that perturb nothing
+        trainer.train()
 
 
 # Shards of unequal size (a batch not a multiple of sam_micro_batches): each shard's loss is its share of the
