@@ -54,6 +54,7 @@ class DescentPipeline:
         self.transforms = transforms
         self.args = args
         self.clean_copy: list[torch.Tensor] | None = None
+        self.clean_names: list[str] = []  # the perturbed tensors that had a clean gradient, in `clean_copy`'s order
 
     @property
     def active(self) -> bool:
@@ -65,9 +66,24 @@ class DescentPipeline:
         self.clean_copy = None
         if not self.active or not (local_ascent or any(t.needs_clean_copy for t in self.transforms)):
             return
-        self.clean_copy = [g.detach().clone() for g in perturbation.with_grads()[2]]
+        names, _, grads = perturbation.with_grads()
+        self.clean_names = names
+        self.clean_copy = [g.detach().clone() for g in grads]
         if local_ascent:
             all_reduce_mean_(self.clean_copy)
+
+    def _clean_for(self, names: list[str], grads: list[torch.Tensor], clean: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The clean gradient of each tensor in `names` (those with a descent gradient), 0 where it had none.
+
+        A routed model (mixture of experts, any branch chosen by the weights) can use other tensors at w + eps than
+        at w: the lists differ, and pairing them by position would crash or, with equal lengths, silently pair one
+        tensor's g with another's g~. A tensor used only at w has no descent gradient, and the transforms leave it
+        without one, as the plain step would.
+        """
+        if names == self.clean_names:
+            return clean
+        by_name = dict(zip(self.clean_names, clean))
+        return [by_name[n] if n in by_name else torch.zeros_like(g) for n, g in zip(names, grads)]
 
     @torch.no_grad()
     def after_sam_step(self, perturbation, raw_norm: torch.Tensor, rho: float | None = None) -> None:
@@ -84,11 +100,12 @@ class DescentPipeline:
                 transform.after_zero_radius_step()
             return
         names, _, grads = perturbation.with_grads()
-        clean_norm = global_norm(clean) if clean is not None else raw_norm
+        clean_norm = global_norm(clean) if clean is not None else raw_norm  # ||g|| over every tensor used at w
         if clean is not None:
             # A non-finite clean gradient skipped the ascent (eps = 0) and shows in clean_norm, which each transform
             # checks; its NaN must not reach their arithmetic, where 0 x NaN is still NaN.
             zero_non_finite_([local(c) for c in clean])
+            clean = self._clean_for(names, grads, clean)
         for transform in self.transforms:
             transform.after_sam_step(names, grads, clean, clean_norm)
 

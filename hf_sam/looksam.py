@@ -42,13 +42,14 @@ class LookSAMReuse(DescentTransform):
     def after_plain_step(self, names, grads) -> None:
         if not self.g_v:  # no SAM step yet (e.g. resumed mid-period from a checkpoint without g_v)
             return
-        g_v = [self.g_v[name] for name in names]
         if self._g_v_norm is None:  # g_v is fixed until the next SAM step: its norm too
             # g_v holds local shards under FSDP2: sum over the ranks the gradients are sharded over.
-            self._g_v_norm = global_norm(g_v, group=shard_group(grads))
+            self._g_v_norm = global_norm(list(self.g_v.values()), group=shard_group(grads))
         scale = self.args.looksam_alpha * global_norm(grads) / (self._g_v_norm + NORM_EPS)
+        # A routed model can give a tensor a gradient now that had none at the last SAM step: its g_v is 0.
+        pairs = [(local(g), self.g_v[name]) for name, g in zip(names, grads) if name in self.g_v]
         # g += scale * g_v in one pass, without a temporary copy of g_v (scale stays on the device).
-        torch._foreach_addcmul_([local(g) for g in grads], g_v, [scale] * len(g_v))
+        torch._foreach_addcmul_([g for g, _ in pairs], [v for _, v in pairs], [scale] * len(pairs))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"looksam_gv.{name}": value for name, value in self.g_v.items()}

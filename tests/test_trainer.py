@@ -1127,3 +1127,83 @@ def test_a_resume_on_the_same_trainer_logs_only_its_own_steps(tmp_path):
     assert expected["sam/sam_step_fraction"] == 1.0  # steps 6 and 7 are SAM steps
     for key in ("sam/sam_step_fraction", "sam/passes_per_step", "sam/perturbed_loss", "sam/sharpness"):
         assert same[key] == expected[key], key
+
+
+# A routed model (a mixture of experts, any branch the weights choose) can use other tensors at w + eps than at w, or
+# on a plain step than at the last SAM step. The descent transforms pair g and g~ by tensor, not by position.
+class Routed(torch.nn.Module):
+    """Two experts; the sign of `gate` picks one, so an eps that flips it routes the perturbed pass elsewhere."""
+
+    def __init__(self, gate: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gate = torch.nn.Parameter(torch.tensor([gate]))
+        self.a = torch.nn.Linear(4, 2)
+        self.b = torch.nn.Linear(4, 2, bias=False)
+
+    def forward(self, x, labels=None):
+        expert = self.a if self.gate.item() > 0 else self.b
+        logits = expert(x) * (1 + self.gate)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def routed_data():
+    from datasets import Dataset
+
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    return Dataset.from_dict({"x": x.tolist(), "labels": y.tolist()}).with_format("torch"), x, y
+
+
+def routed_grads(model, x, y) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(x, y)["loss"].backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gsam_pairs_g_and_g_tilde_by_tensor_when_eps_reroutes_the_model(tmp_path):
+    rho, alpha, lr = 0.5, 0.1, 0.05
+    data, x, y = routed_data()
+    common = dict(sam_rho=rho, gsam_alpha=alpha, optim="sgd", max_steps=1, per_device_train_batch_size=8)
+    trainer = SAMTrainer(model=Routed(-0.01), args=sam_args(tmp_path, sam_method="gsam", **common), train_dataset=data)
+    trainer.train()  # crashed: 3 descent gradients against 2 clean ones
+    # By hand: the clean pass uses expert b, the pass at w + eps expert a.
+    model = Routed(-0.01)
+    start = state(model)
+    g = routed_grads(model, x, y)
+    assert set(g) == {"gate", "b.weight"}
+    norm = torch.sqrt(sum(v.square().sum() for v in g.values()))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in g:
+                p.add_(g[n] * rho / norm)
+    g_tilde = routed_grads(model, x, y)
+    assert set(g_tilde) == {"gate", "a.weight", "a.bias"}
+    clean = {n: g.get(n, torch.zeros_like(v)) for n, v in g_tilde.items()}  # g is 0 where w did not use a tensor
+    coef = sum((clean[n] * g_tilde[n]).sum() for n in g_tilde) / sum(v.square().sum() for v in g_tilde.values())
+    expected = dict(start)
+    for n, v in g_tilde.items():
+        expected[n] = start[n] - lr * ((1 + alpha * coef) * v - alpha * clean[n])
+    assert_same_weights(state(trainer.model), expected, exact=False, atol=1e-6)
+    assert torch.equal(trainer.model.b.weight, start["b.weight"])  # used only at w: no descent gradient, no update
+
+
+def test_looksam_reuses_nothing_for_a_tensor_the_last_sam_step_did_not_use(tmp_path):
+    data, x, y = routed_data()
+    # A constant radius (the preset grows it over the run), so a 1-step run is the 2-step run's first step.
+    common = dict(sam_rho=0.5, sam_rho_warmup=0.0, looksam_alpha=0.7, optim="sgd", per_device_train_batch_size=8)
+    trainer = SAMTrainer(
+        model=Routed(0.001), args=sam_args(tmp_path, sam_method="looksam", max_steps=2, **common), train_dataset=data
+    )
+    trainer.train()  # crashed with a KeyError: step 2 (plain) routes to expert b, which step 1 (SAM) never used
+    first = SAMTrainer(
+        model=Routed(0.001), args=sam_args(tmp_path, sam_method="looksam", max_steps=1, **common), train_dataset=data
+    )
+    first.train()
+    assert first.model.gate.item() < 0 < 0.001  # the plain step runs on expert b
+    g = routed_grads(first.model, x, y)
+    assert set(g) == {"gate", "b.weight"}
+    # b.weight has no g_v: its update is the plain gradient's; expert a, unused, stays.
+    expected_b = first.model.b.weight.detach() - 0.05 * g["b.weight"]
+    torch.testing.assert_close(trainer.model.b.weight.detach(), expected_b, atol=1e-7, rtol=0)
+    assert torch.equal(trainer.model.a.weight, first.model.a.weight)
