@@ -30,7 +30,8 @@ ASCENT_CHOICES = tuple(ASCENT_RULES)
 DIRECTIONS = ("gradient", "momentum")
 DESCENT_CHOICES = ("none", *DESCENT_TRANSFORMS)
 ESAM_SELECTIONS = ("per_class", "batch")
-# Optimizers whose `step` happens inside `backward`: the perturbed pass would update the weights at w+eps.
+# Optimizers whose `step` happens inside `backward`: the perturbed pass would update the weights at w+eps. Also the
+# layer-wise GaLore / APOLLO ones (names ending in `_layerwise`), which Trainer steps from post-accumulate-grad hooks.
 FUSED_BACKWARD_OPTIMS = ("lomo", "adalomo")
 # Radii above these leave the range the papers use by far (SAM 0.01-0.5, ASAM 0.5-2); a step whose loss at w + eps is
 # not finite is skipped at run time, and a run of them stops training.
@@ -765,7 +766,7 @@ class SAMArgumentsMixin:
                 " gradient_accumulation_steps > 1 use --sam_accumulation window."
             )
         optim = str(getattr(self.optim, "value", self.optim))
-        if optim in FUSED_BACKWARD_OPTIMS:
+        if optim in FUSED_BACKWARD_OPTIMS or optim.endswith("_layerwise"):
             raise ValueError(
                 f"optim={optim!r} updates the weights inside backward(), which would step at the perturbed weights."
                 " Choose another --optim (e.g. adamw_torch) or sam_method='none'."

@@ -100,6 +100,8 @@ class DescentPipeline:
                 transform.after_zero_radius_step()
             return
         names, _, grads = perturbation.with_grads()
+        if not grads:  # no perturbed parameter got a gradient in this step: nothing to rewrite
+            return
         clean_norm = global_norm(clean) if clean is not None else raw_norm  # ||g|| over every tensor used at w
         if clean is not None:
             # A non-finite clean gradient skipped the ascent (eps = 0) and shows in clean_norm, which each transform
@@ -115,5 +117,7 @@ class DescentPipeline:
         if not self.active:
             return
         names, _, grads = perturbation.with_grads()
+        if not grads:
+            return
         for transform in self.transforms:
             transform.after_plain_step(names, grads)

@@ -250,12 +250,33 @@ class SAMMixin:
         return split_batch(inputs, shards)
 
     def _sam_position(self, inputs) -> tuple[int, list]:
-        """Index of `inputs` in the current accumulation window, and the window (`[inputs]` if called alone)."""
+        """Index of `inputs` in the current accumulation window, and the window (`[inputs]` if called alone).
+
+        Trainer calls `training_step` once per prefetched micro-batch, in order, so the position counts even when a
+        `training_step` override hands on a new dict (`{**inputs, ...}`): taken for a window of one, each micro-batch
+        would mix its clean gradient into the earlier micro-batches' descent gradients, and the ascent would drop
+        them (the step would keep the last micro-batch's gradient alone).
+        """
         window, index = self._sam.window, self._sam.window_next
-        if window is not None and index < len(window) and window[index] is inputs:
-            self._sam.window_next += 1
+        if window is None or index >= len(window):
+            return 0, [inputs]
+        self._sam.window_next += 1
+        if window[index] is inputs:
             return index, window
-        return 0, [inputs]
+        if len(window) == 1:
+            return 0, [inputs]  # the override's dict is the whole window
+        per_window = self.args.sam_micro_batches == 1 and self.args.sam_accumulation == "window"
+        if index == 0 and per_window and self.args.sam_direction != "momentum":
+            # Window mode runs every micro-batch's clean pass at the first one, from the prefetched batches: the
+            # override's changes to the other micro-batches would be missed.
+            raise ValueError(
+                "training_step received another dict than the batch Trainer prefetched for this accumulation window"
+                " (a training_step override that passes on a new dict?). sam_accumulation='window' runs the clean"
+                " passes of the whole window from the prefetched batches at its first micro-batch, so it would miss"
+                " the override's changes: change the prefetched dict in place and pass it on, or use"
+                " --sam_accumulation micro."
+            )
+        return index, window
 
     def _sam_window_step(self, model, inputs, index, window, num_items_in_batch) -> torch.Tensor:
         """One perturbation from the whole window: batch b x GA k is the same SAM step as batch bk x GA 1."""
@@ -375,8 +396,9 @@ class SAMMixin:
             try:
                 with torch.no_grad(), self.compute_loss_context_manager(), resharded_after(model):
                     prepared = self._prepare_inputs(dict(shard))
-                    once = self.compute_loss(model, prepared, num_items_in_batch=num_items_in_batch)
-                    twice = self.compute_loss(model, prepared, num_items_in_batch=2 * num_items_in_batch)
+                    # A copy for each: Trainer's compute_loss pops `labels` with label smoothing.
+                    once = self.compute_loss(model, dict(prepared), num_items_in_batch=num_items_in_batch)
+                    twice = self.compute_loss(model, dict(prepared), num_items_in_batch=2 * num_items_in_batch)
             finally:
                 model.train(was_training)
                 restore_rng(rng, self.args.device)

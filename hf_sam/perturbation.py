@@ -77,6 +77,11 @@ class Perturbation:
             float tensor that is 1 when the ascent was skipped.
         """
         names, params, grads = self.with_grads()
+        if not grads:
+            # No perturbed parameter got a gradient in this step (`sam_include` on a head or tower the batch does not
+            # use): eps = 0, nothing moves (the rules' foreach ops refuse an empty list).
+            nothing = torch.zeros((), device=self.params[0].device if self.params else None)
+            return nothing, nothing
         grad_norm = global_norm(grads)
         finite = torch.isfinite(grad_norm)
         # A radius of 0 when g is not finite, then NaN/inf -> 0: eps = 0 everywhere, without a separate pass.

@@ -107,6 +107,8 @@ FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}
         ({"deepspeed": {"train_batch_size": "auto"}}, r"zero_optimization.stage=0 \(0 when absent\)"),
         ({"deepspeed": {"zero_optimization": {"stage": 0}}}, "zero_optimization.stage to 2"),
         ({"optim": "lomo"}, "optim"),
+        ({"optim": "galore_adamw_layerwise", "optim_target_modules": ["attention"]}, "inside backward"),
+        ({"optim": "apollo_adamw_layerwise", "optim_target_modules": ["attention"]}, "inside backward"),
         ({"sam_schedule": "sometimes"}, "sam_schedule"),
         ({"sam_probability": 1.5}, "sam_probability"),
         ({"sam_interval": 0}, "sam_interval"),

@@ -10,6 +10,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_sam import METHODS, SAMTrainer
 from hf_sam.optim import AdaSAMOptimizer
 from tests.helpers import (
+    LABELS,
     SequentialSAMTrainer,
     SequentialTrainer,
     assert_same_weights,
@@ -250,6 +251,45 @@ def test_rho_zero_is_plain_trainer_with_trainer_options(tmp_path, feature):
         plain_logged = [h[key] for h in plain.state.log_history if key in h]
         assert plain_logged == [h[key] for h in sam.state.log_history if key in h], key
         assert plain_logged or key != "eval_loss" or feature != "eval_every_step"
+
+
+class _PassesANewDict:
+    """A `training_step` override as users write one: it hands a new dict on (`{**inputs, ...}`; here a copy)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        return super().training_step(model, dict(inputs), num_items_in_batch)
+
+
+@pytest.mark.parametrize("accumulation, ga", [("micro", 2), ("window", 1)])
+def test_a_training_step_override_that_passes_a_new_dict_keeps_every_micro_batch(tmp_path, accumulation, ga):
+    # Taken for a window of one, each micro-batch's clean pass mixed into the earlier descent gradients and the
+    # ascent dropped them: the step kept the last micro-batch's gradient alone.
+    data = tiny_dataset()
+    plain = type("Plain", (_PassesANewDict, Trainer), {})(
+        model=tiny_bert(dropout=0.1),
+        args=plain_args(tmp_path / "p", gradient_accumulation_steps=ga),
+        train_dataset=data,
+    )
+    plain.train()
+    sam = type("Sam", (_PassesANewDict, SAMTrainer), {})(
+        model=tiny_bert(dropout=0.1),
+        args=sam_args(tmp_path / "s", sam_rho=0.0, sam_accumulation=accumulation, gradient_accumulation_steps=ga),
+        train_dataset=data,
+    )
+    sam.train()
+    assert_same_weights(state(plain.model), state(sam.model))
+
+
+def test_window_accumulation_refuses_a_training_step_override_that_passes_a_new_dict(tmp_path):
+    # Window mode runs the whole window's clean passes from the prefetched batches: the override's would be missed.
+    model = tiny_bert()
+    before = state(model)
+    sam = type("Sam", (_PassesANewDict, SAMTrainer), {})(
+        model=model, args=sam_args(tmp_path, gradient_accumulation_steps=2), train_dataset=tiny_dataset()
+    )
+    with pytest.raises(ValueError, match="sam_accumulation micro"):
+        sam.train()
+    assert_same_weights(before, state(sam.model))
 
 
 # ---------------------------------------------------------------- hand-written references
@@ -564,6 +604,21 @@ def test_include_exclude_select_the_perturbed_set(tmp_path):
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     selected = [names[id(p)] for p in trainer._sam.perturbation.params]
     assert selected and all("LayerNorm.weight" in n for n in selected)
+
+
+@pytest.mark.parametrize("method", ["sam", "gsam", "stable-sam"])
+def test_a_perturbed_set_without_gradients_in_a_step_leaves_it_plain(tmp_path, method):
+    # sam_include on a head (or tower) that a batch does not use: no gradient to ascend along, so eps = 0. The
+    # ascent rules' and descent transforms' foreach ops raised on the empty list instead.
+    def model():
+        m = tiny_bert()
+        m.unused_head = torch.nn.Linear(16, LABELS)
+        return m
+
+    data = tiny_dataset()
+    sam = train_sam(tmp_path / "s", model(), data, "sgd", sam_method=method, sam_include="unused_head")
+    plain = train_sam(tmp_path / "p", model(), data, "sgd", sam_method="none")
+    assert_same_weights(state(plain.model), state(sam.model))
 
 
 def test_gradient_checkpointing_gives_the_same_sam_steps(tmp_path):
@@ -1103,6 +1158,22 @@ def test_msam_at_rho_zero_is_the_plain_trainer_with_unequal_shards(tmp_path, bat
     assert_same_weights(state(plain.model), state(msam.model), exact=False, atol=1e-6)
     plain_losses = [h["loss"] for h in plain.state.log_history if "loss" in h]
     assert plain_losses == pytest.approx([h["loss"] for h in msam.state.log_history if "loss" in h], rel=1e-5)
+
+
+def test_msam_at_rho_zero_is_the_plain_trainer_with_label_smoothing(tmp_path):
+    # Deciding whether the loss is normalized by num_items_in_batch ran compute_loss twice on one dict, and Trainer's
+    # label smoother pops `labels` from it: the second call found no labels and no loss (a ValueError).
+    common = dict(gradient_accumulation_steps=2, max_steps=3, optim="sgd", label_smoothing_factor=0.1)
+
+    def model():
+        bert = tiny_bert()
+        bert.accepts_loss_kwargs = True  # transformers' default for BERT: Trainer passes num_items_in_batch on
+        return bert
+
+    plain = train_sam(tmp_path / "p", model(), tiny_dataset(), sam_method="none", **common)
+    msam = train_sam(tmp_path / "m", model(), tiny_dataset(), sam_method="msam", sam_rho=0.0, **common)
+    assert msam._sam.loss_ignores_item_count is False  # the label smoother divides by num_items_in_batch
+    assert_same_weights(state(plain.model), state(msam.model), exact=False, atol=1e-6)
 
 
 # The sam/* metrics of one train() call do not leak into the next call on the same trainer.
