@@ -1,5 +1,6 @@
-"""Ready-made TRL trainers: `SAMMixin` in front of TRL's `SFTTrainer` and `DPOTrainer`, `SAMArgumentsMixin` in front
-of their configs. Importing this module needs `trl` (`pip install hf-sam[trl]`); `import hf_sam` does not.
+"""Ready-made TRL trainers: `SAMMixin` in front of TRL's `SFTTrainer`, `DPOTrainer` and `RewardTrainer`,
+`SAMArgumentsMixin` in front of their configs. Importing this module needs `trl` (`pip install hf-sam[trl]`);
+`import hf_sam` does not.
 
 Every pass still goes through the TRL trainer's own `training_step` and `compute_loss` (its fused LM head, loss
 types, activation offloading); only the step's clean pass feeds TRL's metrics and token count
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
 from .arguments import SAMArgumentsMixin
 from .mixin import SAMMixin
@@ -58,15 +59,43 @@ class SAMDPOTrainer(SAMMixin, DPOTrainer):
         return split_pairs(inputs, shards)
 
     def _sam_check_host(self, args) -> None:
-        if args.sam_loss_term != "none":
-            raise ValueError(
-                f"sam_method={args.sam_method!r} is not supported by SAMDPOTrainer: its loss term compares the"
-                " model's logits with a teacher's (MESA) or a bank's (SAF) per training input, and DPO's batches are"
-                " preference pairs. Use a method that perturbs the weights, e.g. --sam_method sam."
-            )
-        if args.sam_enabled and args.esam_gamma < 1:
-            raise ValueError(
-                f"ESAM's data selection (esam_gamma={args.esam_gamma}) ranks examples by their own loss, which DPO"
-                " only defines per preference pair: SAMDPOTrainer does not select. Set --esam_gamma 1 (ESAM's weight"
-                " perturbation alone) or use --sam_method sam."
-            )
+        refuse_per_example_pieces(args, "SAMDPOTrainer", "DPO")
+
+
+@dataclass
+class SAMRewardConfig(SAMArgumentsMixin, RewardConfig):
+    __doc__ = "[`~trl.RewardConfig`] plus the `sam_*` fields of [`SAMArgumentsMixin`].\n\n" + (
+        SAMArgumentsMixin.__doc__ or ""
+    )
+
+
+class SAMRewardTrainer(SAMMixin, RewardTrainer):
+    """TRL's `RewardTrainer` (a Bradley-Terry loss on the scores of chosen and rejected texts) with the SAM step.
+    Pass [`SAMRewardConfig`] as `args`. Refused as under [`SAMDPOTrainer`]: ESAM's data selection and SAF / MESA.
+    """
+
+    sam_default_args_class = SAMRewardConfig
+
+    def _sam_split_batch(self, inputs, shards: int):
+        # As DPO's: the batch is [chosen rows, rejected rows], and the loss pairs row i with row B + i (`margin`,
+        # when the data has one, is one value per pair).
+        return split_pairs(inputs, shards)
+
+    def _sam_check_host(self, args) -> None:
+        refuse_per_example_pieces(args, "SAMRewardTrainer", "the reward model's")
+
+
+def refuse_per_example_pieces(args, trainer: str, loss: str) -> None:
+    """Refuse, before the host is built, what needs a loss per example on a host whose loss is per preference pair."""
+    if args.sam_loss_term != "none":
+        raise ValueError(
+            f"sam_method={args.sam_method!r} is not supported by {trainer}: its loss term compares the model's"
+            " logits with a teacher's (MESA) or a bank's (SAF) per training input, and the batches are preference"
+            " pairs. Use a method that perturbs the weights, e.g. --sam_method sam."
+        )
+    if args.sam_enabled and args.esam_gamma < 1:
+        raise ValueError(
+            f"ESAM's data selection (esam_gamma={args.esam_gamma}) ranks examples by their own loss, which {loss}"
+            f" loss only defines per preference pair: {trainer} does not select. Set --esam_gamma 1 (ESAM's weight"
+            " perturbation alone) or use --sam_method sam."
+        )

@@ -390,3 +390,71 @@ def test_msam_keeps_preference_pairs_together_and_at_rho_zero_equals_dpo_trainer
     a, b = state(plain.model), state(msam.model)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ----------------------------------------------------------------------------- RewardTrainer
+
+
+def tiny_reward_model():
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, num_labels=1,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None)  # fmt: skip
+    return LlamaForSequenceClassification(config)
+
+
+# Texts of different lengths, and a margin per pair (one value per pair, B rows beside the 2B rows of texts).
+REWARD_PAIRS = Dataset.from_dict({
+    "chosen": ["the cat sat on the mat", "a dog ran", "the big log", "a red cat sat"] * 2,
+    "rejected": ["the cat then", "a dog under the mat and", "the big dog ran", "a red blue"] * 2,
+    "margin": [0.5, 0.0, 1.0, 0.2] * 2,
+})  # fmt: skip
+
+
+def reward(tmp_path, method: str | None, **overrides):
+    from hf_sam import SAMRewardConfig, SAMRewardTrainer
+
+    values = {**COMMON, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2,
+              "output_dir": str(tmp_path), **overrides}  # fmt: skip
+    if method is None:
+        trainer = trl.RewardTrainer(model=tiny_reward_model(), args=trl.RewardConfig(**values),
+                                    train_dataset=REWARD_PAIRS, processing_class=tokenizer())  # fmt: skip
+    else:
+        trainer = SAMRewardTrainer(model=tiny_reward_model(), args=SAMRewardConfig(sam_method=method, **values),
+                                   train_dataset=REWARD_PAIRS, processing_class=tokenizer())  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+def test_reward_trainer_composes_rho_zero_equals_reward_trainer_and_msam_keeps_pairs(tmp_path):
+    plain = reward(tmp_path / "plain", None)
+    rho0 = reward(tmp_path / "rho0", "sam", sam_rho=0.0)
+    assert_same_weights(state(plain.model), state(rho0.model))
+    # accuracy, margin, rewards, num_tokens: counted once per step, from the clean pass
+    assert host_logs(rho0) == host_logs(plain)
+    assert {"num_tokens", "accuracy", "margin", "mean_reward"} <= set(host_logs(rho0)[0])
+    sam = reward(tmp_path / "sam", "sam")
+    # Its first step logs the clean pass at the same weights: the plain step's loss and metrics, not those at w + eps.
+    for key in ("loss", "accuracy", "margin", "mean_reward", "min_reward", "max_reward", "num_tokens"):
+        assert host_logs(sam)[0][key] == host_logs(plain)[0][key], key
+    assert any(not torch.equal(a, b) for a, b in zip(state(plain.model).values(), state(sam.model).values()))
+    # mSAM's shards hold whole pairs (contiguous shards would score chosen rows against chosen rows): at rho 0 it is
+    # the plain RewardTrainer, up to the rounding of summing two shards.
+    msam = reward(tmp_path / "msam", "msam", sam_micro_batches=2, sam_rho=0.0)
+    a, b = state(plain.model), state(msam.model)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    first_plain, first_msam = host_logs(plain)[0], host_logs(msam)[0]
+    assert first_msam["accuracy"] == first_plain["accuracy"] and first_msam["num_tokens"] == first_plain["num_tokens"]
+
+
+@pytest.mark.parametrize("method, extra, match", [("mesa", {}, "preference pairs"),
+                                                  ("esam", {"esam_gamma": 0.5}, "esam_gamma 1")])  # fmt: skip
+def test_reward_trainer_refuses_what_needs_a_per_example_loss(tmp_path, method, extra, match):
+    from hf_sam import SAMRewardConfig, SAMRewardTrainer
+
+    args = SAMRewardConfig(output_dir=str(tmp_path), sam_method=method, use_cpu=True, report_to="none", **extra)
+    with pytest.raises(ValueError, match=match):
+        SAMRewardTrainer(tiny_reward_model(), args)
