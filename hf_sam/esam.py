@@ -87,8 +87,22 @@ def take_examples(inputs: dict[str, Any], index: torch.Tensor, batch: int) -> di
     return out
 
 
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, shifts_labels: bool) -> torch.Tensor:
-    """Loss of each example, in fp32: classification (CE or MSE), token-level CE averaged over labels != -100.
+def _mean_per_sequence(token_loss: torch.Tensor, valid: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Mean of a padding-free row's `(1, positions)` token losses over the `valid` ones of each sequence (`bounds`:
+    its token offsets, see `hf_sam.msam.sequence_bounds`); position t scores the label of token t + 1, which a valid
+    position shares a sequence with (a sequence's first label is -100)."""
+    positions = torch.arange(token_loss.shape[1], device=token_loss.device)
+    sequence = torch.bucketize(positions, torch.tensor(bounds[1:-1], device=token_loss.device), right=True)
+    count = len(bounds) - 1
+    total = token_loss.new_zeros(count).index_add_(0, sequence, (token_loss * valid)[0])
+    return total / valid.new_zeros(count).index_add_(0, sequence, valid[0]).clamp(min=1)
+
+
+def per_example_loss(
+    logits: torch.Tensor, labels: torch.Tensor, shifts_labels: bool, bounds: list[int] | None = None
+) -> torch.Tensor:
+    """Loss of each example, in fp32: classification (CE or MSE), token-level CE averaged over labels != -100 (per
+    sequence of a padding-free batch whose token offsets are `bounds`).
 
     Raises:
         `ValueError`: outputs this function does not know; override `SAMTrainer.per_example_loss`.
@@ -105,6 +119,8 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, shifts_labels: 
             logits, labels = logits[:, :-1], labels[:, 1:]
         token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
         valid = (labels != -100).float()
+        if bounds is not None:
+            return _mean_per_sequence(token, valid, bounds)
         return (token * valid).sum(-1) / valid.sum(-1).clamp(min=1)
     raise ValueError(
         f"ESAM's data selection needs per-example losses, and logits of shape {tuple(logits.shape)} with labels of"
@@ -113,11 +129,16 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, shifts_labels: 
     )
 
 
-def per_example_nll(log_probs: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+def per_example_nll(
+    log_probs: torch.Tensor, label_mask: torch.Tensor, bounds: list[int] | None = None
+) -> torch.Tensor:
     """Mean negative log-likelihood of each example's scored tokens, in fp32, from a fused LM head's per-token
     log-probabilities (`(batch, positions)`, zero where `label_mask` is False). The same value as `per_example_loss`
-    on the logits: token-level CE averaged over the labels that are not -100."""
+    on the logits: token-level CE averaged over the labels that are not -100 (per sequence of a padding-free batch
+    whose token offsets are `bounds`)."""
     mask = label_mask.float()
+    if bounds is not None:
+        return _mean_per_sequence(-log_probs.float(), mask, bounds)
     return -(log_probs.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 

@@ -30,7 +30,7 @@ from .loss_term import (
 )
 from .metrics import SAMMetrics
 from .momentum_sam import first_moments, keeps_momentum, no_momentum_message
-from .msam import shard_sizes, split_batch
+from .msam import sequence_bounds, shard_sizes, split_batch, take_sequences
 from .radius import step_rho
 from .replay import capture_rng, frozen_bn_stats, restore_rng
 from .run import SAMRun
@@ -394,7 +394,14 @@ class SAMMixin:
             was_training = model.training
             model.eval()
             try:
-                with torch.no_grad(), self.compute_loss_context_manager(), resharded_after(model):
+                # Off the record: a host that collects per-pass metrics in compute_loss (TRL's SFTTrainer) files these
+                # eval-mode forwards under its evaluation metrics, which the next `evaluate()` would average in.
+                with (
+                    torch.no_grad(),
+                    self.compute_loss_context_manager(),
+                    resharded_after(model),
+                    off_the_record(self),
+                ):
                     prepared = self._prepare_inputs(dict(shard))
                     # A copy for each: Trainer's compute_loss pops `labels` with label smoothing.
                     once = self.compute_loss(model, dict(prepared), num_items_in_batch=num_items_in_batch)
@@ -455,14 +462,22 @@ class SAMMixin:
             with self.compute_loss_context_manager(), capture_outputs(self.model) as captured:
                 self.compute_loss(self.model, dict(prepared))
             rise = self.per_example_loss(captured[-1], prepared) - clean_examples
-        batch = next(v.shape[0] for v in prepared.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        bounds = sequence_bounds(prepared)
+        if bounds is not None:
+            batch = len(bounds) - 1
+        else:
+            batch = next(v.shape[0] for v in prepared.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
         if rise.shape != (batch,):
             raise ValueError(
                 f"ESAM's data selection needs one loss per example, but per_example_loss gave shape"
                 f" {tuple(rise.shape)} for a batch of {batch}. Override `per_example_loss(outputs, inputs)` for this"
                 " trainer's loss, or set --esam_gamma 1."
             )
-        subset = take_examples(dict(inputs), self._sam.esam.select(rise, prepared.get("labels")), rise.shape[0])
+        selected = self._sam.esam.select(rise, prepared.get("labels"))
+        if bounds is not None:
+            subset = take_sequences(dict(inputs), bounds, sorted(selected.tolist()))
+        else:
+            subset = take_examples(dict(inputs), selected, rise.shape[0])
         if rng is not None:
             restore_rng(rng, self.args.device)
         with frozen_bn_stats(self._sam.bn_layers), off_the_record(self), self._sam_loss_divided_by_ga():
@@ -498,9 +513,12 @@ class SAMMixin:
         Returns:
             `torch.Tensor` of shape `(batch,)`.
         """
+        # A padding-free batch (one row of sequences back to back, TRL's `padding_free` and packing) scores each
+        # sequence: the row as one example would leave ESAM nothing to select.
+        bounds = sequence_bounds(inputs)
         token_log_probs = per_token_log_probs(outputs)
         if token_log_probs is not None:
-            return per_example_nll(*token_log_probs)
+            return per_example_nll(*token_log_probs, bounds)
         logits = logits_of(outputs, "esam")
         labels = inputs.get("labels")
         if labels is None:
@@ -508,7 +526,7 @@ class SAMMixin:
                 "ESAM's data selection needs `labels` in the batch to score examples. Override"
                 " `SAMTrainer.per_example_loss(outputs, inputs)`, or set --esam_gamma 1."
             )
-        return per_example_loss(logits, labels, self._sam_loss_shifts_labels())
+        return per_example_loss(logits, labels, self._sam_loss_shifts_labels(), bounds)
 
     # ------------------------------------------------------------------ tensor bookkeeping
 

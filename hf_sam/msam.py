@@ -10,10 +10,78 @@ from typing import Any
 import torch
 
 
+# A padding-free batch's per-sequence fields (TRL's collators, transformers' `DataCollatorWithFlattening`): rebuilt
+# for the sequences a piece keeps, not sliced.
+_CU_SEQ_LENS = ("cu_seq_lens_q", "cu_seq_lens_k")
+_MAX_LENGTH = ("max_length_q", "max_length_k")
+
+
+def sequence_bounds(inputs: dict[str, Any]) -> list[int] | None:
+    """Token offsets `[0, end_1, ..., length]` of the sequences of a padding-free batch, else None.
+
+    A padding-free batch (TRL's `padding_free` and its default packing, transformers' `DataCollatorWithFlattening`)
+    is one row that holds several sequences back to back, told apart by `position_ids` restarting (and
+    `cu_seq_lens_q` where the collator gives it) and without an `attention_mask`: each sequence is one example.
+    """
+    position_ids = inputs.get("position_ids")
+    if "attention_mask" in inputs or not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+        return None
+    if position_ids.shape[0] != 1:
+        return None
+    cu_seq_lens = inputs.get("cu_seq_lens_q")
+    if isinstance(cu_seq_lens, torch.Tensor) and cu_seq_lens.dim() == 1:
+        bounds = [int(b) for b in cu_seq_lens.tolist()]
+    else:  # where the position ids do not go up by one, as transformers finds packed sequences
+        positions = position_ids[0]
+        starts = (torch.diff(positions).ne(1).nonzero().flatten() + 1).tolist()
+        bounds = [0, *starts, positions.shape[0]]
+    return bounds if len(bounds) > 2 else None
+
+
+def take_sequences(inputs: dict[str, Any], bounds: list[int], index: list[int]) -> dict[str, Any]:
+    """The padding-free batch of the sequences `index` of `inputs` (whose offsets are `bounds`), back to back.
+
+    Per-token tensors (`(1, length, ...)`) keep those sequences' tokens; `cu_seq_lens_*`, `max_length_*` and `seq_idx`
+    are rebuilt for them, so the attention kernels see where each kept sequence starts.
+    """
+    length = bounds[-1]
+    lengths = [bounds[i + 1] - bounds[i] for i in index]
+    tokens = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in index])
+    out = dict(inputs)
+    for key, value in inputs.items():
+        if key in _MAX_LENGTH:
+            out[key] = max(lengths)
+        elif not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue
+        elif key in _CU_SEQ_LENS:
+            offsets = torch.tensor([0, *lengths]).cumsum(0)
+            out[key] = offsets.to(dtype=value.dtype, device=value.device)
+        elif key == "seq_idx":
+            ids = torch.repeat_interleave(torch.arange(len(index)), torch.tensor(lengths))[None]
+            out[key] = ids.to(dtype=value.dtype, device=value.device)
+        elif value.dim() >= 2 and value.shape[:2] == (1, length):
+            out[key] = value.index_select(1, tokens.to(value.device))
+        else:
+            raise ValueError(
+                f"A padding-free batch (one row of {length} tokens) is split by its sequences, but {key!r} of"
+                f" shape {tuple(value.shape)} is neither a per-token tensor (1, {length}, ...) nor a known"
+                " per-sequence field"
+                f" ({', '.join((*_CU_SEQ_LENS, *_MAX_LENGTH, 'seq_idx'))})."
+            )
+    return out
+
+
 def split_batch(inputs: dict[str, Any], shards: int) -> list[dict[str, Any]]:
-    """Split every batch-sized tensor of `inputs` into `shards` contiguous pieces; drop empty pieces."""
+    """Split every batch-sized tensor of `inputs` into `shards` contiguous pieces; drop empty pieces.
+
+    A padding-free batch (`sequence_bounds`) is split by its sequences instead of its one row.
+    """
     if shards == 1:
         return [inputs]
+    bounds = sequence_bounds(inputs)
+    if bounds is not None:
+        groups = torch.tensor_split(torch.arange(len(bounds) - 1), min(shards, len(bounds) - 1))
+        return [take_sequences(inputs, bounds, group.tolist()) for group in groups]
     sizes = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
     if len(sizes) != 1:
         raise ValueError(
@@ -56,9 +124,15 @@ def split_pairs(inputs: dict[str, Any], shards: int) -> list[dict[str, Any]]:
 
 
 def shard_sizes(shards: list[dict[str, Any]]) -> list[int]:
-    """The number of examples in each shard of `split_batch` (one shard: 1, whatever the batch holds)."""
+    """The number of examples in each shard of `split_batch` (one shard: 1, whatever the batch holds); the sequences
+    of a padding-free shard."""
     if len(shards) == 1:
         return [1]
-    return [
-        next(v.shape[0] for v in shard.values() if isinstance(v, torch.Tensor) and v.dim() > 0) for shard in shards
-    ]
+    return [_examples(shard) for shard in shards]
+
+
+def _examples(shard: dict[str, Any]) -> int:
+    bounds = sequence_bounds(shard)
+    if bounds is not None:
+        return len(bounds) - 1
+    return next(v.shape[0] for v in shard.values() if isinstance(v, torch.Tensor) and v.dim() > 0)

@@ -458,3 +458,43 @@ def test_reward_trainer_refuses_what_needs_a_per_example_loss(tmp_path, method, 
     args = SAMRewardConfig(output_dir=str(tmp_path), sam_method=method, use_cpu=True, report_to="none", **extra)
     with pytest.raises(ValueError, match=match):
         SAMRewardTrainer(tiny_reward_model(), args)
+
+
+def test_msam_item_count_probe_leaves_trl_eval_metrics_alone(tmp_path):
+    # mSAM asks once per run, with two eval-mode forwards through compute_loss, whether the loss is normalized by
+    # num_items_in_batch. SFTTrainer files eval-mode forwards under its "eval" metrics: they must not reach the next
+    # evaluate() (they halved eval_mean_token_accuracy here).
+    plain = sft(tmp_path / "plain", tiny_llama(), None, max_steps=1)
+    msam = sft(tmp_path / "msam", tiny_llama(), "msam", max_steps=1, sam_rho=0.0)
+    assert not msam._metrics["eval"]
+    plain_eval, msam_eval = plain.evaluate(sft_data(8)), msam.evaluate(sft_data(8))
+    for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy", "eval_num_tokens"):
+        assert msam_eval[key] == pytest.approx(plain_eval[key], rel=1e-5), key  # shards sum in another order
+
+
+@pytest.mark.parametrize("method", ["msam", "esam"])
+def test_padding_free_batches_are_split_and_selected_by_sequence(tmp_path, method):
+    # A padding-free batch (TRL's padding_free, and its default packing) is one row of sequences back to back. mSAM
+    # split its shards by rows (a ValueError on cu_seq_lens_q), and ESAM's data selection scored the row as one
+    # example and ran the descent on every sequence. Split and selected by sequence, both give the steps of the same
+    # method on the padded batches of the same sequences.
+    padded = sft(tmp_path / "padded", tiny_llama(), method, max_length=None)
+    packed = sft(tmp_path / "padding_free", tiny_llama(), method, max_length=None, padding_free=True)
+    assert_same_weights(state(packed.model), state(padded.model), exact=False, atol=1e-6)
+    for key in ("sam/sharpness", "num_tokens"):
+        assert [h[key] for h in packed.state.log_history if key in h] == pytest.approx(
+            [h[key] for h in padded.state.log_history if key in h], rel=1e-5
+        ), key
+
+
+def test_split_batch_finds_the_sequences_of_a_flattened_batch_from_position_ids():
+    # transformers' DataCollatorWithFlattening marks the sequences by position_ids alone (no cu_seq_lens).
+    from hf_sam.msam import sequence_bounds, shard_sizes, split_batch
+
+    ids = torch.arange(10)[None]
+    batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0]])}
+    assert sequence_bounds(batch) == [0, 3, 5, 9, 10]
+    shards = split_batch(batch, 2)
+    assert [s["input_ids"].tolist() for s in shards] == [[[0, 1, 2, 3, 4]], [[5, 6, 7, 8, 9]]]
+    assert shard_sizes(shards) == [2, 2]
+    assert sequence_bounds({**batch, "attention_mask": torch.ones_like(ids)}) is None  # the model sees one sequence
