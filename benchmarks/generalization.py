@@ -342,7 +342,12 @@ def label(row: dict) -> str:
 
 
 def key(row: dict) -> tuple:
-    return (row["task"], row["length"], label(row), float(row["scale"]), int(row["seed"]), row["device"])
+    """What makes two runs the same run. The torch thread count is part of it: it changes a CPU run's floating-point
+    results (another reduction order) and its wall time, so a run with other `--threads` is not skipped as done."""
+    return (
+        row["task"], row["length"], label(row), float(row["scale"]), int(row["seed"]), row["device"],
+        row.get("threads"),
+    )  # fmt: skip
 
 
 def done_keys(path: Path) -> set:
@@ -421,28 +426,33 @@ ELSEWHERE = "unrecorded (another machine)"
 
 
 def base_for(row: dict, plain: dict) -> dict | None:
-    """The `none` row a row pairs with: same seed and same numerics. Rows that record none (fine-tunes from before the
-    stamp, which today's runs reproduce to the sixth digit) pair with that seed's `none` row of any numerics."""
-    runs, numerics = plain.get(row["seed"], {}), row.get("numerics")
-    if numerics in runs:
-        return runs[numerics]
+    """The `none` row a row pairs with: same seed, same numerics and same thread count (`plain` maps seed to
+    (numerics, threads) to row). Rows that record no numerics (fine-tunes from before the stamp, which today's runs
+    reproduce to the sixth digit) pair with that seed's `none` row of any numerics at their thread count."""
+    runs, numerics, threads = plain.get(row["seed"], {}), row.get("numerics"), row.get("threads")
+    if (numerics, threads) in runs:
+        return runs[(numerics, threads)]
+    # The thread count is never crossed: it changes the numerics (the stamp does not record it) and the wall time.
+    runs = {n: r for (n, t), r in runs.items() if t == threads}
     return next(iter(runs.values()), None) if numerics is None else runs.get(None)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean ± std over seeds per (task, length, method, scale, numerics), with the paired difference to `none` (the
-    `none` row of the same seed and the same numerics)."""
+    """Mean ± std over seeds per (task, length, method, scale, numerics, threads), with the paired difference to
+    `none` (the `none` row of the same seed, the same numerics and the same torch thread count)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         k = (row["task"], row["length"], label(row), float(row["scale"]), row["device"], row.get("numerics"))
-        groups.setdefault(k, []).append(row)
+        groups.setdefault((*k, row.get("threads")), []).append(row)
     plain: dict[tuple, dict] = {}
     for k, g in groups.items():
         if k[2] == "none":
             for r in g:
-                plain.setdefault((k[0], k[1], k[4]), {}).setdefault(r["seed"], {})[k[5]] = r
+                plain.setdefault((k[0], k[1], k[4]), {}).setdefault(r["seed"], {})[(k[5], k[6])] = r
     summary = []
-    for (task, length, method, scale, device, numerics), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (task, length, method, scale, device, numerics, threads), group in sorted(
+        groups.items(), key=lambda kv: str(kv[0])
+    ):
         pairs = [(r, base_for(r, plain.get((task, length, device), {}))) for r in group]
         pairs = [(r, b) for r, b in pairs if b is not None]
         acc = [r["accuracy"] for r in group]
@@ -450,6 +460,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         cost = [r["train_seconds"] / b["train_seconds"] for r, b in pairs]
         summary.append({
             "task": task, "length": length, "method": method, "scale": scale, "device": device, "numerics": numerics,
+            "threads": threads,
             "radius": group[0]["radius"], "epochs": group[0]["epochs"], "seeds": len(group), "paired": len(pairs),
             "acc_mean": statistics.mean(acc), "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
             "delta_mean": statistics.mean(delta) if delta else None,
@@ -476,6 +487,8 @@ def markdown(summary: list[dict]) -> str:
     for task, length in sorted({(s["task"], s["length"]) for s in summary}, key=lambda t: (t[0], t[1] != "short")):
         part = [s for s in summary if s["task"] == task and s["length"] == length]
         device = part[0]["device"]
+        # Runs at another torch thread count are other draws, summarized apart: say which row is which.
+        several = len({s.get("threads") for s in part}) > 1
         lines += [
             f"### {task}, {length} ({part[0]['epochs']} epochs, {device.upper()})",
             "",
@@ -494,8 +507,9 @@ def markdown(summary: list[dict]) -> str:
                 else f"{s['seeds']} ({s['paired']} paired)"
             )
             accuracy = f"{100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f}"
+            threads = f" ({s['threads']} threads)" if several else ""
             lines.append(
-                f"| {s['method']}{elsewhere(s)} | {s['radius']:g} | {accuracy} | {delta} | {cost} |"
+                f"| {s['method']}{threads}{elsewhere(s)} | {s['radius']:g} | {accuracy} | {delta} | {cost} |"
                 f" {s['passes']:.2f} | {seeds} |"
             )
         if any(elsewhere(s) for s in part):

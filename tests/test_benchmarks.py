@@ -92,6 +92,27 @@ def test_rows_pair_with_the_plain_run_of_their_own_numerics(bench):
     assert bench.numerics().startswith("torch ") and "transformers " in bench.numerics()
 
 
+def test_rows_pair_only_with_plain_runs_of_their_own_thread_count(bench, tmp_path):
+    # The torch thread count changes a CPU run's floating-point results (another reduction order: a from-scratch run
+    # drifts as it does under other numerics) and its wall time, so a run with other `--threads` is another draw: it
+    # is not skipped as done, and it pairs with the `none` run of its own thread count, in a row of its own.
+    one = [{**row("none", 0, 0.90, 10.0), "threads": 1}, {**row("sam", 0, 0.95, 20.0), "threads": 1}]
+    two = [{**row("sam", 0, 0.85, 12.0), "threads": 2}, {**row("none", 0, 0.80, 6.0), "threads": 2}]
+    summary = {(s["method"], s["threads"]): s for s in bench.summarize(two + one)}
+    assert summary[("none", 1)]["seeds"] == summary[("none", 2)]["seeds"] == 1
+    assert summary[("sam", 2)]["delta_mean"] == pytest.approx(0.05) and summary[("sam", 2)]["cost_median"] == 2.0
+    assert summary[("sam", 1)]["delta_mean"] == pytest.approx(0.05) and summary[("sam", 1)]["cost_median"] == 2.0
+    table = bench.markdown(bench.summarize(one + two))
+    assert "| sam (2 threads) | 0.05 | 85.00 ± 0.00 | +5.00 ± 0.00 | 2.00 |" in table
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps({**r, "settings": {}}) + "\n" for r in one))
+    cli = argparse.Namespace(tasks=["mnist"], lengths=["short"], seeds=[0], methods=["none", "sam"], grid=[],
+                             scales=[1.0], device="cpu", threads=2, settings={}, set_none=False)  # fmt: skip
+    assert [bench.key(c) in bench.done_keys(path) for c in bench.plan(cli)] == [False, False]
+    cli.threads = 1
+    assert [bench.key(c) in bench.done_keys(path) for c in bench.plan(cli)] == [True, True]
+
+
 def test_set_fields_make_their_own_rows(bench):
     # `--set` runs are labelled and keyed by their fields: they neither collide with nor replace the preset's rows.
     settings = ["esam_gamma=0.5", "esam_selection=batch", "adasam_bias_correction=false"]
