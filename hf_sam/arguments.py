@@ -432,13 +432,9 @@ class SAMArgumentsMixin:
 
     def __post_init__(self):
         given = self._given_sam_fields()
-        self._resolve_sam_preset()
-        self._validate_sam_fields()
-        self._validate_loss_term_fields()
-        self._refuse_a_schedule_without_sam_steps(given)
-        self._warn_unused_fields(given)
-        self._warn_half_given_schedule(given)
-        self._warn_large_radius()
+        # What the user set, before the preset filled the rest: a hyperparameter-search trial resolves again from it.
+        self._sam_given = {name: getattr(self, name) for name in given}
+        self._resolve_and_check_sam_fields(given)
         if self.deepspeed and self.sam_enabled and self.sam_direction == "momentum":
             raise ValueError(MOMENTUM_UNDER_DEEPSPEED)
         if self.deepspeed and (self.sam_enabled or self.sam_loss_term != "none"):
@@ -449,6 +445,31 @@ class SAMArgumentsMixin:
                 check_zero_data_types(deepspeed_config_dict(self.deepspeed), where, bf16=bool(self.bf16))
         with without_shm_comm_build():
             super().__post_init__()  # may set up DeepSpeed's process group: without JIT-building its CPU op
+        self._validate_sam_against_training_args()
+        self._validate_weight_ema()
+
+    def _resolve_and_check_sam_fields(self, given: set[str]) -> None:
+        self._resolve_sam_preset()
+        self._validate_sam_fields()
+        self._validate_loss_term_fields()
+        self._refuse_a_schedule_without_sam_steps(given)
+        self._warn_unused_fields(given)
+        self._warn_half_given_schedule(given)
+        self._warn_large_radius()
+
+    def _sam_apply_trial(self, trial: dict[str, Any]) -> None:
+        """Resolve the `sam_*` fields again with a hyperparameter-search trial's values (`SAMMixin._hp_search_setup`).
+
+        Trainer sets a trial's values with `setattr`, after `__post_init__` filled the fields the user left out from
+        the preset and from each other: a searched `sam_rho` left `sam_rho_min` at the old radius (GSAM's schedule
+        then shrank the radius along the learning rate), a searched `sam_method` kept the old method's preset, and
+        nothing was validated. The trial's values count as given, as on the command line.
+        """
+        given = {**getattr(self, "_sam_given", {}), **trial}
+        for f in fields(SAMArgumentsMixin):
+            setattr(self, f.name, given.get(f.name, f.default if f.default is not MISSING else None))
+        self._sam_given = given
+        self._resolve_and_check_sam_fields(set(given))
         self._validate_sam_against_training_args()
         self._validate_weight_ema()
 

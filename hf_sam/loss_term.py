@@ -231,6 +231,13 @@ class AtEpochEnd(_TrainerHook):
         self._call()
 
 
+class AtTrainEnd(_TrainerHook):
+    """Calls `hook()` when training ends, before the other callbacks' `on_train_end` (put first in the list)."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._call()
+
+
 def loss_shifts_labels(trainer) -> bool:
     """Whether the model scores the logits at t against the label at t + 1 (causal LM), as Trainer decides.
 

@@ -9,12 +9,15 @@ work unchanged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
+from .arguments import SAMArgumentsMixin
 from .checkpoint import check_saved_optimizer, load_run_state, save_run_state
 from .components import LOSS_TERMS
 from .esam import per_example_loss, per_example_nll, take_examples
@@ -22,12 +25,14 @@ from .host_state import off_the_record
 from .loss_term import (
     AfterOptimizerStep,
     AtEpochEnd,
+    AtTrainEnd,
     capture_outputs,
     capture_pass,
     logits_of,
     loss_shifts_labels,
     per_token_log_probs,
 )
+from .methods import METHODS
 from .metrics import SAMMetrics
 from .momentum_sam import first_moments, keeps_momentum, no_momentum_message
 from .msam import sequence_bounds, shard_sizes, split_batch, take_sequences
@@ -41,6 +46,14 @@ from .sync import gradient_sync
 from .tensors import all_reduce_mean_, global_norm, local, resharded_after
 from .weight_ema import WeightEMA
 from .zero import ZeroStep, without_shm_comm_build
+
+
+logger = logging.get_logger(__name__)
+
+
+def _setup_kind(args) -> tuple:
+    """What `SAMMixin.__init__` sets up from the arguments (callbacks, checks, AdaSAM's optimizer class)."""
+    return args.sam_enabled, args.sam_loss_term, args.weight_ema_decay > 0, METHODS[args.sam_method].optimizer
 
 
 def _args_position(init) -> int:
@@ -95,6 +108,10 @@ class SAMMixin:
             check_loss_term_setup(self)
         if self.args.sam_loss_term != "none" or self.args.weight_ema_decay > 0:
             self.add_callback(AfterOptimizerStep(self._sam_after_optimizer_step))
+        if self.args.weight_ema_decay > 0:
+            # First, so the callbacks that save or log the model when training ends (W&B's log_model="end") get the
+            # average that the model holds after train(), not the trained weights.
+            self.callback_handler.callbacks.insert(0, AtTrainEnd(self._sam_leave_average))
         if self.args.sam_enabled:
             check_sam_setup(self)  # also hands AdaSAM's optimizer to Trainer
             # First, so no callback's on_epoch_end sees w + eps of a window that Trainer left early.
@@ -122,12 +139,46 @@ class SAMMixin:
             self._sam_abort_step()
             raise
         self._sam_end_cut_window()
+        self._sam_leave_average()  # done at on_train_end already, unless a subclass skipped the callbacks
+        return result
+
+    def _sam_leave_average(self) -> None:
+        """The model left after training (saved, pushed, evaluated) is the average; checkpoints written during
+        training keep the trained weights and the average apart, so a resume continues exactly."""
+        self._sam_end_cut_window()  # first: putting w back after would overwrite the average
         if self._sam.weight_ema is not None:
-            # The model left after training (saved, pushed, evaluated) is the average; checkpoints written during
-            # training keep the trained weights and the average apart, so a resume continues exactly.
             self._sam.weight_ema.copy_to_model()
             self._sam.weight_ema = None
-        return result
+
+    def _hp_search_setup(self, trial) -> None:
+        # Trainer sets a hyperparameter-search trial's values on the arguments with `setattr`, inside `train()`.
+        names = [f.name for f in dataclasses.fields(SAMArgumentsMixin)]
+        before = {name: getattr(self.args, name) for name in names}
+        kind = _setup_kind(self.args)
+        super()._hp_search_setup(trial)
+        changed = {name: getattr(self.args, name) for name in names if getattr(self.args, name) != before[name]}
+        if changed:
+            given = getattr(self.args, "_sam_given", None)
+            try:
+                self.args._sam_apply_trial(changed)  # the fields derived from the searched ones follow them
+                if _setup_kind(self.args) != kind:
+                    raise ValueError(
+                        f"The hyperparameter-search trial sets {changed}, which changes what {type(self).__name__}"
+                        " set up when it was built (whether SAM steps run, the loss term, the weight average, the"
+                        " method's own optimizer). Search within one kind of method, or build one trainer per kind."
+                    )
+            except ValueError:
+                for name, value in before.items():  # a refused trial leaves the arguments as the last good one
+                    setattr(self.args, name, value)
+                self.args._sam_given = given
+                raise
+            if getattr(self, "is_fsdp_enabled", False):
+                self.args.sam_ascent_sync = True  # as check_sam_setup set it (FSDP2 shards the ascent gradient)
+        optimizer_cls = METHODS[self.args.sam_method].optimizer
+        if self.args.sam_enabled and optimizer_cls is not None:
+            # AdaSAM's optimizer takes its learning rate and betas from the arguments: the trial's, not those of the
+            # trainer's construction (a searched learning_rate was ignored).
+            self.optimizer_cls_and_kwargs = (optimizer_cls, optimizer_cls.kwargs_from(self.args))
 
     def evaluate(self, *args: Any, **kwargs: Any):
         with self._sam_averaged_weights(), resharded_after(self.model):
@@ -215,6 +266,14 @@ class SAMMixin:
             # engine until the weights are back at w
             zero.begin()
         if index == 0:
+            if self._sam.refresh_trainable(self.model) and not self._sam.warned_new_trainable:
+                self._sam.warned_new_trainable = True
+                logger.warning(
+                    "Parameters became trainable after the first step of train() (a callback unfroze them): they"
+                    " are trained with the descent gradient, but not perturbed, since the perturbed set (and any"
+                    " state of the method over it) is chosen at the first step. To perturb them, unfreeze them"
+                    " before train(), or call train() again (resume from a checkpoint) after unfreezing."
+                )
             if self._sam.perturbation.mask is not None:
                 with off_the_record(self):  # the Fisher passes are no training passes of the host's
                     self._sam.perturbation.mask.before_step(self, self._sam.perturbation.params)

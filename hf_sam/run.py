@@ -52,6 +52,7 @@ class SAMRun:
     zero: ZeroStep | None = None  # under DeepSpeed ZeRO-1/2: holds each step's passes back from the engine
     weight_ema: WeightEMA | None = None  # the moving average of the weights (weight_ema_decay > 0)
     stall: StallWatch = field(default_factory=StallWatch)  # warns when the training loss does not fall
+    warned_new_trainable: bool = False  # the warning about parameters unfrozen after the first step, given once
 
     def build(self, model: torch.nn.Module, args) -> None:
         """The method's pieces, from the prepared model: the perturbed set with its ascent rule and mask, the
@@ -64,6 +65,18 @@ class SAMRun:
         mask = SparseMask(args, names, params) if args.sam_mask in ("fisher", "dynamic") else None
         self.perturbation = Perturbation(named, build_ascent(args), mask)
         self.descent = build_descent(args)
+
+    def refresh_trainable(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """List again the parameters that get a gradient (at the start of every step): a callback may unfreeze or
+        freeze parameters between steps (gradual unfreezing). Listed at the first step only, a parameter unfrozen
+        later kept its clean gradient under the descent gradient that the backward at w + eps added to it, so it
+        trained on their sum. Returns the trainable parameters outside the perturbed set chosen at the first step."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if len(trainable) == len(self.trainable) and all(a is b for a, b in zip(trainable, self.trainable)):
+            return []  # the usual case, in one pass over the parameters
+        known = {id(p) for p in self.perturbation.params} | {id(p) for p in self.trainable}
+        self.trainable = trainable
+        return [p for p in trainable if id(p) not in known]
 
     def reset(self) -> None:
         """Back to a run that has not started (at every `train()` call)."""

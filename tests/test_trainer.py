@@ -553,6 +553,78 @@ def test_bf16_autocast_trains_and_restores_exactly(tmp_path, method, weights_dty
 # ---------------------------------------------------------------- features
 
 
+class _UnfreezeTheClassifierAtStep2(TrainerCallback):
+    """Gradual unfreezing: the head is frozen at the start and trains from step 2 on."""
+
+    def on_step_begin(self, args, state_, control, model=None, **kwargs):
+        if state_.global_step == 2:
+            model.classifier.requires_grad_(True)
+
+
+@pytest.mark.parametrize(("accumulation", "ga"), [("window", 1), ("window", 2), ("micro", 2)])
+def test_a_parameter_unfrozen_during_training_gets_the_descent_gradient_alone(tmp_path, accumulation, ga):
+    # The parameters the step handles were listed at the first step: one unfrozen later kept its clean gradient
+    # under the descent gradient added to it, so at rho 0 it moved twice as far as under the plain Trainer.
+    runs = []
+    for trainer_cls, make_args in ((SequentialTrainer, plain_args), (SequentialSAMTrainer, sam_args)):
+        model = tiny_bert()
+        model.classifier.requires_grad_(False)
+        extra = {"sam_rho": 0.0, "sam_accumulation": accumulation} if trainer_cls is SequentialSAMTrainer else {}
+        trainer = trainer_cls(
+            model=model,
+            args=make_args(tmp_path / str(len(runs)), gradient_accumulation_steps=ga, per_device_train_batch_size=2,
+                           **extra),
+            train_dataset=tiny_dataset(),
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),  # every parameter, frozen or not
+            callbacks=[_UnfreezeTheClassifierAtStep2()],
+        )  # fmt: skip
+        trainer.train()
+        runs.append(state(trainer.model))
+    assert not torch.equal(runs[0]["classifier.weight"], tiny_bert().classifier.weight)  # it did train
+    assert_same_weights(*runs, exact=False)
+
+
+def _run_trial(trainer, trial: dict, monkeypatch) -> None:
+    """`train(trial=...)` as `hyperparameter_search` calls it with a dict trial (Ray Tune or W&B), which Trainer sets
+    on the arguments in `_hp_search_setup`; neither backend is installed, so their two lookups are stood in for."""
+    from transformers.trainer_utils import HPSearchBackend
+
+    monkeypatch.setattr("transformers.integrations.hp_params", dict)
+    monkeypatch.setattr(trainer, "_get_output_dir", lambda trial: trainer.args.output_dir, raising=False)
+    trainer.hp_search_backend = HPSearchBackend.WANDB
+    trainer.train(trial=trial)
+
+
+def test_a_hyperparameter_search_trial_resolves_the_sam_fields_again(tmp_path, monkeypatch):
+    # Trainer sets a trial's values with setattr, after the preset was resolved: a searched radius left sam_rho_min at
+    # the old one, which turned GSAM's schedule on (the radius shrank with the learning rate: 0.1, 0.0875, ...).
+    args = sam_args(tmp_path, sam_method="sam", lr_scheduler_type="linear")
+    trainer = SAMTrainer(model_init=lambda: tiny_bert(), args=args, train_dataset=tiny_dataset())
+    for rho in (0.1, 0.02):
+        _run_trial(trainer, {"sam_rho": rho}, monkeypatch)
+        assert trainer.args.sam_rho_min == rho
+        assert [h["sam/rho"] for h in trainer.state.log_history if "sam/rho" in h] == [rho] * 4
+    _run_trial(trainer, {"sam_method": "asam"}, monkeypatch)  # the trial's method with its own preset
+    assert trainer.args.sam_ascent == "adaptive" and trainer.args.sam_rho == 0.02  # the earlier trial's radius stays
+    with pytest.raises(ValueError, match="sam_rho"):
+        _run_trial(trainer, {"sam_rho": -1.0}, monkeypatch)
+    with pytest.raises(ValueError, match="one kind of method"):
+        _run_trial(trainer, {"weight_ema_decay": 0.9}, monkeypatch)  # its callback was not added at construction
+    assert trainer.args.sam_method == "asam" and trainer.args.sam_rho == 0.02  # the last good trial's
+
+
+def test_adasam_takes_the_learning_rate_of_a_hyperparameter_search_trial(tmp_path, monkeypatch):
+    # AdaSAM's optimizer kwargs were read from the arguments once, when the trainer was built: a searched
+    # learning_rate (the usual search) left every trial at the first one.
+    args = sam_args(tmp_path, sam_method="adasam", max_steps=2, learning_rate=0.05)
+    trainer = SAMTrainer(model_init=lambda: tiny_bert(), args=args, train_dataset=tiny_dataset())
+    _run_trial(trainer, {"learning_rate": 1e-4, "adam_beta1": 0.5}, monkeypatch)
+    group = trainer.optimizer.param_groups[0]
+    assert isinstance(trainer.optimizer.optimizer, AdaSAMOptimizer)
+    assert group["initial_lr"] == 1e-4 and group["betas"] == (0.5, 0.999)
+    assert [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h] == [1e-4, 1e-4]
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's inductor needs a C++ compiler on CPU")
 def test_torch_compile_replays_the_compiled_dropout_and_rho_0_equals_the_compiled_trainer(tmp_path):
     # Inductor draws its own dropout masks from seeds it takes from the torch generator: replaying the generator

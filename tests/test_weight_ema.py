@@ -50,6 +50,23 @@ def test_the_model_left_after_training_is_the_moving_average_of_the_iterates(tmp
     assert not torch.equal(trainer.model.classifier.weight, recorder.weights[-1]["classifier.weight"])
 
 
+def test_callbacks_see_the_average_when_training_ends(tmp_path):
+    # The average went into the model after Trainer's train() returned, so the callbacks that save or log the model
+    # at on_train_end (W&B's log_model="end") kept the trained weights, 0.03 away from what train() leaves.
+    from transformers import TrainerCallback
+
+    class AtTrainEnd(TrainerCallback):
+        def on_train_end(self, args, state_, control, model=None, **kwargs):
+            seen.append(state(model))
+
+    seen = []
+    args = sam_args(tmp_path, max_steps=8, weight_ema_decay=DECAY)
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset(), callbacks=[AtTrainEnd()])
+    trainer.train()
+    assert len(seen) == 1
+    assert_same_weights(seen[0], state(trainer.model))
+
+
 def test_evaluation_during_training_scores_the_average_and_training_goes_on_from_the_trained_weights(tmp_path):
     from transformers import TrainerCallback
 
