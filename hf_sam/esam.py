@@ -99,10 +99,18 @@ def _mean_per_sequence(token_loss: torch.Tensor, valid: torch.Tensor, bounds: li
 
 
 def per_example_loss(
-    logits: torch.Tensor, labels: torch.Tensor, shifts_labels: bool, bounds: list[int] | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    shifts_labels: bool,
+    bounds: list[int] | None = None,
+    problem_type: str | None = None,
 ) -> torch.Tensor:
-    """Loss of each example, in fp32: classification (CE or MSE), token-level CE averaged over labels != -100 (per
-    sequence of a padding-free batch whose token offsets are `bounds`).
+    """Loss of each example, in fp32: classification (CE, or BCE for multi-label targets), regression (MSE),
+    token-level CE averaged over labels != -100 (per sequence of a padding-free batch whose token offsets are
+    `bounds`).
+
+    `problem_type` is the model config's: float labels of the logits' shape are multi-label targets (BCE with
+    logits, averaged over the labels) unless it is `"regression"`, as transformers' classification heads decide.
 
     Raises:
         `ValueError`: outputs this function does not know; override `SAMTrainer.per_example_loss`.
@@ -113,7 +121,12 @@ def per_example_loss(
             return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="none")
         return F.cross_entropy(logits, labels, reduction="none")
     if logits.dim() == 2 and labels.shape == logits.shape and labels.is_floating_point():
-        return F.mse_loss(logits, labels.float(), reduction="none").mean(-1)
+        if problem_type == "regression":
+            return F.mse_loss(logits, labels.float(), reduction="none").mean(-1)
+        # transformers' heads train float targets of more than one output with BCEWithLogitsLoss (problem_type
+        # "multi_label_classification", also what an unset problem_type becomes): scored by MSE on the raw logits,
+        # an example whose logit moved further towards its 0/1 target counted as a loss *rise*.
+        return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(-1)
     if logits.dim() == 3 and labels.dim() == 2:
         if shifts_labels:  # causal LM: token t predicts t + 1
             logits, labels = logits[:, :-1], labels[:, 1:]

@@ -390,7 +390,7 @@ class SAMMixin:
     def _sam_micro_step(self, model, inputs, index, window, num_items_in_batch) -> torch.Tensor:
         """One perturbation per micro-batch, or per shard of it (mSAM); earlier descent gradients are set aside."""
         shards = self._sam_split_batch(inputs, self.args.sam_micro_batches)
-        sizes = shard_sizes(shards)
+        sizes = shard_sizes(shards, len(shards) > 1 and self._sam_loss_shifts_labels())
         outer_ga = self.current_gradient_accumulation_steps
         # A model that takes `num_items_in_batch` but returns its own mean (most classification heads): Trainer does
         # not divide its loss, and each shard would count as the whole micro-batch. Its shards are divided by their
@@ -402,8 +402,8 @@ class SAMMixin:
             if shard_means:
                 restore.enter_context(self._sam_loss_divided_by_ga())
             for j, shard in enumerate(shards):
-                # Each shard's loss is its share of the micro-batch, by its number of examples (shards differ in size
-                # when the batch is not a multiple of their number): Trainer divides by this when it normalizes by GA.
+                # Each shard's loss is its share of the micro-batch, by its number of labels that count (or examples;
+                # see `shard_sizes`): Trainer divides by this when it normalizes by GA.
                 share = sum(sizes) / sizes[j]
                 self.current_gradient_accumulation_steps = share if shard_means else outer_ga * share
                 held = [p for p in self._sam.trainable if p.grad is not None]
@@ -415,7 +415,7 @@ class SAMMixin:
                 clean, rng, examples = self._sam_clean_pass(
                     model, shard, num_items_in_batch, self.args.sam_ascent_sync
                 )
-                self._sam_ascend(grad_factor=float(len(window) * share))
+                self._sam_ascend(grad_factor=len(window) * share)  # a device tensor when counted from labels
                 self._sam.zero_grads()
                 if stash is not None:
                     # Back in .grad before the descent backward, so a synced backward all-reduces the full sum.
@@ -585,14 +585,16 @@ class SAMMixin:
                 "ESAM's data selection needs `labels` in the batch to score examples. Override"
                 " `SAMTrainer.per_example_loss(outputs, inputs)`, or set --esam_gamma 1."
             )
-        return per_example_loss(logits, labels, self._sam_loss_shifts_labels(), bounds)
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        problem_type = getattr(config, "problem_type", None)
+        return per_example_loss(logits, labels, self._sam_loss_shifts_labels(), bounds, problem_type)
 
     # ------------------------------------------------------------------ tensor bookkeeping
 
     def _sam_rho(self) -> float:
         return step_rho(self)
 
-    def _sam_ascend(self, grad_factor: float) -> None:
+    def _sam_ascend(self, grad_factor: float | torch.Tensor) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
         loss_scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
         if self._sam.zero is not None:

@@ -123,11 +123,23 @@ def split_pairs(inputs: dict[str, Any], shards: int) -> list[dict[str, Any]]:
     return pieces
 
 
-def shard_sizes(shards: list[dict[str, Any]]) -> list[int]:
-    """The number of examples in each shard of `split_batch` (one shard: 1, whatever the batch holds); the sequences
-    of a padding-free shard."""
+def shard_sizes(shards: list[dict[str, Any]], shifts_labels: bool = False) -> list[int] | list[torch.Tensor]:
+    """How much of its micro-batch's loss each shard of `split_batch` carries (one shard: 1, whatever it holds).
+
+    With integer `labels` (class ids or tokens): the labels that count, as Trainer counts `num_items_in_batch`
+    (not -100; `shift_labels` if the batch has them, else from the second position on for a causal LM), since a
+    model's loss is their mean. A seq2seq or token-level batch padded with -100 holds more labelled tokens in some
+    examples than in others: weighted by their examples, the shards' means were not the micro-batch's mean, and mSAM
+    at rho 0 was not the plain Trainer. Counted on the device (no host sync), at least 1 per shard. Without integer
+    labels: the number of examples (the sequences of a padding-free shard).
+    """
     if len(shards) == 1:
         return [1]
+    labels = [shard.get("shift_labels", shard.get("labels")) for shard in shards]
+    if all(isinstance(t, torch.Tensor) and t.dim() > 0 and not t.is_floating_point() for t in labels):
+        if shifts_labels and "shift_labels" not in shards[0]:
+            labels = [t[..., 1:] for t in labels]
+        return [t.ne(-100).sum().clamp(min=1).float() for t in labels]
     return [_examples(shard) for shard in shards]
 
 

@@ -109,6 +109,35 @@ def test_per_example_losses_by_head():
         per_example_loss(torch.randn(2, 3, 4, 5), torch.zeros(2, 3), False)
 
 
+# transformers' classification heads train float targets of more than one output with BCEWithLogitsLoss (multi-label,
+# also an unset problem_type) and with MSE only for problem_type="regression". Multi-label examples used to be scored
+# by MSE on the raw logits: their mean was not the model's loss (0.670 against 0.694), a logit moving towards its
+# 0/1 target could count as a rise, and sam/sharpness mixed a BCE clean loss with an MSE rise.
+@pytest.mark.parametrize("problem_type", [None, "multi_label_classification", "regression"])
+def test_per_example_losses_of_multi_output_heads_average_to_the_models_loss(tmp_path, problem_type):
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.rand(16, 3, generator=generator)
+    targets = targets.round() if problem_type != "regression" else targets * 4 - 2
+    data = Dataset.from_dict({"input_ids": torch.randint(1, 30, (16, 8), generator=generator).tolist(),
+                              "labels": targets.tolist()})  # fmt: skip
+    model = tiny_bert(num_labels=3)
+    model.config.problem_type = problem_type
+    gaps = []
+
+    class Recording(SequentialSAMTrainer):
+        def per_example_loss(self, outputs, inputs):
+            losses = super().per_example_loss(outputs, inputs)
+            gaps.append(float((losses.mean() - outputs.loss).abs()))
+            return losses
+
+    trainer = Recording(model=model, train_dataset=data,
+                        args=sam_args(tmp_path, sam_method="sam", esam_gamma=0.5, max_steps=2))  # fmt: skip
+    trainer.train()
+    assert len(gaps) == 4 and max(gaps) < 1e-5, gaps  # at w and at w + eps, each step
+
+
 def test_trainer_per_example_loss_reads_logits_from_any_output_form(tmp_path):
     # A tuple (loss, logits) from return_dict=False: the logits, not the scalar loss, are scored.
     trainer = SequentialSAMTrainer(model=tiny_bert(), train_dataset=tiny_dataset(),

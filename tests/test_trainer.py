@@ -979,7 +979,7 @@ def test_resuming_adasam_with_another_method_is_refused_before_its_optimizer_sta
 # ---------------------------------------------------------------- Seq2Seq
 
 
-def tiny_t5():
+def tiny_t5(dropout: float = 0.1):
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
@@ -990,7 +990,7 @@ def tiny_t5():
         d_ff=24,
         num_layers=1,
         num_heads=2,
-        dropout_rate=0.1,
+        dropout_rate=dropout,
         decoder_start_token_id=0,
         pad_token_id=0,
         eos_token_id=1,
@@ -1227,6 +1227,51 @@ def test_msam_at_rho_zero_is_the_plain_trainer_with_unequal_shards(tmp_path, bat
     )
     msam.train()
     assert msam._sam.loss_ignores_item_count is (True if takes_item_count else None)
+    assert_same_weights(state(plain.model), state(msam.model), exact=False, atol=1e-6)
+    plain_losses = [h["loss"] for h in plain.state.log_history if "loss" in h]
+    assert plain_losses == pytest.approx([h["loss"] for h in msam.state.log_history if "loss" in h], rel=1e-5)
+
+
+# A token-level loss is a mean over the labels that are not -100: with padded labels (seq2seq targets, causal LM
+# continuations) each shard carries its share of the micro-batch's labelled tokens, not of its examples. Weighted by
+# examples, mSAM at rho 0 moved the weights up to 0.17 away from the plain Trainer's in 3 SGD steps.
+# (GPT-2 with its default `accepts_loss_kwargs` normalizes by `num_items_in_batch` itself, which was right already.)
+@pytest.mark.parametrize("architecture, takes_item_count", [("t5", None), ("t5", False), ("gpt2", False)])
+@pytest.mark.parametrize("batch, ga", [(5, 1), (4, 2)])
+def test_msam_at_rho_zero_is_the_plain_trainer_on_padded_token_labels(
+    tmp_path, architecture, takes_item_count, batch, ga
+):
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 40, (16, 6), generator=generator)
+    labels = ids.clone()
+    for row in labels:
+        row[int(torch.randint(2, 6, (1,), generator=generator)) :] = -100
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+    def model():
+        if architecture == "t5":
+            lm = tiny_t5(dropout=0.0)  # no dropout: shards draw other masks than the whole batch
+        else:
+            torch.manual_seed(0)
+            config = GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.0,
+                                embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+            lm = GPT2LMHeadModel(config)
+        if takes_item_count is not None:
+            lm.accepts_loss_kwargs = takes_item_count
+        return lm
+
+    common = dict(
+        per_device_train_batch_size=batch, gradient_accumulation_steps=ga, max_steps=3, optim="sgd", learning_rate=0.5
+    )
+    plain = SequentialSAMTrainer(model=model(), args=sam_args(tmp_path / "p", sam_method="none", **common),
+                                 train_dataset=data)  # fmt: skip
+    plain.train()
+    msam = SequentialSAMTrainer(model=model(), args=sam_args(tmp_path / "m", sam_method="msam", sam_rho=0.0, **common),
+                                train_dataset=data)  # fmt: skip
+    msam.train()
     assert_same_weights(state(plain.model), state(msam.model), exact=False, atol=1e-6)
     plain_losses = [h["loss"] for h in plain.state.log_history if "loss" in h]
     assert plain_losses == pytest.approx([h["loss"] for h in msam.state.log_history if "loss" in h], rel=1e-5)

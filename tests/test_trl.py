@@ -496,5 +496,8 @@ def test_split_batch_finds_the_sequences_of_a_flattened_batch_from_position_ids(
     assert sequence_bounds(batch) == [0, 3, 5, 9, 10]
     shards = split_batch(batch, 2)
     assert [s["input_ids"].tolist() for s in shards] == [[[0, 1, 2, 3, 4]], [[5, 6, 7, 8, 9]]]
-    assert shard_sizes(shards) == [2, 2]
+    # Shares of the loss: the labelled tokens of each shard (a token-level loss is their mean); without labels, the
+    # sequences.
+    assert [int(n) for n in shard_sizes(shards)] == [5, 5]
+    assert shard_sizes([{k: v for k, v in s.items() if k != "labels"} for s in shards]) == [2, 2]
     assert sequence_bounds({**batch, "attention_mask": torch.ones_like(ids)}) is None  # the model sees one sequence
