@@ -137,6 +137,9 @@ class SAMMixin:
             # Interrupted between two micro-batches of a window (a KeyboardInterrupt in the Trainer's loop or a
             # callback), the weights would still be at w + eps.
             self._sam_abort_step()
+            # The run is over and the model holds its trained weights (what save_model() saves): a later evaluate()
+            # must score them too, not swap in this run's average.
+            self._sam.weight_ema = None
             raise
         self._sam_end_cut_window()
         self._sam_leave_average()  # done at on_train_end already, unless a subclass skipped the callbacks

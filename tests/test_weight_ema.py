@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_sam import SAMTrainer
 
@@ -159,3 +160,33 @@ def test_a_checkpoint_without_the_average_is_refused_on_resume(tmp_path):
 def test_bad_weight_average_settings_are_refused_before_training(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         sam_args(tmp_path, **overrides)
+
+
+class FailAtStep(TrainerCallback):
+    """Stops the run with an error after `step` optimizer steps (an out-of-memory error, a guard's stop)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("stopped")
+
+
+def test_after_a_failed_run_evaluation_scores_the_weights_the_model_holds(tmp_path):
+    # A run that stops with an error leaves the trained weights in the model (save_model() saves them): evaluate()
+    # must score those too, not swap in the average of the run that is over.
+    args = sam_args(tmp_path, sam_method="sam", weight_ema_decay=0.5, max_steps=6, per_device_eval_batch_size=4)
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset(), eval_dataset=tiny_dataset(8),
+                         callbacks=[FailAtStep(3)])  # fmt: skip
+    with pytest.raises(RuntimeError, match="stopped"):
+        trainer.train()
+    held = state(trainer.model)
+    metrics = trainer.evaluate()
+    assert_same_weights(held, state(trainer.model))
+    plain = Trainer(model=trainer.model, args=TrainingArguments(**_eval_args(tmp_path)), eval_dataset=tiny_dataset(8))
+    assert metrics["eval_loss"] == plain.evaluate()["eval_loss"]
+
+
+def _eval_args(tmp_path) -> dict:
+    return dict(output_dir=str(tmp_path / "plain"), report_to="none", use_cpu=True, per_device_eval_batch_size=4)
