@@ -22,10 +22,8 @@ def check_sam_setup(trainer) -> None:
     if args.sam_direction == "momentum" and getattr(trainer, "is_deepspeed_enabled", False):
         raise ValueError(MOMENTUM_UNDER_DEEPSPEED)
     fsdp = getattr(trainer, "is_fsdp_enabled", False)
+    _check_fsdp_version(trainer)
     if fsdp:
-        plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
-        if plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
-            raise ValueError("hf_sam supports FSDP2 only: set fsdp_version: 2 in the accelerate/FSDP config.")
         if not args.sam_ascent_sync:
             logger.warning("FSDP shards the ascent gradient: sam_ascent_sync is set to True.")
             args.sam_ascent_sync = True
@@ -75,8 +73,10 @@ def _use_the_method_optimizer(trainer, optimizer_cls: type) -> None:
 
 
 def check_loss_term_setup(trainer) -> None:
-    """SAF and MESA: ZeRO-1/2 only under DeepSpeed; a head with more than one output (softmax over one value is 1)."""
+    """SAF and MESA: ZeRO-1/2 only under DeepSpeed, FSDP2 only; a head with more than one output."""
     _check_deepspeed(trainer)
+    # FSDP1 is refused for every method (README): MESA's teacher and SAF's gathered logits are built for FSDP2.
+    _check_fsdp_version(trainer)
     config = getattr(trainer.model, "config", None)
     if getattr(config, "num_labels", None) == 1 or getattr(config, "problem_type", None) == "regression":
         raise ValueError(one_output_message(trainer.args.sam_method))
@@ -86,6 +86,15 @@ def check_loss_term_setup(trainer) -> None:
             " (sequence x vocabulary) block per example: the bank would not fit in memory. Use --sam_method mesa"
             " (an EMA teacher instead of a per-example bank) or a SAM method such as --sam_method sam."
         )
+
+
+def _check_fsdp_version(trainer) -> None:
+    """FSDP2 only, whether FSDP came from the arguments or from `accelerate launch`."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
+        raise ValueError("hf_sam supports FSDP2 only: set fsdp_version: 2 in the accelerate/FSDP config.")
 
 
 def _check_deepspeed(trainer) -> None:

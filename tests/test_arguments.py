@@ -140,6 +140,23 @@ FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2}}
         ({"sam_method": "esam", "sam_descent": "looksam"}, "esam_swp=True.*descent transform"),
         ({"sam_method": "esam", "sam_renormalize": True}, "esam_swp=True.*descent transform"),
         ({"sam_method": "gsam", "esam_swp": True}, "esam_swp=True.*descent transform"),
+        # docs/methods.md#refused-combinations, rows no other case covered.
+        ({"optim": "adalomo"}, "optim='adalomo'.*inside backward"),
+        ({"sam_method": "sam", "sam_descent": "gsam", "sam_micro_batches": 2, "sam_accumulation": "micro"}, "descent"),
+        ({"sam_method": "momentum-sam", "sam_ascent": "adaptive"}, "sam_direction='momentum'"),
+        ({"sam_method": "momentum-sam", "esam_swp": True}, "sam_direction='momentum'"),
+        ({"sam_method": "momentum-sam", "esam_gamma": 0.5}, "sam_direction='momentum'"),
+        ({"sam_method": "momentum-sam", "sam_descent": "gsam"}, "sam_direction='momentum'"),
+        ({"sam_method": "momentum-sam", "sam_micro_batches": 2, "sam_accumulation": "micro"}, "sam_direction"),
+        ({"sam_method": "none", "sam_loss_term": "saf"}, "contradict"),
+        ({"sam_method": "saf", "sam_descent": "gsam"}, "nothing to act on"),
+        ({"sam_method": "mesa", "sam_schedule": "every_k"}, "nothing to act on"),
+        ({"sam_method": "mesa", "sam_micro_batches": 2, "sam_accumulation": "micro"}, "nothing to act on"),
+        ({"sam_method": "ss-sam", "sam_probability_end": 1.5}, "sam_probability_end"),
+        ({"sam_method": "ssam-f", "sam_sparsity": -0.1}, "sam_sparsity"),
+        ({"sam_method": "esam", "esam_gamma": 0.0}, "esam_gamma"),
+        ({"sam_method": "esam", "esam_gamma": 1.5}, "esam_gamma"),
+        ({"sam_method": "ssam-f", "sam_fisher_samples": 0}, "sam_fisher_samples"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_field(kwargs, match):
@@ -366,6 +383,22 @@ def test_a_zero_3_config_from_accelerate_launch_is_refused_by_the_trainer():
         for check in (check_sam_setup, check_loss_term_setup):
             with pytest.raises(ValueError, match=match):
                 check(trainer)
+
+
+def test_fsdp1_from_accelerate_launch_is_refused_for_the_loss_terms_too():
+    # README: FSDP1 is refused with a clear error. SAF and MESA skip the SAM-step check, so an FSDP1 config from
+    # `accelerate launch` reached training unchecked.
+    from types import SimpleNamespace
+
+    from hf_sam.setup_checks import check_loss_term_setup, check_sam_setup
+
+    state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1))
+    for method, check in (("sam", check_sam_setup), ("mesa", check_loss_term_setup), ("saf", check_loss_term_setup)):
+        args = make(sam_method=method)
+        trainer = SimpleNamespace(args=args, is_deepspeed_enabled=False, is_fsdp_enabled=True, model=tiny_bert(),
+                                  accelerator=SimpleNamespace(state=state, num_processes=2))  # fmt: skip
+        with pytest.raises(ValueError, match="FSDP2 only"):
+            check(trainer)
 
 
 def test_bf16_zero_1_with_fp32_gradient_accumulation_is_refused_before_training():

@@ -165,6 +165,21 @@ def lm_dataset(n=8, seq=6):
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
 
 
+def test_saf_refuses_a_collator_that_drops_the_index_column(tmp_path):
+    # examples/README.md: a custom collator must pass `idx` through, or SAF raises a ValueError saying so.
+    from transformers import default_data_collator
+
+    def drops_the_index(features):
+        return default_data_collator([{k: v for k, v in f.items() if k != "idx"} for f in features])
+
+    model = tiny_bert()
+    trainer = SAMTrainer(model=model, args=sam_args(tmp_path, sam_method="saf", max_steps=1),
+                         train_dataset=tiny_dataset(4), data_collator=drops_the_index,
+                         optimizers=(sgd(model), None))  # fmt: skip
+    with pytest.raises(ValueError, match="index column 'idx'.*collator must pass it through"):
+        trainer.train()
+
+
 def test_saf_refuses_token_level_outputs_and_points_to_mesa(tmp_path):
     with pytest.raises(ValueError, match="--sam_method mesa"):
         train(tmp_path, tiny_llama(), lm_dataset(), sam_method="saf", max_steps=1)
@@ -411,6 +426,10 @@ def test_logit_bank_state_round_trip():
     assert torch.equal(other.bank, bank.bank) and torch.equal(other.written, bank.written)
     with pytest.raises(ValueError, match="saf_lag_epochs"):
         LogitBank(5, lag=2, device=torch.device("cpu")).load_state_dict(bank.state_dict())
+    # Another training-set size is refused too (docs/methods.md#saf), either way round.
+    for examples in (4, 6):
+        with pytest.raises(ValueError, match="training set"):
+            LogitBank(examples, lag=1, device=torch.device("cpu")).load_state_dict(bank.state_dict())
 
 
 def test_saf_bank_does_not_record_non_finite_logits():

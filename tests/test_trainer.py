@@ -175,6 +175,11 @@ def test_method_none_is_plain_trainer_bit_for_bit(tmp_path, ga):
         gradient_accumulation_steps=ga,
     )
     assert_same_weights(state(plain.model), state(sam.model))
+    # docs/methods.md#none: the step count and every logged loss too, not only the weights.
+    assert sam.state.global_step == plain.state.global_step == 4
+    for key in ("loss", "grad_norm", "learning_rate", "train_loss"):
+        plain_logged = [h[key] for h in plain.state.log_history if key in h]
+        assert plain_logged and plain_logged == [h[key] for h in sam.state.log_history if key in h], key
 
 
 @pytest.mark.parametrize("accumulation", ["window", "micro"])

@@ -95,7 +95,7 @@ def plain_sft_lora(tmp_path_factory):
     return sft(tmp_path_factory.mktemp("plain_lora"), lora(tiny_llama()), None)
 
 
-@pytest.mark.parametrize("method", ["none", "sam"])
+@pytest.mark.parametrize("method", ["none", "sam", "gsam", "ss-sam", "looksam"])
 def test_rho_zero_equals_sft_trainer_bit_for_bit_with_every_logged_metric(tmp_path, method):
     # Attention dropout on: the perturbed pass replays the clean pass's masks and leaves the RNG as plain SFT does.
     plain = sft(tmp_path / "plain", tiny_llama(dropout=0.1), None)
