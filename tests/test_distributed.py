@@ -257,6 +257,13 @@ def test_trainer_under_fsdp2_equals_full_batch_training(fsdp_trainer, name):
         assert result["sam_passes_logged"] == [2.0, 2.0, 2.0], name
 
 
+def test_gradient_accumulation_under_fsdp2_equals_the_full_batch_reference(fsdp_trainer):
+    # GA 2 on two ranks: one perturbation from the whole window's gradient, as the hand-written full-batch SAM step.
+    result = fsdp_trainer["sam-ga2"]
+    assert result["ranks_identical"] and result["sam_ascent_sync"] is True
+    assert result["ref_max_diff"] is not None and result["ref_max_diff"] < 1e-5, result["ref_max_diff"]
+
+
 def test_sam_under_fsdp2_is_not_the_plain_run(fsdp_trainer):
     assert fsdp_trainer["max_diff_sam_vs_none"] > 1e-4
 
