@@ -524,6 +524,10 @@ class SAMMixin:
             with self.compute_loss_context_manager(), capture_outputs(self.model) as captured:
                 self.compute_loss(self.model, dict(prepared))
             rise = self.per_example_loss(captured[-1], prepared) - clean_examples
+        # Where the clean pass left the RNG (the scoring forward drew its masks again): the subset's pass draws for
+        # fewer examples, and the stream after the step must stay the plain Trainer's (later dropout, and samplers
+        # that draw from the global RNG, such as group_by_length's).
+        after_clean = capture_rng(self.args.device) if rng is not None else None
         bounds = sequence_bounds(prepared)
         if bounds is not None:
             batch = len(bounds) - 1
@@ -546,6 +550,8 @@ class SAMMixin:
             # num_items_in_batch counts the whole window: the subset's loss is its own mean instead, which Trainer
             # must divide by the accumulation steps, as it does a model's mean loss.
             self._sam.guard.note(super().training_step(model, subset, None))
+        if after_clean is not None:
+            restore_rng(after_clean, self.args.device)
         return clean + rise.mean().detach() / self.current_gradient_accumulation_steps
 
     @contextlib.contextmanager

@@ -195,3 +195,33 @@ def test_esam_selection_with_a_compute_loss_func_matches_the_models_loss(tmp_pat
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)
     assert_same_weights(state(runs[0].model), state(runs[1].model), exact=False, atol=1e-5)
     assert "loss_is_scaled_for_ga" not in vars(runs[1])
+
+
+@pytest.mark.parametrize("accumulation", ["window", "micro"])
+def test_data_selection_leaves_the_rng_stream_as_the_plain_trainers(tmp_path, accumulation):
+    # The subset's descent pass draws dropout masks for fewer examples than the clean pass: the global RNG, which
+    # later dropout and a sampler without a generator of its own (group_by_length) draw from, ended every step
+    # elsewhere than Trainer's, and from the second epoch on the data came in another order.
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from hf_sam import SAMTrainer
+
+    class RNGAtStepEnd(TrainerCallback):
+        def __init__(self):
+            self.states = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.states.append(torch.get_rng_state())
+
+    common = dict(
+        report_to="none", use_cpu=True, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        num_train_epochs=2, save_strategy="no", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    plain, sam = RNGAtStepEnd(), RNGAtStepEnd()
+    Trainer(model=tiny_bert(dropout=0.1), args=TrainingArguments(output_dir=str(tmp_path / "p"), **common),
+            train_dataset=tiny_dataset(16), callbacks=[plain]).train()  # fmt: skip
+    args = sam_args(tmp_path / "s", **common, max_steps=-1, sam_method="sam", esam_gamma=0.5,
+                    sam_accumulation=accumulation)  # fmt: skip
+    SAMTrainer(model=tiny_bert(dropout=0.1), args=args, train_dataset=tiny_dataset(16), callbacks=[sam]).train()
+    assert len(plain.states) == len(sam.states) == 4
+    assert all(torch.equal(a, b) for a, b in zip(plain.states, sam.states))
