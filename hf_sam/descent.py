@@ -66,11 +66,19 @@ class DescentPipeline:
         self.clean_copy = None
         if not self.active or not (local_ascent or any(t.needs_clean_copy for t in self.transforms)):
             return
+        if local_ascent:
+            # Every perturbed tensor, 0 where this rank has no clean gradient: a tensor unused on one rank (a branch
+            # under `ddp_find_unused_parameters`) has none there, and an all-reduce over each rank's own list would
+            # pair mismatched buffers (gloo aborts, NCCL hangs or mixes tensors). DDP counts it as 0 too.
+            self.clean_names = list(perturbation.names)
+            self.clean_copy = [
+                p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in perturbation.params
+            ]
+            all_reduce_mean_(self.clean_copy)
+            return
         names, _, grads = perturbation.with_grads()
         self.clean_names = names
         self.clean_copy = [g.detach().clone() for g in grads]
-        if local_ascent:
-            all_reduce_mean_(self.clean_copy)
 
     def _clean_for(self, names: list[str], grads: list[torch.Tensor], clean: list[torch.Tensor]) -> list[torch.Tensor]:
         """The clean gradient of each tensor in `names` (those with a descent gradient), 0 where it had none.

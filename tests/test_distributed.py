@@ -369,6 +369,15 @@ def test_saf_bank_under_ddp_is_complete_and_identical_on_every_rank(ddp_methods)
     assert saf["saf_resume_max_diff"] == 0.0
 
 
+# A branch unused on one rank (`ddp_find_unused_parameters=True`) leaves its tensors without a clean gradient there:
+# GSAM's and LookSAM's clean copy, all-reduced under per-rank ascent, held different tensors on each rank, and the
+# mismatched all-reduce aborted gloo ("Received data size doesn't match expected size"; NCCL would hang or mix them).
+def test_descent_transforms_under_ddp_with_a_branch_unused_on_one_rank(tmp_path):
+    results = _launch("ddp_unused_check.py", tmp_path / "unused.json", str(tmp_path))
+    for method in ("gsam", "looksam"):
+        assert results[method]["ranks_identical"] and results[method]["finite"], method
+
+
 def test_resume_under_ddp_matches_uninterrupted_run(ddp_methods):
     resumed = {m: e["resume_max_diff"] for m, e in ddp_methods.items() if "resume_max_diff" in e}
     assert resumed, "no stateful method was resumed"
