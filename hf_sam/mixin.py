@@ -141,8 +141,9 @@ class SAMMixin:
             # must score them too, not swap in this run's average.
             self._sam.weight_ema = None
             raise
-        self._sam_end_cut_window()
-        self._sam_leave_average()  # done at on_train_end already, unless a subclass skipped the callbacks
+        # Ends a cut window, then puts the average in (done at on_train_end already, unless a subclass skipped the
+        # callbacks).
+        self._sam_leave_average()
         return result
 
     def _sam_leave_average(self) -> None:

@@ -18,11 +18,10 @@ logger = logging.get_logger(__name__)
 def check_sam_setup(trainer) -> None:
     """The SAM-step methods: distributed backends, ESAM's SWP, the perturbed set, AdaSAM's optimizer."""
     args = trainer.args
-    _check_deepspeed(trainer)
+    _check_backends(trainer)
     if args.sam_direction == "momentum" and getattr(trainer, "is_deepspeed_enabled", False):
         raise ValueError(MOMENTUM_UNDER_DEEPSPEED)
     fsdp = getattr(trainer, "is_fsdp_enabled", False)
-    _check_fsdp_version(trainer)
     if fsdp:
         if not args.sam_ascent_sync:
             logger.warning("FSDP shards the ascent gradient: sam_ascent_sync is set to True.")
@@ -74,9 +73,7 @@ def _use_the_method_optimizer(trainer, optimizer_cls: type) -> None:
 
 def check_loss_term_setup(trainer) -> None:
     """SAF and MESA: ZeRO-1/2 only under DeepSpeed, FSDP2 only; a head with more than one output."""
-    _check_deepspeed(trainer)
-    # FSDP1 is refused for every method (README): MESA's teacher and SAF's gathered logits are built for FSDP2.
-    _check_fsdp_version(trainer)
+    _check_backends(trainer)
     config = getattr(trainer.model, "config", None)
     if getattr(config, "num_labels", None) == 1 or getattr(config, "problem_type", None) == "regression":
         raise ValueError(one_output_message(trainer.args.sam_method))
@@ -86,6 +83,14 @@ def check_loss_term_setup(trainer) -> None:
             " (sequence x vocabulary) block per example: the bank would not fit in memory. Use --sam_method mesa"
             " (an EMA teacher instead of a per-example bank) or a SAM method such as --sam_method sam."
         )
+
+
+def _check_backends(trainer) -> None:
+    """What every method needs of the launcher, checked the same way for the SAM-step methods and the loss terms:
+    DeepSpeed ZeRO-1/2 without offload, FSDP2 (MESA's sharded teacher and SAF's gathered logits are built for it too).
+    """
+    _check_deepspeed(trainer)
+    _check_fsdp_version(trainer)
 
 
 def _check_fsdp_version(trainer) -> None:
