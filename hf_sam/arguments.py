@@ -296,7 +296,10 @@ class SAMArgumentsMixin:
     )
     sam_rho_min: float | None = field(
         default=None,
-        metadata={"help": "GSAM: rho moves linearly with the learning rate from sam_rho (peak lr) to this (lr 0)."},
+        metadata={
+            "help": "GSAM: rho moves linearly with the learning rate from sam_rho (peak lr) to this (lr 0). Default:"
+            " unset, a constant sam_rho."
+        },
     )
     sam_rho_warmup: float | None = field(
         default=None,
@@ -448,6 +451,35 @@ class SAMArgumentsMixin:
         self._validate_sam_against_training_args()
         self._validate_weight_ema()
 
+    def check_after_changes(self) -> None:
+        """Check again what `__post_init__` checked, for fields written after construction.
+
+        `SAMTrainer` calls this: TrainingArguments' `set_optimizer` / `set_training` helpers and plain attribute
+        writes (a hyperparameter search trial) skip `__post_init__`, which would let e.g. `--optim` with AdaSAM (its
+        own optimizer silently wins), a negative radius or a descent transform in micro mode under accumulation run.
+
+        Raises:
+            `ValueError`: When a field changed after construction is invalid, or `sam_method` changed (the fields its
+                preset filled at construction belong to the method given then).
+        """
+        resolved = getattr(self, "_sam_resolved_method", self.sam_method)
+        if self.sam_method != resolved:
+            raise ValueError(
+                f"sam_method was changed from {resolved!r} to {self.sam_method!r} after the arguments were built, so"
+                f" the fields the {resolved!r} preset filled would still be its own. Build new arguments with"
+                f" sam_method={self.sam_method!r} instead."
+            )
+        self._validate_sam_fields()
+        if self.sam_descent == "looksam" and self.sam_interval != self.looksam_k:
+            raise ValueError(
+                f"LookSAM's period is looksam_k={self.looksam_k}, but sam_interval={self.sam_interval} (set from"
+                " looksam_k when the arguments were built) would run SAM every sam_interval steps. Set looksam_k when"
+                " building the arguments."
+            )
+        self._validate_loss_term_fields()
+        self._validate_sam_against_training_args()
+        self._validate_weight_ema()
+
     def _resolve_and_check_sam_fields(self, given: set[str]) -> None:
         self._resolve_sam_preset()
         self._validate_sam_fields()
@@ -559,6 +591,8 @@ class SAMArgumentsMixin:
             raise ValueError(unknown_method_message(self.sam_method))
         interval_given = self.sam_interval is not None
         preset = METHODS[self.sam_method].preset
+        # The method whose preset fills the unset fields: changed later, the fields would still be this one's.
+        self._sam_resolved_method = self.sam_method
         # Explicit values (not None) win over the preset, which wins over the global default.
         for name, value in preset.items():
             if getattr(self, name) is None:
@@ -570,8 +604,9 @@ class SAMArgumentsMixin:
                 setattr(self, name, default)
         if self.sam_probability_end is None:
             self.sam_probability_end = self.sam_probability
-        if self.sam_rho_min is None:
-            self.sam_rho_min = self.sam_rho
+        # sam_rho_min stays None (= sam_rho, read through `gsam.rho_min`): filled here, a radius changed afterwards (a
+        # hyperparameter search trial's setattr, dataclasses.replace) turned GSAM's lr-following schedule on, down to
+        # the radius of construction.
         if self.sam_descent == "looksam":
             # LookSAM's full steps are the every_k schedule with k = looksam_k: check k before it becomes the interval.
             k = self.looksam_k
@@ -627,6 +662,8 @@ class SAMArgumentsMixin:
             "sam_rho_warmup",
         ):
             value = getattr(self, name)
+            if name == "sam_rho_min" and value is None:
+                continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
         for name in ("sam_probability", "sam_probability_end", "sam_schedule_boundary", "sam_rho_warmup"):
@@ -651,7 +688,7 @@ class SAMArgumentsMixin:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1.")
-        if self.sam_rho_min > self.sam_rho:
+        if self.sam_rho_min is not None and self.sam_rho_min > self.sam_rho:
             raise ValueError(f"sam_rho_min={self.sam_rho_min} exceeds sam_rho={self.sam_rho}; it is GSAM's lower end.")
         if self.sam_descent == "looksam" and self.sam_schedule != "every_k":
             raise ValueError(

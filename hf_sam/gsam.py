@@ -23,12 +23,18 @@ class SurrogateGap(DescentTransform):
         torch._foreach_addcmul_(grads_local, clean_local, [-alpha] * len(clean_local))
 
 
+def rho_min(args) -> float:
+    """GSAM's lower radius: `sam_rho_min`, or `sam_rho` itself when unset (a constant radius, whatever it is now)."""
+    return args.sam_rho if args.sam_rho_min is None else args.sam_rho_min
+
+
 def scheduled_rho(args, learning_rate: float, peak_learning_rate: float | None) -> float:
     """`sam_rho`, or rho moving linearly with the learning rate from `sam_rho` at the peak to `sam_rho_min` at 0.
 
-    GSAM's schedule, available to every method: it is off while `sam_rho_min` equals `sam_rho` (the default).
+    GSAM's schedule, available to every method: it is off while `sam_rho_min` is unset or equals `sam_rho`.
     """
-    if args.sam_rho_min >= args.sam_rho or not peak_learning_rate:
+    low = rho_min(args)
+    if low >= args.sam_rho or not peak_learning_rate:
         return args.sam_rho
     ratio = min(1.0, max(0.0, learning_rate / peak_learning_rate))
-    return args.sam_rho_min + (args.sam_rho - args.sam_rho_min) * ratio
+    return low + (args.sam_rho - low) * ratio

@@ -99,6 +99,19 @@ class SAMMixin:
                 f"{type(self).__name__} needs the sam_* fields: pass SAMTrainingArguments (or a TrainingArguments"
                 f" subclass with SAMArgumentsMixin in front) instead of {type(training_args).__name__}."
             )
+        elif self.sam_default_args_class is not None and not isinstance(training_args, self.sam_default_args_class):
+            # The TRL hosts read their own config's fields: SFTTrainer would rebuild the arguments as a plain
+            # SFTConfig (a TypeError on sam_method), DPOTrainer and RewardTrainer fail on a field of their own (an
+            # AttributeError).
+            config = self.sam_default_args_class.__name__
+            raise ValueError(
+                f"{type(self).__name__} needs {config} (its host's config fields plus the sam_* ones), not"
+                f" {type(training_args).__name__}: build {config}(...) with the same arguments."
+            )
+        # set_optimizer / set_training and attribute writes after construction skip __post_init__'s checks.
+        check_after_changes = getattr(training_args, "check_after_changes", None)
+        if check_after_changes is not None:
+            check_after_changes()
         self._sam_check_host(training_args)
         with without_shm_comm_build():  # the Accelerator may set up DeepSpeed's process group here
             super().__init__(*args, **kwargs)

@@ -4,7 +4,7 @@ schedule when one is set. docs/methods.md#radius-warm-up.
 
 from __future__ import annotations
 
-from .gsam import scheduled_rho
+from .gsam import rho_min, scheduled_rho
 
 
 def warmup_factor(warmup: float, global_step: int, max_steps: int) -> float:
@@ -22,7 +22,7 @@ def step_rho(trainer) -> float:
     """This step's radius for `trainer`: `sam_rho` (or GSAM's schedule along the learning rate), warmed up."""
     args = trainer.args
     rho = args.sam_rho
-    if args.sam_rho_min < args.sam_rho:  # GSAM's schedule; otherwise no need to read the learning rate
+    if rho_min(args) < args.sam_rho:  # GSAM's schedule; otherwise no need to read the learning rate
         # The peak is the scheduler's base lr (the optimizer's own lr when the user passed an optimizer).
         base_lrs = getattr(trainer.lr_scheduler, "base_lrs", None) or [args.learning_rate]
         rho = scheduled_rho(args, trainer._get_learning_rate(), base_lrs[0])

@@ -1,5 +1,6 @@
 """SAMTrainingArguments: presets, CLI parsing, --help, and clear errors before training starts."""
 
+import dataclasses
 import math
 
 import pytest
@@ -502,3 +503,60 @@ def test_bool_fields_are_found_before_and_after_the_parser_resolves_their_annota
     HfArgumentParser(SAMTrainingArguments)  # resolves the dataclass annotations in place
     with pytest.raises(ValueError, match="sam_renormalize='no' must be True or False"):
         args_of(sam_method="sam", sam_renormalize="no")
+
+
+def _radii(tmp_path, args) -> list[float]:
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset(32))
+    trainer.train()
+    return [round(h["sam/rho"], 6) for h in trainer.state.log_history if "sam/rho" in h]
+
+
+def test_a_radius_changed_after_construction_stays_constant(tmp_path):
+    # sam_rho_min used to be filled with the radius at construction, so a radius set afterwards (a hyperparameter
+    # search trial's setattr, dataclasses.replace) turned on GSAM's lr-following schedule down to the old radius.
+    from tests.helpers import sam_args
+
+    common = dict(max_steps=4, lr_scheduler_type="linear", sam_method="sam")
+    assert _radii(tmp_path, sam_args(tmp_path, sam_rho=0.1, **common)) == [0.1] * 4
+    args = sam_args(tmp_path, **common)
+    args.sam_rho = 0.1
+    assert _radii(tmp_path, args) == [0.1] * 4
+    assert _radii(tmp_path, dataclasses.replace(sam_args(tmp_path, **common), sam_rho=0.1)) == [0.1] * 4
+    assert dataclasses.replace(sam_args(tmp_path, **common), sam_rho=0.01).sam_rho == 0.01  # was a ValueError
+    assert make(sam_method="gsam", sam_rho=0.1, sam_rho_min=0.02).sam_rho_min == 0.02  # the schedule, when given
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: a.set_optimizer(name="sgd"), "adasam.*own optimizer"),  # AdaSAM's optimizer silently won
+        (lambda a: setattr(a, "sam_rho", -0.05), "sam_rho=-0.05"),  # trained with a negative radius
+        (lambda a: setattr(a, "sam_method", "asam"), "sam_method was changed from 'adasam' to 'asam'"),
+    ],
+)
+def test_the_trainer_checks_arguments_changed_after_construction(tmp_path, change, match):
+    # TrainingArguments' set_* helpers and plain attribute writes skip __post_init__: SAMTrainer checks again.
+    args = make(sam_method="adasam")
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset(8))
+
+
+def test_the_trainer_checks_training_fields_changed_by_the_set_helpers(tmp_path):
+    args = make(sam_method="stable-sam", sam_accumulation="micro")
+    args.set_training(gradient_accumulation_steps=2)  # ran Stable SAM's whole-window rescale per micro-batch
+    with pytest.raises(ValueError, match="with gradient_accumulation_steps > 1 use --sam_accumulation window"):
+        SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset(8))
+    args = make(sam_method="looksam")
+    args.looksam_k = 5  # sam_interval was set from looksam_k at construction: SAM every 2 steps, not 5
+    with pytest.raises(ValueError, match="looksam_k=5.*sam_interval=2"):
+        SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset(8))
+
+
+def test_a_trial_that_changes_the_method_leaves_arguments_a_new_trainer_accepts(tmp_path):
+    # The trial resolves the new method's preset, so the fields are that method's: building another trainer from the
+    # same arguments must not see it as a method changed after construction.
+    args = make(sam_method="sam")
+    args._sam_apply_trial({"sam_method": "asam"})
+    assert args.sam_ascent == "adaptive"
+    args.check_after_changes()

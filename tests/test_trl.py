@@ -501,3 +501,22 @@ def test_split_batch_finds_the_sequences_of_a_flattened_batch_from_position_ids(
     assert [int(n) for n in shard_sizes(shards)] == [5, 5]
     assert shard_sizes([{k: v for k, v in s.items() if k != "labels"} for s in shards]) == [2, 2]
     assert sequence_bounds({**batch, "attention_mask": torch.ones_like(ids)}) is None  # the model sees one sequence
+
+
+@pytest.mark.parametrize("trainer_name", ["SAMSFTTrainer", "SAMDPOTrainer", "SAMRewardTrainer"])
+def test_a_trl_trainer_given_sam_training_arguments_names_its_config_class(tmp_path, trainer_name):
+    # SFTTrainer rebuilt them as a plain SFTConfig (TypeError: unexpected keyword argument 'sam_method'), DPOTrainer
+    # and RewardTrainer read a field of their own config they lack (AttributeError: model_init_kwargs).
+    import hf_sam
+    from hf_sam import SAMTrainingArguments
+
+    cls = getattr(hf_sam, trainer_name)
+    args = SAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    model, data, extra = tiny_llama(), sft_data(), {}
+    if trainer_name == "SAMDPOTrainer":
+        extra = {"ref_model": tiny_llama()}
+    elif trainer_name == "SAMRewardTrainer":
+        model, data = tiny_reward_model(), REWARD_PAIRS
+    config = cls.sam_default_args_class.__name__
+    with pytest.raises(ValueError, match=rf"{trainer_name} needs {config}.*not SAMTrainingArguments"):
+        cls(model=model, args=args, train_dataset=data, processing_class=tokenizer(), **extra)
