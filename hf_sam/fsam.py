@@ -18,6 +18,10 @@ class FriendlyAscent(AscentRule):
     def __init__(self, args):
         super().__init__(args)
         self.ema: dict[str, torch.Tensor] = {}
+        # Whether a finite g has entered m yet (a 0-dim bool on the device; None: known to have, as after loading a
+        # checkpoint written without it). Under fp16 the GradScaler's first steps often overflow: m must then start
+        # as the first finite g, as on a first step, not as 0.
+        self.started: torch.Tensor | None = None
 
     def __call__(self, names, params, grads, rho, grad_unit, grad_norm) -> torch.Tensor:
         sigma, lam = self.args.fsam_sigma, self.args.fsam_lambda
@@ -26,18 +30,28 @@ class FriendlyAscent(AscentRule):
             torch._foreach_mul_(grads_local, grad_unit)  # true gradient g
         # A non-finite g (fp16 overflow) must not enter the EMA, or every later step would ascend by inf - inf.
         finite = torch.isfinite(grad_norm)
-        if not all(name in self.ema for name in names):
-            for name, g in zip(names, grads_local):
-                if name not in self.ema:
-                    self.ema[name] = torch.where(finite, g, 0.0)
-            previous = None
+        # Per tensor: one without an EMA yet (the first step, or a tensor whose first gradient comes later, as with
+        # ESAM's dropped tensors or a routed model's expert) starts it at g and ascends along d = g; the others keep
+        # d = g - sigma m_prev and their EMA update.
+        known = [(g, self.ema[name]) for name, g in zip(names, grads_local) if name in self.ema]
+        for name, g in zip(names, grads_local):
+            if name not in self.ema:
+                self.ema[name] = torch.where(finite, g, 0.0)
+        if not known:
+            self.started = finite  # the first step: m holds g only if g was finite
         else:
-            previous = [self.ema[name] for name in names]
-        if previous is not None:
+            grads_known, previous = [g for g, _ in known], [m for _, m in known]
             # d = g - sigma m_prev, and m <- lam m_prev + (1 - lam) g, computed before g is overwritten by d.
             new_ema = torch._foreach_mul(previous, lam)
-            torch._foreach_add_(new_ema, grads_local, alpha=1 - lam)
-            torch._foreach_add_(grads_local, previous, alpha=-sigma)
+            torch._foreach_add_(new_ema, grads_known, alpha=1 - lam)
+            if self.started is not None:
+                # m_prev is still 0 when every earlier g overflowed (fp16): then this step is the first, so d = g (as
+                # below, since m_prev = 0) and m starts as g, not as (1 - lam) g.
+                started = self.started.to(finite.device)
+                for value, g in zip(new_ema, grads_known):
+                    torch.where(started, value, g, out=value)
+                self.started = started | finite
+            torch._foreach_add_(grads_known, previous, alpha=-sigma)
             for value, old in zip(new_ema, previous):
                 torch.where(finite, value, old, out=old)  # in place: no temporary, no copy
         norm = global_norm(grads)  # of d: inf when the EMA is huge (a corrupt state), which skips the ascent
@@ -46,7 +60,13 @@ class FriendlyAscent(AscentRule):
         return torch.isfinite(norm)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"fsam_ema.{name}": value for name, value in self.ema.items()}
+        state = {f"fsam_ema.{name}": value for name, value in self.ema.items()}
+        if self.started is not None:
+            state["fsam_started"] = self.started
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.ema = {key[len("fsam_ema.") :]: value.clone() for key, value in state.items()}
+        self.ema = {key[len("fsam_ema.") :]: value.clone() for key, value in state.items() if key != "fsam_started"}
+        started = state.get("fsam_started")
+        # A checkpoint written before the flag existed: its average is taken as started (None).
+        self.started = started.clone().bool() if started is not None else None

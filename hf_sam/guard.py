@@ -35,16 +35,20 @@ class UpdateGuard:
 
         A loss finite at w but not at w + eps (a radius too large for the model, an overflow) leaves NaN or inf in the
         descent gradient, which the optimizer step would carry into the weights for good. The step's gradients are
-        dropped instead, so `optimizer.step()` leaves w and the optimizer state untouched (as GradScaler's skip of an
-        fp16 overflow, which keeps handling it when enabled); the drop is counted in `sam/skipped_updates`, and a run
+        dropped instead, so `optimizer.step()` leaves w and the optimizer state untouched (under fp16 the loss scaler's
+        own skip drops it); the drop is counted in `sam/skipped_updates`, and a run
         of `MAX_SKIPPED_UPDATES_IN_A_ROW` stops training with an error naming the radius. The check reads one flag on
         the host per SAM step, where Trainer's own NaN filter (`logging_nan_inf_filter`) reads the step's loss anyway.
         """
         finite, self.finite = self.finite, None
+        if finite is None:
+            return True
         scaler = getattr(trainer.accelerator, "scaler", None)
         zero = trainer._sam.zero
-        if finite is None or (scaler is not None and scaler.is_enabled()) or (zero is not None and zero.loss_scale()):
-            return True  # fp16 loss scaling (AMP's or DeepSpeed's) skips an overflowed step itself
+        # fp16 loss scaling (AMP's or DeepSpeed's) skips a step whose gradient overflowed itself, and lowers its scale.
+        # A loss that is not finite before it is scaled is no scale's doing: the scaler would skip every such step,
+        # halving its scale each time, without a word. The steps are counted and stop the run as without fp16.
+        loss_scaled = (scaler is not None and scaler.is_enabled()) or (zero is not None and bool(zero.loss_scale()))
         finite = finite.to(torch.int32)
         if trainer.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # the descent gradient is shared: so is the decision
@@ -53,7 +57,8 @@ class UpdateGuard:
         if not skipped:
             self.skipped_in_a_row = 0
             return True
-        trainer._sam.drop_update()
+        if not loss_scaled:  # the loss scaler finds the NaN in the gradient and skips the step itself
+            trainer._sam.drop_update()
         self.skipped_in_a_row += 1
         step, rho = trainer.state.global_step, trainer._sam_rho()
         if self.skipped_in_a_row >= MAX_SKIPPED_UPDATES_IN_A_ROW:

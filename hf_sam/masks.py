@@ -114,9 +114,13 @@ class SparseMask:
         if self.updated_at == state.global_step:
             return False
         interval = self.args.sam_mask_interval
-        if interval is None:  # one epoch's optimizer steps
-            epochs = max(1.0, float(state.num_train_epochs or 1))
-            interval = max(1, math.ceil(state.max_steps / epochs))
+        if interval is None:  # one epoch's optimizer steps, as Trainer counts them
+            # Not max_steps over the epoch count, which Trainer rounds up: 18 steps of 8 per epoch made it 6, and an
+            # iterable dataset (sys.maxsize epochs) 1, a refresh at every step.
+            interval = getattr(getattr(trainer, "_sam", None), "epoch_steps", None)
+            if interval is None:  # a loop that did not report it
+                epochs = max(1.0, float(state.num_train_epochs or 1))
+                interval = max(1, math.ceil(state.max_steps / epochs))
         if self.kind != "dynamic":
             return state.global_step % interval == 0
         # SSAM-D reads the clean gradient, which only a SAM step computes (it is asked on SAM steps only): a

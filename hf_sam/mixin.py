@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
 from .arguments import SAMArgumentsMixin
@@ -129,6 +130,14 @@ class SAMMixin:
             check_sam_setup(self)  # also hands AdaSAM's optimizer to Trainer
             # First, so no callback's on_epoch_end sees w + eps of a window that Trainer left early.
             self.callback_handler.callbacks.insert(0, AtEpochEnd(self._sam_end_cut_window))
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        # Trainer's optimizer steps per epoch (the second value), Sparse SAM's default refresh interval. A dataloader
+        # without a length has no epoch: Trainer counts the whole run as one, and `check_train_dataset` asks SSAM-D
+        # for its interval.
+        self._sam.epoch_steps = values[1] if has_length(dataloader) else None
+        return values
 
     def _sam_check_host(self, args) -> None:
         """Refuse, before the host trainer builds anything, a method this host cannot run (see `SAMDPOTrainer`)."""

@@ -44,6 +44,7 @@ class SAMRun:
     window_rng: list[Any] = field(default_factory=list)  # the RNG state before each clean pass (dropout replay)
     window_examples: list[Any] = field(default_factory=list)  # ESAM SDS: each micro-batch's per-example losses
     loss_ignores_item_count: bool | None = None  # mSAM: the model's loss is its own mean (decided at its first step)
+    epoch_steps: int | None = None  # Trainer's optimizer steps per epoch (None: a dataloader without a length)
     step_losses: list[tuple[Any, Any]] = field(default_factory=list)  # (clean, perturbed) of each micro-batch so far
     raw_norm: torch.Tensor | None = None  # ||g|| of the last ascent, in `.grad` units
     rho: float | None = None  # the radius of the last ascent (0 where GSAM's schedule reaches 0)

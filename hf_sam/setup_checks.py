@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
 from .loss_term import loss_shifts_labels, one_output_message
@@ -116,8 +117,21 @@ def _check_deepspeed(trainer) -> None:
 
 
 def check_train_dataset(trainer) -> None:
-    """At `train()`: SSAM-F draws its Fisher examples by position, so it needs a map-style training set."""
+    """At `train()`: SSAM-F draws its Fisher examples by position, so it needs a map-style training set; SSAM-D's
+    default refresh interval is an epoch, which a training set without a length does not have."""
     args, dataset = trainer.args, trainer.train_dataset
+    if (
+        args.sam_enabled
+        and args.sam_mask == "dynamic"
+        and args.sam_mask_interval is None
+        and dataset is not None
+        and not has_length(dataset)
+    ):
+        raise ValueError(
+            "sam_mask='dynamic' (ssam-d) refreshes its mask every sam_mask_interval optimizer steps, by default one"
+            " epoch's, and an iterable train_dataset without a length has no epoch: set --sam_mask_interval to the"
+            " optimizer steps between refreshes (e.g. those of one pass over your data)."
+        )
     if args.sam_enabled and args.sam_mask == "fisher" and dataset is not None and not is_map_style(dataset):
         raise ValueError(
             "sam_mask='fisher' (ssam-f) draws sam_fisher_samples training examples by position for its Fisher"

@@ -161,6 +161,26 @@ def test_fsam_first_step_is_sam_then_subtracts_the_previous_ema():
     torch.testing.assert_close(rule.ema[names[0]], torch.full_like(eps2[0], 0.5 * 1 + 0.5 * 3))
 
 
+def test_fsam_keeps_subtracting_the_ema_when_another_tensor_gets_its_first_gradient():
+    # A tensor can first get a gradient after the first step (ESAM's SWP drops tensors from the clean pass, a routed
+    # model uses an expert later): it starts its own EMA, d = g there, while the others keep d = g - sigma m_prev and
+    # their EMA update. Its arrival used to make the whole step d = g, and skip every other tensor's EMA update.
+    model = mlp()
+    named = select_perturbed(model, None, None)
+    names, params = [n for n, _ in named], [p for _, p in named]
+    rule = build_ascent(rule_args(sam_ascent="fsam", fsam_sigma=1.0, fsam_lambda=0.5))
+    first = [torch.ones_like(params[0])]  # step 1: only the first tensor has a gradient
+    rule(names[:1], params[:1], first, 1.0, 1.0, global_norm(first))
+    both = [torch.full_like(params[0], 3.0), torch.full_like(params[1], 2.0)]  # step 2: the second one arrives
+    rule(names, params, both, 1.0, 1.0, global_norm(both))
+    d = [torch.full_like(params[0], 3.0 - 1.0), torch.full_like(params[1], 2.0)]
+    norm = global_norm(d)
+    torch.testing.assert_close(both[0], d[0] / norm)
+    torch.testing.assert_close(both[1], d[1] / norm)
+    torch.testing.assert_close(rule.ema[names[0]], torch.full_like(params[0], 0.5 * 1 + 0.5 * 3))
+    torch.testing.assert_close(rule.ema[names[1]], torch.full_like(params[1], 2.0))
+
+
 def test_fsam_ema_skips_a_non_finite_gradient():
     # An fp16 overflow must not enter the EMA: with inf in m every later d would be inf - inf and SAM would
     # silently turn into the plain optimizer for the rest of training.
@@ -181,6 +201,30 @@ def test_fsam_ema_skips_a_non_finite_gradient():
     _, skipped = perturbation.ascend(0.05)
     assert skipped.item() == 0.0
     assert all(torch.isfinite(p).all() for _, p in named)
+
+
+def test_fsam_average_starts_at_the_first_finite_gradient():
+    # Under fp16 the GradScaler's first steps often overflow (its scale starts high): the step after them is F-SAM's
+    # first, so d = g and m starts as g, as the official code's first step, not as (1 - lambda) g from a zero start.
+    model = mlp()
+    named = select_perturbed(model, None, None)
+    perturbation = Perturbation(named, build_ascent(rule_args(sam_ascent="fsam", fsam_lambda=0.9)))
+    for _ in range(2):  # two overflowed clean passes
+        grads_for(model)
+        model[0].weight.grad[0, 0] = math.inf
+        _, skipped = perturbation.ascend(0.05)
+        perturbation.restore()
+        assert skipped.item() == 1.0
+    grads_for(model)
+    g = {name: p.grad.clone() for name, p in named}
+    perturbation.ascend(0.05)
+    perturbation.restore()
+    for name, value in perturbation.rule.ema.items():
+        torch.testing.assert_close(value, g[name])
+    # ... and the state says so across a checkpoint: the next step updates m as usual.
+    reloaded = build_ascent(rule_args(sam_ascent="fsam", fsam_lambda=0.9))
+    reloaded.load_state_dict(perturbation.rule.state_dict())
+    assert bool(reloaded.started)
 
 
 # ---------------------------------------------------------------- schedules (SS-SAM)

@@ -116,11 +116,21 @@ def test_fisher_mask_on_an_iterable_dataset_is_a_clear_error_before_training(tmp
         trainer.train()
     assert trainer.state.global_step == 0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    # The dynamic mask needs no data: it trains on the same iterable dataset.
-    dynamic = SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, sam_method="ssam-d", max_steps=2),
-                         train_dataset=tiny_dataset().to_iterable_dataset())  # fmt: skip
+    # The dynamic mask needs no data: it trains on the same iterable dataset, given its refresh interval.
+    dynamic = SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, sam_method="ssam-d", max_steps=2,
+                         sam_mask_interval=1), train_dataset=tiny_dataset().to_iterable_dataset())  # fmt: skip
     dynamic.train()
     assert dynamic.state.global_step == 2
+
+
+def test_dynamic_mask_on_an_iterable_dataset_needs_its_refresh_interval(tmp_path):
+    # The default interval is one epoch's optimizer steps, which an iterable dataset does not have: it used to become
+    # 1 (max_steps over Trainer's sys.maxsize epochs), a mask redrawn at every step.
+    trainer = SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, sam_method="ssam-d"),
+                         train_dataset=tiny_dataset().to_iterable_dataset())  # fmt: skip
+    with pytest.raises(ValueError, match="sam_mask_interval"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.2, 0.1, 0.0])
@@ -193,3 +203,29 @@ def test_dynamic_mask_refreshes_the_same_after_a_resume(tmp_path, monkeypatch, r
     assert after == [s for s in straight if s >= resume_at]
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # 32 examples in batches of 4: 8 optimizer steps per epoch (4 with GA 2). The interval used to be max_steps
+        # over Trainer's rounded-up epoch count: 6, 3 and 7 steps here.
+        ({"max_steps": 18}, [0, 8, 16]),
+        ({"max_steps": 9, "gradient_accumulation_steps": 2}, [0, 4, 8]),
+        ({"max_steps": -1, "num_train_epochs": 2.5}, [0, 8, 16]),
+    ],
+)
+def test_mask_refresh_interval_defaults_to_one_epoch_of_optimizer_steps(tmp_path, monkeypatch, overrides, expected):
+    refreshed = []
+    original = SparseMask.before_step
+
+    def spy(self, trainer, params):
+        before = self.updated_at
+        original(self, trainer, params)
+        if self.updated_at != before:
+            refreshed.append(trainer.state.global_step)
+
+    monkeypatch.setattr(SparseMask, "before_step", spy)
+    args = sam_args(tmp_path, sam_method="ssam-f", sam_fisher_samples=2, **overrides)
+    SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset()).train()
+    assert refreshed == expected

@@ -507,6 +507,28 @@ def test_fp16_overflowing_descent_skips_the_step_and_keeps_the_weights_bit_exact
     assert [h["sam/skipped"] for h in sam.state.log_history if "sam/skipped" in h] == [0.0]
 
 
+class NonFiniteDescentScaler(ScalerTrainer):
+    """The real CPU GradScaler, and a loss at w + eps that is NaN on every SAM step (a radius the model's fp16
+    forward overflows at): lowering the loss scale cannot help, since the loss is NaN before it is scaled."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        return loss * math.nan if self._sam.perturbation.active else loss  # at w + eps
+
+
+def test_fp16_non_finite_losses_at_w_plus_eps_stop_training_as_without_fp16(tmp_path):
+    # The GradScaler skips each of these steps and halves its scale, so without the guard's count the run would go
+    # on without a word, its weights frozen and its scale falling towards 0, for as long as it was set to train.
+    model = tiny_bert()
+    before = state(model)
+    trainer = NonFiniteDescentScaler(model=model, args=sam_args(tmp_path, max_steps=20), train_dataset=tiny_dataset())
+    with pytest.raises(RuntimeError, match="sam_rho"):
+        trainer.train()
+    assert trainer.state.global_step == 4  # the fifth SAM step in a row stops it, as in fp32 and bf16
+    assert trainer.accelerator.scaler.get_scale() == 2.0**6  # the scaler skipped the first four itself
+    assert_same_weights(before, state(trainer.model))
+
+
 class RestoreCheckingTrainer(SequentialSAMTrainer):
     """Asserts after every restore that the weights are bit-identical to those before the perturbation."""
 
