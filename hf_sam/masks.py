@@ -7,6 +7,7 @@ FSDP2 each rank holds the mask of its own shards, and the top-k is global over e
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -14,7 +15,8 @@ import torch.distributed as dist
 
 from .schedules import is_sam_step
 from .seeds import step_generator
-from .tensors import local, shard_group, shard_rows
+from .sync import gradient_sync
+from .tensors import is_fsdp2_module, local, shard_group, shard_rows
 
 
 MASKS = ("none", "fisher", "dynamic")
@@ -141,19 +143,23 @@ class SparseMask:
         model = trainer.model  # unwrapped: these passes must not all-reduce; every rank sees the same examples
         was_training = model.training
         model.eval()  # no dropout (a documented change from the official train mode)
-        try:  # an interrupt in these many passes leaves the model as it was, its mode included
-            for example in self._fisher_examples(trainer):
+        # Under FSDP2 the model is its own wrapper, and each backward must reduce-scatter into the sharded `.grad` (the
+        # mean of the ranks' identical gradients), also inside Trainer's deferral on a window's early micro-batches:
+        # deferred, the gradients stay off `.grad` (a Fisher of zeros) and join the step's first synced backward.
+        with gradient_sync(model, True) if is_fsdp2_module(model) else contextlib.nullcontext():
+            try:  # an interrupt in these many passes leaves the model as it was, its mode included
+                for example in self._fisher_examples(trainer):
+                    model.zero_grad(set_to_none=True)
+                    with trainer.compute_loss_context_manager():
+                        loss = trainer.compute_loss(model, trainer._prepare_inputs(example))
+                    loss.backward()
+                    with torch.no_grad():
+                        for f, p in zip(fisher, params):
+                            if p.grad is not None:
+                                f.add_(local(p.grad).float().square())
+            finally:
                 model.zero_grad(set_to_none=True)
-                with trainer.compute_loss_context_manager():
-                    loss = trainer.compute_loss(model, trainer._prepare_inputs(example))
-                loss.backward()
-                with torch.no_grad():
-                    for f, p in zip(fisher, params):
-                        if p.grad is not None:
-                            f.add_(local(p.grad).float().square())
-        finally:
-            model.zero_grad(set_to_none=True)
-            model.train(was_training)
+                model.train(was_training)
         self.set_fisher(fisher, params)
         self.updated_at = trainer.state.global_step
         self.current_density = self.density()

@@ -43,7 +43,7 @@ from .run import SAMRun
 from .saf import INDEX_COLUMN, add_example_index, signature_with_index
 from .schedules import is_sam_step
 from .setup_checks import check_loss_term_setup, check_sam_setup, check_train_dataset
-from .sync import gradient_sync
+from .sync import drop_deferred_grads, gradient_sync
 from .tensors import all_reduce_mean_, global_norm, local, resharded_after
 from .weight_ema import WeightEMA
 from .zero import ZeroStep, without_shm_comm_build
@@ -236,6 +236,7 @@ class SAMMixin:
             return
         perturbation.restore()
         self._sam.release_grads()  # `.grad` holds eps or a descent gradient at w + eps: neither belongs to a step now
+        drop_deferred_grads(self.model)  # and FSDP2's held-back gradient of the window's unsynced backwards
         self._sam.forget_step()
 
     def _sam_end_cut_window(self) -> None:

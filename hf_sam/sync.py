@@ -38,3 +38,22 @@ def _fsdp2_gradient_sync(model: nn.Module) -> bool:
     get_state = getattr(model, "_get_fsdp_state", None)
     group = getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
     return bool(getattr(group, "reduce_grads", True))
+
+
+def drop_deferred_grads(model: nn.Module) -> None:
+    """Drop the gradients FSDP2 holds back from `.grad` after unsynced backwards (a no-op without FSDP2).
+
+    A backward inside Trainer's deferral (`no_sync` on the early micro-batches of a window) leaves its gradient on
+    FSDP2's unsharded parameters, to be reduce-scattered into `.grad` by the next synced backward. Setting `.grad` to
+    None does not reach it: a window cut short would pass its partial gradient on to the next step. FSDP2 has no
+    public call for this; the attributes read here are the ones its `post_backward` fills.
+    """
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        group = getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
+        for fsdp_param in getattr(group, "fsdp_params", None) or []:
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            if unsharded is not None:
+                unsharded.grad = None
+            if getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None:
+                fsdp_param.unsharded_accumulated_grad = None

@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from transformers import TrainerCallback
 
 from tests.distributed.ddp_check import (
     LR,
@@ -81,6 +82,12 @@ SAME_AS_DDP = {
     "checkpointed-sam": dict(sam_method="sam", gradient_checkpointing=True),  # SDS only: SWP needs a local ascent
     "sam-ga2": dict(sam_method="sam", gradient_accumulation_steps=2),  # also against the reference (CONFIGS)
     "sam-micro-ga2": dict(sam_method="sam", gradient_accumulation_steps=2, sam_accumulation="micro"),
+    # SSAM-F's Fisher passes on a window's first micro-batch, inside Trainer's FSDP2 deferral of the reduce-scatter.
+    "ssam-f-ga2": dict(sam_method="ssam-f", sam_fisher_samples=16, gradient_accumulation_steps=2),
+    # A callback ends the first epoch after a window's first micro-batch: its held-back descent gradient is dropped.
+    "sam-epoch-cut": dict(
+        sam_method="sam", gradient_accumulation_steps=2, max_steps=-1, num_train_epochs=2, train_size=16, stop_at=1
+    ),
 }
 # bf16 under FSDP2 (accelerate's MixedPrecisionPolicy): rho 0 must give the plain run bit for bit (the fp32
 # shards are restored exactly, the descent pass is the clean pass), and SAM must run and move elsewhere.
@@ -96,14 +103,29 @@ FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wr
 
 def force_fsdp_on_cpu(trainer) -> None:
     """What accelerate would set up on GPUs for these arguments: distributed type FSDP with the Trainer's plugin."""
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = trainer.accelerator.state
     state.distributed_type = DistributedType.FSDP
+    # `accelerator.prepare` builds an `AcceleratedOptimizer`, whose `AcceleratorState()` copies the distributed type
+    # back from `PartialState`: set it there too, or Trainer runs the sharded model as MULTI_CPU (no FSDP2 no_sync).
+    PartialState().distributed_type = DistributedType.FSDP
     state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
     if trainer.args.bf16:  # as accelerate does: FSDP2 gathers bf16 copies of the fp32 shards and reduces in bf16
         state.fsdp_plugin.set_mixed_precision("bf16")
     trainer.is_fsdp_enabled = True
+
+
+class EpochStopAt(TrainerCallback):
+    """Ends the epoch at the start of optimizer step `step`, once: Trainer leaves after the first micro-batch."""
+
+    def __init__(self, step: int):
+        self.step, self.done = step, False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step and not self.done:
+            self.done = control.should_epoch_stop = True
 
 
 def full_flat(model: torch.nn.Module) -> torch.Tensor:
@@ -144,6 +166,7 @@ def run_config(name, overrides, out_dir, rank, world):
     train_size = overrides.pop("train_size", 32)
     resume = overrides.pop("resume_from_checkpoint", None)
     lora = overrides.pop("lora", False)
+    stop_at = overrides.pop("stop_at", None)
     model = tiny_bert(dropout=0.0)
     if lora:  # adapters on query/value; the frozen base is sharded too and must stay bit-identical
         import peft
@@ -157,6 +180,8 @@ def run_config(name, overrides, out_dir, rank, world):
         del sgd["optim"]
     args = check_arguments(os.path.join(out_dir, name), **{**sgd, **overrides})
     trainer = RecordingTrainer(model=model, args=args, train_dataset=tiny_dataset(train_size))
+    if stop_at is not None:
+        trainer.add_callback(EpochStopAt(stop_at))
     if overrides.get("fsdp"):
         force_fsdp_on_cpu(trainer)
     trainer.train(resume_from_checkpoint=resume)
@@ -175,6 +200,7 @@ def run_config(name, overrides, out_dir, rank, world):
     reference = reference_run(initial, [g["seen"] for g in gathered], name) if name in CONFIGS else None
     return {
         "wrapper": type(trainer.model_wrapped).__name__,
+        "accelerate_fsdp2": trainer.accelerator.is_fsdp2,  # Trainer's own FSDP2 paths (its deferral of the reduction)
         "sharded_dtensor_params": sharded,
         "optimizer_params_are_dtensors": all(
             isinstance(p, DTensor) for group in trainer.optimizer.param_groups for p in group["params"]
