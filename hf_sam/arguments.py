@@ -814,6 +814,15 @@ class SAMArgumentsMixin:
                 " load_best_model_at_end would reload weights that were never scored. Drop --load_best_model_at_end"
                 " (the model left after training is the average), or --weight_ema_decay."
             )
+        if decay > 0 and str(getattr(self.save_strategy, "value", self.save_strategy)) == "best":
+            # The checkpoint named best is chosen by the average's score but its model files hold the trained
+            # weights, which score otherwise (measured: eval_loss 1.134 for the average, 1.339 for its model files).
+            raise ValueError(
+                "weight_ema_decay evaluates the averaged weights while checkpoints keep the trained ones, so"
+                " save_strategy='best' would name best a checkpoint whose model files were never scored. Use"
+                " --save_strategy steps or epoch (the model left after training is the average), or drop"
+                " --weight_ema_decay."
+            )
 
     def _validate_sam_against_training_args(self) -> None:
         if not self.sam_enabled:

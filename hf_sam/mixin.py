@@ -207,12 +207,22 @@ class SAMMixin:
             self.optimizer_cls_and_kwargs = (optimizer_cls, optimizer_cls.kwargs_from(self.args))
 
     def evaluate(self, *args: Any, **kwargs: Any):
-        with self._sam_averaged_weights(), resharded_after(self.model):
+        with self._sam_unperturbed(), self._sam_averaged_weights(), resharded_after(self.model):
             return super().evaluate(*args, **kwargs)
 
     def predict(self, *args: Any, **kwargs: Any):
-        with self._sam_averaged_weights(), resharded_after(self.model):
+        with self._sam_unperturbed(), self._sam_averaged_weights(), resharded_after(self.model):
             return super().predict(*args, **kwargs)
+
+    def save_model(self, *args: Any, **kwargs: Any) -> None:
+        with self._sam_unperturbed():
+            super().save_model(*args, **kwargs)
+
+    def _sam_unperturbed(self):
+        """w in the model for the block: a callback may evaluate or save between two micro-batches of a window
+        (`on_substep_end`), where window mode and Momentum-SAM hold w + eps; the window then goes on from w + eps."""
+        perturbation = self._sam.perturbation
+        return perturbation.unperturbed() if perturbation is not None else contextlib.nullcontext()
 
     def _sam_averaged_weights(self):
         """During training with weight_ema_decay: evaluate the averaged weights, then go on from the trained ones."""

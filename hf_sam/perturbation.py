@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -125,6 +127,26 @@ class Perturbation:
             return
         torch._foreach_copy_([local(p) for p in self._active], [self._backup[id(p)] for p in self._active])
         self._active = []
+
+    @contextlib.contextmanager
+    def unperturbed(self) -> Iterator[None]:
+        """Run the block with w in the model, then put w + eps back bit for bit (no-op when nothing is perturbed).
+
+        Window mode and Momentum-SAM hold w + eps across the micro-batches of a window, so a callback that evaluates
+        or saves between two of them (`on_substep_end`) would otherwise score or save the perturbed weights.
+        """
+        if not self._active:
+            yield
+            return
+        active = self._active
+        with torch.no_grad():
+            perturbed = [local(p).detach().clone() for p in active]
+            torch._foreach_copy_([local(p) for p in active], [self._backup[id(p)] for p in active])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([local(p) for p in active], perturbed)
 
     def _back_up(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Copy `params` into their backup buffers and mark them perturbed; returns their local shards to move."""

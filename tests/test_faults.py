@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.testing_utils import CaptureLogger
 
@@ -473,6 +474,54 @@ def test_an_epoch_stop_inside_a_window_evaluates_and_continues_from_w(tmp_path):
     trainer.train()
     assert_same_weights(stop.at_stop, stop.at_eval)  # the epoch-end evaluation scores w
     assert_same_weights(stop.at_stop, stop.next_begin)  # the next epoch starts from w
+
+
+# Between two micro-batches of a window (window mode, Momentum-SAM) the model holds w + eps; a callback that evaluates
+# or saves at on_substep_end must score and save w, and the window must go on from w + eps.
+class EvaluateAtSubstepEnd(TrainerCallback):
+    def __init__(self, save_dir):
+        self.trainer, self.save_dir, self.rows = None, save_dir, []
+
+    def on_step_begin(self, args, st, control, model=None, **kwargs):
+        self.at_begin = state(model)
+
+    def on_substep_end(self, args, st, control, model=None, **kwargs):
+        held = state(model)
+        evaluated = self.trainer.evaluate()["eval_loss"]
+        predicted = self.trainer.predict(self.trainer.eval_dataset).metrics["test_loss"]
+        self.trainer.save_model(self.save_dir)
+        saved = {k: v for k, v in load_file(os.path.join(self.save_dir, "model.safetensors")).items()}
+        assert_same_weights(held, state(model))  # the window goes on from the weights it held
+        self.rows.append((self.at_begin, evaluated, predicted, saved))
+
+
+@pytest.mark.parametrize("method", ["sam", "momentum-sam"])
+def test_evaluating_or_saving_inside_a_window_sees_the_unperturbed_weights(tmp_path, method):
+    args = sam_args(
+        tmp_path, sam_method=method, gradient_accumulation_steps=2, per_device_train_batch_size=2, max_steps=3
+    )
+    trained = SequentialSAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
+    trained.train()
+    callback = EvaluateAtSubstepEnd(str(tmp_path / "saved"))
+    trainer = SequentialSAMTrainer(
+        model=tiny_bert(),
+        args=args,
+        train_dataset=tiny_dataset(),
+        eval_dataset=tiny_dataset(8, seed=1),
+        callbacks=[callback],
+    )
+    callback.trainer = trainer
+    trainer.train()
+    assert_same_weights(state(trained.model), state(trainer.model))  # the evaluations changed nothing in training
+    reference = SequentialSAMTrainer(model=tiny_bert(), args=args, eval_dataset=tiny_dataset(8, seed=1))
+    assert len(callback.rows) == 3
+    for at_begin, evaluated, predicted, saved in callback.rows:
+        reference.model.load_state_dict(at_begin)
+        expected = reference.evaluate()["eval_loss"]
+        assert evaluated == expected  # sam, step 0: was 1.0939 (w + eps) against 1.0984 at w
+        assert predicted == expected
+        for name, value in at_begin.items():
+            assert torch.equal(saved[name], value), name
 
 
 # The stalled-run warning compares means over a tenth of training: logged every step or two, single batches' losses

@@ -155,6 +155,17 @@ def test_a_checkpoint_without_the_average_is_refused_on_resume(tmp_path):
             },
             "load_best_model_at_end",
         ),
+        # The checkpoint named best was chosen by the average's score but holds the trained weights: measured, an
+        # eval_loss of 1.134 for the average against 1.339 for its model files.
+        (
+            {
+                "weight_ema_decay": 0.9,
+                "eval_strategy": "steps",
+                "save_strategy": "best",
+                "metric_for_best_model": "eval_loss",
+            },
+            "save_strategy='best'",
+        ),
     ],
 )
 def test_bad_weight_average_settings_are_refused_before_training(tmp_path, overrides, message):
