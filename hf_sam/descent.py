@@ -20,15 +20,21 @@ NORM_EPS = 1e-12
 
 
 class DescentTransform:
-    """Base class; `needs_clean_copy` says whether the clean gradient vector (not only its norm) is used."""
+    """Base class; `needs_clean_copy` says whether the clean gradient vector (not only its norm) is used, `acts`
+    whether the transform changes anything at these arguments (False: the identity, e.g. at a weight of 0)."""
 
     needs_clean_copy = True
+
+    @property
+    def acts(self) -> bool:
+        return True
 
     def __init__(self, args):
         self.args = args
 
     def after_sam_step(self, names, grads, clean, clean_norm) -> None:
-        """Called once per SAM window after the last descent pass, before clipping and the step."""
+        """Called once per SAM window after the last descent pass, before clipping and the step. `clean` is the
+        step's own copy of g, dropped after it: the method's transform (GSAM, LookSAM) may overwrite it."""
 
     def after_plain_step(self, names, grads) -> None:
         """Called once per plain (non-SAM) window after its last pass."""
@@ -58,13 +64,15 @@ class DescentPipeline:
 
     @property
     def active(self) -> bool:
-        return bool(self.transforms) and self.args.sam_rho > 0
+        # A transform that is the identity (LookSAM's preset, alpha 0) must not cost a copy of g per SAM step, nor,
+        # under DDP with local ascent or DeepSpeed, an all-reduce of it (or of every plain step's gradient).
+        return self.args.sam_rho > 0 and any(t.acts for t in self.transforms)
 
     def keep_clean(self, perturbation, local_ascent: bool) -> None:
         """Copy g (in `.grad` now, before it becomes eps) when a transform needs it, on the descent gradient's basis:
         under local ascent the descent gradient is all-reduced and g is not, so one extra all-reduce averages it."""
         self.clean_copy = None
-        if not self.active or not (local_ascent or any(t.needs_clean_copy for t in self.transforms)):
+        if not self.active or not (local_ascent or any(t.needs_clean_copy for t in self.transforms if t.acts)):
             return
         if local_ascent:
             # Every perturbed tensor, 0 where this rank has no clean gradient: a tensor unused on one rank (a branch

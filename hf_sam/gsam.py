@@ -13,6 +13,10 @@ from .tensors import dot, global_norm, local
 class SurrogateGap(DescentTransform):
     """GSAM (Zhuang et al. 2022): g_perp = g - (<g, g~>/||g~||^2) g~, descent g~ - alpha g_perp."""
 
+    @property
+    def acts(self) -> bool:
+        return self.args.gsam_alpha > 0  # alpha 0: the descent is g~, SAM's
+
     def after_sam_step(self, names, grads, clean, clean_norm) -> None:
         # alpha = 0 after a skipped ascent: g~ (the plain gradient then) stays as it is.
         alpha = self.args.gsam_alpha * torch.isfinite(clean_norm)

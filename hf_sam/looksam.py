@@ -19,11 +19,18 @@ class LookSAMReuse(DescentTransform):
         self.g_v: dict[str, torch.Tensor] = {}
         self._g_v_norm: torch.Tensor | None = None
 
+    @property
+    def acts(self) -> bool:
+        return self.args.looksam_alpha > 0  # alpha 0 reuses nothing: SAM every k steps, g~ as it is
+
     def after_sam_step(self, names, grads, clean, clean_norm) -> None:
         if self.args.looksam_alpha == 0:  # nothing is reused: keep no copy of the parameters
             return
         coef = dot(grads, clean) / (clean_norm.square() + NORM_EPS)
-        orthogonal = torch._foreach_mul([local(c) for c in clean], -coef)
+        # Written into `clean`, the step's own copy of g that the pipeline drops after this step: a new buffer would
+        # be one more copy of the perturbed parameters while that copy and the previous g_v are still alive.
+        orthogonal = [local(c) for c in clean]
+        torch._foreach_mul_(orthogonal, -coef)
         torch._foreach_add_(orthogonal, [local(g) for g in grads])
         # coef is not finite after a skipped ascent or with a non-finite descent gradient (an fp16 overflow that
         # GradScaler skips): g_v keeps its previous value (zero before the first one), never NaN.

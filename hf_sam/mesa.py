@@ -25,7 +25,7 @@ from .loss_term import (
     unwrapped_model,
 )
 from .tensors import DTensor, local, resharded_after
-from .weight_ema import warmed_up_decay
+from .weight_ema import lerp_float32_, warmed_up_decay
 
 
 def _average_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -85,9 +85,7 @@ class EMATeacher:
         # v + (1 - beta)(w - v) = beta v + (1 - beta) w, as one pass over the weights (this rank's shards), on the
         # float32 average: in bf16 (1 - beta)(w - v) is mostly below half a unit in the last place of v and rounds
         # away.
-        weights = [local(p).detach() for p in self.student]
-        weights = [w if w.dtype == a.dtype else w.to(a.dtype) for w, a in zip(weights, self.average)]
-        torch._foreach_lerp_(self.average, weights, 1 - decay)
+        lerp_float32_(self.average, [local(p).detach() for p in self.student], 1 - decay)
         self._sync()
 
     @torch.no_grad()

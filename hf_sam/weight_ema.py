@@ -30,6 +30,22 @@ def warmed_up_decay(decay: float, updates: int) -> float:
     return min(decay, (1 + updates) / (10 + updates))
 
 
+@torch.no_grad()
+def lerp_float32_(averages: list[torch.Tensor], weights: list[torch.Tensor], weight: float) -> None:
+    """averages <- averages + weight (weights - averages), for float32 averages of weights in any float dtype.
+
+    Weights of the averages' dtype go through one foreach lerp, without a copy. A bf16 / fp16 weight is upcast one
+    tensor at a time: a list of upcasts would hold a float32 copy of all the weights at once, every step, as large as
+    the average itself.
+    """
+    same = [(a, w) for a, w in zip(averages, weights) if a.dtype == w.dtype]
+    if same:
+        torch._foreach_lerp_([a for a, _ in same], [w for _, w in same], weight)
+    for average, w in zip(averages, weights):
+        if average.dtype != w.dtype:
+            average.lerp_(w.to(average.dtype), weight)
+
+
 class WeightEMA:
     """Float32 moving average of `params` (their local shards under FSDP2).
 
@@ -54,8 +70,7 @@ class WeightEMA:
     def update(self) -> None:
         """Fold the current weights in: average <- d average + (1 - d) w (called after every optimizer step)."""
         weight = 1.0 - self.current_decay()
-        # `.float()` is the tensor itself for float32 weights: no copy in the usual case.
-        torch._foreach_lerp_(self.average, [local(p).detach().float() for p in self.params], weight)
+        lerp_float32_(self.average, [local(p).detach() for p in self.params], weight)
         self.updates += 1
 
     @contextlib.contextmanager

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from datasets import Dataset
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import SequentialSampler
 from transformers import BertConfig, BertForSequenceClassification, Trainer
 
@@ -104,3 +107,29 @@ def assert_same_weights(a: dict, b: dict, exact: bool = True, atol: float = 1e-6
 
 def copy_model(model):
     return copy.deepcopy(model)
+
+
+class PeakNewTensorBytes(TorchDispatchMode):
+    """Within the block: the peak number of bytes held at once by tensors the ops allocate there (outputs on new
+    storage, counted until their tensor is freed), e.g. to check that a pass over the weights does not hold a copy
+    of all of them at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = pytree.tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+                nbytes = tensor.untyped_storage().nbytes()
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(tensor, self._free, nbytes)
+        return out

@@ -325,3 +325,25 @@ def test_adasam_step_count_survives_a_state_dict_round_trip():
 def test_adasam_optimizer_rejects_bad_hyperparameters():
     with pytest.raises(ValueError, match="AdaSAM"):
         AdaSAMOptimizer([nn.Parameter(torch.zeros(1))], lr=-1.0)
+
+
+def test_looksam_keeps_g_v_in_the_steps_own_copy_of_g():
+    # g_v = g~ - (<g~, g>/||g||^2) g is written into the step's copy of g, which the pipeline drops after the step: a
+    # new buffer for it, while that copy and the previous g_v are still alive, was one more copy of the perturbed
+    # parameters at every SAM step.
+    from hf_sam.looksam import LookSAMReuse
+    from tests.helpers import PeakNewTensorBytes
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(32, 16)] * 6 + [(16,)] * 2
+    names = [f"t{i}" for i in range(len(shapes))]
+    grads = [torch.randn(s, generator=generator) for s in shapes]
+    clean = [torch.randn(s, generator=generator) for s in shapes]
+    g, g_tilde = torch.cat([c.reshape(-1) for c in clean]), torch.cat([x.reshape(-1) for x in grads])
+    expected = g_tilde - (g_tilde @ g) / (g @ g + 1e-12) * g
+    transform = LookSAMReuse(SimpleNamespace(looksam_alpha=0.7))
+    transform.g_v = {name: torch.randn(s, generator=generator) for name, s in zip(names, shapes)}  # the previous g_v
+    with PeakNewTensorBytes() as counted:
+        transform.after_sam_step(names, grads, clean, global_norm(clean))
+    assert counted.peak < sum(4 * math.prod(s) for s in shapes) / 4  # a product of one tensor at a time, in `dot`
+    torch.testing.assert_close(torch.cat([transform.g_v[n].reshape(-1) for n in names]), expected)

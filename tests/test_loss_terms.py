@@ -13,6 +13,7 @@ from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, Traine
 from hf_sam import SAMTrainer, SAMTrainingArguments, add_example_index
 from hf_sam.saf import IndexedDataset, LogitBank, example_ids
 from tests.helpers import (
+    PeakNewTensorBytes,
     SequentialSAMTrainer,
     assert_same_weights,
     batches,
@@ -506,6 +507,18 @@ def test_mesa_teacher_with_bf16_weights_follows_the_float32_average(tmp_path):
     saved = trainer._sam.state_dict()
     for name in teacher.names:
         torch.testing.assert_close(saved[f"loss_term.mesa_ema.{name}"], reference.average[name], atol=1e-7, rtol=0)
+
+
+def test_mesa_teacher_update_of_bf16_weights_holds_no_float32_copy_of_the_whole_model():
+    # The float32 average follows bf16 weights upcast one tensor at a time, not a float32 copy of them all per step.
+    from hf_sam.mesa import EMATeacher
+
+    model = tiny_bert().to(torch.bfloat16)
+    teacher = EMATeacher(model)
+    with PeakNewTensorBytes() as counted:
+        teacher.update(0.999)
+    sizes = [4 * p.numel() for p in model.parameters()]
+    assert counted.peak <= max(sizes) < sum(sizes) / 4
 
 
 def test_sharded_mesa_teacher_keeps_a_float32_average_of_bf16_shards():

@@ -1116,6 +1116,27 @@ def test_looksam_preset_is_sam_every_k_steps_and_keeps_no_copy(tmp_path):
     )
 
 
+class CleanCopyRecordingTrainer(SequentialSAMTrainer):
+    """Records, at each ascent, whether the step holds a copy of the clean gradient g for a descent transform."""
+
+    def _sam_ascend(self, grad_factor):
+        self.clean_copies = getattr(self, "clean_copies", []) + [self._sam.descent.clean_copy is not None]
+        return super()._sam_ascend(grad_factor)
+
+
+@pytest.mark.parametrize("method, weight", [("looksam", "looksam_alpha"), ("gsam", "gsam_alpha")])
+def test_a_descent_transform_at_weight_zero_copies_no_clean_gradient(tmp_path, method, weight):
+    # LookSAM's preset (alpha 0) and GSAM at alpha 0 leave g~ as it is: a copy of g per SAM step (one parameter-sized
+    # buffer, and under DDP with local ascent one extra all-reduce of it) would buy nothing.
+    idle = train_sam(tmp_path / "i", tiny_bert(), tiny_dataset(), "sgd", trainer_cls=CleanCopyRecordingTrainer,
+                     max_steps=4, sam_method=method, **{weight: 0.0})  # fmt: skip
+    assert idle.clean_copies and not any(idle.clean_copies)
+    assert not idle._sam.descent.active  # nor, under DeepSpeed, a sync of the held gradient on its plain steps
+    acting = train_sam(tmp_path / "a", tiny_bert(), tiny_dataset(), "sgd", trainer_cls=CleanCopyRecordingTrainer,
+                       max_steps=4, sam_method=method, **{weight: 0.5})  # fmt: skip
+    assert acting.clean_copies and all(acting.clean_copies)
+
+
 def test_looksam_reuses_nothing_from_a_sam_step_at_radius_zero(tmp_path):
     # GSAM's schedule with sam_rho_min 0 gives rho 0 where the learning rate is 0 (step 0 of a warm-up): there g~ = g
     # and g_v = 0 in exact arithmetic; its rounding noise, rescaled to alpha ||g||, must not reach the next step.

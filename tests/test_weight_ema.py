@@ -8,7 +8,15 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_sam import SAMTrainer
 
-from .helpers import SequentialSAMTrainer, assert_same_weights, sam_args, state, tiny_bert, tiny_dataset
+from .helpers import (
+    PeakNewTensorBytes,
+    SequentialSAMTrainer,
+    assert_same_weights,
+    sam_args,
+    state,
+    tiny_bert,
+    tiny_dataset,
+)
 
 
 DECAY = 0.6  # small, so the warm-up min(decay, (1 + t) / (10 + t)) and the plain decay both occur in 8 steps
@@ -201,3 +209,24 @@ def test_after_a_failed_run_evaluation_scores_the_weights_the_model_holds(tmp_pa
 
 def _eval_args(tmp_path) -> dict:
     return dict(output_dir=str(tmp_path / "plain"), report_to="none", use_cpu=True, per_device_eval_batch_size=4)
+
+
+def test_the_update_of_bf16_weights_holds_no_float32_copy_of_the_whole_model():
+    # The average is float32; bf16 weights are upcast for the lerp one tensor at a time. Upcast all at once, every
+    # step held a second float32 copy of the trainable weights (as large as the average itself) for the update.
+    from hf_sam.weight_ema import WeightEMA
+
+    model = tiny_bert().to(torch.bfloat16)
+    named = list(model.named_parameters())
+    ema = WeightEMA(named, DECAY)
+    reference = [p.detach().float().clone() for _, p in named]
+    with torch.no_grad():
+        for _, p in named:
+            p.add_(1.0)
+    with PeakNewTensorBytes() as counted:
+        ema.update()
+    largest = max(4 * p.numel() for _, p in named)
+    assert counted.peak <= largest < sum(4 * p.numel() for _, p in named) / 4
+    weight = 1 - min(DECAY, 1 / 10)
+    for average, before, (_, p) in zip(ema.average, reference, named):  # and the same numbers
+        torch.testing.assert_close(average, before.lerp(p.detach().float(), weight), atol=0, rtol=0)
