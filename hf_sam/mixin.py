@@ -35,7 +35,7 @@ from .loss_term import (
 )
 from .methods import METHODS
 from .metrics import SAMMetrics
-from .momentum_sam import first_moments, keeps_momentum, no_momentum_message
+from .momentum_sam import base_optimizer, first_moments, keeps_momentum, no_momentum_message
 from .msam import sequence_bounds, shard_sizes, split_batch, take_sequences
 from .radius import step_rho
 from .replay import capture_rng, frozen_bn_stats, restore_rng
@@ -139,6 +139,14 @@ class SAMMixin:
         self._sam.epoch_steps = values[1] if has_length(dataloader) else None
         return values
 
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        own = METHODS[self.args.sam_method].optimizer if self.args.sam_enabled else None
+        if self.optimizer is None and own is not None and self.optimizer_cls_and_kwargs is not None:
+            # The method's optimizer (AdaSAM), set up in __init__: its hyperparameters are read now, as Trainer reads
+            # its own optimizer's (a hyperparameter-search trial sets its learning rate on args after __init__).
+            self.optimizer_cls_and_kwargs = (own, own.kwargs_from(self.args))
+        return super().create_optimizer(*args, **kwargs)
+
     def _sam_check_host(self, args) -> None:
         """Refuse, before the host trainer builds anything, a method this host cannot run (see `SAMDPOTrainer`)."""
 
@@ -200,11 +208,6 @@ class SAMMixin:
                 raise
             if getattr(self, "is_fsdp_enabled", False):
                 self.args.sam_ascent_sync = True  # as check_sam_setup set it (FSDP2 shards the ascent gradient)
-        optimizer_cls = METHODS[self.args.sam_method].optimizer
-        if self.args.sam_enabled and optimizer_cls is not None:
-            # AdaSAM's optimizer takes its learning rate and betas from the arguments: the trial's, not those of the
-            # trainer's construction (a searched learning_rate was ignored).
-            self.optimizer_cls_and_kwargs = (optimizer_cls, optimizer_cls.kwargs_from(self.args))
 
     def evaluate(self, *args: Any, **kwargs: Any):
         with self._sam_unperturbed(), self._sam_averaged_weights(), resharded_after(self.model):
@@ -265,6 +268,16 @@ class SAMMixin:
     def _sam_build(self) -> None:
         if self.args.sam_direction == "momentum" and not keeps_momentum(self.optimizer):
             raise ValueError(no_momentum_message(self.optimizer))  # at the first step, before any update
+        own = METHODS[self.args.sam_method].optimizer
+        if own is not None and not isinstance(base_optimizer(self.optimizer), own):
+            # __init__ refuses a passed optimizer; one built elsewhere (a `create_optimizer` override, which never
+            # reads optimizer_cls_and_kwargs) would silently turn the method into plain SAM over it.
+            method, name = self.args.sam_method, type(base_optimizer(self.optimizer)).__name__
+            raise ValueError(
+                f"sam_method={method!r} brings its own optimizer ({own.__name__}), but the trainer built {name}"
+                f" (a create_optimizer override?): {method} would silently be plain SAM over it. Let Trainer build"
+                f" the optimizer from optimizer_cls_and_kwargs, or use sam_method='sam' with {name}."
+            )
         self._sam.build(self.model, self.args)
         if getattr(self, "is_deepspeed_enabled", False):
             self._sam.zero = ZeroStep(self.accelerator, self.model_wrapped)
@@ -292,6 +305,8 @@ class SAMMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         if not self.args.sam_enabled:
+            if self.args.sam_loss_term != "none" and not self._sam.term_reached:
+                return self._sam_first_loss_term_pass(model, inputs, num_items_in_batch)
             return super().training_step(model, inputs, num_items_in_batch)
         if self._sam.perturbation is None:
             self._sam_build()
@@ -339,6 +354,29 @@ class SAMMixin:
             raise
         if zero is not None and last:
             zero.finish()  # one reduction of the step's gradient into DeepSpeed's partitions, then engine.step()
+        return loss
+
+    def _sam_first_loss_term_pass(self, model, inputs, num_items_in_batch) -> torch.Tensor:
+        """SAF's and MESA's first training pass, which must reach `SAMMixin.compute_loss` (it adds their term).
+
+        A subclass of `SAMTrainer` that overrides `compute_loss` without calling `super().compute_loss` would train
+        as the plain Trainer without a word (and hand SAF's index column to the model): refused before any update.
+        """
+        method, host = self.args.sam_method, type(self).__name__
+        message = (
+            f"sam_method={method!r} adds its term to the loss in SAMMixin.compute_loss, which {host}.compute_loss"
+            " does not call: the run would be the plain Trainer. Call super().compute_loss(model, inputs,"
+            " return_outputs, num_items_in_batch) from the override, or put SAMMixin in front of the trainer that"
+            " overrides it: class MySAMTrainer(SAMMixin, MyTrainer)."
+        )
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except TypeError as error:  # SAF's index column, which SAMMixin.compute_loss takes out, reached the model
+            if not self._sam.term_reached and INDEX_COLUMN in inputs:
+                raise ValueError(message) from error
+            raise
+        if not self._sam.term_reached:
+            raise ValueError(message)  # before the optimizer step: the window's gradient is dropped with the run
         return loss
 
     def _sam_split_batch(self, inputs, shards: int) -> list[dict[str, Any]]:
@@ -720,6 +758,7 @@ class SAMMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        self._sam.term_reached = True
         if self._sam.loss_term is None:
             self._sam_loss_term_build()
         loss_term = self._sam.loss_term

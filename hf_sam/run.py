@@ -33,6 +33,7 @@ class SAMRun:
     descent: DescentPipeline | None = None
     esam: ESAM | None = None
     loss_term: LossTerm | None = None  # SAF's bank or MESA's teacher
+    term_reached: bool = False  # a training pass went through SAMMixin.compute_loss, which adds SAF's / MESA's term
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
     bn_layers: list[torch.nn.Module] = field(default_factory=list)  # whose statistics the perturbed pass must not move
     shifts_labels: bool | None = None  # whether the model scores logits at t against labels at t + 1 (causal LM)

@@ -312,6 +312,27 @@ def test_adasam_refuses_an_optimizer_passed_to_the_trainer():
                    optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))  # fmt: skip
 
 
+class _TrainerWithItsOwnOptimizer(SAMTrainer):
+    def create_optimizer(self):
+        if self.optimizer is None:
+            import torch
+
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        return self.optimizer
+
+
+def test_adasam_refuses_an_optimizer_from_a_create_optimizer_override_before_any_update(tmp_path):
+    # The override never reads optimizer_cls_and_kwargs: adasam would silently be plain SAM over SGD.
+    model = tiny_bert()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = SAMTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, sam_method="adasam",
+                                max_steps=2, save_strategy="no", disable_tqdm=True)  # fmt: skip
+    trainer = _TrainerWithItsOwnOptimizer(model=model, args=args, train_dataset=tiny_dataset())
+    with pytest.raises(ValueError, match="adasam.*AdaSAMOptimizer.*SGD"):
+        trainer.train()
+    assert all(p.equal(before[name]) for name, p in model.named_parameters())
+
+
 @pytest.mark.parametrize("method", ["saf", "mesa"])
 def test_saf_and_mesa_refuse_a_one_output_head(method):
     import torch

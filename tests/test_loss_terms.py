@@ -374,6 +374,27 @@ def test_one_pass_per_micro_batch(tmp_path, method):
     assert trainer._sam.perturbation is None  # the SAM machinery never ran
 
 
+class _OwnLossTrainer(SequentialSAMTrainer):
+    """A subclass whose compute_loss computes the loss itself, never reaching SAMMixin.compute_loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = F.cross_entropy(outputs.logits, labels)
+        return (loss, outputs) if return_outputs else loss
+
+
+# SAF and MESA add their term in SAMMixin.compute_loss: an override in front of it that does not call it would run
+# MESA as the plain Trainer without a word, and feed SAF's index column to the model (a TypeError from its forward).
+@pytest.mark.parametrize("method", ["saf", "mesa"])
+def test_a_compute_loss_override_that_bypasses_the_term_is_refused_before_any_update(tmp_path, method):
+    model = tiny_bert()
+    before = state(model)
+    with pytest.raises(ValueError, match=f"sam_method='{method}'.*_OwnLossTrainer.compute_loss.*super"):
+        train(tmp_path, model, tiny_dataset(8), trainer_cls=_OwnLossTrainer, sam_method=method, max_steps=2)
+    assert_same_weights(before, state(model))
+
+
 # ---------------------------------------------------------------------- arguments
 
 

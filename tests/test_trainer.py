@@ -8,6 +8,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_sam import METHODS, SAMTrainer
+from hf_sam.gsam import rho_min
 from hf_sam.optim import AdaSAMOptimizer
 from tests.helpers import (
     LABELS,
@@ -629,7 +630,7 @@ def test_a_hyperparameter_search_trial_resolves_the_sam_fields_again(tmp_path, m
     trainer = SAMTrainer(model_init=lambda: tiny_bert(), args=args, train_dataset=tiny_dataset())
     for rho in (0.1, 0.02):
         _run_trial(trainer, {"sam_rho": rho}, monkeypatch)
-        assert trainer.args.sam_rho_min == rho
+        assert rho_min(trainer.args) == rho  # unset: the radius itself, a constant
         assert [h["sam/rho"] for h in trainer.state.log_history if "sam/rho" in h] == [rho] * 4
     _run_trial(trainer, {"sam_method": "asam"}, monkeypatch)  # the trial's method with its own preset
     assert trainer.args.sam_ascent == "adaptive" and trainer.args.sam_rho == 0.02  # the earlier trial's radius stays
@@ -1180,6 +1181,34 @@ def test_gsam_rho_follows_the_learning_rate(tmp_path, warmup):
     assert logs[0]["sam/rho"] > logs[-1]["sam/rho"]
 
 
+def test_gsam_rho_follows_a_reduce_on_plateau_learning_rate_of_a_passed_optimizer(tmp_path):
+    # ReduceLROnPlateau keeps no base_lrs: the peak is the passed optimizer's own lr (0.01), not args.learning_rate
+    # (Trainer's default 5e-5, which the optimizer never used), so rho falls with the lr, a tenth per evaluation.
+    model = tiny_bert()
+    trainer = SequentialSAMTrainer(
+        model=model,
+        args=sam_args(
+            tmp_path,
+            sam_method="gsam",
+            sam_rho_min=0.0,
+            learning_rate=5e-5,
+            max_steps=4,
+            lr_scheduler_type="reduce_lr_on_plateau",
+            eval_strategy="steps",
+            eval_steps=1,
+            lr_scheduler_kwargs={"factor": 0.1, "patience": 0, "mode": "max"},
+        ),  # fmt: skip
+        train_dataset=tiny_dataset(),
+        eval_dataset=tiny_dataset(8, seed=1),
+        optimizers=(torch.optim.AdamW(model.parameters(), lr=0.01), None),
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "sam/rho" in h]
+    assert len(logs) == 4 and logs[-1]["learning_rate"] < 0.01  # the plateau scheduler did lower the lr
+    for entry in logs:
+        assert math.isclose(entry["sam/rho"], 0.05 * entry["learning_rate"] / 0.01, rel_tol=1e-5)
+
+
 def test_adasam_builds_its_optimizer_and_checkpoints_its_state(tmp_path):
     args = sam_args(tmp_path, sam_method="adasam", save_strategy="steps", save_steps=2, max_steps=2)
     trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
@@ -1187,6 +1216,18 @@ def test_adasam_builds_its_optimizer_and_checkpoints_its_state(tmp_path):
     assert isinstance(trainer.optimizer.optimizer, AdaSAMOptimizer)
     saved = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)
     assert {"m", "v", "v_hat"} <= set(next(iter(saved["state"].values())))
+
+
+def test_adasam_reads_its_hyperparameters_when_the_optimizer_is_built(tmp_path):
+    # hyperparameter_search sets each trial's values on trainer.args after __init__ (Trainer._hp_search_setup), and
+    # Trainer reads them when it builds its optimizer: AdaSAM's must not be the values of the trainer's creation.
+    trainer = SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, sam_method="adasam", max_steps=1),
+                         train_dataset=tiny_dataset())  # fmt: skip
+    for key, value in {"learning_rate": 0.001, "adam_beta1": 0.5, "adam_epsilon": 1e-6}.items():
+        setattr(trainer.args, key, value)
+    trainer.train()
+    group = trainer.optimizer.param_groups[0]
+    assert (group["initial_lr"], group["betas"], group["eps"]) == (0.001, (0.5, 0.999), 1e-6)
 
 
 def test_momentum_sam_refuses_an_optimizer_without_momentum_before_any_update(tmp_path):

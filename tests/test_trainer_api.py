@@ -28,6 +28,7 @@ METHODS = {
     "_get_learning_rate": [],
     "compute_loss_context_manager": [],
     "get_tp_size": [],
+    "create_optimizer": ["model"],
 }
 # attributes read on a constructed trainer, and (second set) once training has started
 ATTRIBUTES = ["accelerator", "model_accepts_loss_kwargs", "compute_loss_func", "optimizer_cls_and_kwargs", "state"]
