@@ -14,6 +14,7 @@ import inspect
 from typing import Any
 
 import torch
+from accelerate.utils import is_compiled_module
 from torch import nn
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
@@ -590,11 +591,15 @@ class SAMMixin:
         prepared = self._prepare_inputs(dict(inputs))
         if rng is not None:
             restore_rng(rng, self.args.device)
+        # Unwrapped: no DDP bookkeeping. Under torch.compile the compiled module, which the clean pass ran: inductor
+        # draws its own dropout masks from the replayed generator, and an eager forward would score each example
+        # under other masks (a "rise" at rho 0).
+        scorer = model if is_compiled_module(model) else self.model
         with torch.no_grad(), frozen_bn_stats(self._sam.bn_layers), off_the_record(self):
             # The host's own loss computation, as in the clean pass, so both score examples from the same kind of
-            # output (logits, or a fused LM head's per-token log-probabilities). Unwrapped: no DDP bookkeeping.
+            # output (logits, or a fused LM head's per-token log-probabilities).
             with self.compute_loss_context_manager(), capture_outputs(self.model) as captured:
-                self.compute_loss(self.model, dict(prepared))
+                self.compute_loss(scorer, dict(prepared))
             rise = self.per_example_loss(captured[-1], prepared) - clean_examples
         # Where the clean pass left the RNG (the scoring forward drew its masks again): the subset's pass draws for
         # fewer examples, and the stream after the step must stay the plain Trainer's (later dropout, and samplers

@@ -2,6 +2,7 @@
 |B|)) over the batch), per-example losses."""
 
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -225,3 +226,19 @@ def test_data_selection_leaves_the_rng_stream_as_the_plain_trainers(tmp_path, ac
     SAMTrainer(model=tiny_bert(dropout=0.1), args=args, train_dataset=tiny_dataset(16), callbacks=[sam]).train()
     assert len(plain.states) == len(sam.states) == 4
     assert all(torch.equal(a, b) for a, b in zip(plain.states, sam.states))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's inductor needs a C++ compiler on CPU")
+def test_selection_under_torch_compile_scores_with_the_clean_pass_dropout_masks(tmp_path):
+    # Inductor draws its own dropout masks (from a seed it takes from the torch generator): the no-grad forward that
+    # scores the rise must run the compiled module as the clean pass did, or at rho 0 each example's "rise" is the
+    # difference between two dropout masks instead of 0, and the selection picks by that noise.
+    trainer = SequentialSAMTrainer(
+        model=tiny_bert(dropout=0.1),
+        args=sam_args(
+            tmp_path, sam_method="esam", esam_swp=False, esam_gamma=0.5, sam_rho=0.0, max_steps=2, torch_compile=True
+        ),
+        train_dataset=tiny_dataset(),
+    )
+    trainer.train()
+    assert [h["sam/sharpness"] for h in trainer.state.log_history if "sam/sharpness" in h] == [0.0, 0.0]
