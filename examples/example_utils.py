@@ -200,7 +200,9 @@ def from_pretrained(cls: type, name_or_path: str, flag: str, **kwargs: Any) -> A
         ) from err
 
 
-def load_hub_dataset(name: str, config_name: str | None, flag: str, local_data_flags: str, **kwargs: Any):
+def load_hub_dataset(
+    name: str, config_name: str | None, flag: str, local_data_flags: str, given: str | None = None, **kwargs: Any
+):
     """`load_dataset(name, config_name, **kwargs)`, with a clear message when the Hub is needed but cannot be used.
 
     Args:
@@ -208,6 +210,8 @@ def load_hub_dataset(name: str, config_name: str | None, flag: str, local_data_f
         config_name (`str`, *optional*): The dataset's configuration (a GLUE task, ...).
         flag (`str`): The command-line flag that gave `name`, named in the error.
         local_data_flags (`str`): The flags that give local data instead, suggested in the error.
+        given (`str`, *optional*): What the error shows as the flag's value, when the user gave something other
+            than `name` (run_glue's `--task_name mrpc` loads GLUE's dataset). Defaults to `name`.
         **kwargs: Passed on to `load_dataset`.
 
     Returns:
@@ -227,8 +231,8 @@ def load_hub_dataset(name: str, config_name: str | None, flag: str, local_data_f
             reason = unreachable_hub_reason(err)
             advice = "Without network, set HF_HUB_OFFLINE=1 (a cached copy is then used without contacting the Hub)"
         raise ConnectionError(
-            f"{flag} {name!r} is not in the local datasets cache and the Hub cannot be used ({reason}). {advice},"
-            f" or pass local data ({local_data_flags})."
+            f"{flag} {given or repr(name)} is not in the local datasets cache and the Hub cannot be used ({reason})."
+            f" {advice}, or pass local data ({local_data_flags})."
         ) from err
 
 

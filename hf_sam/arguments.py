@@ -170,6 +170,38 @@ class SAMArgumentsMixin:
     sam_exclude (`str`, *optional*):
         Regex on parameter names: matching parameters are not perturbed.
 
+    > Parameters of the individual methods (unset ones come from the preset; docs/methods.md#field-reference)
+
+    sam_schedule (`str`, *optional*, defaults to `"always"`):
+        Which steps run SAM: `always`, `constant`, `piecewise`, `linear`, `cosine` or `every_k` (ss-sam, late-sam,
+        looksam).
+    sam_probability, sam_probability_end, sam_schedule_boundary, sam_interval (*optional*):
+        The schedule's SAM-step probability (start; default 0.5), its end value (default: `sam_probability`), the
+        piecewise switch point as a share of training (0.5) and the every_k period (2).
+    sam_descent (`str`, *optional*, defaults to `"none"`):
+        Descent transform: `none`, `gsam` or `looksam`.
+    sam_renormalize (`bool`, *optional*, defaults to `False`):
+        Stable SAM: rescale the descent gradient to the norm of the ascent gradient.
+    sam_micro_batches (`int`, *optional*, defaults to 1):
+        mSAM: shards per micro-batch, one perturbation each.
+    sam_rho_min (`float`, *optional*):
+        GSAM: the radius follows the learning rate from `sam_rho` down to this. Unset: a constant `sam_rho`.
+    sam_mask, sam_sparsity, sam_mask_interval, sam_fisher_samples, sam_mask_drop_rate (*optional*):
+        Sparse SAM: the mask (`none` by default, `fisher`, `dynamic`), the share of entries not perturbed (0.5), the
+        optimizer steps between refreshes (one epoch), SSAM-F's examples per refresh (128) and SSAM-D's initial drop
+        rate (0.5).
+    esam_swp, esam_beta, esam_gamma, esam_selection (*optional*, defaults to `False`, 0.6, 1.0, `"per_class"`):
+        ESAM: stochastic weight perturbation and its keep probability; the share of each batch the descent uses and
+        how it is ranked (`per_class` or `batch`).
+    gsam_alpha (`float`, *optional*, defaults to 0.1):
+        GSAM's weight of the orthogonal component.
+    looksam_k, looksam_alpha (*optional*, defaults to 2, 0.0):
+        LookSAM's period of full SAM steps and the weight of the reused component between them.
+    adasam_bias_correction (`bool`, *optional*, defaults to `True`):
+        AdaSAM: Adam's bias correction of m and v (`False`: the paper's rule).
+    fsam_sigma, fsam_lambda (*optional*, defaults to 1.0, 0.9):
+        Friendly SAM: share of the gradient EMA removed, and the EMA's decay.
+
     > Parameters of the one-pass loss terms (`saf`, `mesa`): no perturbation, Trainer's one pass plus
     > lambda * tau^2 * mean KL(softmax(z_hat / tau) || softmax(z / tau))
 

@@ -217,7 +217,12 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------ data
     if data_args.task_name is not None:
         raw = load_hub_dataset(
-            GLUE_DATASET, data_args.task_name, "--task_name", LOCAL_DATA_FLAGS, cache_dir=model_args.cache_dir
+            GLUE_DATASET,
+            data_args.task_name,
+            "--task_name",
+            LOCAL_DATA_FLAGS,
+            given=f"{data_args.task_name!r} (GLUE: {GLUE_DATASET})",  # the task the user named, not the dataset id
+            cache_dir=model_args.cache_dir,
         )
     elif data_args.dataset_name is not None:
         raw = load_hub_dataset(
