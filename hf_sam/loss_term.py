@@ -52,6 +52,27 @@ class LossTerm:
         pass
 
 
+def loss_taken_as_normalized(trainer, num_items_in_batch) -> bool:
+    """Whether Trainer takes the model's loss as normalized over the whole window (it then skips its 1/GA): a model
+    that accepts loss kwargs given `num_items_in_batch`, a `compute_loss_func`, or what the host says
+    (`loss_is_scaled_for_ga`, mSAM's shards)."""
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            trainer.compute_loss_func is not None
+        )
+    return bool(scaled)
+
+
+def token_average_factor(trainer, num_items_in_batch) -> int:
+    """What Trainer multiplies such a loss by under `average_tokens_across_devices` (the processes), else 1."""
+    args = trainer.args
+    takes_kwargs = trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None
+    if args.average_tokens_across_devices and takes_kwargs and num_items_in_batch is not None:
+        return trainer.accelerator.num_processes // trainer.get_tp_size() if args.n_gpu <= 1 else args.n_gpu
+    return 1
+
+
 def term_scale(trainer, count, num_items_in_batch):
     """The factor that turns a sum of per-item KL values into the loss's own normalization.
 
@@ -60,20 +81,11 @@ def term_scale(trainer, count, num_items_in_batch):
     processes under `average_tokens_across_devices`). The term follows the same convention.
     """
     count = count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
-    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
-    if scaled is None:
-        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-            trainer.compute_loss_func is not None
-        )
-    if not scaled:
+    if not loss_taken_as_normalized(trainer, num_items_in_batch):
         return 1 / count
     if num_items_in_batch is None:
         return 1 / (count * trainer.current_gradient_accumulation_steps)
-    factor = 1
-    args = trainer.args
-    if args.average_tokens_across_devices and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func):
-        factor = trainer.accelerator.num_processes // trainer.get_tp_size() if args.n_gpu <= 1 else args.n_gpu
-    return factor / num_items_in_batch
+    return token_average_factor(trainer, num_items_in_batch) / num_items_in_batch
 
 
 def logits_of(outputs, method: str) -> torch.Tensor:

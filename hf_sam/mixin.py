@@ -32,7 +32,9 @@ from .loss_term import (
     capture_pass,
     logits_of,
     loss_shifts_labels,
+    loss_taken_as_normalized,
     per_token_log_probs,
+    token_average_factor,
 )
 from .methods import METHODS
 from .metrics import SAMMetrics
@@ -578,7 +580,7 @@ class SAMMixin:
         the scale of `clean` (for SDS: clean + mean rise, over the whole batch).
         """
         if clean_examples is not None:
-            return self._esam_selected_descent(model, inputs, rng, clean, clean_examples)
+            return self._esam_selected_descent(model, inputs, rng, clean, clean_examples, num_items_in_batch)
         if rng is not None:
             restore_rng(rng, self.args.device)
         # Only the clean pass feeds the host's token counts and per-pass metrics (TRL's num_tokens, token accuracy).
@@ -587,7 +589,9 @@ class SAMMixin:
         self._sam.guard.note(loss)
         return loss
 
-    def _esam_selected_descent(self, model, inputs, rng, clean, clean_examples) -> torch.Tensor:
+    def _esam_selected_descent(
+        self, model, inputs, rng, clean, clean_examples, num_items_in_batch=None
+    ) -> torch.Tensor:
         prepared = self._prepare_inputs(dict(inputs))
         if rng is not None:
             restore_rng(rng, self.args.device)
@@ -621,15 +625,35 @@ class SAMMixin:
             subset = take_sequences(dict(inputs), bounds, sorted(selected.tolist()))
         else:
             subset = take_examples(dict(inputs), selected, rise.shape[0])
+        # A model that takes `num_items_in_batch` but returns its own mean (T5, BART: their forward takes **kwargs):
+        # Trainer neither divides its clean loss by the accumulation steps nor normalizes it by the count (and
+        # multiplies it by the processes under `average_tokens_across_devices`). The subset's mean must be scaled
+        # the same way, or its descent was 1/GA (1/(GA x processes) under DDP) of the plain Trainer's.
+        own_mean = self._sam_loss_ignores_item_count(model, subset, num_items_in_batch)
         if rng is not None:
             restore_rng(rng, self.args.device)
-        with frozen_bn_stats(self._sam.bn_layers), off_the_record(self), self._sam_loss_divided_by_ga():
-            # num_items_in_batch counts the whole window: the subset's loss is its own mean instead, which Trainer
-            # must divide by the accumulation steps, as it does a model's mean loss.
-            self._sam.guard.note(super().training_step(model, subset, None))
+        if own_mean:
+            # The count reaches Trainer (which then scales as for the clean pass), not the model's mean loss.
+            with frozen_bn_stats(self._sam.bn_layers), off_the_record(self):
+                self._sam.guard.note(super().training_step(model, subset, num_items_in_batch))
+            rise_scale = self._sam_own_mean_scale(num_items_in_batch)
+        else:
+            with frozen_bn_stats(self._sam.bn_layers), off_the_record(self), self._sam_loss_divided_by_ga():
+                # num_items_in_batch counts the whole window: the subset's loss is its own mean instead, which Trainer
+                # must divide by the accumulation steps, as it does a model's mean loss.
+                self._sam.guard.note(super().training_step(model, subset, None))
+            rise_scale = 1 / self.current_gradient_accumulation_steps
         if after_clean is not None:
             restore_rng(after_clean, self.args.device)
-        return clean + rise.mean().detach() / self.current_gradient_accumulation_steps
+        return clean + rise.mean().detach() * rise_scale
+
+    def _sam_own_mean_scale(self, num_items_in_batch) -> float:
+        """What Trainer's `training_step` multiplies a model's own mean loss by when it passes `num_items_in_batch`
+        on: the processes under `average_tokens_across_devices`, and 1/GA unless it takes the loss as normalized."""
+        scale = token_average_factor(self, num_items_in_batch)
+        if loss_taken_as_normalized(self, num_items_in_batch):
+            return scale
+        return scale / self.current_gradient_accumulation_steps
 
     @contextlib.contextmanager
     def _sam_loss_divided_by_ga(self):

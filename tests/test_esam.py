@@ -242,3 +242,40 @@ def test_selection_under_torch_compile_scores_with_the_clean_pass_dropout_masks(
     )
     trainer.train()
     assert [h["sam/sharpness"] for h in trainer.state.log_history if "sam/sharpness" in h] == [0.0, 0.0]
+
+
+# T5 and BART take **kwargs (Trainer passes num_items_in_batch on and skips its 1/GA) but return their own mean: the
+# clean pass is the micro-batch's mean, not divided by GA. The subset's pass, run without the count, was divided by
+# GA: with every example selected its descent was 1/GA of the plain Seq2SeqTrainer's (1/(GA x processes) under DDP,
+# where Trainer also multiplies the loss by the processes), and sam/sharpness 1/GA of SAM's.
+def test_selection_on_a_model_that_returns_its_own_mean_keeps_trainers_scale(tmp_path):
+    from datasets import Dataset
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from hf_sam import SAMSeq2SeqTrainer, SAMSeq2SeqTrainingArguments
+    from tests.test_trainer import tiny_t5
+
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"input_ids": torch.randint(2, 40, (16, 6), generator=generator).tolist(),
+                              "labels": torch.randint(2, 40, (16, 4), generator=generator).tolist()})  # fmt: skip
+    common = dict(report_to="none", use_cpu=True, max_steps=2, per_device_train_batch_size=4, save_strategy="no",
+                  disable_tqdm=True, seed=0, gradient_accumulation_steps=2, logging_steps=1, optim="sgd",
+                  learning_rate=0.05, lr_scheduler_type="constant", max_grad_norm=0.0)  # fmt: skip
+
+    def run(name, **sam):
+        if not sam:
+            args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / name), **common)
+            trainer = Seq2SeqTrainer(model=tiny_t5(dropout=0.0), args=args, train_dataset=data)
+        else:
+            args = SAMSeq2SeqTrainingArguments(output_dir=str(tmp_path / name), sam_method="sam", **sam, **common)
+            trainer = SAMSeq2SeqTrainer(model=tiny_t5(dropout=0.0), args=args, train_dataset=data)
+        trainer.train()
+        return trainer
+
+    plain, every = run("p"), run("e", sam_rho=0.0, esam_gamma=0.99)  # ceil(0.99 x 4): every example selected
+    assert_same_weights(state(plain.model), state(every.model), exact=False, atol=1e-6)
+    assert every._sam.loss_ignores_item_count is True
+    sam, selected = run("s", sam_rho=0.5), run("d", sam_rho=0.5, esam_gamma=0.99)
+    assert_same_weights(state(sam.model), state(selected.model), exact=False, atol=1e-6)
+    sharpness = [[h["sam/sharpness"] for h in t.state.log_history if "loss" in h] for t in (sam, selected)]
+    assert sharpness[0] == pytest.approx(sharpness[1], rel=1e-4)
