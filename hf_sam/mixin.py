@@ -119,6 +119,19 @@ class SAMMixin:
         self._sam_check_host(training_args)
         with without_shm_comm_build():  # the Accelerator may set up DeepSpeed's process group here
             super().__init__(*args, **kwargs)
+        if (self.args.sam_enabled or self.args.sam_loss_term != "none") and hasattr(self, "_buffered_inputs"):
+            # TRL's GRPOTrainer, RLOOTrainer, DistillationTrainer (and the experimental trainers built like them)
+            # generate completions in `_prepare_inputs` and hand out a buffered slice per pass by a pass counter: the
+            # perturbed pass would train on the next slice or a fresh generation, not the clean pass's batch. Their
+            # batches of raw prompts failed in `dict(inputs)` (SAM) or in MESA's teacher with unrelated messages.
+            raise ValueError(
+                f"{type(self).__name__} generates its training batches inside the step (completions buffered in"
+                " `_buffered_inputs` and handed out one per pass): the SAM step's second pass at w + eps would not"
+                " see the clean pass's batch, and SAF's bank or MESA's teacher would need model inputs where the"
+                f" batch holds prompts and completions. sam_method={self.args.sam_method!r} is not supported by it:"
+                " train it with sam_method='none', or use a host whose batches come from the dataloader"
+                " (SAMSFTTrainer, SAMDPOTrainer, SAMRewardTrainer)."
+            )
         self._sam_metrics = SAMMetrics()
         self._sam = SAMRun()  # everything one train() call holds: its pieces and where the step stands
         if self.args.sam_loss_term != "none":
@@ -157,6 +170,7 @@ class SAMMixin:
         # Parameters may be replaced between __init__ and the first step (FSDP2 sharding, model_init), so the
         # method's pieces are built again, from the prepared model, at the first step of every `train()` call.
         self._sam.reset()
+        self._sam.in_train = True
         # Nor do the metrics of the steps after the last log of an earlier call (a resume on the same trainer,
         # hyperparameter_search's next trial) belong to the first log of this one.
         self._sam_metrics = SAMMetrics()
@@ -174,6 +188,8 @@ class SAMMixin:
             # must score them too, not swap in this run's average.
             self._sam.weight_ema = None
             raise
+        finally:
+            self._sam.in_train = False
         # Ends a cut window, then puts the average in (done at on_train_end already, unless a subclass skipped the
         # callbacks).
         self._sam_leave_average()
@@ -313,6 +329,19 @@ class SAMMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         if self._sam.perturbation is None:
             self._sam_build()
+        accumulates = getattr(self, "current_gradient_accumulation_steps", 1) > 1
+        if self._sam.in_train and self._sam.window is None and accumulates:
+            # Trainer's loop prefetched this window through a get_batch_samples override that never reached
+            # SAMMixin's: each micro-batch would be taken for a window of one, its clean pass would add to the earlier
+            # micro-batches' descent gradients, and the ascent would drop them (the step kept the last micro-batch's
+            # gradient alone). Refused at the first micro-batch, before any pass.
+            raise ValueError(
+                f"{type(self).__name__}.get_batch_samples does not call super().get_batch_samples, through which"
+                " SAMMixin sees the accumulation window Trainer prefetched: with gradient_accumulation_steps > 1 the"
+                " SAM step would keep the last micro-batch's gradient alone. Call super().get_batch_samples(...) from"
+                " the override (and change its batches in place), or put SAMMixin in front of the trainer that"
+                " overrides it: class MySAMTrainer(SAMMixin, MyTrainer)."
+            )
         index, window = self._sam_position(inputs)
         last = index == len(window) - 1
         zero = self._sam.zero

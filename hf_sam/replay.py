@@ -3,29 +3,39 @@
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 
-RNGState = tuple[torch.Tensor, torch.Tensor | None]
+# torch's CPU state, the CUDA generator's (or None), Python's `random` and NumPy's global state.
+RNGState = tuple[torch.Tensor, torch.Tensor | None, Any, Any]
 
 
 def capture_rng(device: torch.device) -> RNGState:
-    """The CPU RNG state and, on CUDA, the device generator's state (no device sync)."""
+    """The CPU RNG state and, on CUDA, the device generator's state (no device sync); also Python's and NumPy's
+    global generators, which a host or a user's override may draw from in each pass (TRL's GKDTrainer decides with
+    `random.random()` whether a step trains on generated completions, a `compute_loss` override may draw a mixup
+    coefficient from `np.random`): replayed, the perturbed pass makes the clean pass's draws, and the streams after
+    the step are the plain trainer's."""
     device_state = None
     if device.type == "cuda" and torch.cuda.is_initialized():
         device_state = torch.cuda.get_rng_state(device)
-    return torch.get_rng_state(), device_state
+    return torch.get_rng_state(), device_state, random.getstate(), np.random.get_state()
 
 
 def restore_rng(state: RNGState, device: torch.device) -> None:
     """Rewind the RNG so the next forward draws the same dropout masks as the one after `capture_rng`."""
-    cpu_state, device_state = state
+    cpu_state, device_state, python_state, numpy_state = state
     torch.set_rng_state(cpu_state)
     if device_state is not None:
         torch.cuda.set_rng_state(device_state, device)
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
 
 
 def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -39,6 +39,7 @@ class SAMRun:
     shifts_labels: bool | None = None  # whether the model scores logits at t against labels at t + 1 (causal LM)
     # The accumulation window Trainer prefetched, and where the current step stands in it.
     window: list | None = None
+    in_train: bool = False  # inside train(), whose loop prefetches every window through get_batch_samples
     window_next: int = 0
     window_is_sam: bool = True
     window_clean: list[torch.Tensor] = field(default_factory=list)  # each micro-batch's clean loss

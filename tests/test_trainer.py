@@ -298,6 +298,77 @@ def test_window_accumulation_refuses_a_training_step_override_that_passes_a_new_
     assert_same_weights(before, state(sam.model))
 
 
+class _OwnBatchSamples:
+    """A `get_batch_samples` override that does not call super() (Trainer's own code, e.g. copied to count items
+    differently), so SAMMixin's never sees the prefetched window."""
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        return Trainer.get_batch_samples(self, epoch_iterator, num_batches, device)
+
+
+def test_a_get_batch_samples_override_that_bypasses_the_mixin_is_refused_before_any_update(tmp_path):
+    # Each micro-batch was taken for a window of one: at rho 0 the step kept the last micro-batch's gradient alone
+    # (weights 0.36 off the plain Trainer after 4 steps, with a logged sharpness of 0).
+    model = tiny_bert()
+    before = state(model)
+    sam = type("Sam", (_OwnBatchSamples, SAMTrainer), {})(
+        model=model, args=sam_args(tmp_path, sam_rho=0.0, gradient_accumulation_steps=2), train_dataset=tiny_dataset()
+    )
+    with pytest.raises(ValueError, match=r"does not call super\(\).get_batch_samples"):
+        sam.train()
+    assert_same_weights(before, state(sam.model))
+    # Without accumulation a window is one micro-batch, which the step receives: it trains as the plain Trainer.
+    plain = Trainer(model=tiny_bert(), args=plain_args(tmp_path / "p"), train_dataset=tiny_dataset())
+    plain.train()
+    sam = type("Sam", (_OwnBatchSamples, SAMTrainer), {})(
+        model=tiny_bert(), args=sam_args(tmp_path / "s", sam_rho=0.0), train_dataset=tiny_dataset()
+    )
+    sam.train()
+    assert_same_weights(state(plain.model), state(sam.model))
+
+
+class _DrawsFromPythonAndNumPy:
+    """A `compute_loss` override that draws from Python's and NumPy's global RNGs in each pass (a mixup coefficient,
+    a random augmentation), as TRL's GKDTrainer draws `random.random()` in each `training_step`."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        import random
+
+        import numpy as np
+
+        weight = 0.5 + float(np.random.beta(0.4, 0.4))
+        if random.random() < 0.5:
+            inputs = {**inputs, "input_ids": inputs["input_ids"].flip(1)}
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return loss * weight
+
+
+@pytest.mark.parametrize("accumulation", ["window", "micro"])
+def test_the_perturbed_pass_replays_python_and_numpy_draws_of_a_host(tmp_path, accumulation):
+    # Only torch's RNG was replayed: the perturbed pass drew another coefficient and flip (at rho 0 a logged sharpness
+    # of -0.50 to +0.42 and weights 0.36 off the plain Trainer), and both streams advanced twice per step.
+    import random
+
+    import numpy as np
+
+    runs, draws = {}, {}
+    for name, host, args in (
+        ("plain", Trainer, plain_args(tmp_path / "p", gradient_accumulation_steps=2)),
+        ("sam", SAMTrainer, sam_args(tmp_path / "s", sam_rho=0.0, sam_accumulation=accumulation,
+                                     gradient_accumulation_steps=2)),
+    ):  # fmt: skip
+        random.seed(0)
+        np.random.seed(0)
+        runs[name] = type(name, (_DrawsFromPythonAndNumPy, host), {})(
+            model=tiny_bert(dropout=0.1), args=args, train_dataset=tiny_dataset()
+        )
+        runs[name].train()
+        draws[name] = (random.random(), float(np.random.rand()))
+    assert_same_weights(state(runs["plain"].model), state(runs["sam"].model))
+    assert [h["sam/sharpness"] for h in runs["sam"].state.log_history if "sam/sharpness" in h] == [0.0] * 4
+    assert draws["sam"] == draws["plain"]  # the streams after training are the plain Trainer's
+
+
 # ---------------------------------------------------------------- hand-written references
 
 

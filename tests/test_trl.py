@@ -520,3 +520,30 @@ def test_a_trl_trainer_given_sam_training_arguments_names_its_config_class(tmp_p
     config = cls.sam_default_args_class.__name__
     with pytest.raises(ValueError, match=rf"{trainer_name} needs {config}.*not SAMTrainingArguments"):
         cls(model=model, args=args, train_dataset=data, processing_class=tokenizer(), **extra)
+
+
+# ----------------------------------------------------------------------------- generation-based TRL trainers
+
+
+@pytest.mark.parametrize("host", ["GRPO", "RLOO"])
+@pytest.mark.parametrize("method", ["sam", "mesa"])
+def test_a_host_that_generates_its_batches_in_the_step_is_refused_when_built(tmp_path, host, method):
+    # GRPOTrainer and RLOOTrainer generate completions in `_prepare_inputs` and hand out a buffered slice per pass:
+    # SAM crashed at the first step with "dictionary update sequence element #0 has length 1; 2 is required", MESA
+    # with "You must specify exactly one of input_ids or inputs_embeds".
+    from dataclasses import make_dataclass
+
+    from hf_sam import SAMArgumentsMixin, SAMMixin
+
+    config = make_dataclass(f"SAM{host}Config", [], bases=(SAMArgumentsMixin, getattr(trl, f"{host}Config")))
+    trainer = type(f"SAM{host}Trainer", (SAMMixin, getattr(trl, f"{host}Trainer")), {"sam_default_args_class": config})
+    args = config(output_dir=str(tmp_path), sam_method=method, num_generations=2, max_completion_length=4, beta=0.0,
+                  **{**COMMON, "per_device_train_batch_size": 4})  # fmt: skip
+    with pytest.raises(ValueError, match="generates its training batches inside the step"):
+        trainer(
+            model=tiny_llama(),
+            reward_funcs=lambda completions, **kw: [1.0] * len(completions),
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": ["the cat", "a dog"] * 4}),
+            processing_class=tokenizer(),
+        )
