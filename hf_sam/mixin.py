@@ -195,6 +195,18 @@ class SAMMixin:
         self._sam_leave_average()
         return result
 
+    def _inner_training_loop(self, *args: Any, **kwargs: Any):
+        # `auto_find_batch_size` runs Trainer's inner loop again, with a smaller batch, after an out-of-memory error:
+        # a new run from global_step 0 on a newly prepared model (under DeepSpeed a new engine). Nothing of the failed
+        # attempt may carry over: F-SAM's average took its gradient at the larger batch, the ZeroStep held the
+        # released engine (whose optimizer then stepped while the new one never did), and its metrics not yet logged
+        # went into the retry's first log.
+        self._sam_end_cut_window()  # w, should the error have left the weights at w + eps outside training_step
+        self._sam.reset()
+        self._sam.in_train = True  # reset() cleared it; train() is still running
+        self._sam_metrics = SAMMetrics()
+        return super()._inner_training_loop(*args, **kwargs)
+
     def _sam_leave_average(self) -> None:
         """The model left after training (saved, pushed, evaluated) is the average; checkpoints written during
         training keep the trained weights and the average apart, so a resume continues exactly."""

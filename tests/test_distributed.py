@@ -573,6 +573,16 @@ def test_resume_from_a_deepspeed_checkpoint_equals_the_uninterrupted_run(zero, n
     _assert_resumed(zero, name)
 
 
+def test_auto_find_batch_size_under_zero_retries_on_the_new_engine(tmp_path):
+    # The retry after an out-of-memory error rebuilds the DeepSpeed engine: the SAM step held the released one (its
+    # optimizer and scheduler stepped, the new engine's never did), so the retried run trained off the fresh one.
+    pytest.importorskip("deepspeed", reason="the DeepSpeed checks need deepspeed (the test extra installs it)")
+    results = _launch("zero_retry_check.py", tmp_path / "retry.json")
+    assert results["batch"] == 7 and results["current_engine"] == [True] * 3
+    assert results["max_diff"] == 0.0
+    assert results["logs_retried"] == results["logs_fresh"]
+
+
 @pytest.mark.slow
 def test_every_method_under_both_zero_stages_equals_it_under_ddp(zero_full):
     from tests.distributed.zero_check import FAMILIES, RESUMED_FULL

@@ -615,3 +615,59 @@ def test_a_window_holding_only_a_dropped_step_logs_no_perturbed_loss(tmp_path):
     for step in (1, 3, 4, 5):
         assert logs[step]["sam/skipped_updates"] == 0.0
         assert math.isfinite(logs[step]["sam/perturbed_loss"]) and math.isfinite(logs[step]["sam/sharpness"])
+
+
+# What accelerate's `should_reduce_batch_size` takes for an out-of-memory error (the text of CUDA's).
+OUT_OF_MEMORY = "CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+class OutOfMemoryOnce(SequentialSAMTrainer):
+    """Raises an out-of-memory error at the `at`-th training pass with gradient (from 1), once."""
+
+    def __init__(self, *args, at: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.passes = at, []  # a list: the perturbed pass puts the trainer's numbers back (off_the_record)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if model.training and torch.is_grad_enabled():
+            self.passes.append(self.state.global_step)
+            if len(self.passes) == self.at:
+                raise RuntimeError(OUT_OF_MEMORY)
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("method", "overrides", "at"),
+    [
+        ("sam", {}, 2),  # between the clean and the perturbed pass
+        ("fsam", {}, 2),  # after the ascent took the gradient into F-SAM's average
+        ("fsam", {"gradient_accumulation_steps": 2, "weight_ema_decay": 0.5}, 4),  # the window's second micro-batch
+        ("looksam", {"gradient_accumulation_steps": 2}, 4),
+        ("ssam-f", {}, 2),  # the Fisher mask, chosen again at the retry's first step
+    ],
+)
+def test_auto_find_batch_size_retries_as_a_fresh_run_at_the_smaller_batch(tmp_path, method, overrides, at):
+    # Trainer runs its inner loop again at 0.9 times the batch after an out-of-memory error. Raised before the first
+    # update, the retry must be the run started at that batch: weights, method state and logged sam/* metrics (F-SAM's
+    # average kept the larger batch's gradient, and that attempt's metrics went into the retry's first log).
+    common = dict(max_steps=4, **METHOD_CASES[method]["args"], **overrides)
+    retried = OutOfMemoryOnce(
+        model=tiny_bert(),
+        args=sam_args(tmp_path / "retried", per_device_train_batch_size=8, auto_find_batch_size=True, **common),
+        train_dataset=tiny_dataset(),
+        at=at,
+    )
+    retried.train()
+    fresh = SequentialSAMTrainer(
+        model=tiny_bert(), args=sam_args(tmp_path / "fresh", per_device_train_batch_size=7, **common),
+        train_dataset=tiny_dataset(),
+    )  # fmt: skip
+    fresh.train()
+    assert retried.passes[at - 1] == 0 and retried._train_batch_size == 7  # one retry, raised before any update
+    assert_same_weights(state(fresh.model), state(retried.model))
+    assert_same_weights(fresh.sam_state_dict(), retried.sam_state_dict())
+
+    def metrics(trainer):
+        return [{k: v for k, v in h.items() if k.startswith("sam/") or k == "loss"} for h in trainer.state.log_history]
+
+    assert metrics(retried) == metrics(fresh)
