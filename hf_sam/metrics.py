@@ -10,16 +10,18 @@ import torch
 class SAMMetrics:
     """Running sums of tensors (no `.item()` per step) and host-side counters, averaged at log time.
 
-    `add(name, value)` adds one sample of `name`; `log_values()` returns each mean over the samples since the
-    last call (a name with no finite sample is left out) and resets. Under several processes, `reduce` (a sum over
-    ranks, e.g. `accelerator.reduce`) adds up the sums and sample counts of every rank first.
+    `add(name, value)` adds one sample of `name` (`add(name, total, count)`: `count` samples adding up to `total`);
+    `log_values()` returns each mean over the samples since the last call (a name with no finite sample is left out)
+    and resets. Under several processes, `reduce` (a sum over ranks, e.g. `accelerator.reduce`) adds up the sums and
+    sample counts of every rank first.
     """
 
     def __init__(self):
         self._sums: dict[str, torch.Tensor | float] = {}
         self._counts: dict[str, int] = defaultdict(int)
 
-    def add(self, name: str, value: torch.Tensor | float, count: int = 1) -> None:
+    def add(self, name: str, value: torch.Tensor | float, count: int | torch.Tensor = 1) -> None:
+        """Add `value` as the sum of `count` samples of `name` (a device tensor count: no host sync)."""
         if isinstance(value, torch.Tensor):
             value = value.detach().float()
         current = self._sums.get(name)

@@ -39,7 +39,7 @@ from .loss_term import (
 from .methods import METHODS
 from .metrics import SAMMetrics
 from .momentum_sam import base_optimizer, first_moments, keeps_momentum, no_momentum_message
-from .msam import sequence_bounds, shard_sizes, split_batch, take_sequences
+from .msam import label_count, sequence_bounds, shard_sizes, split_batch, take_sequences
 from .radius import step_rho
 from .replay import capture_rng, frozen_bn_stats, restore_rng
 from .run import SAMRun
@@ -515,6 +515,7 @@ class SAMMixin:
         # not divide its loss, and each shard would count as the whole micro-batch. Its shards are divided by their
         # share alone, so their sum is the micro-batch's mean, as the plain Trainer's loss for it (not divided by GA).
         shard_means = len(shards) > 1 and self._sam_loss_ignores_item_count(model, shards[0], num_items_in_batch)
+        window_items = None if shard_means else self._sam_window_items(num_items_in_batch)
         total_clean = total_perturbed = 0.0
         with contextlib.ExitStack() as restore:
             restore.callback(setattr, self, "current_gradient_accumulation_steps", outer_ga)
@@ -534,7 +535,14 @@ class SAMMixin:
                 clean, rng, examples = self._sam_clean_pass(
                     model, shard, num_items_in_batch, self.args.sam_ascent_sync
                 )
-                self._sam_ascend(grad_factor=len(window) * share)  # a device tensor when counted from labels
+                # `.grad` holds the shard's own gradient g over this factor (a device tensor when counted from labels):
+                # 1/GA of the micro-batch's share, or, for a loss Trainer normalizes by `num_items_in_batch`, the
+                # shard's share of the window's items (a micro-batch of few tokens is no 1/GA of the window).
+                grad_factor = len(window) * share
+                items = label_count(shard, self._sam_loss_shifts_labels()) if window_items is not None else None
+                if items is not None:
+                    grad_factor = window_items / items.clamp(min=1).to(window_items.device)
+                self._sam_ascend(grad_factor=grad_factor)
                 self._sam.zero_grads()
                 if stash is not None:
                     # Back in .grad before the descent backward, so a synced backward all-reduces the full sum.
@@ -555,6 +563,17 @@ class SAMMixin:
         dropped = index == len(window) - 1 and not self._sam.guard.update_is_finite(self)
         self._sam_record_losses(total_clean, total_perturbed, index, len(window), dropped=dropped)
         return total_clean
+
+    def _sam_window_items(self, num_items_in_batch) -> torch.Tensor | None:
+        """The window's items per rank's pass, when Trainer takes the loss as normalized by `num_items_in_batch` (it
+        then skips its 1/GA): `num_items_in_batch`, over the processes it multiplies the loss by when it averages the
+        tokens across devices. None when Trainer divides by GA, or for a count that is no tensor."""
+        if not loss_taken_as_normalized(self, num_items_in_batch):
+            return None
+        if not isinstance(num_items_in_batch, torch.Tensor) or num_items_in_batch.dim() != 0:
+            return None
+        # As Trainer.compute_loss multiplies the loss by the processes when it averages the tokens across devices.
+        return num_items_in_batch.float() / token_average_factor(self, num_items_in_batch)
 
     def _sam_loss_ignores_item_count(self, model, shard, num_items_in_batch) -> bool:
         """Whether Trainer takes the model's loss as normalized by `num_items_in_batch` (and skips its 1/GA) while the

@@ -135,12 +135,21 @@ def shard_sizes(shards: list[dict[str, Any]], shifts_labels: bool = False) -> li
     """
     if len(shards) == 1:
         return [1]
-    labels = [shard.get("shift_labels", shard.get("labels")) for shard in shards]
-    if all(isinstance(t, torch.Tensor) and t.dim() > 0 and not t.is_floating_point() for t in labels):
-        if shifts_labels and "shift_labels" not in shards[0]:
-            labels = [t[..., 1:] for t in labels]
-        return [t.ne(-100).sum().clamp(min=1).float() for t in labels]
+    counts = [label_count(shard, shifts_labels) for shard in shards]
+    if all(count is not None for count in counts):
+        return [count.clamp(min=1).float() for count in counts]
     return [_examples(shard) for shard in shards]
+
+
+def label_count(batch: dict[str, Any], shifts_labels: bool = False) -> torch.Tensor | None:
+    """The integer labels of `batch` that count, as Trainer counts `num_items_in_batch` (not -100; `shift_labels` if
+    the batch has them, else from the second position on for a causal LM), on the device; None without such labels."""
+    labels = batch.get("shift_labels", batch.get("labels"))
+    if not (isinstance(labels, torch.Tensor) and labels.dim() > 0 and not labels.is_floating_point()):
+        return None
+    if shifts_labels and "shift_labels" not in batch:
+        labels = labels[..., 1:]
+    return labels.ne(-100).sum()
 
 
 def _examples(shard: dict[str, Any]) -> int:

@@ -272,8 +272,10 @@ class SAFTerm(LossTerm):
             scale = term_scale(trainer, rows.numel(), num_items_in_batch)
             term = args.saf_lambda * args.saf_tau**2 * kl.sum() * scale
             hits = found.sum()
-            trainer._sam_metrics.add("saf/kl", kl.detach().sum() / hits.clamp(min=1))
-            trainer._sam_metrics.add("saf/coverage", hits / max(rows.numel(), 1))
+            # Counted in examples: the mean over the window's examples that found a reference. A micro-batch without
+            # any (the epochs before the lag is reached) is no KL of 0, and a window without any leaves saf/kl out.
+            trainer._sam_metrics.add("saf/kl", kl.detach().sum(), count=hits)
+            trainer._sam_metrics.add("saf/coverage", hits.float(), count=rows.numel())
         # Every rank records every rank's batch, so a later lookup never misses an example another rank saw.
         all_rows, all_logits = gather_rows(rows, logits.detach().float(), trainer._train_batch_size, bank.num_examples)
         bank.record(all_logits, all_rows, whole)

@@ -50,8 +50,10 @@ def train(tmp_path, model, data, trainer_cls=SequentialSAMTrainer, optimizer=Tru
 # ---------------------------------------------------------------------- SAF
 
 
-def reference_saf(model, data, batch, ga, epochs, lam, tau, lag, start):
-    """SAF in plain PyTorch: a dict (example, epoch) -> logits, KL to the entry `lag` epochs back."""
+def reference_saf(model, data, batch, ga, epochs, lam, tau, lag, start, trace=None):
+    """SAF in plain PyTorch: a dict (example, epoch) -> logits, KL to the entry `lag` epochs back.
+
+    `trace`, a list, gets one `(kl of each example that found a reference, examples)` per optimizer step."""
     optimizer = sgd(model)
     micro = batches(data, batch)
     for m, start_row in zip(micro, range(0, len(data), batch)):
@@ -62,6 +64,7 @@ def reference_saf(model, data, batch, ga, epochs, lam, tau, lag, start):
         for s, window in enumerate(windows):
             progress = epoch + s / len(windows)  # Trainer's state.epoch before this step
             optimizer.zero_grad()
+            found, examples = [], 0
             for m in window:
                 out = model(input_ids=m["input_ids"], labels=m["labels"])
                 loss = out.loss
@@ -71,10 +74,14 @@ def reference_saf(model, data, batch, ga, epochs, lam, tau, lag, start):
                         for r, i in enumerate(m["idx"].tolist())
                     ]
                     loss = loss + lam * tau**2 * sum(terms) / len(terms)
+                    found += [float(t.detach()) for t in terms if isinstance(t, torch.Tensor)]
+                    examples += len(terms)
                 for r, i in enumerate(m["idx"].tolist()):
                     record[(i, epoch)] = out.logits[r].detach()
                 (loss / len(window)).backward()
             optimizer.step()
+            if trace is not None and progress >= start:
+                trace.append((found, examples))
     return model
 
 
@@ -105,6 +112,29 @@ def test_saf_lag_two_uses_the_ring_buffer(tmp_path):
     bank = trainer._sam.loss_term.bank
     assert bank.bank.shape == (4, 3, 3)
     assert bank.written.tolist() == [[3, 1, 2]] * 4  # slot e % 3 holds epoch e
+
+
+def test_saf_kl_is_the_mean_over_the_examples_that_found_a_reference(tmp_path):
+    # docs/methods.md#saf: saf/kl is the mean KL over the examples that found a reference. With lag 2 from epoch 1,
+    # no example finds one in epoch 1: its micro-batches counted as KL 0 in the mean, so a window holding them logged
+    # 0.0 (no example to average) and a window reaching into epoch 2 a third of the KL (0.00151 for 0.00453).
+    data = tiny_dataset(8)
+    model = tiny_bert()
+    trace = []
+    reference_saf(copy_model(model), data, batch=2, ga=1, epochs=4, lam=1.0, tau=2.0, lag=2, start=1.0, trace=trace)
+    trainer = train(tmp_path, model, data, max_steps=-1, num_train_epochs=4, per_device_train_batch_size=2,
+                    sam_method="saf", saf_lambda=1.0, saf_tau=2.0, saf_lag_epochs=2, logging_steps=3)  # fmt: skip
+    logs = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    steps = {4 + k: entry for k, entry in enumerate(trace)}  # the term starts at step 4 (epoch 1)
+    for step in (6, 9, 12, 15):
+        window = [steps[s] for s in range(step - 3, step) if s in steps]
+        found = [v for kls, _ in window for v in kls]
+        coverage = len(found) / sum(n for _, n in window)
+        assert logs[step]["saf/coverage"] == pytest.approx(coverage, abs=1e-6), step
+        if found:
+            assert logs[step]["saf/kl"] == pytest.approx(sum(found) / len(found), rel=1e-3, abs=1e-6), step
+        else:
+            assert "saf/kl" not in logs[step], logs[step]  # no example to average over
 
 
 def test_index_column_is_kept_for_training_and_never_reaches_the_model(tmp_path):

@@ -1437,6 +1437,48 @@ def test_msam_at_rho_zero_is_the_plain_trainer_on_padded_token_labels(
     assert plain_losses == pytest.approx([h["loss"] for h in msam.state.log_history if "loss" in h], rel=1e-5)
 
 
+# One perturbation per micro-batch (or mSAM shard) with a loss Trainer normalizes by `num_items_in_batch` (a causal
+# LM's token mean): a micro-batch's `.grad` is its share of the window's tokens times its own gradient, not 1/GA of
+# it. Taken as 1/GA, sam/grad_norm read 2.44 for a mean of 3.02 here (3.42 for 4.26 over mSAM's shards), and the
+# unnormalized ascent (eps = rho g) moved the many-token micro-batch 1.75x too far and the few-token one 0.25x.
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("ascent", ["sam", "unnormalized"])
+def test_micro_accumulation_ascends_along_each_micro_batch_gradient_on_token_losses(tmp_path, shards, ascent):
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 40, (4, 8), generator=generator)
+    labels = ids.clone()
+    labels[2:, :6] = -100  # micro-batch 0 scores 14 tokens, micro-batch 1 scores 2 (rows 2 and 3: 1 each)
+    labels[1, :4] = -100  # and within micro-batch 0, row 1 scores 3 of its 14
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+    def model():
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        return GPT2LMHeadModel(config)  # takes num_items_in_batch and normalizes by it
+
+    trainer = SequentialSAMTrainer(model=model(), args=sam_args(tmp_path, per_device_train_batch_size=2,
+                                   gradient_accumulation_steps=2, sam_accumulation="micro", sam_micro_batches=shards,
+                                   sam_ascent=ascent, max_steps=1, optim="sgd", sam_rho=0.05),
+                                   train_dataset=data)  # fmt: skip
+    trainer.train()
+    assert trainer.model_accepts_loss_kwargs
+    # The norm of each perturbation unit's own (token-mean) gradient at w.
+    reference = model()
+    norms = []
+    for rows in ([[0, 1]], [[2, 3]]) if shards == 1 else ([[0]], [[1]], [[2]], [[3]]):
+        reference.zero_grad()
+        reference(input_ids=ids[rows[0]], labels=labels[rows[0]]).loss.backward()
+        norms.append(float(torch.sqrt(sum((p.grad**2).sum() for p in reference.parameters()))))
+    log = next(h for h in trainer.state.log_history if "loss" in h)
+    assert log["sam/grad_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-4)
+    expected_eps = 0.05 * sum(norms) / len(norms) if ascent == "unnormalized" else 0.05
+    assert log["sam/eps_norm"] == pytest.approx(expected_eps, rel=1e-4)
+
+
 def test_msam_at_rho_zero_is_the_plain_trainer_with_label_smoothing(tmp_path):
     # Deciding whether the loss is normalized by num_items_in_batch ran compute_loss twice on one dict, and Trainer's
     # label smoother pops `labels` from it: the second call found no labels and no loss (a ValueError).

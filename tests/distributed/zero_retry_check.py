@@ -22,7 +22,7 @@ import torch
 from hf_sam import SAMTrainingArguments
 from tests.distributed.process_group import start_gloo, write_and_close
 from tests.distributed.zero_check import zero
-from tests.helpers import SequentialSAMTrainer, tiny_bert, tiny_dataset
+from tests.helpers import SequentialSAMTrainer, sam_args, tiny_bert, tiny_dataset
 from tests.test_faults import OutOfMemoryOnce
 
 
@@ -40,22 +40,13 @@ class EngineCheck(OutOfMemoryOnce):
 
 
 def arguments(batch: int, auto: bool) -> SAMTrainingArguments:
-    return SAMTrainingArguments(
-        output_dir=tempfile.mkdtemp(),
-        report_to="none",
-        use_cpu=True,
+    return sam_args(
+        tempfile.mkdtemp(),
         ddp_backend="gloo",
         per_device_train_batch_size=batch,
         auto_find_batch_size=auto,
         max_steps=3,
-        learning_rate=0.05,
         lr_scheduler_type="linear",  # the engine steps its scheduler: a released engine's would show
-        warmup_steps=0,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
         deepspeed=zero(2),
         sam_method="sam",
         sam_ascent_sync=True,
