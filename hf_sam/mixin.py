@@ -38,14 +38,23 @@ from .loss_term import (
 )
 from .methods import METHODS
 from .metrics import SAMMetrics
-from .momentum_sam import base_optimizer, first_moments, keeps_momentum, no_momentum_message
+from .momentum_sam import first_moments, keeps_momentum, no_momentum_message
 from .msam import label_count, sequence_bounds, shard_sizes, split_batch, take_sequences
 from .radius import step_rho
 from .replay import capture_rng, frozen_bn_stats, restore_rng
 from .run import SAMRun
 from .saf import INDEX_COLUMN, add_example_index, signature_with_index
 from .schedules import is_sam_step
-from .setup_checks import check_loss_term_setup, check_sam_setup, check_train_dataset
+from .setup_checks import (
+    check_host_batches,
+    check_loss_term_setup,
+    check_own_optimizer,
+    check_sam_setup,
+    check_train_dataset,
+    check_training_args,
+    loss_term_bypass_message,
+    window_bypass_message,
+)
 from .sync import drop_deferred_grads, gradient_sync
 from .tensors import all_reduce_mean_, global_norm, local, resharded_after
 from .weight_ema import WeightEMA
@@ -98,40 +107,11 @@ class SAMMixin:
                 args = (*args[:position], training_args, *args[position + 1 :])
             else:
                 kwargs["args"] = training_args
-        elif not hasattr(training_args, "sam_method"):
-            raise ValueError(
-                f"{type(self).__name__} needs the sam_* fields: pass SAMTrainingArguments (or a TrainingArguments"
-                f" subclass with SAMArgumentsMixin in front) instead of {type(training_args).__name__}."
-            )
-        elif self.sam_default_args_class is not None and not isinstance(training_args, self.sam_default_args_class):
-            # The TRL hosts read their own config's fields: SFTTrainer would rebuild the arguments as a plain
-            # SFTConfig (a TypeError on sam_method), DPOTrainer and RewardTrainer fail on a field of their own (an
-            # AttributeError).
-            config = self.sam_default_args_class.__name__
-            raise ValueError(
-                f"{type(self).__name__} needs {config} (its host's config fields plus the sam_* ones), not"
-                f" {type(training_args).__name__}: build {config}(...) with the same arguments."
-            )
-        # set_optimizer / set_training and attribute writes after construction skip __post_init__'s checks.
-        check_after_changes = getattr(training_args, "check_after_changes", None)
-        if check_after_changes is not None:
-            check_after_changes()
+        check_training_args(self, training_args)
         self._sam_check_host(training_args)
         with without_shm_comm_build():  # the Accelerator may set up DeepSpeed's process group here
             super().__init__(*args, **kwargs)
-        if (self.args.sam_enabled or self.args.sam_loss_term != "none") and hasattr(self, "_buffered_inputs"):
-            # TRL's GRPOTrainer, RLOOTrainer, DistillationTrainer (and the experimental trainers built like them)
-            # generate completions in `_prepare_inputs` and hand out a buffered slice per pass by a pass counter: the
-            # perturbed pass would train on the next slice or a fresh generation, not the clean pass's batch. Their
-            # batches of raw prompts failed in `dict(inputs)` (SAM) or in MESA's teacher with unrelated messages.
-            raise ValueError(
-                f"{type(self).__name__} generates its training batches inside the step (completions buffered in"
-                " `_buffered_inputs` and handed out one per pass): the SAM step's second pass at w + eps would not"
-                " see the clean pass's batch, and SAF's bank or MESA's teacher would need model inputs where the"
-                f" batch holds prompts and completions. sam_method={self.args.sam_method!r} is not supported by it:"
-                " train it with sam_method='none', or use a host whose batches come from the dataloader"
-                " (SAMSFTTrainer, SAMDPOTrainer, SAMRewardTrainer)."
-            )
+        check_host_batches(self)
         self._sam_metrics = SAMMetrics()
         self._sam = SAMRun()  # everything one train() call holds: its pieces and where the step stands
         if self.args.sam_loss_term != "none":
@@ -299,16 +279,7 @@ class SAMMixin:
     def _sam_build(self) -> None:
         if self.args.sam_direction == "momentum" and not keeps_momentum(self.optimizer):
             raise ValueError(no_momentum_message(self.optimizer))  # at the first step, before any update
-        own = METHODS[self.args.sam_method].optimizer
-        if own is not None and not isinstance(base_optimizer(self.optimizer), own):
-            # __init__ refuses a passed optimizer; one built elsewhere (a `create_optimizer` override, which never
-            # reads optimizer_cls_and_kwargs) would silently turn the method into plain SAM over it.
-            method, name = self.args.sam_method, type(base_optimizer(self.optimizer)).__name__
-            raise ValueError(
-                f"sam_method={method!r} brings its own optimizer ({own.__name__}), but the trainer built {name}"
-                f" (a create_optimizer override?): {method} would silently be plain SAM over it. Let Trainer build"
-                f" the optimizer from optimizer_cls_and_kwargs, or use sam_method='sam' with {name}."
-            )
+        check_own_optimizer(self)
         self._sam.build(self.model, self.args)
         if getattr(self, "is_deepspeed_enabled", False):
             self._sam.zero = ZeroStep(self.accelerator, self.model_wrapped)
@@ -343,17 +314,8 @@ class SAMMixin:
             self._sam_build()
         accumulates = getattr(self, "current_gradient_accumulation_steps", 1) > 1
         if self._sam.in_train and self._sam.window is None and accumulates:
-            # Trainer's loop prefetched this window through a get_batch_samples override that never reached
-            # SAMMixin's: each micro-batch would be taken for a window of one, its clean pass would add to the earlier
-            # micro-batches' descent gradients, and the ascent would drop them (the step kept the last micro-batch's
-            # gradient alone). Refused at the first micro-batch, before any pass.
-            raise ValueError(
-                f"{type(self).__name__}.get_batch_samples does not call super().get_batch_samples, through which"
-                " SAMMixin sees the accumulation window Trainer prefetched: with gradient_accumulation_steps > 1 the"
-                " SAM step would keep the last micro-batch's gradient alone. Call super().get_batch_samples(...) from"
-                " the override (and change its batches in place), or put SAMMixin in front of the trainer that"
-                " overrides it: class MySAMTrainer(SAMMixin, MyTrainer)."
-            )
+            # A get_batch_samples override that never reached SAMMixin's: refused before any pass.
+            raise ValueError(window_bypass_message(type(self).__name__))
         index, window = self._sam_position(inputs)
         last = index == len(window) - 1
         zero = self._sam.zero
@@ -406,13 +368,7 @@ class SAMMixin:
         A subclass of `SAMTrainer` that overrides `compute_loss` without calling `super().compute_loss` would train
         as the plain Trainer without a word (and hand SAF's index column to the model): refused before any update.
         """
-        method, host = self.args.sam_method, type(self).__name__
-        message = (
-            f"sam_method={method!r} adds its term to the loss in SAMMixin.compute_loss, which {host}.compute_loss"
-            " does not call: the run would be the plain Trainer. Call super().compute_loss(model, inputs,"
-            " return_outputs, num_items_in_batch) from the override, or put SAMMixin in front of the trainer that"
-            " overrides it: class MySAMTrainer(SAMMixin, MyTrainer)."
-        )
+        message = loss_term_bypass_message(self.args.sam_method, type(self).__name__)
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
         except TypeError as error:  # SAF's index column, which SAMMixin.compute_loss takes out, reached the model

@@ -7,7 +7,7 @@ from transformers.utils import logging
 
 from .loss_term import loss_shifts_labels, one_output_message
 from .methods import METHODS
-from .momentum_sam import MOMENTUM_UNDER_DEEPSPEED
+from .momentum_sam import MOMENTUM_UNDER_DEEPSPEED, base_optimizer
 from .perturbation import select_perturbed
 from .saf import is_map_style
 from .zero import check_deepspeed_version, check_zero_config, check_zero_data_types, zero_config
@@ -138,3 +138,84 @@ def check_train_dataset(trainer) -> None:
             " mask, so it needs a map-style train_dataset with __len__, not an iterable one. Use"
             " sam_method='ssam-d' (a dynamic mask, built from the gradients) or a map-style dataset."
         )
+
+
+def check_training_args(trainer, training_args) -> None:
+    """At `__init__`, before the host builds anything: arguments with the sam_* fields, of the host's own config class
+    (`sam_default_args_class`), checked again for fields written after construction."""
+    host = type(trainer).__name__
+    if not hasattr(training_args, "sam_method"):
+        raise ValueError(
+            f"{host} needs the sam_* fields: pass SAMTrainingArguments (or a TrainingArguments subclass with"
+            f" SAMArgumentsMixin in front) instead of {type(training_args).__name__}."
+        )
+    config_class = trainer.sam_default_args_class
+    if config_class is not None and not isinstance(training_args, config_class):
+        # The TRL hosts read their own config's fields: SFTTrainer would rebuild the arguments as a plain SFTConfig
+        # (a TypeError on sam_method), DPOTrainer and RewardTrainer fail on a field of their own (an AttributeError).
+        config = config_class.__name__
+        raise ValueError(
+            f"{host} needs {config} (its host's config fields plus the sam_* ones), not"
+            f" {type(training_args).__name__}: build {config}(...) with the same arguments."
+        )
+    # set_optimizer / set_training and attribute writes after construction skip __post_init__'s checks.
+    check_after_changes = getattr(training_args, "check_after_changes", None)
+    if check_after_changes is not None:
+        check_after_changes()
+
+
+def check_host_batches(trainer) -> None:
+    """After the host's `__init__`: a host that generates its batches inside the step cannot run a method's passes.
+
+    TRL's GRPOTrainer, RLOOTrainer, DistillationTrainer (and the experimental trainers built like them) generate
+    completions in `_prepare_inputs` and hand out a buffered slice per pass by a pass counter: the perturbed pass would
+    train on the next slice or a fresh generation, not the clean pass's batch. Their batches of raw prompts failed in
+    `dict(inputs)` (SAM) or in MESA's teacher with unrelated messages.
+    """
+    args = trainer.args
+    if (args.sam_enabled or args.sam_loss_term != "none") and hasattr(trainer, "_buffered_inputs"):
+        raise ValueError(
+            f"{type(trainer).__name__} generates its training batches inside the step (completions buffered in"
+            " `_buffered_inputs` and handed out one per pass): the SAM step's second pass at w + eps would not"
+            " see the clean pass's batch, and SAF's bank or MESA's teacher would need model inputs where the"
+            f" batch holds prompts and completions. sam_method={args.sam_method!r} is not supported by it:"
+            " train it with sam_method='none', or use a host whose batches come from the dataloader"
+            " (SAMSFTTrainer, SAMDPOTrainer, SAMRewardTrainer)."
+        )
+
+
+def check_own_optimizer(trainer) -> None:
+    """At the first step: a method that brings its own optimizer (AdaSAM) trains with it. `__init__` refuses a passed
+    optimizer; one built elsewhere (a `create_optimizer` override, which never reads optimizer_cls_and_kwargs) would
+    silently turn the method into plain SAM over it."""
+    own = METHODS[trainer.args.sam_method].optimizer
+    built = base_optimizer(trainer.optimizer)
+    if own is not None and not isinstance(built, own):
+        method, name = trainer.args.sam_method, type(built).__name__
+        raise ValueError(
+            f"sam_method={method!r} brings its own optimizer ({own.__name__}), but the trainer built {name}"
+            f" (a create_optimizer override?): {method} would silently be plain SAM over it. Let Trainer build"
+            f" the optimizer from optimizer_cls_and_kwargs, or use sam_method='sam' with {name}."
+        )
+
+
+def window_bypass_message(host: str) -> str:
+    """A `get_batch_samples` override that never reached SAMMixin's: each micro-batch would be taken for a window of
+    one, its clean pass would add to the earlier micro-batches' descent gradients, and the ascent would drop them."""
+    return (
+        f"{host}.get_batch_samples does not call super().get_batch_samples, through which SAMMixin sees the"
+        " accumulation window Trainer prefetched: with gradient_accumulation_steps > 1 the SAM step would keep the"
+        " last micro-batch's gradient alone. Call super().get_batch_samples(...) from the override (and change its"
+        " batches in place), or put SAMMixin in front of the trainer that overrides it: class"
+        " MySAMTrainer(SAMMixin, MyTrainer)."
+    )
+
+
+def loss_term_bypass_message(method: str, host: str) -> str:
+    """A `compute_loss` override that never reached SAMMixin's, which adds SAF's / MESA's term."""
+    return (
+        f"sam_method={method!r} adds its term to the loss in SAMMixin.compute_loss, which {host}.compute_loss"
+        " does not call: the run would be the plain Trainer. Call super().compute_loss(model, inputs,"
+        " return_outputs, num_items_in_batch) from the override, or put SAMMixin in front of the trainer that"
+        " overrides it: class MySAMTrainer(SAMMixin, MyTrainer)."
+    )
