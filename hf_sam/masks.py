@@ -7,7 +7,6 @@ FSDP2 each rank holds the mask of its own shards, and the top-k is global over e
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -16,7 +15,7 @@ import torch.distributed as dist
 from .schedules import is_sam_step
 from .seeds import step_generator
 from .sync import gradient_sync
-from .tensors import is_fsdp2_module, local, shard_group, shard_rows
+from .tensors import local, shard_group, shard_rows
 
 
 MASKS = ("none", "fisher", "dynamic")
@@ -146,7 +145,8 @@ class SparseMask:
         # Under FSDP2 the model is its own wrapper, and each backward must reduce-scatter into the sharded `.grad` (the
         # mean of the ranks' identical gradients), also inside Trainer's deferral on a window's early micro-batches:
         # deferred, the gradients stay off `.grad` (a Fisher of zeros) and join the step's first synced backward.
-        with gradient_sync(model, True) if is_fsdp2_module(model) else contextlib.nullcontext():
+        # Under DDP `model` is the unwrapped module, which has no sync to turn on: nothing is all-reduced.
+        with gradient_sync(model, True):
             try:  # an interrupt in these many passes leaves the model as it was, its mode included
                 for example in self._fisher_examples(trainer):
                     model.zero_grad(set_to_none=True)

@@ -652,7 +652,9 @@ class SAMMixin:
             # The count reaches Trainer (which then scales as for the clean pass), not the model's mean loss.
             with frozen_bn_stats(self._sam.bn_layers), off_the_record(self):
                 self._sam.guard.note(super().training_step(model, subset, num_items_in_batch))
-            rise_scale = self._sam_own_mean_scale(num_items_in_batch)
+            # As Trainer scales such a loss: not divided by GA (it takes it as normalized by the count), times the
+            # processes under `average_tokens_across_devices`.
+            rise_scale = token_average_factor(self, num_items_in_batch)
         else:
             with frozen_bn_stats(self._sam.bn_layers), off_the_record(self), self._sam_loss_divided_by_ga():
                 # num_items_in_batch counts the whole window: the subset's loss is its own mean instead, which Trainer
@@ -662,14 +664,6 @@ class SAMMixin:
         if after_clean is not None:
             restore_rng(after_clean, self.args.device)
         return clean + rise.mean().detach() * rise_scale
-
-    def _sam_own_mean_scale(self, num_items_in_batch) -> float:
-        """What Trainer's `training_step` multiplies a model's own mean loss by when it passes `num_items_in_batch`
-        on: the processes under `average_tokens_across_devices`, and 1/GA unless it takes the loss as normalized."""
-        scale = token_average_factor(self, num_items_in_batch)
-        if loss_taken_as_normalized(self, num_items_in_batch):
-            return scale
-        return scale / self.current_gradient_accumulation_steps
 
     @contextlib.contextmanager
     def _sam_loss_divided_by_ga(self):

@@ -35,9 +35,13 @@ def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
 def _fsdp2_gradient_sync(model: nn.Module) -> bool:
     """Whether FSDP2 reduces gradients in the next backward. FSDP2 has a setter only: this reads the flag its
     `set_requires_gradient_sync` writes on the root's parameter group (True, FSDP2's default, if absent)."""
-    get_state = getattr(model, "_get_fsdp_state", None)
-    group = getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
-    return bool(getattr(group, "reduce_grads", True))
+    return bool(getattr(_fsdp_param_group(model), "reduce_grads", True))
+
+
+def _fsdp_param_group(module: nn.Module):
+    """The FSDP2 parameter group of `module` (None for a module that `fully_shard` did not wrap)."""
+    get_state = getattr(module, "_get_fsdp_state", None)
+    return getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
 
 
 def drop_deferred_grads(model: nn.Module) -> None:
@@ -49,9 +53,7 @@ def drop_deferred_grads(model: nn.Module) -> None:
     public call for this; the attributes read here are the ones its `post_backward` fills.
     """
     for module in model.modules():
-        get_state = getattr(module, "_get_fsdp_state", None)
-        group = getattr(get_state(), "_fsdp_param_group", None) if get_state is not None else None
-        for fsdp_param in getattr(group, "fsdp_params", None) or []:
+        for fsdp_param in getattr(_fsdp_param_group(module), "fsdp_params", None) or []:
             unsharded = getattr(fsdp_param, "_unsharded_param", None)
             if unsharded is not None:
                 unsharded.grad = None

@@ -111,11 +111,6 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
     )
 
 
-def is_fsdp2_module(model: torch.nn.Module) -> bool:
-    """Whether `model` is sharded by FSDP2's `fully_shard` (its own wrapper)."""
-    return isinstance(model, FSDPModule)
-
-
 @contextlib.contextmanager
 def resharded_after(model: torch.nn.Module) -> Iterator[None]:
     """Reshard every FSDP2 module of `model` when the block exits (a no-op without FSDP2).
