@@ -14,7 +14,7 @@ from .components import ASCENT_RULES, DESCENT_TRANSFORMS, LOSS_TERM_CHOICES
 from .masks import MASKS
 from .methods import AXIS_DEFAULTS, METHODS, unknown_method_message
 from .momentum_sam import MOMENTUM_UNDER_DEEPSPEED
-from .schedules import SCHEDULES, mean_sam_probability
+from .schedules import SCHEDULES, mean_sam_probability, probability_end
 from .zero import (
     check_zero_config,
     check_zero_data_types,
@@ -584,7 +584,7 @@ class SAMArgumentsMixin:
         logger.warning(
             f"sam_method={self.sam_method!r} runs SAM on a {self.sam_schedule} schedule from sam_probability to"
             f" sam_probability_end; with only {ends_given.pop()} given it goes from"
-            f" {self.sam_probability} to {self.sam_probability_end} (SAM on {mean:.0%} of the steps on average)."
+            f" {self.sam_probability} to {probability_end(self)} (SAM on {mean:.0%} of the steps on average)."
             " For a fixed share p of the steps pass --sam_schedule constant --sam_probability p."
         )
 
@@ -634,11 +634,10 @@ class SAMArgumentsMixin:
         for name, default in AXIS_DEFAULTS.items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
-        if self.sam_probability_end is None:
-            self.sam_probability_end = self.sam_probability
-        # sam_rho_min stays None (= sam_rho, read through `gsam.rho_min`): filled here, a radius changed afterwards (a
-        # hyperparameter search trial's setattr, dataclasses.replace) turned GSAM's lr-following schedule on, down to
-        # the radius of construction.
+        # sam_rho_min and sam_probability_end stay None (= sam_rho, sam_probability; read through `gsam.rho_min` and
+        # `schedules.probability_end`): filled here, a value changed afterwards (a hyperparameter search trial's
+        # setattr, dataclasses.replace) left them at the one of construction (GSAM's lr-following schedule turned on,
+        # a ramp back to the old probability).
         if self.sam_descent == "looksam":
             # LookSAM's full steps are the every_k schedule with k = looksam_k: check k before it becomes the interval.
             k = self.looksam_k
@@ -694,12 +693,12 @@ class SAMArgumentsMixin:
             "sam_rho_warmup",
         ):
             value = getattr(self, name)
-            if name == "sam_rho_min" and value is None:
+            if name in ("sam_rho_min", "sam_probability_end") and value is None:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
         for name in ("sam_probability", "sam_probability_end", "sam_schedule_boundary", "sam_rho_warmup"):
-            if getattr(self, name) > 1:
+            if getattr(self, name) is not None and getattr(self, name) > 1:
                 raise ValueError(f"{name}={getattr(self, name)} must lie in [0, 1].")
         if not (isinstance(self.sam_sparsity, (int, float)) and 0 <= self.sam_sparsity < 1):
             raise ValueError(f"sam_sparsity={self.sam_sparsity!r} must lie in [0, 1) (the share NOT perturbed).")

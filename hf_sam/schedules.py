@@ -16,9 +16,18 @@ from .seeds import step_generator
 SCHEDULES = ("always", "constant", "piecewise", "linear", "cosine", "every_k")
 
 
+def probability_end(args) -> float:
+    """The schedule's end probability: `sam_probability_end`, or `sam_probability` itself when unset.
+
+    Left unset rather than filled at construction: filled, a probability set afterwards (a hyperparameter search
+    trial's setattr, `dataclasses.replace`) ran a ramp back to the probability of construction.
+    """
+    return args.sam_probability if args.sam_probability_end is None else args.sam_probability_end
+
+
 def sam_probability(args, progress: float) -> float:
     """p(t) for `progress` = t/T in [0, 1] (our parametrization; the paper's exact formulas were not available)."""
-    p0, p1 = args.sam_probability, args.sam_probability_end
+    p0, p1 = args.sam_probability, probability_end(args)
     schedule = args.sam_schedule
     if schedule == "always":
         return 1.0
@@ -35,7 +44,7 @@ def sam_probability(args, progress: float) -> float:
 
 def mean_sam_probability(args) -> float:
     """p-bar, the mean of p(t) over training: the expected share of SAM steps (SS-SAM costs 1 + p-bar passes)."""
-    p0, p1 = args.sam_probability, args.sam_probability_end
+    p0, p1 = args.sam_probability, probability_end(args)
     schedule = args.sam_schedule
     if schedule == "always":
         return 1.0

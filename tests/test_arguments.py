@@ -581,3 +581,24 @@ def test_a_trial_that_changes_the_method_leaves_arguments_a_new_trainer_accepts(
     args._sam_apply_trial({"sam_method": "asam"})
     assert args.sam_ascent == "adaptive"
     args.check_after_changes()
+
+
+def test_a_probability_changed_after_construction_moves_the_unset_end_too():
+    # sam_probability_end was filled with sam_probability at construction, so a probability set afterwards (a
+    # hyperparameter search trial's setattr, dataclasses.replace) ran a ramp back down to the old value.
+    from hf_sam.schedules import mean_sam_probability, sam_probability
+
+    args = make(sam_method="sam", sam_schedule="linear", sam_probability=0.2)
+    args.sam_probability = 0.6
+    assert [sam_probability(args, u) for u in (0.0, 0.5, 1.0)] == [0.6, 0.6, 0.6]
+    assert mean_sam_probability(args) == 0.6
+    replaced = dataclasses.replace(
+        make(sam_method="sam", sam_schedule="cosine", sam_probability=0.2), sam_probability=0.6
+    )
+    assert sam_probability(replaced, 1.0) == 0.6
+    # Given, or set by the preset, the end stays what it is.
+    assert sam_probability(make(sam_method="ss-sam", sam_probability=0.2), 1.0) == 1.0
+    assert (
+        make(sam_method="sam", sam_schedule="linear", sam_probability=0.2, sam_probability_end=0.4).sam_probability_end
+        == 0.4
+    )
