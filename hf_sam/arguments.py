@@ -124,6 +124,12 @@ def _method_help() -> str:
     return f"SAM method preset. One of: {rows}. Any axis flag given explicitly overrides the preset."
 
 
+LOCAL_ASCENT_UNDER_FSDP = (
+    "sam_ascent_sync=False is not possible under FSDP: every rank only holds a shard of the ascent gradient. Drop"
+    " --sam_ascent_sync (it defaults to True under FSDP)."
+)
+
+
 @dataclass
 class SAMArgumentsMixin:
     """
@@ -877,10 +883,7 @@ class SAMArgumentsMixin:
                     "hf_sam supports FSDP2 only (fully_shard, DTensor gradients): set fsdp_config={'version': 2}."
                 )
             if self.sam_ascent_sync is False:
-                raise ValueError(
-                    "sam_ascent_sync=False is not possible under FSDP: every rank only holds a shard of the ascent"
-                    " gradient. Drop --sam_ascent_sync (it defaults to True under FSDP)."
-                )
+                raise ValueError(LOCAL_ASCENT_UNDER_FSDP)
             if self.esam_swp:
                 raise ValueError(
                     "ESAM's stochastic weight perturbation (esam_swp) skips weight gradients in each rank's own"

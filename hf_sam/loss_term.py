@@ -236,6 +236,13 @@ class AfterOptimizerStep(_TrainerHook):
         self._call()
 
 
+class BeforeOptimizerStep(_TrainerHook):
+    """Calls `hook()` right before every `optimizer.step()` of the Trainer."""
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._call()
+
+
 class AtEpochEnd(_TrainerHook):
     """Calls `hook()` at the end of every epoch, before the epoch's evaluation and checkpoint."""
 

@@ -28,6 +28,7 @@ from .loss_term import (
     AfterOptimizerStep,
     AtEpochEnd,
     AtTrainEnd,
+    BeforeOptimizerStep,
     capture_outputs,
     capture_pass,
     logits_of,
@@ -53,6 +54,7 @@ from .setup_checks import (
     check_train_dataset,
     check_training_args,
     loss_term_bypass_message,
+    step_bypass_message,
     window_bypass_message,
 )
 from .sync import drop_deferred_grads, gradient_sync
@@ -126,6 +128,7 @@ class SAMMixin:
             check_sam_setup(self)  # also hands AdaSAM's optimizer to Trainer
             # First, so no callback's on_epoch_end sees w + eps of a window that Trainer left early.
             self.callback_handler.callbacks.insert(0, AtEpochEnd(self._sam_end_cut_window))
+            self.add_callback(BeforeOptimizerStep(self._sam_check_step_ran))
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
@@ -275,6 +278,12 @@ class SAMMixin:
             # after each micro-batch, a plain window of a schedule never perturbs): without this the engine stayed
             # inside its held reduction, with accelerate's wrapper swapped out and the partial gradient in `.grad`.
             self._sam.zero.abort()
+
+    def _sam_check_step_ran(self) -> None:
+        """Before the first update: a `training_step` override that never calls SAMMixin's would train as the plain
+        Trainer without a word (the method's pieces are built at its first step, so none means it never ran)."""
+        if self._sam.perturbation is None:
+            raise ValueError(step_bypass_message(self.args.sam_method, type(self).__name__))
 
     def _sam_build(self) -> None:
         if self.args.sam_direction == "momentum" and not keeps_momentum(self.optimizer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
+from .arguments import LOCAL_ASCENT_UNDER_FSDP
 from .loss_term import loss_shifts_labels, one_output_message
 from .methods import METHODS
 from .momentum_sam import MOMENTUM_UNDER_DEEPSPEED, base_optimizer
@@ -23,10 +24,12 @@ def check_sam_setup(trainer) -> None:
     if args.sam_direction == "momentum" and getattr(trainer, "is_deepspeed_enabled", False):
         raise ValueError(MOMENTUM_UNDER_DEEPSPEED)
     fsdp = getattr(trainer, "is_fsdp_enabled", False)
-    if fsdp:
-        if not args.sam_ascent_sync:
-            logger.warning("FSDP shards the ascent gradient: sam_ascent_sync is set to True.")
-            args.sam_ascent_sync = True
+    if fsdp and not args.sam_ascent_sync:
+        # FSDP from an `accelerate launch` config, which the arguments did not see: an explicit False is refused as
+        # with `fsdp=` (each rank holds a shard of the ascent gradient); left unset it becomes True.
+        if "sam_ascent_sync" in getattr(args, "_sam_given", {}):
+            raise ValueError(LOCAL_ASCENT_UNDER_FSDP)
+        args.sam_ascent_sync = True
     if args.esam_swp and args.sam_ascent_sync and trainer.accelerator.num_processes > 1:
         fix = (
             "FSDP always syncs the ascent: run ESAM under DDP, or use --esam_swp false under FSDP."
@@ -218,4 +221,14 @@ def loss_term_bypass_message(method: str, host: str) -> str:
         " does not call: the run would be the plain Trainer. Call super().compute_loss(model, inputs,"
         " return_outputs, num_items_in_batch) from the override, or put SAMMixin in front of the trainer that"
         " overrides it: class MySAMTrainer(SAMMixin, MyTrainer)."
+    )
+
+
+def step_bypass_message(method: str, host: str) -> str:
+    """A `training_step` override that never reached SAMMixin's, which runs the SAM passes."""
+    return (
+        f"{host}.training_step does not call super().training_step, where SAMMixin runs sam_method={method!r}'s"
+        " passes: the run would be the plain Trainer. Call super().training_step(model, inputs, num_items_in_batch)"
+        " from the override, or put SAMMixin in front of the trainer that overrides it: class"
+        " MySAMTrainer(SAMMixin, MyTrainer)."
     )

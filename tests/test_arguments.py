@@ -423,6 +423,26 @@ def test_fsdp1_from_accelerate_launch_is_refused_for_the_loss_terms_too():
             check(trainer)
 
 
+def test_an_explicit_local_ascent_under_fsdp_from_accelerate_launch_is_refused():
+    # With `fsdp=` in the arguments sam_ascent_sync=False is refused; from an `accelerate launch` FSDP2 config it was
+    # only warned about and switched to True. Left unset it is set to True, as documented.
+    from types import SimpleNamespace
+
+    from hf_sam.setup_checks import check_sam_setup
+
+    state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2))
+
+    def fsdp_trainer(args):
+        return SimpleNamespace(args=args, is_deepspeed_enabled=False, is_fsdp_enabled=True, model=tiny_bert(),
+                               accelerator=SimpleNamespace(state=state, num_processes=2))  # fmt: skip
+
+    with pytest.raises(ValueError, match="sam_ascent_sync=False is not possible under FSDP"):
+        check_sam_setup(fsdp_trainer(make(sam_method="sam", sam_ascent_sync=False)))
+    args = make(sam_method="sam")
+    check_sam_setup(fsdp_trainer(args))
+    assert args.sam_ascent_sync is True
+
+
 def test_bf16_zero_1_with_fp32_gradient_accumulation_is_refused_before_training():
     # DeepSpeed runs bf16 weights with fp32 gradient accumulation under ZeRO-1 through its BF16_Optimizer, whose
     # engine has no `coalesce_grad_reduction`: without this check the first SAM step failed with DeepSpeed's

@@ -327,6 +327,26 @@ def test_a_get_batch_samples_override_that_bypasses_the_mixin_is_refused_before_
     assert_same_weights(state(plain.model), state(sam.model))
 
 
+class _OwnTrainingStep:
+    """A `training_step` override that does not call super() (Trainer's own step, e.g. copied to add a term), so
+    SAMMixin's step never runs."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        return Trainer.training_step(self, model, inputs, num_items_in_batch)
+
+
+def test_a_training_step_override_that_bypasses_the_mixin_is_refused_before_any_update(tmp_path):
+    # It trained as the plain Trainer without a word: no perturbation, no sam/* metric.
+    model = tiny_bert()
+    before = state(model)
+    sam = type("Sam", (_OwnTrainingStep, SAMTrainer), {})(
+        model=model, args=sam_args(tmp_path, max_steps=2), train_dataset=tiny_dataset()
+    )
+    with pytest.raises(ValueError, match=r"Sam.training_step does not call super\(\).training_step"):
+        sam.train()
+    assert_same_weights(before, state(sam.model))
+
+
 class _DrawsFromPythonAndNumPy:
     """A `compute_loss` override that draws from Python's and NumPy's global RNGs in each pass (a mixup coefficient,
     a random augmentation), as TRL's GKDTrainer draws `random.random()` in each `training_step`."""
