@@ -150,8 +150,19 @@ def _check_values(tensors: dict[str, torch.Tensor], path: str, corrupt: str) -> 
 
 
 def _check_settings(saved: dict[str, str], current: dict[str, str], path: str) -> None:
-    """Refuse state written for another perturbed set (an older file without settings is taken as it is)."""
-    if not saved or not current or saved.get("perturbed") == current.get("perturbed"):
+    """Refuse state written for another perturbed set, or under FSDP with another number of processes (an older file
+    without settings, or without the FSDP entry, is taken as it is)."""
+    if not saved or not current:
+        return
+    processes = saved.get("fsdp_processes")
+    if processes is not None and processes != current.get("fsdp_processes"):
+        now = current.get("fsdp_processes")
+        raise ValueError(
+            f"{path} was written under FSDP with {processes} processes, each holding the method state of its own"
+            f" shards of the weights; this run has {f'FSDP with {now} processes' if now else 'no FSDP'}. Resume with"
+            f" {processes} processes under FSDP, or start a new run from the weights of the checkpoint."
+        )
+    if saved.get("perturbed") == current.get("perturbed"):
         return
     then = ", ".join(f"{key}={value}" for key, value in sorted(saved.items()))
     now = ", ".join(f"{key}={value}" for key, value in sorted(current.items()))
@@ -224,7 +235,12 @@ def _run_settings(trainer) -> dict[str, str] | None:
     if not args.sam_enabled:
         return None
     names = [name for name, _ in select_perturbed(trainer.model, args.sam_include, args.sam_exclude)]
-    return perturbed_set_settings(names, args.sam_include, args.sam_exclude)
+    settings = perturbed_set_settings(names, args.sam_include, args.sam_exclude)
+    if getattr(trainer, "is_fsdp_enabled", False):
+        # Each rank's file holds the state of its own shards: only the same number of processes can take it back
+        # (with another, the shards have other shapes, or some ranks find no file).
+        settings["fsdp_processes"] = str(trainer.accelerator.num_processes)
+    return settings
 
 
 def save_run_state(trainer, output_dir: str) -> None:

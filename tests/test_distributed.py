@@ -308,6 +308,7 @@ def test_resume_under_fsdp2_equals_the_uninterrupted_run(fsdp_trainer, name):
     assert straight["sharded_dtensor_params"] and resumed["sharded_dtensor_params"]
     assert straight["steps_per_rank"] == [4, 4] and resumed["steps_per_rank"] == [2, 2]  # steps 3-4 after resuming
     assert fsdp_trainer[f"{name}_resume_max_diff"] == 0.0, fsdp_trainer[f"{name}_resume_max_diff"]
+    assert fsdp_trainer[f"{name}_saved_settings"]["fsdp_processes"] == "2"
 
 
 def test_mesa_under_fsdp2_runs_its_teacher_on_the_ema_shards(fsdp_trainer):

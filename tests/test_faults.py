@@ -284,6 +284,25 @@ def test_resuming_state_written_for_another_perturbed_set_is_refused_naming_both
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
 
 
+def test_fsdp_state_resumed_with_another_number_of_processes_is_refused_naming_both(tmp_path):
+    # Each rank's file holds the state of its own shards: resumed with another process count, ranks 0-1 said only
+    # that a state had another shape, and the others that they found no file.
+    from hf_sam.checkpoint import load_sam_state, save_sam_state
+
+    written = {"perturbed": "3 tensors (abc)", "sam_include": "None", "sam_exclude": "None", "fsdp_processes": "4"}
+    save_sam_state(str(tmp_path), "fsam", {"ascent.fsam_ema.w": torch.zeros(2)}, "-rank0", written)
+    for now, said in (("2", "FSDP with 2 processes"), (None, "no FSDP")):
+        current = {k: v for k, v in written.items() if k != "fsdp_processes"}
+        if now:
+            current["fsdp_processes"] = now
+        with pytest.raises(ValueError, match=f"under FSDP with 4 processes.*this run has {said}. Resume with 4"):
+            load_sam_state(str(tmp_path), "fsam", "-rank0", current)
+    assert set(load_sam_state(str(tmp_path), "fsam", "-rank0", written)) == {"ascent.fsam_ema.w"}
+    # A file written before the entry existed resumes as before.
+    save_sam_state(str(tmp_path), "fsam", {"ascent.fsam_ema.w": torch.zeros(2)}, "-rank0", current)
+    assert set(load_sam_state(str(tmp_path), "fsam", "-rank0", written)) == {"ascent.fsam_ema.w"}
+
+
 def _rewrite_state(checkpoint: Path, method: str, change) -> None:
     """Rewrite a state file with `change` applied to its float tensors, with a valid digest (a buggy writer)."""
     from hf_sam.checkpoint import load_sam_state, save_sam_state

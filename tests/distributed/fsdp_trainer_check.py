@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import shutil
 import sys
@@ -42,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
@@ -243,6 +245,7 @@ def main():
             results[f"{name}-ddp"] = run_config(name, {**overrides, "sam_ascent_sync": True}, tmp, rank, world)
         for name, overrides in BF16.items():
             results[name] = run_config(name, {**overrides, **FSDP, "bf16": True}, tmp, rank, world)
+        saved_settings = {}
         for name, overrides in RESUMED.items():
             # 4 steps straight, and 2 steps + checkpoint + resume + 2 steps: the same weights (masks, EMA restored).
             resumable = {**overrides, **FSDP, "max_steps": 4}
@@ -253,6 +256,9 @@ def main():
             checkpoint = os.path.join(tmp, f"{name}-saved", "checkpoint-2")
             resumed = {**resumable, "resume_from_checkpoint": checkpoint}
             results[f"{name}-resumed"] = run_config(f"{name}-resumed", resumed, tmp, rank, world)
+            if rank == 0:  # what the state file says it was written for (another process count is refused)
+                with safe_open(os.path.join(checkpoint, "sam_state-rank0.safetensors"), framework="pt") as handle:
+                    saved_settings[f"{name}_saved_settings"] = json.loads(handle.metadata()["settings"])
     if rank == 0:
         finals = {name: torch.tensor(results[name].pop("final")) for name in results}
         results["bf16_rho0_vs_none_max_diff"] = float((finals["bf16-sam-rho0"] - finals["bf16-none"]).abs().max())
@@ -267,6 +273,7 @@ def main():
             if finals[name].shape == finals["sam"].shape:  # (LoRA adds parameters)
                 results[f"{name}_vs_sam_max_diff"] = float((finals[name] - finals["sam"]).abs().max())
         results["world_size"] = world
+        results.update(saved_settings)
     write_and_close(out_path, results)
 
 
