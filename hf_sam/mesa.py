@@ -206,7 +206,9 @@ class MESATerm(LossTerm):
         kl = torch.where(mask, kl_to_target(logits, teacher_logits, args.mesa_tau, args.sam_method), 0.0)
         count = mask.sum()
         term = args.mesa_lambda * args.mesa_tau**2 * kl.sum() * term_scale(trainer, count, num_items_in_batch)
-        trainer._sam_metrics.add("mesa/kl", kl.detach().sum() / count.clamp(min=1))
+        # A mean over the window's scored positions (tokens, or examples), not of per-micro-batch means: micro-batches
+        # of a causal LM score different numbers of tokens.
+        trainer._sam_metrics.add("mesa/kl", kl.detach().sum(), count=count)
         # A no-grad forward counted as a third of a pass (backward = 2 forwards), as ESAM's SDS forward.
         trainer._sam_metrics.add("sam/passes_per_step", 1.0 + 1 / 3)
         return term

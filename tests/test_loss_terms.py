@@ -335,6 +335,23 @@ def test_mesa_token_level_matches_hand_loop_and_normalizes_over_the_window(tmp_p
     assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(state(plain).values(), state(reference).values()))
 
 
+def test_mesa_kl_is_logged_as_the_mean_over_the_windows_scored_tokens(tmp_path):
+    # mesa/kl averaged per-micro-batch means: with GA 2 over micro-batches of 9 and 5 scored tokens the step's log was
+    # not the mean over its 14 tokens, which batch 4 without accumulation logs for the same step.
+    common = dict(max_steps=2, sam_method="mesa", mesa_lambda=0.8, mesa_tau=1.0, mesa_ema_decay=0.5, logging_steps=1,
+                  learning_rate=0.3, optimizer=False)  # fmt: skip
+    data = lm_dataset()
+    ga = train(tmp_path / "ga", tiny_llama(), data, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+               **common)  # fmt: skip
+    whole = train(tmp_path / "b4", tiny_llama(), data, per_device_train_batch_size=4, **common)
+
+    def logged(trainer):
+        return [h["mesa/kl"] for h in trainer.state.log_history if "mesa/kl" in h]
+
+    assert len(logged(whole)) == 2 and logged(whole)[1] > 1e-3  # the teacher left the student at the second step
+    assert logged(ga) == pytest.approx(logged(whole), rel=1e-4, abs=1e-9)
+
+
 def test_mesa_teacher_shares_frozen_weights_under_lora_and_runs_the_class_forward(tmp_path):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
