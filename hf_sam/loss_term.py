@@ -216,6 +216,39 @@ def token_mask(logits: torch.Tensor, labels: torch.Tensor | None, shift: bool) -
     return logits, labels.ne(-100)
 
 
+def prompt_token_count(model: torch.nn.Module) -> int:
+    """How many virtual tokens PEFT's prompt learning (prompt tuning, P-tuning) of `model`'s active adapter puts in
+    front of each input; 0 for any other model (LoRA and the other adapters change no sequence length)."""
+    configs = getattr(model, "peft_config", None)
+    adapter = getattr(model, "active_adapter", None)
+    config = configs.get(adapter) if isinstance(configs, dict) and isinstance(adapter, str) else None
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return 0
+    return int(config.num_virtual_tokens or 0)
+
+
+def labels_of_positions(
+    labels: torch.Tensor | None, logits: torch.Tensor, model: torch.nn.Module
+) -> torch.Tensor | None:
+    """The labels of the logits' positions (ESAM's per-example losses, MESA's token mask).
+
+    Under PEFT's prompt learning a causal LM's logits start with one position per virtual token, which PEFT's own
+    forward scores against the labels with as many -100 in front (the last virtual token predicts the first input
+    token); the batch's labels alone would not match them. Prefix tuning extends the attention cache, not the
+    sequence, so its logits match the labels and are left as they are, as is every other model's.
+    """
+    count = prompt_token_count(model)
+    if (
+        count
+        and isinstance(labels, torch.Tensor)
+        and labels.dim() == 2
+        and logits.dim() == 3
+        and logits.shape[1] == labels.shape[1] + count
+    ):
+        return F.pad(labels, (count, 0), value=-100)
+    return labels
+
+
 class _TrainerHook(TrainerCallback):
     """Calls a trainer's bound method at one Trainer event; holds it weakly, so the callback does not keep its trainer
     alive."""

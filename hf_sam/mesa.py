@@ -17,6 +17,7 @@ from .loss_term import (
     backbone_of,
     capture_outputs,
     kl_to_target,
+    labels_of_positions,
     last_hidden_state,
     logits_of,
     per_token_log_probs,
@@ -201,7 +202,10 @@ class MESATerm(LossTerm):
                 labels, shift = inputs["shift_labels"], False
             else:
                 labels, shift = inputs.get("labels"), trainer._sam_loss_shifts_labels()
-            logits, mask = token_mask(logits_of(captured.output, args.sam_method), labels, shift)
+            logits = logits_of(captured.output, args.sam_method)
+            # Prompt tuning's virtual tokens: their positions lead the student's and the teacher's logits alike.
+            labels = labels_of_positions(labels, logits, trainer.accelerator.unwrap_model(trainer.model))
+            logits, mask = token_mask(logits, labels, shift)
             teacher_logits, _ = token_mask(teacher_logits, labels, shift)
         kl = torch.where(mask, kl_to_target(logits, teacher_logits, args.mesa_tau, args.sam_method), 0.0)
         count = mask.sum()

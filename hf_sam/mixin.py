@@ -31,6 +31,7 @@ from .loss_term import (
     BeforeOptimizerStep,
     capture_outputs,
     capture_pass,
+    labels_of_positions,
     logits_of,
     loss_shifts_labels,
     loss_taken_as_normalized,
@@ -714,8 +715,9 @@ class SAMMixin:
                 "ESAM's data selection needs `labels` in the batch to score examples. Override"
                 " `SAMTrainer.per_example_loss(outputs, inputs)`, or set --esam_gamma 1."
             )
-        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
-        problem_type = getattr(config, "problem_type", None)
+        model = self.accelerator.unwrap_model(self.model)
+        labels = labels_of_positions(labels, logits, model)  # prompt tuning's virtual tokens lead the logits
+        problem_type = getattr(getattr(model, "config", None), "problem_type", None)
         return per_example_loss(logits, labels, self._sam_loss_shifts_labels(), bounds, problem_type)
 
     # ------------------------------------------------------------------ tensor bookkeeping

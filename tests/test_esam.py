@@ -279,3 +279,22 @@ def test_selection_on_a_model_that_returns_its_own_mean_keeps_trainers_scale(tmp
     assert_same_weights(state(sam.model), state(selected.model), exact=False, atol=1e-6)
     sharpness = [[h["sam/sharpness"] for h in t.state.log_history if "loss" in h] for t in (sam, selected)]
     assert sharpness[0] == pytest.approx(sharpness[1], rel=1e-4)
+
+
+def test_per_example_losses_of_a_prompt_tuned_causal_lm_are_each_examples_own_loss(tmp_path):
+    # PEFT's prompt tuning puts its virtual tokens in front of the input: the logits have that many positions more
+    # than the batch's labels, which PEFT scores with as many -100 in front (the last virtual token predicts the
+    # first input token). Scored against the batch's labels alone, the selection raised torch's "Expected target
+    # size [4, 10], got [4, 7]".
+    peft = pytest.importorskip("peft")
+    from tests.test_loss_terms import lm_dataset, tiny_llama
+
+    model = peft.get_peft_model(tiny_llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    data = lm_dataset(4)
+    trainer = SequentialSAMTrainer(model=model, train_dataset=data,
+                                   args=sam_args(tmp_path, sam_method="esam", esam_gamma=0.5))  # fmt: skip
+    batch = {key: torch.tensor(data[key]) for key in ("input_ids", "labels")}
+    with torch.no_grad():
+        losses = trainer.per_example_loss(model(**batch), batch)
+        alone = [model(**{key: value[i : i + 1] for key, value in batch.items()}).loss for i in range(4)]
+    torch.testing.assert_close(losses, torch.stack(alone))

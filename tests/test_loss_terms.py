@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from hf_sam import SAMTrainer, SAMTrainingArguments, add_example_index
+from hf_sam.loss_term import capture_pass
 from hf_sam.saf import IndexedDataset, LogitBank, example_ids
 from tests.helpers import (
     PeakNewTensorBytes,
@@ -617,3 +618,27 @@ def test_sharded_mesa_teacher_keeps_a_float32_average_of_bf16_shards():
     assert torch.equal(sharded(inputs).logits, plain(inputs).logits)
     assert all(torch.equal(p, s) for p, s in zip(model.parameters(), student))
     assert model.training  # the forward ran in eval mode and gave the student back its training mode
+
+
+def test_mesa_on_a_prompt_tuned_causal_lm_compares_the_positions_peft_scores(tmp_path):
+    # PEFT's prompt tuning puts its virtual tokens in front of the input, so student and teacher logits have that many
+    # positions more than the batch's labels; PEFT scores them against the labels with as many -100 in front. MESA
+    # compared them with the batch's labels and refused the run ("logits (4, 10, 19) do not match labels (4, 7)").
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    data = lm_dataset(4)
+    args = sam_args(tmp_path, sam_method="mesa", mesa_lambda=0.8, mesa_tau=2.0)
+    trainer = SequentialSAMTrainer(model=model, train_dataset=data, args=args)
+    trainer._sam_loss_term_build()
+    term = trainer._sam.loss_term
+    with torch.no_grad():  # a teacher that differs from the student, so the term is not 0
+        term.teacher.average[0].add_(torch.randn_like(term.teacher.average[0]))
+    batch = {key: torch.tensor(data[key]) for key in ("input_ids", "labels")}
+    teacher_logits = term.prepare(batch)
+    with capture_pass(model, hidden_state=True) as captured:
+        model(**batch)
+    got = term.term(batch, captured, None, teacher_logits, None)
+    labels = F.pad(batch["labels"], (3, 0), value=-100)[:, 1:]  # as PEFT's forward scores the logits
+    per_token = kl(captured.output.logits[:, :-1], teacher_logits[:, :-1], 2.0)[labels.ne(-100)]
+    assert per_token.numel() == int(batch["labels"].ne(-100).sum())
+    torch.testing.assert_close(got, 0.8 * 2.0**2 * per_token.mean())
