@@ -12,7 +12,16 @@ from .trainer import SAMSeq2SeqTrainer, SAMTrainer
 __version__ = "0.1.0"
 
 # Need TRL, so they are imported on first use: `import hf_sam` works without it.
-_TRL_NAMES = ("SAMDPOConfig", "SAMDPOTrainer", "SAMRewardConfig", "SAMRewardTrainer", "SAMSFTConfig", "SAMSFTTrainer")
+_TRL_NAMES = (
+    "SAMDPOConfig",
+    "SAMDPOTrainer",
+    "SAMKTOConfig",
+    "SAMKTOTrainer",
+    "SAMRewardConfig",
+    "SAMRewardTrainer",
+    "SAMSFTConfig",
+    "SAMSFTTrainer",
+)
 
 
 def __getattr__(name: str):

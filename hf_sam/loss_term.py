@@ -149,20 +149,38 @@ class PassOutputs:
     outputs: list = field(default_factory=list)
     backbone_outputs: list = field(default_factory=list)
 
-    @property
-    def output(self):
-        """The pass's first model output: the forward whose loss is trained (a host may add no-grad forwards after
-        it, as TRL's `SFTTrainer` does for its metrics under label smoothing)."""
+    def _trained(self) -> int:
+        """Index of the forward whose loss is trained: the first whose output carries gradient. A host may run
+        no-grad forwards of the model before it (TRL's `KTOTrainer` estimates its KL term on mismatched completions
+        first) or after it (`SFTTrainer`'s metrics under label smoothing, a PEFT reference with the adapters off).
+        The first forward when none carries gradient."""
         if not self.outputs:
             raise ValueError(
                 "The loss term (SAF, MESA) reads the model's outputs in its training pass, but the trainer's"
                 " compute_loss ran no forward of `trainer.model`. Call the model the trainer holds in compute_loss."
             )
-        return self.outputs[0]
+        return next((i for i, output in enumerate(self.outputs) if _carries_grad(output)), 0)
+
+    @property
+    def output(self):
+        """The model output of the forward whose loss is trained."""
+        return self.outputs[self._trained()]
 
     @property
     def hidden_state(self) -> torch.Tensor | None:
-        return last_hidden_state(self.backbone_outputs[0]) if self.backbone_outputs else None
+        """The backbone's last hidden state in that forward (each model forward runs its backbone once)."""
+        if not self.backbone_outputs:
+            return None
+        index = self._trained()
+        return last_hidden_state(self.backbone_outputs[index if index < len(self.backbone_outputs) else 0])
+
+
+def _carries_grad(output) -> bool:
+    """Whether a model output (a `ModelOutput`, dict, tuple or tensor) holds a tensor that requires grad."""
+    if isinstance(output, torch.Tensor):
+        return output.requires_grad
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
 
 
 @contextlib.contextmanager

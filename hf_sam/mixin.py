@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ from .run import SAMRun
 from .saf import INDEX_COLUMN, add_example_index, signature_with_index
 from .schedules import is_sam_step
 from .setup_checks import (
+    batch_not_a_dict_message,
     check_host_batches,
     check_loss_term_setup,
     check_own_optimizer,
@@ -316,6 +318,8 @@ class SAMMixin:
         inputs: dict[str, torch.Tensor | Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
+        if not isinstance(inputs, Mapping) and (self.args.sam_enabled or self.args.sam_loss_term != "none"):
+            raise ValueError(batch_not_a_dict_message(type(self).__name__, inputs))  # before any pass
         if not self.args.sam_enabled:
             if self.args.sam_loss_term != "none" and not self._sam.term_reached:
                 return self._sam_first_loss_term_pass(model, inputs, num_items_in_batch)

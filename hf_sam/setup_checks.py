@@ -187,6 +187,20 @@ def check_host_batches(trainer) -> None:
         )
 
 
+def batch_not_a_dict_message(host: str, inputs) -> str:
+    """A training batch that reaches `training_step` as no dict: the passes of a step copy it as a dict (mSAM splits
+    it, ESAM takes a subset, MESA's teacher takes it as model inputs). TRL's A2POTrainer collates a list of raw
+    examples and generates the completions in `_prepare_inputs` at every call, so a second pass would also train on
+    other completions; a collator returning a tuple failed the same way, with "dictionary update sequence element"."""
+    return (
+        f"{host}'s training batch reaches training_step as a {type(inputs).__name__}, not a dict of model inputs:"
+        " every pass of a SAM step (and MESA's teacher) takes the batch as a dict. A host that builds its model"
+        " inputs inside the step from raw examples (TRL's A2POTrainer generates completions in _prepare_inputs)"
+        " would also generate other completions for the pass at w + eps. Use a data_collator that returns a dict,"
+        " or train this host with sam_method='none'."
+    )
+
+
 def check_own_optimizer(trainer) -> None:
     """At the first step: a method that brings its own optimizer (AdaSAM) trains with it. `__init__` refuses a passed
     optimizer; one built elsewhere (a `create_optimizer` override, which never reads optimizer_cls_and_kwargs) would

@@ -1,4 +1,4 @@
-"""Ready-made TRL trainers: `SAMMixin` in front of TRL's `SFTTrainer`, `DPOTrainer` and `RewardTrainer`,
+"""Ready-made TRL trainers: `SAMMixin` in front of TRL's `SFTTrainer`, `DPOTrainer`, `RewardTrainer` and `KTOTrainer`,
 `SAMArgumentsMixin` in front of their configs. Importing this module needs `trl` (`pip install hf-sam[trl]`);
 `import hf_sam` does not.
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
 from .arguments import SAMArgumentsMixin
 from .mixin import SAMMixin
@@ -83,6 +83,37 @@ class SAMRewardTrainer(SAMMixin, RewardTrainer):
 
     def _sam_check_host(self, args) -> None:
         refuse_per_example_pieces(args, "SAMRewardTrainer", "the reward model's")
+
+
+@dataclass
+class SAMKTOConfig(SAMArgumentsMixin, KTOConfig):
+    __doc__ = "[`~trl.KTOConfig`] plus the `sam_*` fields of [`SAMArgumentsMixin`].\n\n" + (
+        SAMArgumentsMixin.__doc__ or ""
+    )
+
+
+class SAMKTOTrainer(SAMMixin, KTOTrainer):
+    """TRL's `KTOTrainer` (unpaired desirable / undesirable completions) with the SAM step: the policy is perturbed,
+    the reference model (under PEFT: the base with the adapters disabled) is not, and KTO's KL estimate is the
+    policy's at the pass's weights. Pass [`SAMKTOConfig`] as `args`; any SAM method at `sam_rho=0` reproduces
+    `KTOTrainer` bit for bit, logged metrics included.
+
+    Refused: ESAM's data selection (`esam_gamma < 1`). Its per-example losses are read from the fused LM head as each
+    completion's negative log-likelihood, which is not KTO's loss: an undesirable completion's KTO loss rises as its
+    likelihood does.
+    """
+
+    sam_default_args_class = SAMKTOConfig
+
+    def _sam_check_host(self, args) -> None:
+        if args.sam_enabled and args.esam_gamma < 1:
+            raise ValueError(
+                f"ESAM's data selection (esam_gamma={args.esam_gamma}) ranks examples by the rise of their loss, read"
+                " as each completion's negative log-likelihood, and KTO's loss is a sigmoid of the completion's"
+                " log-ratio to the reference model (it falls as an undesirable completion's likelihood falls):"
+                " SAMKTOTrainer does not select. Set --esam_gamma 1 (ESAM's weight perturbation alone) or use"
+                " --sam_method sam."
+            )
 
 
 def refuse_per_example_pieces(args, trainer: str, loss: str) -> None:

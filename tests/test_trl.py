@@ -503,7 +503,7 @@ def test_split_batch_finds_the_sequences_of_a_flattened_batch_from_position_ids(
     assert sequence_bounds({**batch, "attention_mask": torch.ones_like(ids)}) is None  # the model sees one sequence
 
 
-@pytest.mark.parametrize("trainer_name", ["SAMSFTTrainer", "SAMDPOTrainer", "SAMRewardTrainer"])
+@pytest.mark.parametrize("trainer_name", ["SAMSFTTrainer", "SAMDPOTrainer", "SAMRewardTrainer", "SAMKTOTrainer"])
 def test_a_trl_trainer_given_sam_training_arguments_names_its_config_class(tmp_path, trainer_name):
     # SFTTrainer rebuilt them as a plain SFTConfig (TypeError: unexpected keyword argument 'sam_method'), DPOTrainer
     # and RewardTrainer read a field of their own config they lack (AttributeError: model_init_kwargs).
@@ -513,7 +513,7 @@ def test_a_trl_trainer_given_sam_training_arguments_names_its_config_class(tmp_p
     cls = getattr(hf_sam, trainer_name)
     args = SAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     model, data, extra = tiny_llama(), sft_data(), {}
-    if trainer_name == "SAMDPOTrainer":
+    if trainer_name in ("SAMDPOTrainer", "SAMKTOTrainer"):
         extra = {"ref_model": tiny_llama()}
     elif trainer_name == "SAMRewardTrainer":
         model, data = tiny_reward_model(), REWARD_PAIRS
@@ -547,3 +547,100 @@ def test_a_host_that_generates_its_batches_in_the_step_is_refused_when_built(tmp
             train_dataset=Dataset.from_dict({"prompt": ["the cat", "a dog"] * 4}),
             processing_class=tokenizer(),
         )
+
+
+# ----------------------------------------------------------------------------- KTOTrainer
+
+
+# Unpaired completions with a desirable / undesirable label; KTO estimates its KL term from mismatched pairs.
+KTO_DATA = Dataset.from_dict({
+    "prompt": ["the cat", "a dog", "the big", "a red"] * 2,
+    "completion": [" sat on the mat", " ran", " log", " cat sat", " then", " under the mat and", " dog ran", " blue"],
+    "label": [True, True, False, True, False, True, False, False],
+})  # fmt: skip
+
+
+def kto(tmp_path, method: str | None, classes=None, **overrides):
+    """A trained KTOTrainer (method None) or SAMKTOTrainer (or the `(trainer, config)` classes given)."""
+    values = {**COMMON, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2,
+              "output_dir": str(tmp_path), **overrides}  # fmt: skip
+    if method is None:
+        trainer, args = trl.KTOTrainer, trl.KTOConfig(**values)
+    else:
+        if classes is None:
+            from hf_sam import SAMKTOConfig, SAMKTOTrainer
+
+            classes = (SAMKTOTrainer, SAMKTOConfig)
+        trainer, args = classes[0], classes[1](sam_method=method, **values)
+    built = trainer(model=tiny_llama(dropout=0.1), ref_model=tiny_llama(dropout=0.1), args=args,
+                    train_dataset=KTO_DATA, processing_class=tokenizer())  # fmt: skip
+    built.train()
+    return built
+
+
+def test_kto_trainer_composes_rho_zero_equals_kto_trainer(tmp_path):
+    # Attention dropout on (KTO's disable_dropout off): the perturbed pass replays the clean pass's masks. KTO's
+    # no-grad KL forward of the policy and its reference forward run in both passes; only the clean pass is logged.
+    plain = kto(tmp_path / "plain", None, disable_dropout=False)
+    rho0 = kto(tmp_path / "rho0", "sam", sam_rho=0.0, disable_dropout=False)
+    assert_same_weights(state(plain.model), state(rho0.model))
+
+    def logs(trainer):  # KTO's own metrics have a "/" too (rewards/chosen, logps/rejected)
+        skip = ("runtime", "per_second")
+        return [{k: v for k, v in h.items() if not k.startswith("sam/") and not any(s in k for s in skip)}
+                for h in trainer.state.log_history]  # fmt: skip
+
+    assert logs(rho0) == logs(plain)
+    assert {"kl", "rewards/chosen", "logps/rejected", "num_tokens"} <= set(logs(rho0)[0])
+
+
+def test_kto_refuses_esam_data_selection(tmp_path):
+    # ESAM's per-example losses under a fused LM head are the completion's NLL: KTO's loss is a sigmoid of the
+    # log-ratio to the reference, which falls for an undesirable completion as its NLL rises; under PEFT the last
+    # forward is the reference's (adapters off), so every rise was 0.
+    from hf_sam import SAMKTOConfig, SAMKTOTrainer
+
+    args = SAMKTOConfig(output_dir=str(tmp_path), sam_method="sam", esam_gamma=0.5, use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="esam_gamma 1"):
+        SAMKTOTrainer(tiny_llama(), tiny_llama(), args)
+
+
+def test_mesa_under_kto_takes_the_student_from_the_trained_forward(tmp_path):
+    # KTOTrainer runs a no-grad forward of the policy on mismatched completions (its KL estimate) before the forward
+    # it trains. MESA took the student's hidden state from that first forward: logits of other sequences, without
+    # gradient to the backbone. At the first step the teacher is the student (KTO turns dropout off): KL 0. Composed
+    # by hand, as any host with such a forward would be.
+    from dataclasses import make_dataclass
+
+    from hf_sam import SAMArgumentsMixin, SAMMixin
+
+    config = make_dataclass("KTOConfigWithSAM", [], bases=(SAMArgumentsMixin, trl.KTOConfig))
+    host = type("KTOTrainerWithSAM", (SAMMixin, trl.KTOTrainer), {"sam_default_args_class": config})
+    trainer = kto(tmp_path, "mesa", classes=(host, config), max_steps=1)
+    first = trainer.state.log_history[0]
+    assert first["mesa/kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("method", ["sam", "mesa"])
+def test_a_host_whose_batches_are_raw_examples_is_refused_before_any_pass(tmp_path, method):
+    # TRL's A2POTrainer collates a list of raw examples and generates the completions in `_prepare_inputs`, on every
+    # call (nothing buffered): SAM failed at its first pass with "dictionary update sequence element #0 has length 1;
+    # 2 is required", MESA inside the teacher's forward with a shape mismatch.
+    a2po = pytest.importorskip("trl.experimental.a2po")
+    from dataclasses import make_dataclass
+
+    from hf_sam import SAMArgumentsMixin, SAMMixin
+
+    config = make_dataclass("SAMA2POConfig", [], bases=(SAMArgumentsMixin, a2po.A2POConfig))
+    trainer = type("SAMA2POTrainer", (SAMMixin, a2po.A2POTrainer), {"sam_default_args_class": config})
+    args = config(output_dir=str(tmp_path), sam_method=method, max_completion_length=4, num_value_samples=2,
+                  **{**COMMON, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1})  # fmt: skip
+    processing_class = tokenizer()
+    processing_class.padding_side = "left"
+    built = trainer(model=tiny_llama(), reward_funcs=lambda completions, **kw: [1.0] * len(completions), args=args,
+                    train_dataset=Dataset.from_dict({"prompt": ["the cat", "a dog"] * 2}),
+                    processing_class=processing_class)  # fmt: skip
+    before = state(built.model)
+    with pytest.raises(ValueError, match="a list, not a dict"):
+        built.train()
+    assert_same_weights(before, state(built.model))
