@@ -230,17 +230,18 @@ def _rank_suffix(trainer) -> str:
 
 
 def _run_settings(trainer) -> dict[str, str] | None:
-    """What the method state belongs to, recorded in the state file and checked on resume: the perturbed set."""
+    """What the method state belongs to, recorded in the state file and checked on resume: the perturbed set, and
+    under FSDP the number of processes."""
     args = trainer.args
-    if not args.sam_enabled:
-        return None
-    names = [name for name, _ in select_perturbed(trainer.model, args.sam_include, args.sam_exclude)]
-    settings = perturbed_set_settings(names, args.sam_include, args.sam_exclude)
+    settings = {}
+    if args.sam_enabled:
+        names = [name for name, _ in select_perturbed(trainer.model, args.sam_include, args.sam_exclude)]
+        settings.update(perturbed_set_settings(names, args.sam_include, args.sam_exclude))
     if getattr(trainer, "is_fsdp_enabled", False):
-        # Each rank's file holds the state of its own shards: only the same number of processes can take it back
-        # (with another, the shards have other shapes, or some ranks find no file).
+        # Each rank's file holds the state of its own shards (MESA's teacher too): only the same number of processes
+        # can take it back (with another, the shards have other shapes, or some ranks find no file).
         settings["fsdp_processes"] = str(trainer.accelerator.num_processes)
-    return settings
+    return settings or None
 
 
 def save_run_state(trainer, output_dir: str) -> None:
