@@ -104,6 +104,7 @@ def per_example_loss(
     shifts_labels: bool,
     bounds: list[int] | None = None,
     problem_type: str | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Loss of each example, in fp32: classification (CE, or BCE for multi-label targets), regression (MSE),
     token-level CE averaged over labels != -100 (per sequence of a padding-free batch whose token offsets are
@@ -111,6 +112,8 @@ def per_example_loss(
 
     `problem_type` is the model config's: float labels of the logits' shape are multi-label targets (BCE with
     logits, averaged over the labels) unless it is `"regression"`, as transformers' classification heads decide.
+    `label_smoothing` is Trainer's `label_smoothing_factor` where its `LabelSmoother` computes the loss: the CE of
+    class and token labels is then smoothed as that loss is, (1 - e) NLL + e mean_c(-log p_c).
 
     Raises:
         `ValueError`: outputs this function does not know; override `SAMTrainer.per_example_loss`.
@@ -119,7 +122,7 @@ def per_example_loss(
     if logits.dim() == 2 and labels.dim() == 1:
         if logits.shape[-1] == 1 or labels.is_floating_point():
             return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="none")
-        return F.cross_entropy(logits, labels, reduction="none")
+        return F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
     if logits.dim() == 2 and labels.shape == logits.shape and labels.is_floating_point():
         if problem_type == "regression":
             return F.mse_loss(logits, labels.float(), reduction="none").mean(-1)
@@ -130,7 +133,9 @@ def per_example_loss(
     if logits.dim() == 3 and labels.dim() == 2:
         if shifts_labels:  # causal LM: token t predicts t + 1
             logits, labels = logits[:, :-1], labels[:, 1:]
-        token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        token = F.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=-100, reduction="none", label_smoothing=label_smoothing
+        )
         valid = (labels != -100).float()
         if bounds is not None:
             return _mean_per_sequence(token, valid, bounds)

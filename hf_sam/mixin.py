@@ -722,7 +722,11 @@ class SAMMixin:
         model = self.accelerator.unwrap_model(self.model)
         labels = labels_of_positions(labels, logits, model)  # prompt tuning's virtual tokens lead the logits
         problem_type = getattr(getattr(model, "config", None), "problem_type", None)
-        return per_example_loss(logits, labels, self._sam_loss_shifts_labels(), bounds, problem_type)
+        # Trainer trains the label-smoothed loss (unless a compute_loss_func replaces it): examples are ranked by the
+        # rise of that loss, and sam/perturbed_loss adds that rise to the smoothed clean loss.
+        smoother = self.label_smoother if self.compute_loss_func is None else None
+        smoothing = smoother.epsilon if smoother is not None else 0.0
+        return per_example_loss(logits, labels, self._sam_loss_shifts_labels(), bounds, problem_type, smoothing)
 
     # ------------------------------------------------------------------ tensor bookkeeping
 

@@ -139,6 +139,44 @@ def test_per_example_losses_of_multi_output_heads_average_to_the_models_loss(tmp
     assert len(gaps) == 4 and max(gaps) < 1e-5, gaps  # at w and at w + eps, each step
 
 
+# With label smoothing Trainer trains (and logs) the smoothed loss, but examples were scored by plain cross-entropy:
+# the selection ranked another loss's rise, and sam/perturbed_loss added a cross-entropy rise to a smoothed clean
+# loss (1.270 where the smoothed loss at w + eps was 1.228, factor 0.3, rho 0.5).
+@pytest.mark.parametrize("architecture", ["classifier", "causal_lm"])
+def test_per_example_losses_under_label_smoothing_average_to_the_trainers_loss(tmp_path, architecture):
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    data, model = tiny_dataset(16), tiny_bert()
+    if architecture == "causal_lm":
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(2, 40, (16, 6), generator=generator)
+        labels = ids.clone()
+        for i, row in enumerate(labels):  # a different number of scored tokens per example
+            row[2 + i % 4 :] = -100
+        data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+        model.accepts_loss_kwargs = False
+    gaps = []
+
+    class Recording(SequentialSAMTrainer):
+        def per_example_loss(self, outputs, inputs):
+            losses = super().per_example_loss(outputs, inputs)
+            trainers = self.label_smoother(outputs, inputs["labels"], shift_labels=architecture == "causal_lm")
+            # Trainer's loss is the mean over scored tokens: each example's mean counts by its number of them.
+            weights = torch.ones_like(losses)
+            if architecture == "causal_lm":
+                weights = (inputs["labels"][:, 1:] != -100).sum(-1).float()
+            gaps.append(float(((losses * weights).sum() / weights.sum() - trainers).abs()))
+            return losses
+
+    trainer = Recording(model=model, train_dataset=data, args=sam_args(
+        tmp_path, sam_method="sam", esam_gamma=0.5, label_smoothing_factor=0.3, max_steps=2))  # fmt: skip
+    trainer.train()
+    assert len(gaps) == 4 and max(gaps) < 1e-5, gaps  # at w and at w + eps, each step
+
+
 def test_trainer_per_example_loss_reads_logits_from_any_output_form(tmp_path):
     # A tuple (loss, logits) from return_dict=False: the logits, not the scalar loss, are scored.
     trainer = SequentialSAMTrainer(model=tiny_bert(), train_dataset=tiny_dataset(),

@@ -31,7 +31,14 @@ METHODS = {
     "create_optimizer": ["model"],
 }
 # attributes read on a constructed trainer, and (second set) once training has started
-ATTRIBUTES = ["accelerator", "model_accepts_loss_kwargs", "compute_loss_func", "optimizer_cls_and_kwargs", "state"]
+ATTRIBUTES = [
+    "accelerator",
+    "model_accepts_loss_kwargs",
+    "compute_loss_func",
+    "label_smoother",
+    "optimizer_cls_and_kwargs",
+    "state",
+]
 TRAINING_ATTRIBUTES = ["current_gradient_accumulation_steps", "_train_batch_size", "_signature_columns"]
 
 
