@@ -107,6 +107,8 @@ def load_sam_state(
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
         tensors = load_file(path)
+        # A string inside the header: a flipped byte there can leave the header whole and the settings unreadable.
+        saved_settings = json.loads(metadata.get("settings") or "{}")
     except Exception as err:  # safetensors raises its own error type, or OSError, for a damaged file
         raise ValueError(f"Cannot read {path}, the method state of checkpoint {checkpoint}: {err}. {corrupt}") from err
     saved_method = metadata.get("sam_method")
@@ -118,7 +120,7 @@ def load_sam_state(
     if metadata.get("digest") is not None and metadata["digest"] != state_digest(tensors):
         raise ValueError(f"{path}: its tensors no longer match the digest written with them. {corrupt}")
     _check_values(tensors, path, corrupt)
-    _check_settings(json.loads(metadata.get("settings") or "{}"), settings or {}, path)
+    _check_settings(saved_settings, settings or {}, path)
     tensors.pop("__format__", None)
     return tensors
 
@@ -151,7 +153,12 @@ def _check_values(tensors: dict[str, torch.Tensor], path: str, corrupt: str) -> 
 
 def _check_settings(saved: dict[str, str], current: dict[str, str], path: str) -> None:
     """Refuse state written for another perturbed set, or under FSDP with another number of processes (an older file
-    without settings, or without the FSDP entry, is taken as it is)."""
+    without settings, or without the FSDP entry, is taken as it is).
+
+    This run's set may be the one the state belongs to (`perturbed`: the script restarted as it was), or the one the
+    trainable parameters gave when the file was written (`trainable`: parameters a callback unfroze or froze since the
+    first step, then kept so for the resume).
+    """
     if not saved or not current:
         return
     processes = saved.get("fsdp_processes")
@@ -162,7 +169,7 @@ def _check_settings(saved: dict[str, str], current: dict[str, str], path: str) -
             f" shards of the weights; this run has {f'FSDP with {now} processes' if now else 'no FSDP'}. Resume with"
             f" {processes} processes under FSDP, or start a new run from the weights of the checkpoint."
         )
-    if saved.get("perturbed") == current.get("perturbed"):
+    if current.get("perturbed") in (saved.get("perturbed"), saved.get("trainable")):
         return
     then = ", ".join(f"{key}={value}" for key, value in sorted(saved.items()))
     now = ", ".join(f"{key}={value}" for key, value in sorted(current.items()))
@@ -235,8 +242,14 @@ def _run_settings(trainer) -> dict[str, str] | None:
     args = trainer.args
     settings = {}
     if args.sam_enabled:
-        names = [name for name, _ in select_perturbed(trainer.model, args.sam_include, args.sam_exclude)]
+        trainable = [name for name, _ in select_perturbed(trainer.model, args.sam_include, args.sam_exclude)]
+        perturbation = trainer._sam.perturbation
+        # The set chosen at the run's first step, which the state covers: a callback may have unfrozen or frozen
+        # parameters since, and the trainable set of now would refuse the same script restarted from this checkpoint.
+        names = perturbation.names if perturbation is not None else trainable
         settings.update(perturbed_set_settings(names, args.sam_include, args.sam_exclude))
+        if trainable != names:
+            settings["trainable"] = perturbed_set_settings(trainable, args.sam_include, args.sam_exclude)["perturbed"]
     if getattr(trainer, "is_fsdp_enabled", False):
         # Each rank's file holds the state of its own shards (MESA's teacher too): only the same number of processes
         # can take it back (with another, the shards have other shapes, or some ranks find no file).

@@ -269,6 +269,22 @@ def test_a_damaged_state_file_is_refused_naming_it(tmp_path, checkpoints, method
     assert trainer.state.global_step == 2  # refused when the checkpoint is loaded, before any step
 
 
+def test_a_flipped_byte_in_the_recorded_settings_is_refused_naming_the_file(tmp_path):
+    # The header stays valid JSON, but the settings it records do not: a bare json error ("Expecting ',' delimiter:
+    # line 1 column 88") named neither the file nor what to do.
+    from hf_sam.checkpoint import load_sam_state, perturbed_set_settings, save_sam_state
+
+    settings = perturbed_set_settings(["classifier.weight"], None, None)
+    save_sam_state(str(tmp_path), "fsam", {"ascent.fsam_ema.classifier.weight": torch.ones(3, 4)}, "", settings)
+    path = tmp_path / STATE_FILE.format(suffix="")
+    data = path.read_bytes()
+    at = data.index(b'"settings":"{') + len(b'"settings":"')  # the settings' JSON, a string in the header's JSON
+    path.write_bytes(data[:at] + b"z" + data[at + 1 :])  # "{" ^ 0x01: the header still parses, the settings not
+    with pytest.raises(ValueError, match=str(path)) as raised:
+        load_sam_state(str(tmp_path), "fsam", "", settings)
+    assert "earlier checkpoint" in str(raised.value)
+
+
 # ---------------------------------------------------------------- state that does not fit, or cannot be true
 
 

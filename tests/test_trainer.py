@@ -676,7 +676,7 @@ class _UnfreezeTheClassifierAtStep2(TrainerCallback):
     """Gradual unfreezing: the head is frozen at the start and trains from step 2 on."""
 
     def on_step_begin(self, args, state_, control, model=None, **kwargs):
-        if state_.global_step == 2:
+        if state_.global_step >= 2:  # also after a resume past step 2, as a gradual-unfreezing schedule does
             model.classifier.requires_grad_(True)
 
 
@@ -701,6 +701,28 @@ def test_a_parameter_unfrozen_during_training_gets_the_descent_gradient_alone(tm
         runs.append(state(trainer.model))
     assert not torch.equal(runs[0]["classifier.weight"], tiny_bert().classifier.weight)  # it did train
     assert_same_weights(*runs, exact=False)
+
+
+def test_a_resume_after_a_callback_unfroze_parameters_equals_the_uninterrupted_run(tmp_path):
+    # The state file recorded the trainable set at save time (classifier unfrozen: 41 tensors) as the perturbed set,
+    # but the run perturbed the 39 chosen at its first step, which its state (F-SAM's average) covers: restarting the
+    # same script was refused as "written for another perturbed set".
+    def run(resume=None, **extra):
+        model = tiny_bert()
+        model.classifier.requires_grad_(False)
+        trainer = SAMTrainer(
+            model=model,
+            args=sam_args(tmp_path, sam_method="fsam", max_steps=4, **extra),
+            train_dataset=tiny_dataset(),
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),  # every parameter, frozen or not
+            callbacks=[_UnfreezeTheClassifierAtStep2()],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    straight = run(save_strategy="steps", save_steps=3)
+    resumed = run(resume=str(tmp_path / "checkpoint-3"))
+    assert_same_weights(state(straight.model), state(resumed.model))
 
 
 def _run_trial(trainer, trial: dict, monkeypatch) -> None:
