@@ -820,6 +820,10 @@ class SAMMixin:
         if self._sam.loss_term is None:
             self._sam_loss_term_build()
         loss_term = self._sam.loss_term
+        # A model that takes num_items_in_batch but returns its own mean (BERT's heads): Trainer then neither divides
+        # its loss by GA nor normalizes it over the window, and the term follows that scale (`term_scale`; decided
+        # once per run, from two eval-mode forwards, which take the plain branch above).
+        self._sam_loss_ignores_item_count(model, inputs, num_items_in_batch)
         prepared = loss_term.prepare(inputs)
         # The term reads the pass's own outputs through hooks rather than `return_outputs=True`, which a host may
         # answer with an extra forward (TRL's SFTTrainer computes its loss without logits and recomputes them).

@@ -353,6 +353,29 @@ def test_mesa_kl_is_logged_as_the_mean_over_the_windows_scored_tokens(tmp_path):
     assert logged(ga) == pytest.approx(logged(whole), rel=1e-4, abs=1e-9)
 
 
+@pytest.mark.parametrize("method", ["saf", "mesa"])
+def test_the_term_keeps_its_weight_against_the_loss_of_a_model_that_returns_its_own_mean(tmp_path, method):
+    # BERT's classification head takes **kwargs, so Trainer passes num_items_in_batch and skips its 1/GA, but returns
+    # its own mean: under GA 2 Trainer sums the two micro-batch means (twice the batch-4 loss), while the term was
+    # normalized over the window's examples, at half its weight against that loss. Both follow the loss's scale now:
+    # GA 2 at half the learning rate is the batch-4 run.
+    def model():
+        bert = tiny_bert()
+        bert.accepts_loss_kwargs = True  # transformers' default for this model
+        return bert
+
+    common = dict(sam_method=method, optim="sgd", **({"num_train_epochs": 3} if method == "saf" else {"max_steps": 4}))
+    if method == "mesa":
+        common.update(mesa_ema_decay=0.5)
+    data = tiny_dataset(8)
+    whole = train(tmp_path / "b4", model(), data, optimizer=False, per_device_train_batch_size=4, learning_rate=0.1,
+                  **common)  # fmt: skip
+    ga = train(tmp_path / "ga", model(), data, optimizer=False, per_device_train_batch_size=2,
+               gradient_accumulation_steps=2, learning_rate=0.05, **common)  # fmt: skip
+    assert ga._sam.loss_ignores_item_count is True
+    assert_same_weights(state(ga.model), state(whole.model), exact=False, atol=1e-6)
+
+
 def test_mesa_teacher_shares_frozen_weights_under_lora_and_runs_the_class_forward(tmp_path):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
