@@ -712,7 +712,16 @@ class SAMMixin:
         token_log_probs = per_token_log_probs(outputs)
         if token_log_probs is not None:
             return per_example_nll(*token_log_probs, bounds)
-        logits = logits_of(outputs, "esam")
+        try:
+            logits = logits_of(outputs, "esam")
+        except ValueError as error:
+            # Any method runs the selection (`--sam_method sam --esam_gamma 0.5`), and only the selection needs logits.
+            raise ValueError(
+                f"ESAM's data selection (esam_gamma={self.args.esam_gamma}) scores each example from the model's"
+                f" logits, but the model returned {type(outputs).__name__}, without `.logits` (a question-answering"
+                " head returns start and end logits). Override `SAMTrainer.per_example_loss(outputs, inputs)` for"
+                " this head, or set --esam_gamma 1."
+            ) from error
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError(

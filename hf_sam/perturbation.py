@@ -16,17 +16,24 @@ from .tensors import global_norm, local, zero_non_finite_
 def select_perturbed(model: nn.Module, include: str | None, exclude: str | None) -> list[tuple[str, nn.Parameter]]:
     """Trainable parameters of `model` whose name matches `include` and not `exclude` (both regexes, optional).
 
-    Frozen parameters (e.g. a LoRA base model) are never perturbed.
+    Frozen parameters (e.g. a LoRA base model) are never perturbed. A tied weight (GPT-2's `lm_head.weight` is
+    `transformer.wte.weight`) is one tensor under several names: it is listed once, under the name
+    `named_parameters()` gives it, and matched on every one of its names, so `lm_head` includes or excludes it
+    whichever module registered it first.
     """
     include_re = re.compile(include) if include else None
     exclude_re = re.compile(exclude) if exclude else None
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
     selected = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if include_re is not None and not include_re.search(name):
+        names = aliases[id(param)]
+        if include_re is not None and not any(include_re.search(n) for n in names):
             continue
-        if exclude_re is not None and exclude_re.search(name):
+        if exclude_re is not None and any(exclude_re.search(n) for n in names):
             continue
         selected.append((name, param))
     return selected

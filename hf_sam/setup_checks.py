@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
 from .arguments import LOCAL_ASCENT_UNDER_FSDP
-from .loss_term import loss_shifts_labels, one_output_message
+from .loss_term import loss_shifts_labels, one_output_message, unwrapped_model
 from .methods import METHODS
 from .momentum_sam import MOMENTUM_UNDER_DEEPSPEED, base_optimizer
 from .perturbation import select_perturbed
@@ -81,12 +83,32 @@ def check_loss_term_setup(trainer) -> None:
     config = getattr(trainer.model, "config", None)
     if getattr(config, "num_labels", None) == 1 or getattr(config, "problem_type", None) == "regression":
         raise ValueError(one_output_message(trainer.args.sam_method))
+    if _answers_spans(trainer.model):
+        # Its ModelOutput has no `.logits`, and its return_dict=False tuple (loss, start_logits, end_logits) would be
+        # read as (loss, logits, ...): the KL over the start positions alone, taken as classes.
+        raise ValueError(
+            f"sam_method={trainer.args.sam_method!r} compares the model's logits over classes (or tokens), and"
+            f" {type(unwrapped_model(trainer.model)).__name__} is a question-answering head: it returns start and"
+            " end logits over the positions of the input. Use a method that perturbs the weights, e.g. --sam_method"
+            " sam."
+        )
     if trainer.args.sam_loss_term == "saf" and loss_shifts_labels(trainer):
         raise ValueError(
             "sam_method='saf' keeps one row of logits per training example, and a causal language model has a"
             " (sequence x vocabulary) block per example: the bank would not fit in memory. Use --sam_method mesa"
             " (an EMA teacher instead of a per-example bank) or a SAM method such as --sam_method sam."
         )
+
+
+def _answers_spans(model) -> bool:
+    """Whether `model` is a span-extraction (question-answering) head: its forward takes `start_positions` and
+    `end_positions`, the labels transformers' Trainer uses for such heads."""
+    forward = getattr(unwrapped_model(model), "forward", None)
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "start_positions" in parameters and "end_positions" in parameters
 
 
 def _check_backends(trainer) -> None:

@@ -346,6 +346,20 @@ def test_saf_and_mesa_refuse_a_one_output_head(method):
         kl_to_target(torch.zeros(4, 1), torch.zeros(4, 1), 5.0, method)
 
 
+# A question-answering head returns start and end logits. Its ModelOutput has no `.logits` (refused at the first
+# step), but its return_dict=False tuple (loss, start_logits, end_logits) was read as (loss, logits, ...): SAF and
+# MESA trained, without a word, a KL over the start positions alone, taken as classes.
+@pytest.mark.parametrize("method", ["saf", "mesa"])
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_saf_and_mesa_refuse_a_question_answering_head(method, return_dict):
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=16, return_dict=return_dict)  # fmt: skip
+    with pytest.raises(ValueError, match=f"sam_method='{method}'.*start and end logits"):
+        SAMTrainer(model=BertForQuestionAnswering(config), args=make(sam_method=method), train_dataset=tiny_dataset())
+
+
 def test_presets_only_set_fields_a_user_can_override():
     # A preset fills a field only while it is None (unset): a field with another default could not tell the user's
     # value from its own, and the preset would silently win or lose.

@@ -336,3 +336,26 @@ def test_per_example_losses_of_a_prompt_tuned_causal_lm_are_each_examples_own_lo
         losses = trainer.per_example_loss(model(**batch), batch)
         alone = [model(**{key: value[i : i + 1] for key, value in batch.items()}).loss for i in range(4)]
     torch.testing.assert_close(losses, torch.stack(alone))
+
+
+# A question-answering head returns start and end logits, no `.logits`. The data selection's refusal said
+# "sam_method='sam' needs the model to return logits" (SAM does not; the selection does) and named no way out.
+def test_data_selection_on_a_head_without_logits_is_refused_naming_the_selection(tmp_path):
+    from datasets import Dataset
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=16)  # fmt: skip
+    model = BertForQuestionAnswering(config)
+    before = state(model)
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"input_ids": torch.randint(1, 50, (8, 8), generator=generator).tolist(),
+                              "start_positions": torch.randint(0, 8, (8,), generator=generator).tolist(),
+                              "end_positions": torch.randint(0, 8, (8,), generator=generator).tolist()})  # fmt: skip
+    trainer = SequentialSAMTrainer(model=model, train_dataset=data,
+                                   args=sam_args(tmp_path, sam_method="sam", esam_gamma=0.5, max_steps=1))  # fmt: skip
+    expected = r"(?s)data selection.*QuestionAnsweringModelOutput.*per_example_loss.*esam_gamma 1"
+    with pytest.raises(ValueError, match=expected):
+        trainer.train()
+    assert_same_weights(before, state(model))  # refused before the update

@@ -819,6 +819,45 @@ def test_include_exclude_select_the_perturbed_set(tmp_path):
     assert selected and all("LayerNorm.weight" in n for n in selected)
 
 
+# A tied weight is one tensor under two names (GPT-2's `lm_head.weight` is `transformer.wte.weight`), and
+# `named_parameters()` lists it once, under the name of the module registered first. Matched on that name alone,
+# `--sam_exclude lm_head` left the LM head perturbed without a word, and `--sam_include lm_head` was refused as
+# matching nothing.
+def test_include_exclude_match_every_name_of_a_tied_weight(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def model():
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16, bos_token_id=0,
+                            eos_token_id=0)  # fmt: skip
+        return GPT2LMHeadModel(config)
+
+    data = tiny_dataset()
+    data = data.remove_columns("labels").add_column("labels", data["input_ids"])
+    excluded = train_sam(tmp_path / "e", model(), data, max_steps=1, sam_exclude=r"^lm_head\.")
+    tied = excluded.model.lm_head.weight
+    assert tied is excluded.model.transformer.wte.weight
+    assert excluded._sam.perturbation.params and all(p is not tied for p in excluded._sam.perturbation.params)
+    seen = {}
+
+    class Watching(SequentialSAMTrainer):  # the tied weight at w, its clean gradient, at w + eps, and after restore
+        def _sam_ascend(self, grad_factor):
+            seen["w"], seen["g"] = self.model.lm_head.weight.detach().clone(), self.model.lm_head.weight.grad.clone()
+            super()._sam_ascend(grad_factor)
+            seen["w + eps"] = self.model.lm_head.weight.detach().clone()
+
+        def _sam_record_losses(self, *args, **kwargs):
+            seen["restored"] = self.model.lm_head.weight.detach().clone()
+            super()._sam_record_losses(*args, **kwargs)
+
+    included = train_sam(tmp_path / "i", model(), data, max_steps=1, trainer_cls=Watching, sam_include=r"^lm_head\.")
+    assert [p is included.model.lm_head.weight for p in included._sam.perturbation.params] == [True]
+    # Perturbed once (eps = rho g / ||g||, not twice through its two names) and put back bit for bit.
+    eps = seen["w + eps"] - seen["w"]
+    torch.testing.assert_close(eps, 0.05 * seen["g"] / seen["g"].norm(), atol=1e-7, rtol=1e-4)
+    assert torch.equal(seen["restored"], seen["w"])
+
+
 @pytest.mark.parametrize("method", ["sam", "gsam", "stable-sam"])
 def test_a_perturbed_set_without_gradients_in_a_step_leaves_it_plain(tmp_path, method):
     # sam_include on a head (or tower) that a batch does not use: no gradient to ascend along, so eps = 0. The
