@@ -904,6 +904,9 @@ class SAMMixin:
         super()._save_optimizer_and_scheduler(output_dir)
         if self._sam_has_run_state():
             save_run_state(self, output_dir)
+            # Rank 0 writes trainer_state.json next, which marks the checkpoint whole (`last_complete_checkpoint`):
+            # not before every rank's state file is written.
+            self.accelerator.wait_for_everyone()
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None:

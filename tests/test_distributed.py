@@ -660,3 +660,11 @@ def test_a_step_dropped_on_one_ranks_nan_is_left_out_of_the_logged_losses_on_eve
             continue
         assert math.isfinite(logged), result
         assert logged == pytest.approx(expected, abs=2e-6), result
+
+
+def test_every_ranks_state_file_is_written_before_the_trainer_state(tmp_path):
+    # last_complete_checkpoint takes a readable trainer_state.json (which Trainer writes last, on rank 0) for a whole
+    # checkpoint; a rank slow to write its sam_state-rank{i}.safetensors left a checkpoint that a kill at that moment
+    # made look whole without it.
+    result = _launch("ddp_checkpoint_order_check.py", tmp_path / "order.json")
+    assert result["rank1_file_there_when_the_state_was_written"] == [True, True]
