@@ -760,7 +760,10 @@ class SAMMixin:
             self._sam_metrics.add("sam/mask_density", mask.current_density)
         self._sam.raw_norm = raw_norm
         self._sam.rho = rho
-        self._sam_metrics.add("sam/grad_norm", raw_norm * grad_unit)
+        # A clean gradient that is not finite (an fp16 overflow, which the loss scaler skips) is left out of the mean,
+        # as its loss is out of Trainer's `loss`: one such step made the whole logging window's norm inf or NaN.
+        add = self._sam_metrics.add_finite if self.args.logging_nan_inf_filter else self._sam_metrics.add
+        add("sam/grad_norm", raw_norm * grad_unit)
         self._sam_metrics.add("sam/skipped", skipped)
         self._sam_metrics.add("sam/rho", rho)
 

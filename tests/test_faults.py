@@ -625,6 +625,26 @@ def test_a_dropped_step_is_left_out_of_the_logged_losses(tmp_path, overrides):
     assert first["sam/sharpness"] == pytest.approx(sharpness, abs=2e-6)
 
 
+def test_a_step_whose_clean_gradient_is_not_finite_is_left_out_of_the_logged_gradient_norm(tmp_path):
+    # An fp16 clean gradient that overflowed (common in the first steps, while the loss scale settles), or any
+    # non-finite clean loss, turned the whole logging window's sam/grad_norm into inf or NaN.
+    args = sam_args(tmp_path, max_steps=10, logging_steps=5, learning_rate=0.01)
+    trainer = Recording(model=tiny_bert(), args=args, train_dataset=tiny_dataset(), phase="clean", at=2,
+                        value=math.inf)  # fmt: skip
+    norms = []
+    ascend = trainer._sam_ascend
+
+    def recording(*a, **kw):
+        ascend(*a, **kw)
+        norms.append(float(trainer._sam.raw_norm))
+
+    trainer._sam_ascend = recording
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if h.get("step") == 5)
+    assert not math.isfinite(norms[1]) and all(math.isfinite(norms[i]) for i in (0, 2, 3, 4))
+    assert first["sam/grad_norm"] == pytest.approx(sum(norms[i] for i in (0, 2, 3, 4)) / 4, rel=1e-5)
+
+
 def test_without_the_nan_filter_the_window_mean_is_nan(tmp_path):
     args = sam_args(tmp_path, max_steps=10, logging_steps=5, learning_rate=0.01, logging_nan_inf_filter=False)
     trainer = Recording(
