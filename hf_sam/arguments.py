@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -18,9 +19,9 @@ from .schedules import SCHEDULES, mean_sam_probability, probability_end
 from .zero import (
     check_zero_config,
     check_zero_data_types,
+    check_zero_optimizer,
     deepspeed_config_dict,
     without_shm_comm_build,
-    zero_config,
 )
 
 
@@ -478,12 +479,20 @@ class SAMArgumentsMixin:
         self._resolve_and_check_sam_fields(given)
         if self.deepspeed and self.sam_enabled and self.sam_direction == "momentum":
             raise ValueError(MOMENTUM_UNDER_DEEPSPEED)
-        if self.deepspeed and (self.sam_enabled or self.sam_loss_term != "none"):
-            # Checked before TrainingArguments.__post_init__, which would start setting DeepSpeed up.
-            where = f"deepspeed={self.deepspeed!r}" if isinstance(self.deepspeed, str) else "the deepspeed dict"
-            check_zero_config(zero_config(self.deepspeed), where, sam_step=self.sam_enabled)
+        config = deepspeed_config_dict(self.deepspeed) if self.deepspeed else None
+        # Checked before TrainingArguments.__post_init__, which would start setting DeepSpeed up. A config not readable
+        # here (None) is refused there, by transformers, which says what it takes.
+        if config is not None and (self.sam_enabled or self.sam_loss_term != "none"):
+            if isinstance(self.deepspeed, dict):
+                where = "the deepspeed dict"
+            elif os.path.isfile(self.deepspeed):
+                where = f"deepspeed={os.fspath(self.deepspeed)!r}"
+            else:
+                where = "the deepspeed string"  # JSON, or base64-encoded JSON
+            check_zero_config(config.get("zero_optimization") or {}, where, sam_step=self.sam_enabled)
             if self.sam_enabled:
-                check_zero_data_types(deepspeed_config_dict(self.deepspeed), where, bf16=bool(self.bf16))
+                check_zero_data_types(config, where, bf16=bool(self.bf16))
+                check_zero_optimizer(config, where, self.sam_method, METHODS[self.sam_method].optimizer)
         with without_shm_comm_build():
             super().__post_init__()  # may set up DeepSpeed's process group: without JIT-building its CPU op
         self._validate_sam_against_training_args()

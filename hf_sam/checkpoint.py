@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .methods import METHODS
+from .momentum_sam import base_optimizer
 from .perturbation import select_perturbed
 
 
@@ -266,20 +267,37 @@ def save_run_state(trainer, output_dir: str) -> None:
 
 
 def check_saved_optimizer(trainer, checkpoint: str) -> None:
-    """Before Trainer reads `optimizer.pt`: refuse the state of an optimizer that a method brings (AdaSAM's) for a run
+    """Before the optimizer state is read: refuse the state of an optimizer that a method brings (AdaSAM's) for a run
     whose optimizer is another one. torch would fail on it with a bare `KeyError` (AdamW reading AMSGrad's state),
-    before the state file's own method check could say what is wrong."""
+    before the state file's own method check could say what is wrong.
+
+    Trainer reads `optimizer.pt` in `_load_optimizer_and_scheduler`, with the optimizer built. Under DeepSpeed the
+    engine reads its checkpoint's optimizer state as soon as it has built the optimizer, so this runs before, on
+    `trainer.optimizer` when one was passed and otherwise on the class the run will build (the method's own, or
+    Trainer's from `optim`).
+    """
     method = saved_method(checkpoint, _rank_suffix(trainer))
     if method is None or method == trainer.args.sam_method or method not in METHODS:
         return
     brought = METHODS[method].optimizer
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside accelerate's wrapper
-    if brought is not None and optimizer is not None and not isinstance(optimizer, brought):
-        raise ValueError(
-            f"{checkpoint} was written by sam_method={method!r}, whose optimizer.pt holds {brought.__name__}'s"
-            f" state, but this run uses sam_method={trainer.args.sam_method!r} with {type(optimizer).__name__}."
-            f" Resume with --sam_method {method}, or start a new run from the weights."
-        )
+    if brought is None:
+        return
+    if trainer.optimizer is not None:
+        optimizer = base_optimizer(trainer.optimizer)  # inside accelerate's (and DeepSpeed's) wrappers
+        if isinstance(optimizer, brought):
+            return
+        used = type(optimizer).__name__
+    else:
+        own = METHODS[trainer.args.sam_method].optimizer if trainer.args.sam_enabled else None
+        if own is not None and issubclass(own, brought):
+            return
+        optim = getattr(trainer.args.optim, "value", trainer.args.optim)
+        used = own.__name__ if own is not None else f"optim={optim!r}"
+    raise ValueError(
+        f"{checkpoint} was written by sam_method={method!r}, whose optimizer state is {brought.__name__}'s, but this"
+        f" run uses sam_method={trainer.args.sam_method!r} with {used}. Resume with --sam_method {method}, or start a"
+        " new run from the weights."
+    )
 
 
 def load_run_state(trainer, checkpoint: str) -> dict[str, torch.Tensor]:

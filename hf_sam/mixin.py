@@ -191,6 +191,11 @@ class SAMMixin:
         self._sam.reset()
         self._sam.in_train = True  # reset() cleared it; train() is still running
         self._sam_metrics = SAMMetrics()
+        checkpoint = kwargs.get("resume_from_checkpoint")
+        if checkpoint is not None and getattr(self, "is_deepspeed_enabled", False):
+            # The engine reads its checkpoint's optimizer state right after building the optimizer, before
+            # `_load_optimizer_and_scheduler` (an AdaSAM state fails there with a bare KeyError): checked here.
+            check_saved_optimizer(self, checkpoint)
         return super()._inner_training_loop(*args, **kwargs)
 
     def _sam_leave_average(self) -> None:

@@ -13,7 +13,13 @@ from .methods import METHODS
 from .momentum_sam import MOMENTUM_UNDER_DEEPSPEED, base_optimizer
 from .perturbation import select_perturbed
 from .saf import is_map_style
-from .zero import check_deepspeed_version, check_zero_config, check_zero_data_types, zero_config
+from .zero import (
+    check_deepspeed_version,
+    check_zero_config,
+    check_zero_data_types,
+    check_zero_optimizer,
+    zero_config,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -138,6 +144,8 @@ def _check_deepspeed(trainer) -> None:
     if sam_step:
         bf16 = bool(getattr(trainer.args, "bf16", False))
         check_zero_data_types(plugin.deepspeed_config, "the DeepSpeed config", bf16=bf16)
+        own = METHODS[trainer.args.sam_method].optimizer
+        check_zero_optimizer(plugin.deepspeed_config, "the DeepSpeed config", trainer.args.sam_method, own)
         check_deepspeed_version()
 
 

@@ -17,6 +17,7 @@ ZeRO-3 (partitioned weights), CPU offload and bf16 ZeRO-1 with fp32 gradient acc
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib
 import json
@@ -31,24 +32,33 @@ import torch
 SHM_ENV = "HF_SAM_DEEPSPEED_SHM"
 
 
-def deepspeed_config_dict(deepspeed_config: Any) -> dict:
-    """A DeepSpeed config given as a dict, a JSON file path or a JSON string, as a dict ({} if unreadable here)."""
+def deepspeed_config_dict(deepspeed_config: Any) -> dict | None:
+    """A DeepSpeed config in any form transformers takes it (a dict, the path of a JSON file as a `str` or
+    `os.PathLike`, a JSON string, or a base64-encoded JSON string, the forms accelerate's `HfDeepSpeedConfig` reads),
+    as a dict.
+
+    Returns None where it cannot be read here: transformers then refuses it itself, saying which forms it takes.
+    """
     config = deepspeed_config
-    if isinstance(config, str):
+    if isinstance(config, (str, os.PathLike)):
         if os.path.isfile(config):
-            with open(config) as handle:
+            with open(config, encoding="utf-8") as handle:
                 config = json.load(handle)
         else:
+            text = os.fspath(config)
             try:
-                config = json.loads(config)
+                config = json.loads(text)
             except ValueError:
-                return {}  # not readable here: DeepSpeed reports it itself
-    return config if isinstance(config, dict) else {}
+                try:  # accelerate's HfDeepSpeedConfig tries base64 after JSON
+                    config = json.loads(base64.urlsafe_b64decode(text).decode("utf-8"))
+                except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+                    return None
+    return config if isinstance(config, dict) else None
 
 
 def zero_config(deepspeed_config: Any) -> dict:
-    """The `zero_optimization` block of a DeepSpeed config given as a dict, a JSON file path or a JSON string."""
-    return deepspeed_config_dict(deepspeed_config).get("zero_optimization") or {}
+    """The `zero_optimization` block of a DeepSpeed config in any form `deepspeed_config_dict` reads ({} if absent)."""
+    return (deepspeed_config_dict(deepspeed_config) or {}).get("zero_optimization") or {}
 
 
 def check_zero_config(zero: dict, where: str, sam_step: bool = True) -> None:
@@ -113,6 +123,34 @@ def check_zero_data_types(config: dict, where: str, bf16: bool) -> None:
             " reduction. Use zero_optimization.stage=2 (it accumulates in fp32 there too), or drop"
             " data_types.grad_accum_dtype."
         )
+
+
+def check_zero_optimizer(config: dict, where: str, method: str, own: type | None) -> None:
+    """Refuse, before training, a DeepSpeed `optimizer` block for a method that brings its own optimizer (AdaSAM).
+
+    With that block transformers hands DeepSpeed a placeholder instead of the Trainer's optimizer and DeepSpeed builds
+    the block's optimizer, so the method would be plain SAM over it. The first step would refuse it too, but only
+    after the engine was built, and without knowing where the other optimizer came from.
+
+    Args:
+        config (`dict`): The whole DeepSpeed config.
+        where (`str`): Where the config came from, for the message.
+        method (`str`): The arguments' `sam_method`.
+        own (`type`, *optional*): The optimizer class the method brings (None: the method brings none).
+
+    Raises:
+        `ValueError`: naming the `optimizer` block and how to drop it.
+    """
+    block = config.get("optimizer")
+    if own is None or not block:
+        return
+    kind = block.get("type") if isinstance(block, dict) else block
+    raise ValueError(
+        f"sam_method={method!r} brings its own optimizer ({own.__name__}), but {where} has an `optimizer` block"
+        f" (type {kind!r}), from which DeepSpeed builds another optimizer in place of the Trainer's: {method} would be"
+        f" plain SAM over it. Remove the `optimizer` block from the DeepSpeed config (the Trainer then builds"
+        f" {own.__name__} and DeepSpeed wraps it), or use sam_method='sam' with that optimizer."
+    )
 
 
 def check_deepspeed_version() -> None:

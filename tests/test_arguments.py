@@ -400,6 +400,51 @@ def test_a_zero_3_config_file_is_refused_before_deepspeed_is_set_up(tmp_path):
         make(deepspeed=str(config))
 
 
+def test_a_deepspeed_config_as_base64_or_a_path_object_is_read_as_transformers_reads_it(tmp_path):
+    # transformers (accelerate's HfDeepSpeedConfig) takes a base64-encoded JSON string and an os.PathLike too. hf_sam
+    # read neither: it took them for a config without zero_optimization and refused a ZeRO-2 config as stage 0
+    # (and let a ZeRO-3 one through to the trainer).
+    import base64
+    import json
+
+    def encoded(stage: int) -> str:
+        return base64.urlsafe_b64encode(json.dumps({"zero_optimization": {"stage": stage}}).encode()).decode()
+
+    def path(stage: int):
+        config = tmp_path / f"ds{stage}.json"
+        config.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+        return config
+
+    for stage2 in (encoded(2), path(2)):
+        assert make(deepspeed=stage2).hf_deepspeed_config.config["zero_optimization"]["stage"] == 2
+    for stage3 in (encoded(3), path(3)):
+        with pytest.raises(ValueError, match="zero_optimization.stage=3"):
+            make(deepspeed=stage3)
+    # Not readable as a config at all: transformers says which forms it takes.
+    with pytest.raises(ValueError, match="base64 encoded string"):
+        make(deepspeed=str(tmp_path / "missing.json"))
+
+
+def test_a_deepspeed_optimizer_block_is_refused_for_adasam_before_deepspeed_is_set_up():
+    # With an `optimizer` block DeepSpeed builds that optimizer instead of the Trainer's, so AdaSAM would be plain SAM
+    # over it. The first step refused it, after the engine was built, blaming "a create_optimizer override?".
+    from types import SimpleNamespace
+
+    from hf_sam.setup_checks import check_sam_setup
+
+    config = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
+    with pytest.raises(ValueError, match="sam_method='adasam'.*`optimizer` block.*'AdamW'.*Remove the `optimizer`"):
+        make(sam_method="adasam", deepspeed=config)
+    make(sam_method="sam", deepspeed=config)  # DeepSpeed's optimizer is the one SAM steps with
+    # From `accelerate launch`: the Trainer's accelerator holds the config.
+    plugin = SimpleNamespace(deepspeed_config=config)
+    args = make(sam_method="adasam")
+    trainer = SimpleNamespace(args=args, is_deepspeed_enabled=True, is_fsdp_enabled=False,
+                              accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)))  # fmt: skip
+    with pytest.raises(ValueError, match="`optimizer` block"):
+        check_sam_setup(trainer)
+
+
 def test_a_zero_3_config_from_accelerate_launch_is_refused_by_the_trainer():
     # `accelerate launch --use_deepspeed` hands the config to the Trainer's accelerator, not to the arguments.
     from types import SimpleNamespace

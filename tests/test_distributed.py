@@ -574,6 +574,15 @@ def test_resume_from_a_deepspeed_checkpoint_equals_the_uninterrupted_run(zero, n
     _assert_resumed(zero, name)
 
 
+def test_resuming_adasam_under_zero_with_another_method_is_refused_before_deepspeed_reads_its_optimizer(zero):
+    # DeepSpeed's engine reads the checkpoint's optimizer state (AdaSAMOptimizer's) right after building the optimizer,
+    # before Trainer's _load_optimizer_and_scheduler, where hf_sam refuses it under DDP: it failed with a bare
+    # KeyError('step') from torch's AdamW.
+    for other, outcome in zero["refused_resumes"].items():
+        assert outcome.startswith("ValueError:"), (other, outcome)
+        assert "sam_method='adasam'" in outcome and "AdaSAMOptimizer" in outcome, (other, outcome)
+
+
 def test_auto_find_batch_size_under_zero_retries_on_the_new_engine(tmp_path):
     # The retry after an out-of-memory error rebuilds the DeepSpeed engine: the SAM step held the released one (its
     # optimizer and scheduler stepped, the new engine's never did), so the retried run trained off the fresh one.

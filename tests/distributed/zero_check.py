@@ -248,6 +248,25 @@ def faults(out_dir, rank, world) -> dict:
     return results
 
 
+def refused_resumes(out_dir, rank, world) -> dict:
+    """Resuming an AdaSAM checkpoint (its optimizer state is AdaSAMOptimizer's) with another method under ZeRO-2: the
+    engine reads that state into the optimizer it has just built, before Trainer's `_load_optimizer_and_scheduler`,
+    where hf_sam checks it under DDP (torch's optimizers fail on it with a bare KeyError). Records each refusal."""
+    saved = {**method_overrides("adasam"), "max_steps": 2}
+    run("adasam-saved", saved, out_dir, rank, world, stage=2, save_strategy="steps", save_steps=2)
+    checkpoint = os.path.join(out_dir, "adasam-saved", "checkpoint-2")
+    results = {}
+    for other in ("sam", "none"):
+        try:
+            # AdamW (Trainer's default): torch's SGD takes AdaSAM's state without a word, AdamW's fails on it.
+            run(f"adasam-as-{other}", {"sam_method": other, "max_steps": 4, "optim": "adamw_torch"}, out_dir, rank,
+                world, stage=2, resume=checkpoint)  # fmt: skip
+            results[other] = "resumed"
+        except Exception as error:  # the refusal (or the crash) is what is checked
+            results[other] = f"{type(error).__name__}: {error}"
+    return results
+
+
 class StopInWindow(TrainerCallback):
     """Stops training at the start of optimizer step `at`: Trainer leaves its loop after that window's first
     micro-batch, a window cut short."""
@@ -333,6 +352,7 @@ def main():
             record("fp16-stable-sam-fp32-z2", {**FP16["fp16-stable-sam"], "fp16_scale_power": None}, tmp, rank,
                    world, stage=2)  # fmt: skip
         results["faults"] = faults(tmp, rank, world)
+        results["refused_resumes"] = refused_resumes(tmp, rank, world)
         results["stopped"] = stopped_windows(tmp, rank, world)
         for name in ("none", "sam-sync", "sam-rho0"):
             for stage in (1, 2) if full or name == "sam-sync" else (2,):
