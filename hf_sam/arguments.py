@@ -6,6 +6,7 @@ import math
 import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
+from types import MappingProxyType
 from typing import Any
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
@@ -234,7 +235,7 @@ class SAMArgumentsMixin:
     sam_method: str = field(default="sam", metadata={"help": _method_help(), "choices": list(METHODS)})
     sam_rho: float | None = field(
         default=None,
-        metadata={"help": "Perturbation radius rho (default from the method: sam 0.05, asam 1). 0 = plain Trainer."},
+        metadata={"help": "Perturbation radius rho. 0 = plain Trainer."},
     )
     sam_adaptive_eta: float | None = field(default=None, metadata={"help": "ASAM's eta added to |w| (default 0.01)."})
     sam_adaptive_bias: bool | None = field(
@@ -570,14 +571,30 @@ class SAMArgumentsMixin:
                 given.add(f.name)
         return given
 
+    def _unset_value(self, name: str) -> Any:
+        """What `name` holds when it is not given: the method's preset value, else the axis default, else the field's
+        default."""
+        preset = METHODS[self.sam_method].preset
+        if name in preset:
+            return preset[name]
+        if name in AXIS_DEFAULTS:
+            return AXIS_DEFAULTS[name]
+        default = SAMArgumentsMixin.__dataclass_fields__[name].default
+        return None if default is MISSING else default
+
     def _warn_unused_fields(self, given: set[str]) -> None:
-        """One warning naming every field given that the chosen method ignores."""
+        """One warning naming every field given that the chosen method ignores.
+
+        A field given at the value it would hold anyway is not named: ignoring it changes nothing, and arguments
+        rebuilt from `to_dict()` (an argument file written from a run) give every field the preset and the axis
+        defaults filled.
+        """
         unused = [
             f"{name} (acts only with {setting})"
             for names, setting, applies in ONLY_UNDER
             if not applies(self)
             for name in names
-            if name in given
+            if name in given and getattr(self, name) != self._unset_value(name)
         ]
         if unused:
             logger.warning(
@@ -727,13 +744,15 @@ class SAMArgumentsMixin:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
                 raise ValueError(f"{name}={value!r} must lie in (0, 1]; the ESAM paper uses beta 0.6, gamma 0.5.")
-        self._validate_momentum_direction()
-        if not 0 <= self.fsam_lambda < 1:
-            raise ValueError(f"fsam_lambda={self.fsam_lambda} must lie in [0, 1); the paper's default is 0.9.")
+        fsam_lambda = self.fsam_lambda
+        if not isinstance(fsam_lambda, (int, float)) or isinstance(fsam_lambda, bool) or not 0 <= fsam_lambda < 1:
+            raise ValueError(f"fsam_lambda={fsam_lambda!r} must lie in [0, 1); the paper's default is 0.9.")
         for name in ("sam_interval", "looksam_k", "sam_micro_batches", "sam_fisher_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1.")
+        # After the type checks: it compares sam_micro_batches and the other axes with numbers.
+        self._validate_momentum_direction()
         if self.sam_rho_min is not None and self.sam_rho_min > self.sam_rho:
             raise ValueError(f"sam_rho_min={self.sam_rho_min} exceeds sam_rho={self.sam_rho}; it is GSAM's lower end.")
         if self.sam_descent == "looksam" and self.sam_schedule != "every_k":
@@ -767,6 +786,12 @@ class SAMArgumentsMixin:
             )
         for name in ("sam_include", "sam_exclude"):
             pattern = getattr(self, name)
+            if pattern is not None and not isinstance(pattern, str):
+                # e.g. a YAML list of patterns: `re` would raise a TypeError that names no field.
+                raise ValueError(
+                    f"{name}={pattern!r} must be one regular expression (a str); join patterns with |, e.g."
+                    " 'bias|LayerNorm'."
+                )
             if pattern is not None:
                 try:
                     re.compile(pattern)
@@ -902,6 +927,20 @@ class SAMArgumentsMixin:
             self.sam_ascent_sync = True
         elif self.sam_ascent_sync is None:
             self.sam_ascent_sync = False
+
+
+def _add_preset_values_to_help(cls: type) -> None:
+    """Append to the `--help` of each field a preset sets the value every preset gives it: argparse shows `(default:
+    None)` there, and a default a help text states holds only for the methods not listed. Read from `METHODS`, so a
+    new or changed preset shows without touching the help texts."""
+    for f in fields(cls):
+        values = [f"{method} {info.preset[f.name]}" for method, info in METHODS.items() if f.name in info.preset]
+        if values:
+            help_text = f"{f.metadata['help']} Presets: {', '.join(values)}."
+            f.metadata = MappingProxyType({**f.metadata, "help": help_text})
+
+
+_add_preset_values_to_help(SAMArgumentsMixin)
 
 
 @dataclass

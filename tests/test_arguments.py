@@ -1,6 +1,7 @@
 """SAMTrainingArguments: presets, CLI parsing, --help, and clear errors before training starts."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -51,6 +52,18 @@ def test_every_sam_field_is_a_cli_flag_with_help(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     assert "sam_method" in capsys.readouterr().out
+
+
+def test_help_gives_each_presets_value_of_a_field():
+    # `--help` said "Default 0.5." for --sam_probability (ss-sam, asam and late-sam start at 0), "Default always." for
+    # --sam_schedule, "Default 1." for --sam_micro_batches (msam: 4), "Default False." for --sam_renormalize
+    # (stable-sam: True), with "(default: None)" from argparse: nothing told what a method sets.
+    helps = {f.name: " ".join(f.metadata["help"].split()) for f in dataclasses.fields(SAMTrainingArguments)}
+    for method, info in METHODS.items():
+        for name, value in info.preset.items():
+            assert f"{method} {value}" in helps[name].split("Presets: ", 1)[-1], (name, method, helps[name])
+    assert helps["sam_probability"].endswith("Default 0.5. Presets: asam 0.0, ss-sam 0.0, late-sam 0.0.")
+    assert "Presets" not in helps["gsam_alpha"]  # no preset sets it
 
 
 def test_cli_round_trip():
@@ -586,6 +599,48 @@ def test_a_bool_field_given_a_string_is_refused(name):
     # "false" is truthy: read as given, it would turn the setting on.
     with pytest.raises(ValueError, match=rf"{name}='false' must be True or False"):
         args_of(sam_method="sam", **{name: "false"})
+
+
+def test_arguments_rebuilt_from_to_dict_are_the_same_run_without_a_warning():
+    # `to_dict()` / `to_json_string()` hold the resolved fields, so a rebuild (an argument file written from a run,
+    # `SAMTrainingArguments(**args.to_dict())`) gives every field explicitly. The run was the same, but the values
+    # the preset and the axis defaults had filled were named as ignored flags to drop (16 of them under `none`).
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_sam import arguments
+
+    parser = HfArgumentParser(SAMTrainingArguments)
+    names = [f.name for f in dataclasses.fields(SAMArgumentsMixin)]
+    for method in METHODS:
+        args = make(sam_method=method)
+        with CaptureLogger(arguments.logger) as captured:
+            (rebuilt,) = parser.parse_dict(json.loads(args.to_json_string()))
+        assert "ignores" not in captured.out, (method, captured.out)
+        assert {n: getattr(rebuilt, n) for n in names} == {n: getattr(args, n) for n in names}
+    # A field the user gave, at a value the method ignores, is still named after the round trip.
+    args = make(sam_method="sam", sam_sparsity=0.9)
+    with CaptureLogger(arguments.logger) as captured:
+        parser.parse_dict(json.loads(args.to_json_string()))
+    assert "ignores sam_sparsity" in captured.out and captured.out.count("(acts only") == 1
+
+
+@pytest.mark.parametrize(
+    "values, name",
+    [
+        ({"sam_method": "fsam", "fsam_lambda": "0.5"}, "fsam_lambda"),  # a quoted number
+        ({"sam_method": "sam", "fsam_lambda": None}, "fsam_lambda"),  # null for "the default"
+        ({"sam_method": "momentum-sam", "sam_micro_batches": "2"}, "sam_micro_batches"),
+        ({"sam_exclude": ["bias", "LayerNorm"]}, "sam_exclude"),  # a list of patterns
+        ({"sam_include": True}, "sam_include"),
+    ],
+)
+def test_a_value_of_the_wrong_type_in_an_argument_file_is_refused_naming_the_field(tmp_path, values, name):
+    # JSON and YAML files and dicts reach the dataclass without the parser's type conversion; these values raised a
+    # TypeError from a comparison or from `re`, which named no field.
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"output_dir": str(tmp_path), "report_to": "none", "use_cpu": True, **values}))
+    with pytest.raises(ValueError, match=rf"^{name}="):
+        HfArgumentParser(SAMTrainingArguments).parse_json_file(path)
 
 
 def test_the_looksam_descent_brings_its_schedule_to_any_method():
