@@ -44,7 +44,7 @@ from .metrics import SAMMetrics
 from .momentum_sam import first_moments, keeps_momentum, no_momentum_message
 from .msam import label_count, sequence_bounds, shard_sizes, split_batch, take_sequences
 from .radius import step_rho
-from .replay import capture_rng, frozen_bn_stats, restore_rng
+from .replay import bn_snapshot, capture_rng, frozen_bn_stats, restore_bn, restore_rng
 from .run import SAMRun
 from .saf import INDEX_COLUMN, add_example_index, signature_with_index
 from .schedules import is_sam_step
@@ -270,6 +270,11 @@ class SAMMixin:
         if perturbation is None or not perturbation.active:
             return
         perturbation.restore()
+        ran = self._sam.window_next - 1  # the last micro-batch of the window that Trainer ran
+        if 0 <= ran < len(self._sam.window_bn):
+            # Window mode ran the clean passes of the micro-batches after it too: their batch-norm statistics would
+            # stay in the model that is saved, evaluated and trained on next, from batches Trainer never trained on.
+            restore_bn(self._sam.bn_layers, self._sam.window_bn[ran])
         self._sam.release_grads()  # `.grad` holds eps or a descent gradient at w + eps: neither belongs to a step now
         drop_deferred_grads(self.model)  # and FSDP2's held-back gradient of the window's unsynced backwards
         self._sam.forget_step()
@@ -437,12 +442,16 @@ class SAMMixin:
             # The window starts with zero gradients (Trainer zeroes after each step): the clean passes
             # accumulate the window's gradient g there, with nothing to stash.
             self._sam.window_clean, self._sam.window_rng, self._sam.window_examples = [], [], []
+            self._sam.window_bn = []
             for j, batch in enumerate(window):
                 sync = self.args.sam_ascent_sync and j == len(window) - 1
                 clean, rng, examples = self._sam_clean_pass(model, batch, num_items_in_batch, sync)
                 self._sam.window_clean.append(clean)
                 self._sam.window_rng.append(rng)
                 self._sam.window_examples.append(examples)
+                if self._sam.bn_layers and j < len(window) - 1:
+                    # A stop may cut the window after micro-batch j (`_sam_abort_step`): the statistics it leaves.
+                    self._sam.window_bn.append(bn_snapshot(self._sam.bn_layers))
             local_ascent = self.accelerator.num_processes > 1 and not self.args.sam_ascent_sync
             self._sam.descent.keep_clean(self._sam.perturbation, local_ascent)
             self._sam_ascend(grad_factor=1.0)

@@ -43,6 +43,23 @@ def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+def bn_buffers(layers: list[nn.modules.batchnorm._BatchNorm]) -> list[torch.Tensor]:
+    """The running statistics of `layers`, `num_batches_tracked` included."""
+    buffers = [b for layer in layers for b in (layer.running_mean, layer.running_var, layer.num_batches_tracked)]
+    return [b for b in buffers if b is not None]
+
+
+def bn_snapshot(layers: list[nn.modules.batchnorm._BatchNorm]) -> list[torch.Tensor]:
+    """A copy of the running statistics of `layers` (on their device, no sync), for `restore_bn`."""
+    return [b.clone() for b in bn_buffers(layers)]
+
+
+def restore_bn(layers: list[nn.modules.batchnorm._BatchNorm], snapshot: list[torch.Tensor]) -> None:
+    """Put back the running statistics `bn_snapshot` copied."""
+    with torch.no_grad():
+        torch._foreach_copy_(bn_buffers(layers), snapshot)
+
+
 @contextlib.contextmanager
 def frozen_bn_stats(layers: list[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
     """Put back the running statistics of `layers` after the block.
@@ -53,12 +70,8 @@ def frozen_bn_stats(layers: list[nn.modules.batchnorm._BatchNorm]) -> Iterator[N
     if not layers:
         yield
         return
-    buffers = [b for layer in layers for b in (layer.running_mean, layer.running_var, layer.num_batches_tracked)]
-    buffers = [b for b in buffers if b is not None]
-    saved = [b.clone() for b in buffers]
+    saved = bn_snapshot(layers)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved):
-                buffer.copy_(value)
+        restore_bn(layers, saved)

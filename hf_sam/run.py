@@ -45,6 +45,9 @@ class SAMRun:
     window_clean: list[torch.Tensor] = field(default_factory=list)  # each micro-batch's clean loss
     window_rng: list[Any] = field(default_factory=list)  # the RNG state before each clean pass (dropout replay)
     window_examples: list[Any] = field(default_factory=list)  # ESAM SDS: each micro-batch's per-example losses
+    # The batch-norm statistics after each clean pass of the window but its last (window mode): a window that a stop
+    # cuts after micro-batch i gets those of micro-batches 0..i back, as the plain Trainer has them.
+    window_bn: list[list[torch.Tensor]] = field(default_factory=list)
     loss_ignores_item_count: bool | None = None  # mSAM: the model's loss is its own mean (decided at its first step)
     epoch_steps: int | None = None  # Trainer's optimizer steps per epoch (None: a dataloader without a length)
     step_losses: list[tuple[Any, Any]] = field(default_factory=list)  # (clean, perturbed) of each micro-batch so far
@@ -87,7 +90,7 @@ class SAMRun:
 
     def forget_step(self) -> None:
         """Drop what belongs to the current step only (a step cut short by an exception)."""
-        self.window_clean, self.window_rng, self.window_examples = [], [], []
+        self.window_clean, self.window_rng, self.window_examples, self.window_bn = [], [], [], []
         self.step_losses = []
         if self.descent is not None:
             self.descent.clean_copy = None

@@ -490,6 +490,42 @@ def test_a_stop_inside_a_window_leaves_the_unperturbed_weights(tmp_path, method)
     assert_same_weights(stop.at_stop, state(trainer.model))
 
 
+class BatchNormAtEpochEnd(StopAtStepBegin):
+    def on_epoch_end(self, args, st, control, model=None, **kwargs):
+        if self.at_stop is not None and self.at_eval is None:
+            self.at_eval = {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("flag", ["should_training_stop", "should_epoch_stop"])
+def test_a_stop_inside_a_window_leaves_the_batch_norm_statistics_of_the_micro_batches_that_ran(tmp_path, flag):
+    # Window mode runs every micro-batch's clean pass at the window's first one: a stop after that micro-batch must
+    # not leave the running statistics (saved and evaluated with w) of the micro-batches Trainer never trained on.
+    from tests.test_trainer import image_dataset, tiny_resnet
+
+    runs = {}
+    for method in ("none", "sam"):
+        stop = BatchNormAtEpochEnd(flag)
+        trainer = SequentialSAMTrainer(
+            model=tiny_resnet(),
+            args=sam_args(
+                tmp_path / method,
+                sam_method=method,
+                **({"sam_rho": 0.0} if method == "sam" else {}),
+                gradient_accumulation_steps=4,
+                per_device_train_batch_size=2,
+                max_steps=-1,
+                num_train_epochs=2,
+            ),
+            train_dataset=image_dataset(16),  # 2 steps an epoch: the stop cuts the second epoch's first window
+            callbacks=[stop],
+        )
+        trainer.train()
+        runs[method] = stop.at_eval  # where the epoch's evaluation and checkpoint would read them
+    plain, sam = runs["none"], runs["sam"]
+    for name in plain:
+        assert torch.equal(plain[name], sam[name]), f"{name}: {plain[name].flatten()[:3]} vs {sam[name].flatten()[:3]}"
+
+
 def test_an_epoch_stop_inside_a_window_evaluates_and_continues_from_w(tmp_path):
     stop = StopAtStepBegin("should_epoch_stop")
     trainer = SequentialSAMTrainer(
