@@ -562,7 +562,9 @@ class SAMMixin:
     def _sam_loss_ignores_item_count(self, model, shard, num_items_in_batch) -> bool:
         """Whether Trainer takes the model's loss as normalized by `num_items_in_batch` (and skips its 1/GA) while the
         model returns its own mean. Decided once per `train()` call from two forwards without gradient (eval mode, RNG
-        kept) at `num_items_in_batch` and twice it: a loss normalized by the count halves."""
+        kept) at `num_items_in_batch` and twice it: a loss normalized by the count halves. Under several processes the
+        ranks' losses are summed first (a collective: every rank calls this at the same point, as the ESAM subset,
+        mSAM's shards and the loss terms do)."""
         if (
             num_items_in_batch is None
             or self.compute_loss_func is not None
@@ -590,6 +592,11 @@ class SAMMixin:
             finally:
                 model.train(was_training)
                 restore_rng(rng, self.args.device)
+            if self.accelerator.num_processes > 1:
+                # Decided on the ranks' summed losses, so every rank decides at the same call: a rank whose own loss
+                # is 0 (no scored token in its micro-batch) would stay undecided and probe again alone at its next step.
+                summed = self.accelerator.reduce(torch.stack([once.detach().float(), twice.detach().float()]), "sum")
+                once, twice = summed[0], summed[1]
             if float(once) != 0:  # one host sync, once per run
                 self._sam.loss_ignores_item_count = bool(torch.isclose(once, twice))
         return bool(self._sam.loss_ignores_item_count)

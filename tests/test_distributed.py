@@ -677,3 +677,10 @@ def test_every_ranks_state_file_is_written_before_the_trainer_state(tmp_path):
     # made look whole without it.
     result = _launch("ddp_checkpoint_order_check.py", tmp_path / "order.json")
     assert result["rank1_file_there_when_the_state_was_written"] == [True, True]
+
+
+def test_the_own_mean_check_decides_on_every_rank_at_the_same_call(tmp_path):
+    # A rank whose probed loss was exactly 0 stayed undecided and probed again alone at its next step (4 probe
+    # forwards on rank 1, 2 on rank 0), scaling that step's loss term otherwise than the other rank did.
+    result = _launch("ddp_item_count_probe_check.py", tmp_path / "probe.json")
+    assert result["per_rank"] == [{"probes": [0, 0], "decision": False}] * 2  # both probes at step 0, on each rank
