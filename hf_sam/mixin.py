@@ -594,7 +594,7 @@ class SAMMixin:
                 restore_rng(rng, self.args.device)
             if self.accelerator.num_processes > 1:
                 # Decided on the ranks' summed losses, so every rank decides at the same call: a rank whose own loss
-                # is 0 (no scored token in its micro-batch) would stay undecided and probe again alone at its next step.
+                # is 0 (no scored token in its micro-batch) would stay undecided and probe again alone next step.
                 summed = self.accelerator.reduce(torch.stack([once.detach().float(), twice.detach().float()]), "sum")
                 once, twice = summed[0], summed[1]
             if float(once) != 0:  # one host sync, once per run
