@@ -213,7 +213,7 @@ def check_host_batches(trainer) -> None:
             " see the clean pass's batch, and SAF's bank or MESA's teacher would need model inputs where the"
             f" batch holds prompts and completions. sam_method={args.sam_method!r} is not supported by it:"
             " train it with sam_method='none', or use a host whose batches come from the dataloader"
-            " (SAMSFTTrainer, SAMDPOTrainer, SAMRewardTrainer)."
+            " (SAMSFTTrainer, SAMDPOTrainer, SAMRewardTrainer, SAMKTOTrainer)."
         )
 
 
