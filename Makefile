@@ -1,6 +1,6 @@
 .PHONY: install test test-all quality style demo
 
-# The test command CI runs (README "Tests"): everything but the `slow` marker.
+# The test command CI runs (README "Install and test"): everything but the `slow` marker.
 test:
 	python -m pytest -m "not slow" -q -n 2
 

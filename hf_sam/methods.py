@@ -73,7 +73,8 @@ ASAM_RHO = 1.0
 ESAM_RHO = 0.03
 
 # Momentum-SAM's radius, from the grid 0.05 / 0.2 / 0.5 / 1 on the long noisy-label run with AdamW
-# (benchmarks/README.md#regimes): 0.05 did nothing, 1 broke some seeds, 0.2 gained most.
+# (benchmarks/README.md#regimes-long-runs-little-data-noisy-labels): 0.05 did nothing, 1 broke some seeds, 0.2
+# gained most.
 MOMENTUM_SAM_RHO = 0.2
 
 # ssam-d's radius, 0.05 * sqrt(2). eps is normalized by the full gradient norm and then masked: under the first mask

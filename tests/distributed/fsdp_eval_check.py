@@ -1,7 +1,7 @@
 """Evaluation during training under FSDP2 (CPU, gloo): training must not depend on it.
 
 Launch: `torchrun --nproc_per_node 2 tests/distributed/fsdp_eval_check.py OUT.json`. Rank 0 writes OUT.json; the
-asserts live in `tests/test_fsdp_eval.py`.
+asserts live in `tests/test_distributed.py`.
 
 FSDP2 keeps the root module's parameters gathered after a forward without backward (an evaluation). Each case runs
 under FSDP2 with an evaluation after every step and without any, and under DDP with the synced ascent: the three must
