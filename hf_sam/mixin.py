@@ -50,6 +50,7 @@ from .saf import INDEX_COLUMN, add_example_index, signature_with_index
 from .schedules import is_sam_step
 from .setup_checks import (
     batch_not_a_dict_message,
+    batch_without_model_inputs_message,
     check_host_batches,
     check_loss_term_setup,
     check_own_optimizer,
@@ -330,6 +331,11 @@ class SAMMixin:
     ) -> torch.Tensor:
         if not isinstance(inputs, Mapping) and (self.args.sam_enabled or self.args.sam_loss_term != "none"):
             raise ValueError(batch_not_a_dict_message(type(self).__name__, inputs))  # before any pass
+        if self.args.sam_loss_term != "none" or (self.args.sam_enabled and self.args.esam_gamma < 1):
+            unwrapped = self.accelerator.unwrap_model(model)
+            message = batch_without_model_inputs_message(type(self).__name__, self.args.sam_method, unwrapped, inputs)
+            if message is not None:
+                raise ValueError(message)  # before any pass
         if not self.args.sam_enabled:
             if self.args.sam_loss_term != "none" and not self._sam.term_reached:
                 return self._sam_first_loss_term_pass(model, inputs, num_items_in_batch)

@@ -231,6 +231,24 @@ def batch_not_a_dict_message(host: str, inputs) -> str:
     )
 
 
+def batch_without_model_inputs_message(host: str, method: str, model, inputs) -> str | None:
+    """A batch that holds no model inputs for what runs the model on the batch itself (SAF's bank and MESA's teacher
+    score it; ESAM's selection ranks its rows by their own loss), or None where it does. TRL's ORPOTrainer and
+    CPOTrainer (experimental) collate preference pairs (`prompt_input_ids`, `chosen_input_ids`, ...) and build the
+    model's inputs inside their loss: MESA failed with "You must specify exactly one of input_ids or inputs_embeds"
+    and ESAM ranked rows of the concatenated pairs, not the pairs' loss."""
+    name = getattr(model, "main_input_name", None)
+    if name is None or name in inputs or "inputs_embeds" in inputs:
+        return None
+    return (
+        f"{host}'s training batch holds {', '.join(map(str, inputs))} and no {name!r}: the host builds the model's"
+        f" inputs inside its loss (preference pairs, as TRL's ORPOTrainer and CPOTrainer). sam_method={method!r}"
+        " needs the batch to be the model's inputs: SAF's bank and MESA's teacher score it, and ESAM's data"
+        " selection ranks its rows by their own loss. Use a method that perturbs the weights alone (e.g."
+        " --sam_method sam, or --esam_gamma 1 for ESAM's weight perturbation)."
+    )
+
+
 def check_own_optimizer(trainer) -> None:
     """At the first step: a method that brings its own optimizer (AdaSAM) trains with it. `__init__` refuses a passed
     optimizer; one built elsewhere (a `create_optimizer` override, which never reads optimizer_cls_and_kwargs) would

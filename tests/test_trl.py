@@ -644,3 +644,26 @@ def test_a_host_whose_batches_are_raw_examples_is_refused_before_any_pass(tmp_pa
     with pytest.raises(ValueError, match="a list, not a dict"):
         built.train()
     assert_same_weights(before, state(built.model))
+
+
+@pytest.mark.parametrize("method, extra", [("mesa", {}), ("esam", {"esam_gamma": 0.5})])
+def test_a_host_whose_batches_are_preference_pairs_is_refused_for_what_reads_the_batch(tmp_path, method, extra):
+    # TRL's ORPOTrainer (experimental) collates prompt_/chosen_/rejected_ columns and builds the model's inputs in its
+    # loss: MESA's teacher failed with "You must specify exactly one of input_ids or inputs_embeds", and ESAM's data
+    # selection ranked rows of the concatenated pairs without a word.
+    orpo = pytest.importorskip("trl.experimental.orpo")
+    from dataclasses import make_dataclass
+
+    from hf_sam import SAMArgumentsMixin, SAMMixin
+
+    config = make_dataclass("SAMORPOConfig", [], bases=(SAMArgumentsMixin, orpo.ORPOConfig))
+    trainer = type("SAMORPOTrainer", (SAMMixin, orpo.ORPOTrainer), {"sam_default_args_class": config})
+    data = Dataset.from_dict(
+        {"prompt": ["the cat", "a dog"] * 2, "chosen": [" sat on", " ran"] * 2, "rejected": [" then", " blue"] * 2}
+    )
+    args = config(output_dir=str(tmp_path), sam_method=method, **{**COMMON, "per_device_train_batch_size": 2}, **extra)
+    built = trainer(model=tiny_llama(), args=args, train_dataset=data, processing_class=tokenizer())
+    before = state(built.model)
+    with pytest.raises(ValueError, match="no 'input_ids'.*preference pairs"):
+        built.train()
+    assert_same_weights(before, state(built.model))
