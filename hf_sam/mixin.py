@@ -43,7 +43,7 @@ from .methods import METHODS
 from .metrics import SAMMetrics
 from .momentum_sam import first_moments, keeps_momentum, no_momentum_message
 from .msam import label_count, sequence_bounds, shard_sizes, split_batch, take_sequences
-from .radius import step_rho
+from .radius import note_peak_lr, step_rho
 from .replay import bn_snapshot, capture_rng, frozen_bn_stats, restore_bn, restore_rng
 from .run import SAMRun
 from .saf import INDEX_COLUMN, add_example_index, signature_with_index
@@ -303,6 +303,7 @@ class SAMMixin:
         if self.args.sam_direction == "momentum" and not keeps_momentum(self.optimizer):
             raise ValueError(no_momentum_message(self.optimizer))  # at the first step, before any update
         check_own_optimizer(self)
+        note_peak_lr(self)
         self._sam.build(self.model, self.args)
         if getattr(self, "is_deepspeed_enabled", False):
             self._sam.zero = ZeroStep(self.accelerator, self.model_wrapped)

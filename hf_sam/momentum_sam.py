@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 
-# torch's Adam/AdamW, SGD with momentum, and AdaSAMOptimizer ("m"; without it the direction found no moment there
-# and silently ran plain AdaSAM steps).
+# torch's Adam/AdamW, SGD with momentum, transformers' Adafactor with beta1, and AdaSAMOptimizer ("m"; without it
+# the direction found no moment there and silently ran plain AdaSAM steps).
 MOMENTUM_KEYS = ("exp_avg", "momentum_buffer", "m")
 MOMENTUM_UNDER_DEEPSPEED = (
     "sam_direction='momentum' (momentum-sam) reads the optimizer's first moment per parameter, and DeepSpeed ZeRO"
@@ -29,9 +29,10 @@ def base_optimizer(optimizer):
 
 
 def keeps_momentum(optimizer) -> bool:
-    """Whether every parameter group keeps a first moment: Adam-style betas, or SGD's momentum > 0."""
+    """Whether every parameter group keeps a first moment: Adam-style betas, SGD's momentum > 0, or transformers'
+    Adafactor with `beta1` set (its groups hold `beta1`, None when it keeps no `exp_avg`)."""
     groups = base_optimizer(optimizer).param_groups
-    return all("betas" in group or group.get("momentum", 0) > 0 for group in groups)
+    return all("betas" in group or group.get("momentum", 0) > 0 or group.get("beta1") is not None for group in groups)
 
 
 def first_moments(optimizer, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -62,6 +63,6 @@ def no_momentum_message(optimizer) -> str:
     name = type(base_optimizer(optimizer)).__name__
     return (
         f"sam_direction='momentum' (momentum-sam) perturbs along the optimizer's first moment, and {name} keeps"
-        " none (no Adam betas, no SGD momentum > 0). Use --optim adamw_torch, SGD with momentum > 0, or a"
-        " gradient-direction method such as --sam_method sam."
+        " none (no Adam betas, no SGD momentum > 0, no Adafactor beta1). Use --optim adamw_torch, SGD with momentum"
+        " > 0, Adafactor with beta1, or a gradient-direction method such as --sam_method sam."
     )

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.optimization import Adafactor
 
 from hf_sam import METHODS, SAMTrainer
 from hf_sam.gsam import rho_min
@@ -30,6 +31,11 @@ SAM_CASES = [name for name, case in METHOD_CASES.items() if case["reference"] is
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
     "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.01),
+    # transformers' Adafactor keeps a first moment ("exp_avg", of its update) when beta1 is set; its eps[0] of 1e-30
+    # would blow the rounding noise of a gradient that is 0 in exact arithmetic (BERT's key bias) up to full steps
+    "adafactor": lambda params: Adafactor(
+        params, lr=0.01, eps=(1e-3, 1e-3), beta1=0.9, relative_step=False, scale_parameter=False
+    ),
 }
 
 
@@ -1361,6 +1367,60 @@ def test_gsam_rho_follows_a_reduce_on_plateau_learning_rate_of_a_passed_optimize
         assert math.isclose(entry["sam/rho"], 0.05 * entry["learning_rate"] / 0.01, rel_tol=1e-5)
 
 
+def test_gsam_rho_follows_a_sequential_scheduler_of_a_passed_optimizer(tmp_path):
+    # SequentialLR (warm-up then cosine) keeps no base_lrs: the peak fell back to args.learning_rate (5e-5), an lr the
+    # passed optimizer never had, so every lr gave a ratio of 1 and the radius stayed at 0.05 on every step.
+    model = tiny_bert()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    lr_scheduler = torch.optim.lr_scheduler.SequentialLR(
+        optimizer,
+        [
+            torch.optim.lr_scheduler.LinearLR(optimizer, 0.25, 1.0, total_iters=2),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 6),
+        ],
+        milestones=[2],
+    )
+    trainer = SequentialSAMTrainer(
+        model=model,
+        args=sam_args(tmp_path, sam_method="gsam", sam_rho_min=0.0, learning_rate=5e-5, max_steps=6),
+        train_dataset=tiny_dataset(),
+        optimizers=(optimizer, lr_scheduler),
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "sam/rho" in h]
+    assert len(logs) == 6 and logs[0]["learning_rate"] < logs[2]["learning_rate"] == 0.1  # warm-up, then decay
+    for entry in logs:
+        assert math.isclose(entry["sam/rho"], 0.05 * entry["learning_rate"] / 0.1, rel_tol=1e-5)
+
+
+def test_gsam_rho_follows_a_reduce_on_plateau_learning_rate_from_the_first_step_of_a_late_schedule(tmp_path):
+    # The plateau scheduler's peak was the lr that the run's first SAM step found: late-sam's first SAM step (step 4
+    # of 8) came after three evaluations had halved the lr, and took that lr (0.0125) for the peak, so it perturbed at
+    # the full radius 0.1 where the lr said 0.025.
+    trainer = SequentialSAMTrainer(
+        model=tiny_bert(),
+        args=sam_args(
+            tmp_path,
+            sam_method="late-sam",
+            sam_schedule_boundary=0.5,
+            sam_rho=0.1,
+            sam_rho_min=0.0,
+            max_steps=8,
+            lr_scheduler_type="reduce_lr_on_plateau",
+            eval_strategy="steps",
+            eval_steps=1,
+            lr_scheduler_kwargs={"factor": 0.5, "patience": 0, "mode": "max"},
+        ),
+        train_dataset=tiny_dataset(),
+        eval_dataset=tiny_dataset(8, seed=1),
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "sam/rho" in h]
+    assert len(logs) == 4 and logs[0]["learning_rate"] < 0.05  # the lr was lowered before the first SAM step
+    for entry in logs:
+        assert math.isclose(entry["sam/rho"], 0.1 * entry["learning_rate"] / 0.05, rel_tol=1e-5)
+
+
 def test_adasam_builds_its_optimizer_and_checkpoints_its_state(tmp_path):
     args = sam_args(tmp_path, sam_method="adasam", save_strategy="steps", save_steps=2, max_steps=2)
     trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset())
@@ -1409,6 +1469,22 @@ def test_momentum_direction_over_adasam_perturbs_along_its_first_moment(tmp_path
     reference_sam(plain, AMSGrad(plain.parameters(), lr=0.05, eps=1e-3), windows, rho=0.0)
     pairs = zip(state(plain).values(), state(reference_model).values())
     assert any(not torch.allclose(a, b, atol=1e-6) for a, b in pairs)  # the test can fail: plain AdaSAM differs
+
+
+def test_momentum_sam_perturbs_along_adafactors_first_moment(tmp_path):
+    # Adafactor with beta1 keeps its first moment as "exp_avg", but its groups hold "beta1", not Adam's "betas": it
+    # was refused as an optimizer that keeps none.
+    args = {"sam_method": "momentum-sam", "sam_rho": 0.2}
+    trainer, reference_model, windows = train_with_reference(
+        tmp_path, "adafactor", 1, "window", args, {"rho": 0.2, "direction": "momentum"}
+    )
+    norms = [h["sam/momentum_norm"] for h in trainer.state.log_history if "sam/momentum_norm" in h]
+    assert norms[0] == 0 and all(n > 0 for n in norms[1:]), norms  # no moment before the first update
+    assert_same_weights(state(trainer.model), state(reference_model), exact=False)
+    plain = copy_model(tiny_bert())
+    reference_sam(plain, OPTIMIZERS["adafactor"](plain.parameters()), windows, rho=0.0)
+    pairs = zip(state(plain).values(), state(reference_model).values())
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in pairs)  # the test can fail: plain Adafactor differs
 
 
 class _BetasWithOtherMomentKey(torch.optim.SGD):
