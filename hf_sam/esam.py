@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -55,6 +56,55 @@ def frozen_tensors(params: list[torch.nn.Parameter], keep: list[bool]) -> Iterat
     finally:
         for p in dropped:
             p.requires_grad_(True)
+
+
+def _reentrant(checkpoint: Callable) -> bool:
+    """Whether a layer's checkpointing function is torch's reentrant variant: transformers binds `use_reentrant` (from
+    `gradient_checkpointing_kwargs`) with `functools.partial`, and torch takes a missing one as True."""
+    if isinstance(checkpoint, functools.partial):
+        return checkpoint.keywords.get("use_reentrant", True) is not False
+    return True  # a function of the user's: it may be reentrant
+
+
+def _inputs_requiring_grad(checkpoint: Callable) -> Callable:
+    """`checkpoint` with the floating-point inputs of a call none of whose inputs requires grad made to (as detached
+    views, the caller's tensors untouched)."""
+
+    @functools.wraps(checkpoint)
+    def wrapped(function, *args, **kwargs):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if torch.is_grad_enabled() and not any(t.requires_grad for t in tensors):
+            args = tuple(
+                a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in args
+            )
+        return checkpoint(function, *args, **kwargs)
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def checkpointed_layers_keep_gradient(model: torch.nn.Module) -> Iterator[None]:
+    """Under reentrant activation checkpointing, the inputs of every checkpointed layer require grad for the block.
+
+    A reentrant checkpoint whose inputs none require grad returns an output without gradient: no weight inside the
+    layer or before it gets one, and no later layer's input requires grad either. transformers makes only the input
+    embeddings' output require grad, so on a model that reads no `input_ids` (Whisper's audio features, a ViT's
+    pixels) the tensors SWP drops can be all that made the first layer's input require grad: with Whisper's encoder
+    convolutions dropped, the kept encoder layers would get no clean gradient and no eps. transformers' layers look up
+    `_gradient_checkpointing_func` on themselves at each call, so it is wrapped there.
+    """
+    patched = []
+    for module in model.modules():
+        checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+        if getattr(module, "gradient_checkpointing", False) and checkpoint is not None and _reentrant(checkpoint):
+            module._gradient_checkpointing_func = _inputs_requiring_grad(checkpoint)
+            patched.append((module, checkpoint))
+    try:
+        yield
+    finally:
+        for module, checkpoint in patched:
+            module._gradient_checkpointing_func = checkpoint
 
 
 def selected_count(batch: int, gamma: float) -> int:
@@ -191,9 +241,13 @@ class ESAM:
 
     @contextlib.contextmanager
     def clean_pass(self, model: torch.nn.Module) -> Iterator[list]:
-        """Around the clean pass: SWP freezes the dropped tensors; SDS keeps the model's output (yielded list)."""
-        swp = frozen_tensors(self.params, self.keep) if self.swp else contextlib.nullcontext()
-        with swp, capture_outputs(model) if self.sds else contextlib.nullcontext([]) as captured:
+        """Around the clean pass: SWP freezes the dropped tensors (and keeps reentrant checkpoints' gradients flowing
+        past them); SDS keeps the model's output (yielded list)."""
+        with contextlib.ExitStack() as stack:
+            if self.swp:
+                stack.enter_context(frozen_tensors(self.params, self.keep))
+                stack.enter_context(checkpointed_layers_keep_gradient(model))
+            captured = stack.enter_context(capture_outputs(model)) if self.sds else []
             yield captured
 
     def select(self, rise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

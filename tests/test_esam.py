@@ -359,3 +359,64 @@ def test_data_selection_on_a_head_without_logits_is_refused_naming_the_selection
     with pytest.raises(ValueError, match=expected):
         trainer.train()
     assert_same_weights(before, state(model))  # refused before the update
+
+
+def tiny_whisper():
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = WhisperConfig(
+        vocab_size=40, num_mel_bins=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, d_model=16, max_source_positions=8,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        suppress_tokens=None, begin_suppress_tokens=None,
+    )  # fmt: skip
+    return WhisperForConditionalGeneration(config)
+
+
+def test_swp_under_reentrant_checkpointing_perturbs_every_kept_tensor(tmp_path):
+    # Reentrant checkpointing gives a layer none of whose inputs requires grad an output without gradient. On a model
+    # that does not read input_ids (transformers makes only the input embeddings' output require grad), SWP's dropped
+    # tensors can be all that made them require grad: with every encoder convolution dropped, the kept encoder layers
+    # got no clean gradient and no eps (8 tensors here; 15 of the 50 kept ones of a 2-layer Whisper encoder, whose
+    # weights ended 0.011 apart from the run without checkpointing after one AdamW step).
+    from datasets import Dataset
+
+    from hf_sam import SAMSeq2SeqTrainer, SAMSeq2SeqTrainingArguments
+    from hf_sam.perturbation import select_perturbed
+
+    names = [name for name, _ in select_perturbed(tiny_whisper(), None, None)]
+    convs = [i for i, name in enumerate(names) if name.startswith("model.encoder.conv")]
+    seed = next(s for s in range(500) if not any(kept_tensors(len(names), 0.6, s, 0)[i] for i in convs))
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict(
+        {
+            "input_features": torch.randn(4, 8, 16, generator=generator).tolist(),
+            "labels": torch.randint(3, 40, (4, 5), generator=generator).tolist(),
+        }
+    )
+
+    class RecordsEps(SAMSeq2SeqTrainer):
+        def _sam_ascend(self, grad_factor):
+            super()._sam_ascend(grad_factor)  # eps now sits in `.grad`
+            perturbation = self._sam.perturbation
+            pairs = zip(perturbation.names, perturbation.params)
+            self.eps = {name: p.grad.clone() for name, p in pairs if p.grad is not None}
+
+    eps = {}
+    for reentrant in (None, True):
+        checkpointing = {}
+        if reentrant is not None:
+            kwargs = {"use_reentrant": reentrant}
+            checkpointing = {"activation_checkpointing": True, "activation_checkpointing_kwargs": kwargs}
+        args = SAMSeq2SeqTrainingArguments(
+            output_dir=str(tmp_path / str(reentrant)), report_to="none", use_cpu=True, max_steps=1, seed=seed,
+            per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True, sam_method="esam", **checkpointing,
+        )  # fmt: skip
+        trainer = RecordsEps(model=tiny_whisper(), args=args, train_dataset=data)
+        trainer.train()
+        eps[reentrant] = trainer.eps
+    assert any(name.startswith("model.encoder.layers") for name in eps[None])
+    missing = sorted(set(eps[None]) - set(eps[True]))
+    assert not missing, f"kept tensors without eps under reentrant checkpointing: {missing}"
+    assert_same_weights(eps[None], eps[True], exact=False)
