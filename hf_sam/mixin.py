@@ -697,6 +697,14 @@ class SAMMixin:
             # As Trainer scales such a loss: not divided by GA (it takes it as normalized by the count), times the
             # processes under `average_tokens_across_devices`.
             rise_scale = token_average_factor(self, num_items_in_batch)
+        elif (subset_count := self._esam_subset_count(inputs, subset, num_items_in_batch)) is not None:
+            # A loss Trainer normalizes by the window's count (a causal LM's token mean, label smoothing) weighs each
+            # micro-batch by its share of the window's items. The subset keeps that share, spread over its own items:
+            # the count it is normalized by is the window's times subset items / micro-batch items (with every
+            # example selected, the plain step; as its own mean over GA, a micro-batch of 14 of 16 tokens counted 1/2).
+            with frozen_bn_stats(self._sam.bn_layers), off_the_record(self):
+                self._sam.guard.note(super().training_step(model, subset, subset_count[0]))
+            rise_scale = token_average_factor(self, num_items_in_batch) * subset_count[1]
         else:
             with frozen_bn_stats(self._sam.bn_layers), off_the_record(self), self._sam_loss_divided_by_ga():
                 # num_items_in_batch counts the whole window: the subset's loss is its own mean instead, which Trainer
@@ -706,6 +714,20 @@ class SAMMixin:
         if after_clean is not None:
             restore_rng(after_clean, self.args.device)
         return clean + rise.mean().detach() * rise_scale
+
+    def _esam_subset_count(self, inputs, subset, num_items_in_batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a loss Trainer takes as normalized by the window's `num_items_in_batch`: the count the subset's loss is
+        normalized by (the window's, times the subset's share of the micro-batch's items), and the micro-batch's share
+        of the window's items; None where the items are not integer labels that Trainer counts."""
+        if not isinstance(num_items_in_batch, torch.Tensor) or not loss_taken_as_normalized(self, num_items_in_batch):
+            return None
+        shifts = self._sam_loss_shifts_labels()
+        items, subset_items = label_count(inputs, shifts), label_count(subset, shifts)
+        if items is None or subset_items is None:
+            return None
+        items = items.to(num_items_in_batch.device).clamp(min=1)
+        subset_items = subset_items.to(num_items_in_batch.device).clamp(min=1)
+        return num_items_in_batch * subset_items / items, items / num_items_in_batch
 
     @contextlib.contextmanager
     def _sam_loss_divided_by_ga(self):

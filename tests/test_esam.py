@@ -319,6 +319,46 @@ def test_selection_on_a_model_that_returns_its_own_mean_keeps_trainers_scale(tmp
     assert sharpness[0] == pytest.approx(sharpness[1], rel=1e-4)
 
 
+# A loss Trainer normalizes by the window's `num_items_in_batch` (a causal LM's token mean, or any model under label
+# smoothing) weighs each micro-batch by its share of the window's tokens. The subset's pass ran as its own mean over
+# GA instead: with every example selected at rho 0 a micro-batch of 14 of the window's 16 tokens counted as one of
+# 2, and the weights ended off the plain Trainer's.
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_selection_of_a_token_normalized_loss_weighs_micro_batches_by_their_tokens(tmp_path, smoothing):
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 40, (4, 8), generator=generator)
+    labels = ids.clone()
+    labels[2:, :6] = -100  # micro-batch 0 scores 14 tokens, micro-batch 1 scores 2
+    labels[1, :4] = -100
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+    def model():
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        return GPT2LMHeadModel(config)  # takes num_items_in_batch and normalizes by it
+
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2, optim="sgd",
+                  learning_rate=0.5, label_smoothing_factor=smoothing)  # fmt: skip
+
+    def run(name, **sam):
+        trainer = SequentialSAMTrainer(
+            model=model(), train_dataset=data, args=sam_args(tmp_path / name, **common, **sam)
+        )
+        trainer.train()
+        return trainer
+
+    plain = run("p", sam_method="none")
+    every = run("e", sam_method="sam", sam_rho=0.0, esam_gamma=0.99)  # ceil(0.99 x 2): every example selected
+    assert every._sam.loss_ignores_item_count is False
+    assert_same_weights(state(plain.model), state(every.model), exact=False, atol=1e-6)
+    sam, selected = run("s", sam_method="sam", sam_rho=0.5), run("d", sam_method="sam", sam_rho=0.5, esam_gamma=0.99)
+    assert_same_weights(state(sam.model), state(selected.model), exact=False, atol=1e-6)
+
+
 def test_per_example_losses_of_a_prompt_tuned_causal_lm_are_each_examples_own_loss(tmp_path):
     # PEFT's prompt tuning puts its virtual tokens in front of the input: the logits have that many positions more
     # than the batch's labels, which PEFT scores with as many -100 in front (the last virtual token predicts the
