@@ -105,6 +105,27 @@ def assert_same_weights(a: dict, b: dict, exact: bool = True, atol: float = 1e-6
             torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def uneven_token_lm_data() -> tuple[torch.Tensor, torch.Tensor, Dataset]:
+    """Four causal-LM rows whose micro-batches of 2 score uneven token counts: micro-batch 0 scores 14 tokens (row 1
+    only 3 of them), micro-batch 1 scores 2 (one per row). Returns the ids, the labels and the dataset."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 40, (4, 8), generator=generator)
+    labels = ids.clone()
+    labels[2:, :6] = -100
+    labels[1, :4] = -100
+    return ids, labels, Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def tiny_gpt2():
+    """A one-layer GPT-2 without dropout (vocabulary 40), seeded; it takes num_items_in_batch and normalizes by it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
 def copy_model(model):
     return copy.deepcopy(model)
 

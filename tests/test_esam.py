@@ -325,21 +325,10 @@ def test_selection_on_a_model_that_returns_its_own_mean_keeps_trainers_scale(tmp
 # 2, and the weights ended off the plain Trainer's.
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_selection_of_a_token_normalized_loss_weighs_micro_batches_by_their_tokens(tmp_path, smoothing):
-    from datasets import Dataset
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from tests.helpers import tiny_gpt2, uneven_token_lm_data
 
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, 40, (4, 8), generator=generator)
-    labels = ids.clone()
-    labels[2:, :6] = -100  # micro-batch 0 scores 14 tokens, micro-batch 1 scores 2
-    labels[1, :4] = -100
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
-
-    def model():
-        torch.manual_seed(0)
-        config = GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
-        return GPT2LMHeadModel(config)  # takes num_items_in_batch and normalizes by it
+    _, _, data = uneven_token_lm_data()  # micro-batches of 14 and 2 scored tokens
+    model = tiny_gpt2
 
     common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2, optim="sgd",
                   learning_rate=0.5, label_smoothing_factor=smoothing)  # fmt: skip

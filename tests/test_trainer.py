@@ -1601,21 +1601,10 @@ def test_msam_at_rho_zero_is_the_plain_trainer_on_padded_token_labels(
 @pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("ascent", ["sam", "unnormalized"])
 def test_micro_accumulation_ascends_along_each_micro_batch_gradient_on_token_losses(tmp_path, shards, ascent):
-    from datasets import Dataset
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from tests.helpers import tiny_gpt2, uneven_token_lm_data
 
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, 40, (4, 8), generator=generator)
-    labels = ids.clone()
-    labels[2:, :6] = -100  # micro-batch 0 scores 14 tokens, micro-batch 1 scores 2 (rows 2 and 3: 1 each)
-    labels[1, :4] = -100  # and within micro-batch 0, row 1 scores 3 of its 14
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
-
-    def model():
-        torch.manual_seed(0)
-        config = GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
-        return GPT2LMHeadModel(config)  # takes num_items_in_batch and normalizes by it
+    ids, labels, data = uneven_token_lm_data()  # micro-batches of 14 and 2 scored tokens
+    model = tiny_gpt2
 
     trainer = SequentialSAMTrainer(model=model(), args=sam_args(tmp_path, per_device_train_batch_size=2,
                                    gradient_accumulation_steps=2, sam_accumulation="micro", sam_micro_batches=shards,
