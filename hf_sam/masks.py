@@ -12,6 +12,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from .replay import rng_untouched
 from .schedules import is_sam_step
 from .seeds import step_generator
 from .sync import gradient_sync
@@ -146,7 +147,9 @@ class SparseMask:
         # mean of the ranks' identical gradients), also inside Trainer's deferral on a window's early micro-batches:
         # deferred, the gradients stay off `.grad` (a Fisher of zeros) and join the step's first synced backward.
         # Under DDP `model` is the unwrapped module, which has no sync to turn on: nothing is all-reduced.
-        with gradient_sync(model, True):
+        # The examples' collation (a masked-LM collator draws its masks) must not move the training's random streams:
+        # the next batches and dropout masks stay the plain Trainer's.
+        with gradient_sync(model, True), rng_untouched(trainer.args.device, trainer.data_collator):
             try:  # an interrupt in these many passes leaves the model as it was, its mode included
                 for example in self._fisher_examples(trainer):
                     model.zero_grad(set_to_none=True)

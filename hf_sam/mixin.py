@@ -391,6 +391,10 @@ class SAMMixin:
             raise
         if zero is not None and last:
             zero.finish()  # one reduction of the step's gradient into DeepSpeed's partitions, then engine.step()
+        if last:
+            # Trainer steps after a window's last micro-batch, except where an iterable training set ran out inside
+            # the window: its gradient then stays in `.grad` and joins the next window's step.
+            self._sam.carried = not self.accelerator.sync_gradients
         return loss
 
     def _sam_first_loss_term_pass(self, model, inputs, num_items_in_batch) -> torch.Tensor:
@@ -450,6 +454,7 @@ class SAMMixin:
             # accumulate the window's gradient g there, with nothing to stash.
             self._sam.window_clean, self._sam.window_rng, self._sam.window_examples = [], [], []
             self._sam.window_bn = []
+            carry = self._sam.set_aside_carried()
             for j, batch in enumerate(window):
                 sync = self.args.sam_ascent_sync and j == len(window) - 1
                 clean, rng, examples = self._sam_clean_pass(model, batch, num_items_in_batch, sync)
@@ -462,7 +467,14 @@ class SAMMixin:
             local_ascent = self.accelerator.num_processes > 1 and not self.args.sam_ascent_sync
             self._sam.descent.keep_clean(self._sam.perturbation, local_ascent)
             self._sam_ascend(grad_factor=1.0)
-            self._sam.release_grads()
+            if carry is None:
+                self._sam.release_grads()
+            else:
+                self._sam.zero_grads()
+                if self._sam.descent.active:
+                    self._sam.carry = carry  # added after the descent transform, which acts on this window's own
+                else:
+                    self._sam.add_back(carry)  # the descent passes add to it, in the plain Trainer's order
         clean = self._sam.window_clean[index]
         perturbed = self._sam_perturbed_pass(
             model, inputs, num_items_in_batch, self._sam.window_rng[index], clean, self._sam.window_examples[index]
@@ -476,6 +488,8 @@ class SAMMixin:
                 if self._sam.descent.active:
                     self._sam_sync_held_grads(self._sam.perturbation.params)
                 self._sam.descent.after_sam_step(self._sam.perturbation, self._sam.raw_norm, self._sam.rho)
+                if self._sam.carry is not None:
+                    self._sam.add_back(self._sam.carry)
             self._sam_record_losses(clean, perturbed, index, len(window), dropped=not finite)
             self._sam.forget_step()  # also drops the clean copy of a step whose update was dropped
         return clean
@@ -519,8 +533,9 @@ class SAMMixin:
                 self.current_gradient_accumulation_steps = share if shard_means else outer_ga * share
                 held = [p for p in self._sam.trainable if p.grad is not None]
                 stash = None
-                # Inside the Trainer loop, index > 0 (or a later shard) means earlier descent gradients sit in .grad.
-                if (index > 0 or j > 0 or self._sam.window is None) and held:
+                # Inside the Trainer loop, index > 0 (or a later shard) means earlier descent gradients sit in .grad,
+                # as does the gradient of a window that Trainer took no optimizer step after (`carried`).
+                if (index > 0 or j > 0 or self._sam.window is None or self._sam.carried) and held:
                     stash = self._sam.stash_grads(held)
                     self._sam.zero_grads()  # the ascent gradient must not mix with the stashed descent gradients
                 clean, rng, examples = self._sam_clean_pass(
@@ -824,7 +839,10 @@ class SAMMixin:
         # gives per-step values on the same scale as Trainer's `loss`. With `logging_nan_inf_filter` (Trainer's
         # default), a step whose loss at w + eps was not finite (its update dropped) is left out of the means.
         if index == 0:
-            self._sam.step_losses = []  # nothing of a window that a stop cut short
+            # Nothing of a window that a stop cut short; those of a window Trainer took no step after (`carried`),
+            # which its `loss` adds to this step's.
+            carried, self._sam.carried_losses = self._sam.carried_losses, None
+            self._sam.step_losses = [carried] if carried is not None and self._sam.carried else []
         self._sam.step_losses.append((clean, perturbed))
         if index < window_size - 1:
             return
@@ -835,6 +853,10 @@ class SAMMixin:
             # The guard dropped the update on every rank: a rank whose own loss at w + eps was finite leaves the step
             # out of the means too, as the rank that saw the non-finite loss does.
             perturbed = torch.full_like(torch.as_tensor(perturbed, dtype=torch.float32), float("nan"))
+        if not self.accelerator.sync_gradients:
+            # No optimizer step after this window: its losses join the next window's, in one sample.
+            self._sam.carried_losses = (clean, perturbed)
+            return
         add = self._sam_metrics.add_finite if self.args.logging_nan_inf_filter else self._sam_metrics.add
         add("sam/perturbed_loss", perturbed)
         add("sam/sharpness", perturbed - clean)

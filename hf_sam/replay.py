@@ -38,6 +38,29 @@ def restore_rng(state: RNGState, device: torch.device) -> None:
     np.random.set_state(numpy_state)
 
 
+@contextlib.contextmanager
+def rng_untouched(device: torch.device, collator: Any = None) -> Iterator[None]:
+    """Leave every random stream as it was before the block: the global ones (`capture_rng`) and a data collator's
+    own generator (transformers' `DataCollatorForLanguageModeling(seed=...)` keeps one in `.generator`), for passes
+    that are no training passes of the host's (SSAM-F's Fisher examples, collated and run between two steps)."""
+    rng = capture_rng(device)
+    generator = getattr(collator, "generator", None)
+    if isinstance(generator, torch.Generator):
+        saved = generator.get_state()
+    elif isinstance(generator, np.random.Generator):
+        saved = generator.bit_generator.state
+    try:
+        yield
+    finally:
+        restore_rng(rng, device)
+        if generator is None and getattr(collator, "generator", None) is not None:
+            collator.generator = None  # created in the block: the next training batch creates it from its seed again
+        elif isinstance(generator, torch.Generator):
+            generator.set_state(saved)
+        elif isinstance(generator, np.random.Generator):
+            generator.bit_generator.state = saved
+
+
 def batch_norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """Every batch-norm layer of `model` that tracks running statistics."""
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]

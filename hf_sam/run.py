@@ -53,6 +53,12 @@ class SAMRun:
     loss_ignores_item_count: bool | None = None
     epoch_steps: int | None = None  # Trainer's optimizer steps per epoch (None: a dataloader without a length)
     step_losses: list[tuple[Any, Any]] = field(default_factory=list)  # (clean, perturbed) of each micro-batch so far
+    # The last window ended without an optimizer step (an iterable training set ran out inside it, so Trainer's loop
+    # takes no step there): its gradient stays in `.grad` and its losses are kept, for the next window's step, where
+    # Trainer adds them to the next window's.
+    carried: bool = False
+    carried_losses: tuple[Any, Any] | None = None  # that window's (clean, perturbed), summed
+    carry: dict[torch.Tensor, torch.Tensor] | None = None  # window mode: that gradient, until it joins the descent's
     raw_norm: torch.Tensor | None = None  # ||g|| of the last ascent, in `.grad` units
     rho: float | None = None  # the radius of the last ascent (0 where GSAM's schedule reaches 0)
     stash: dict[int, torch.Tensor] = field(default_factory=dict)  # micro accumulation's gradient buffers
@@ -94,6 +100,7 @@ class SAMRun:
         """Drop what belongs to the current step only (a step cut short by an exception)."""
         self.window_clean, self.window_rng, self.window_examples, self.window_bn = [], [], [], []
         self.step_losses = []
+        self.carry = None
         if self.descent is not None:
             self.descent.clean_copy = None
         self.guard.forget_step()
@@ -117,6 +124,21 @@ class SAMRun:
         grads = [local(p.grad) for p in self.trainable if p.grad is not None]
         if grads:
             torch._foreach_zero_(grads)
+
+    def set_aside_carried(self) -> dict[torch.Tensor, torch.Tensor] | None:
+        """At a SAM window's first micro-batch: the gradient that a window without an optimizer step left in
+        `.grad` (`carried`), copied aside, and `.grad` zeroed, so the ascent sees this window's own; None if none."""
+        held = [p for p in self.trainable if p.grad is not None] if self.carried else []
+        if not held:
+            return None
+        carry = self.stash_grads(held)
+        self.zero_grads()
+        return carry
+
+    @staticmethod
+    def add_back(stash: dict[torch.Tensor, torch.Tensor]) -> None:
+        """Add gradients set aside by `stash_grads` to the `.grad` of their parameters."""
+        torch._foreach_add_([local(p.grad) for p in stash], list(stash.values()))
 
     def stash_grads(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Copy the accumulated `.grad` of `params` into reusable buffers (the GA > 1 stash of micro mode)."""

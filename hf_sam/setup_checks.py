@@ -150,7 +150,8 @@ def _check_deepspeed(trainer) -> None:
 
 
 def check_train_dataset(trainer) -> None:
-    """At `train()`: SSAM-F draws its Fisher examples by position, so it needs a map-style training set; SSAM-D's
+    """At `train()`: SSAM-F draws its Fisher examples by position, so it needs a map-style training set (and one at
+    all, where a `get_train_dataloader` override feeds the steps); SSAM-D's
     default refresh interval is an epoch, which a training set without a length does not have."""
     args, dataset = trainer.args, trainer.train_dataset
     if (
@@ -164,6 +165,14 @@ def check_train_dataset(trainer) -> None:
             "sam_mask='dynamic' (ssam-d) refreshes its mask every sam_mask_interval optimizer steps, by default one"
             " epoch's, and an iterable train_dataset without a length has no epoch: set --sam_mask_interval to the"
             " optimizer steps between refreshes (e.g. those of one pass over your data)."
+        )
+    if args.sam_enabled and args.sam_mask == "fisher" and dataset is None:
+        # A `get_train_dataloader` override may train without one: the first refresh failed with a bare TypeError.
+        raise ValueError(
+            "sam_mask='fisher' (ssam-f) draws sam_fisher_samples examples from the trainer's train_dataset for its"
+            " Fisher mask, and the trainer has none (a get_train_dataloader override that builds its own data?):"
+            " pass the map-style training set as train_dataset=, or use sam_method='ssam-d' (a dynamic mask, built"
+            " from the gradients)."
         )
     if args.sam_enabled and args.sam_mask == "fisher" and dataset is not None and not is_map_style(dataset):
         raise ValueError(

@@ -11,7 +11,7 @@ from hf_sam import SAMTrainer
 from hf_sam.components import build_ascent
 from hf_sam.masks import SparseMask, top_k_mask
 from hf_sam.perturbation import Perturbation, select_perturbed
-from tests.helpers import SequentialSAMTrainer, batches, copy_model, sam_args, tiny_bert, tiny_dataset
+from tests.helpers import VOCAB, SequentialSAMTrainer, batches, copy_model, sam_args, tiny_bert, tiny_dataset
 
 
 def mask_args(kind, sparsity=0.5, drop=0.5, seed=0):
@@ -107,6 +107,44 @@ def test_fisher_mask_is_the_top_k_of_a_hand_computed_fisher(tmp_path):
         assert torch.equal(got[n], expected[n]), n
 
 
+def _masked_lm_collator(seed):
+    """transformers' masked-LM collator over the tiny vocabulary: it draws each batch's masks at random."""
+    from tokenizers import Tokenizer, models
+    from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[MASK]": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                                        pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")  # fmt: skip
+    return DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.3, seed=seed)
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_fisher_passes_leave_the_training_batches_and_dropout_as_the_plain_trainer_has_them(tmp_path, seed):
+    # The Fisher examples go through the training collator between two steps: a masked-LM collator drew their masks
+    # from the global RNG (moving the next dropout masks) or from its own seeded generator (moving the next batches'
+    # masks). At rho 0 SSAM-F's weights ended 0.29 (global RNG) and 0.08 (seeded collator) away from Trainer's.
+    from transformers import BertConfig, BertForMaskedLM, Trainer
+
+    def model():
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=24, max_position_embeddings=16)  # fmt: skip
+        return BertForMaskedLM(config)  # dropout 0.1
+
+    data = tiny_dataset().remove_columns("labels")
+    args = dict(max_steps=3)
+    plain = Trainer(model=model(), args=sam_args(tmp_path / "p", **args), train_dataset=data,
+                    data_collator=_masked_lm_collator(seed))  # fmt: skip
+    plain.train()
+    ssam_f = dict(sam_method="ssam-f", sam_rho=0.0, sam_fisher_samples=4, sam_mask_interval=1)
+    sam = SAMTrainer(model=model(), args=sam_args(tmp_path / "s", **ssam_f, **args), train_dataset=data,
+                     data_collator=_masked_lm_collator(seed))  # fmt: skip
+    sam.train()
+    assert len(sam._sam.perturbation.mask.fisher_indices) == 4  # a refresh at every step
+    for name, p in plain.model.named_parameters():
+        assert torch.equal(p, sam.model.get_parameter(name)), name
+
+
 def test_fisher_mask_on_an_iterable_dataset_is_a_clear_error_before_training(tmp_path):
     model = tiny_bert()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -121,6 +159,27 @@ def test_fisher_mask_on_an_iterable_dataset_is_a_clear_error_before_training(tmp
                          sam_mask_interval=1), train_dataset=tiny_dataset().to_iterable_dataset())  # fmt: skip
     dynamic.train()
     assert dynamic.state.global_step == 2
+
+
+def test_fisher_mask_without_a_train_dataset_is_a_clear_error_before_training(tmp_path):
+    # A get_train_dataloader override feeds the steps and the trainer got no train_dataset: the first Fisher refresh
+    # failed with "TypeError: object of type 'NoneType' has no len()".
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+
+    data = tiny_dataset().with_format("torch")
+
+    class OwnLoader(SAMTrainer):
+        def get_train_dataloader(self):
+            return DataLoader(data, batch_size=4, collate_fn=default_data_collator)
+
+    model = tiny_bert()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = OwnLoader(model=model, args=sam_args(tmp_path, sam_method="ssam-f"))
+    with pytest.raises(ValueError, match="sam_mask='fisher'.*train_dataset=.*ssam-d"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_dynamic_mask_on_an_iterable_dataset_needs_its_refresh_interval(tmp_path):
