@@ -54,6 +54,7 @@ from .setup_checks import (
     check_host_batches,
     check_loss_term_setup,
     check_own_optimizer,
+    check_sam_run,
     check_sam_setup,
     check_train_dataset,
     check_training_args,
@@ -208,29 +209,43 @@ class SAMMixin:
             self._sam.weight_ema = None
 
     def _hp_search_setup(self, trial) -> None:
-        # Trainer sets a hyperparameter-search trial's values on the arguments with `setattr`, inside `train()`.
-        names = [f.name for f in dataclasses.fields(SAMArgumentsMixin)]
-        before = {name: getattr(self.args, name) for name in names}
+        # Trainer sets a hyperparameter-search trial's values on the arguments with `setattr`, inside `train()` and
+        # after `model_init` built the trial's model, past the checks of __init__ and train(): they run again here.
+        if self.hp_search_backend is None or trial is None:
+            return super()._hp_search_setup(trial)  # no trial: Trainer sets nothing
+        fields = [f.name for f in dataclasses.fields(self.args)]
+        sam_fields = {f.name for f in dataclasses.fields(SAMArgumentsMixin)}
+        before = {name: getattr(self.args, name) for name in fields}
+        given = getattr(self.args, "_sam_given", None)
         kind = _setup_kind(self.args)
         super()._hp_search_setup(trial)
-        changed = {name: getattr(self.args, name) for name in names if getattr(self.args, name) != before[name]}
-        if changed:
-            given = getattr(self.args, "_sam_given", None)
-            try:
-                self.args._sam_apply_trial(changed)  # the fields derived from the searched ones follow them
-                if _setup_kind(self.args) != kind:
-                    raise ValueError(
-                        f"The hyperparameter-search trial sets {changed}, which changes what {type(self).__name__}"
-                        " set up when it was built (whether SAM steps run, the loss term, the weight average, the"
-                        " method's own optimizer). Search within one kind of method, or build one trainer per kind."
-                    )
-            except ValueError:
-                for name, value in before.items():  # a refused trial leaves the arguments as the last good one
-                    setattr(self.args, name, value)
-                self.args._sam_given = given
-                raise
-            if getattr(self, "is_fsdp_enabled", False):
-                self.args.sam_ascent_sync = True  # as check_sam_setup set it (FSDP2 shards the ascent gradient)
+        changed = {name: getattr(self.args, name) for name in fields if getattr(self.args, name) != before[name]}
+        sam_changed = {name: value for name, value in changed.items() if name in sam_fields}
+        try:
+            if sam_changed:
+                self.args._sam_apply_trial(sam_changed)  # the fields derived from the searched ones follow them
+            else:
+                # The trial's other fields against the sam_* ones: a searched gradient_accumulation_steps with a
+                # descent transform in micro mode, which skips it.
+                self.args.check_after_changes()
+            if _setup_kind(self.args) != kind:
+                raise ValueError(
+                    f"The hyperparameter-search trial sets {sam_changed}, which changes what {type(self).__name__}"
+                    " set up when it was built (whether SAM steps run, the loss term, the weight average, the"
+                    " method's own optimizer). Search within one kind of method, or build one trainer per kind."
+                )
+            # The trial's model and values, as __init__ and train() checked the first ones (a searched sam_include
+            # matching nothing, ssam-f on an iterable training set); under FSDP this also syncs the ascent again.
+            if self.args.sam_enabled:
+                check_sam_run(self)
+            if self.args.sam_loss_term != "none":
+                check_loss_term_setup(self)
+            check_train_dataset(self)
+        except ValueError:
+            for name in {*changed, *sam_fields}:  # a refused trial leaves the arguments as the last good one
+                setattr(self.args, name, before[name])
+            self.args._sam_given = given
+            raise
 
     def evaluate(self, *args: Any, **kwargs: Any):
         with self._sam_unperturbed(), self._sam_averaged_weights(), resharded_after(self.model):

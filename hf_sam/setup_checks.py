@@ -26,7 +26,15 @@ logger = logging.get_logger(__name__)
 
 
 def check_sam_setup(trainer) -> None:
-    """The SAM-step methods: distributed backends, ESAM's SWP, the perturbed set, AdaSAM's optimizer."""
+    """The SAM-step methods, when the trainer is built: `check_sam_run`, then AdaSAM's optimizer handed to Trainer."""
+    check_sam_run(trainer)
+    if METHODS[trainer.args.sam_method].optimizer is not None:
+        _use_the_method_optimizer(trainer, METHODS[trainer.args.sam_method].optimizer)
+
+
+def check_sam_run(trainer) -> None:
+    """The SAM-step methods: distributed backends, ESAM's SWP, the perturbed set. Checked when the trainer is built
+    and again for every hyperparameter-search trial (its values, and the model `model_init` built for it)."""
     args = trainer.args
     _check_backends(trainer)
     if args.sam_direction == "momentum" and getattr(trainer, "is_deepspeed_enabled", False):
@@ -65,8 +73,6 @@ def check_sam_setup(trainer) -> None:
             f"No trainable parameter matches sam_include={args.sam_include!r} and"
             f" sam_exclude={args.sam_exclude!r}: nothing would be perturbed. Loosen the regexes."
         )
-    if METHODS[args.sam_method].optimizer is not None:
-        _use_the_method_optimizer(trainer, METHODS[args.sam_method].optimizer)
 
 
 def _use_the_method_optimizer(trainer, optimizer_cls: type) -> None:

@@ -780,6 +780,27 @@ def test_a_hyperparameter_search_trial_resolves_the_sam_fields_again(tmp_path, m
     assert trainer.args.sam_method == "asam" and trainer.args.sam_rho == 0.02  # the last good trial's
 
 
+def test_a_hyperparameter_search_trial_is_checked_as_the_trainer_was_built(tmp_path, monkeypatch):
+    # Only the trial's sam_* fields were checked again: a searched gradient_accumulation_steps let Stable SAM's
+    # whole-window rescale run in micro mode, which skips it (the trial trained exactly as plain SAM), and the
+    # checks __init__ and train() made of the model, the launcher and the data were skipped: a searched sam_include
+    # matching nothing trained at twice the cost with nothing perturbed (sam/eps_norm 0), a searched ssam-f on an
+    # iterable training set failed with "object of type 'IterableDataset' has no len()".
+    args = sam_args(tmp_path, sam_method="stable-sam", sam_accumulation="micro", max_steps=2)
+    trainer = SAMTrainer(model_init=lambda: tiny_bert(), args=args, train_dataset=tiny_dataset(16))
+    with pytest.raises(ValueError, match="use --sam_accumulation window"):
+        _run_trial(trainer, {"gradient_accumulation_steps": 2}, monkeypatch)
+    assert trainer.args.gradient_accumulation_steps == 1  # the last good trial's
+    with pytest.raises(ValueError, match="No trainable parameter matches sam_include='nothing'"):
+        _run_trial(trainer, {"sam_include": "nothing"}, monkeypatch)
+    assert trainer.args.sam_include is None
+    iterable = tiny_dataset(16).to_iterable_dataset()
+    trainer = SAMTrainer(model_init=lambda: tiny_bert(), args=sam_args(tmp_path, max_steps=2), train_dataset=iterable)
+    with pytest.raises(ValueError, match="needs a map-style train_dataset"):
+        _run_trial(trainer, {"sam_method": "ssam-f"}, monkeypatch)
+    assert trainer.args.sam_method == "sam" and trainer.args.sam_mask == "none"
+
+
 def test_adasam_takes_the_learning_rate_of_a_hyperparameter_search_trial(tmp_path, monkeypatch):
     # AdaSAM's optimizer kwargs were read from the arguments once, when the trainer was built: a searched
     # learning_rate (the usual search) left every trial at the first one.
