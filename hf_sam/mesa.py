@@ -25,18 +25,13 @@ from .loss_term import (
     token_mask,
     unwrapped_model,
 )
-from .tensors import DTensor, local, resharded_after
+from .tensors import DTensor, average_dtype, local, resharded_after
 from .weight_ema import lerp_float32_, warmed_up_decay
-
-
-def _average_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """float32 for bf16 / fp16 weights (as `WeightEMA`), the weights' own dtype otherwise."""
-    return torch.float32 if tensor.is_floating_point() and tensor.element_size() < 4 else tensor.dtype
 
 
 def _float32_average(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The EMA's working copy: a float32 copy of each lower-precision tensor, the tensor itself otherwise."""
-    return [t.detach().to(_average_dtype(t), copy=True) if _average_dtype(t) != t.dtype else t for t in tensors]
+    return [t.detach().to(average_dtype(t), copy=True) if average_dtype(t) != t.dtype else t for t in tensors]
 
 
 class EMATeacher:
@@ -128,7 +123,7 @@ class ShardedEMATeacher(EMATeacher):
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in named]
         self.student = [p for _, p in named]
-        self.ema = [local(p).detach().to(_average_dtype(p), copy=True) for p in self.student]
+        self.ema = [local(p).detach().to(average_dtype(p), copy=True) for p in self.student]
         self.average = self.ema  # its own tensors, kept in float32: nothing to sync
         self._held = [torch.empty_like(local(p)) for p in self.student]  # the student's shards during a forward
 

@@ -579,8 +579,10 @@ class SAMMixin:
                 with descent_sync:
                     perturbed = self._sam_perturbed_pass(model, shard, num_items_in_batch, rng, clean, examples)
                 self._sam.perturbation.restore()
-                total_clean = total_clean + clean
-                total_perturbed = total_perturbed + perturbed
+                # Summed in float32, as Trainer sums the losses it logs: a bf16 model's shard losses summed in bf16
+                # were rounded at each addition.
+                total_clean = total_clean + clean.float()
+                total_perturbed = total_perturbed + perturbed.float()
         dropped = index == len(window) - 1 and not self._sam.guard.update_is_finite(self)
         self._sam_record_losses(total_clean, total_perturbed, index, len(window), dropped=dropped)
         return total_clean
@@ -861,8 +863,11 @@ class SAMMixin:
         self._sam.step_losses.append((clean, perturbed))
         if index < window_size - 1:
             return
-        clean = sum(c for c, _ in self._sam.step_losses)
-        perturbed = sum(p for _, p in self._sam.step_losses)
+        # In float32, as Trainer accumulates its logged loss: a bf16 model's micro-batch losses summed in bf16 were
+        # rounded at each addition, and sam/sharpness (a small difference of two such sums) read 0.031 where the
+        # losses of a window of 8 gave 0.037.
+        clean = sum(c.float() for c, _ in self._sam.step_losses)
+        perturbed = sum(p.float() for _, p in self._sam.step_losses)
         self._sam.step_losses = []
         if dropped:
             # The guard dropped the update on every rank: a rank whose own loss at w + eps was finite leaves the step

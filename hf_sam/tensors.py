@@ -83,9 +83,25 @@ def global_norm(tensors: list[torch.Tensor], group: dist.ProcessGroup | None = N
     return squared.sqrt()
 
 
+def average_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype to keep a running average of `tensor` in (a weight's, a gradient's): float32 for bf16 and fp16, whose
+    resolution rounds an average's small updates away, the tensor's own dtype otherwise (float64 and complex
+    tensors included, whose values float32 would round or drop)."""
+    return torch.float32 if tensor.is_floating_point() and tensor.element_size() < 4 else tensor.dtype
+
+
+def _real_parts(tensor: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real and imaginary parts side by side (a real view), a real tensor as it is."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
 def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """Inner product of two parameter-shaped lists, in fp32, summed over shards under FSDP2."""
-    products = [(local(x).float() * local(y).float()).sum() for x, y in zip(a, b)]
+    """Inner product of two parameter-shaped lists, in fp32, summed over shards under FSDP2.
+
+    A complex parameter counts as its real and imaginary parts, as its norm does (Re <x, y>): `.float()` of a complex
+    tensor keeps the real part alone.
+    """
+    products = [(_real_parts(local(x)).float() * _real_parts(local(y)).float()).sum() for x, y in zip(a, b)]
     total = torch.stack(products).sum() if products else torch.zeros(())
     group = shard_group(a)
     if group is not None:

@@ -2,7 +2,8 @@
 
 Averaging the iterates is what Kaddour et al. (2022, "When Do Flat Minima Optimizers Work?") found to be the other
 route to flat minima, and it composes with SAM: the average of a trajectory that bounces across a valley sits near
-its floor. It costs one multiply-add over the trainable weights per optimizer step and one float32 copy of them.
+its floor. It costs one multiply-add over the trainable weights per optimizer step and one copy of them
+(float32 for bf16 / fp16 weights).
 
 The decay warms up, d_t = min(decay, (1 + t) / (10 + t)) after t updates (as TensorFlow's
 `ExponentialMovingAverage(num_updates=...)`), so a short run averages over its recent steps rather than over its
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import check_state_keys
-from .tensors import local
+from .tensors import average_dtype, local
 
 
 def warmed_up_decay(decay: float, updates: int) -> float:
@@ -32,7 +33,7 @@ def warmed_up_decay(decay: float, updates: int) -> float:
 
 @torch.no_grad()
 def lerp_float32_(averages: list[torch.Tensor], weights: list[torch.Tensor], weight: float) -> None:
-    """averages <- averages + weight (weights - averages), for float32 averages of weights in any float dtype.
+    """averages <- averages + weight (weights - averages), for averages kept in `average_dtype` of their weights.
 
     Weights of the averages' dtype go through one foreach lerp, without a copy. A bf16 / fp16 weight is upcast one
     tensor at a time: a list of upcasts would hold a float32 copy of all the weights at once, every step, as large as
@@ -47,7 +48,8 @@ def lerp_float32_(averages: list[torch.Tensor], weights: list[torch.Tensor], wei
 
 
 class WeightEMA:
-    """Float32 moving average of `params` (their local shards under FSDP2).
+    """Moving average of `params` (their local shards under FSDP2), in float32 for bf16 / fp16 weights and in the
+    weights' own dtype otherwise (`average_dtype`: a float32 average of complex weights dropped their imaginary part).
 
     Args:
         named_params (`list[tuple[str, nn.Parameter]]`): The trainable parameters, by name.
@@ -60,7 +62,7 @@ class WeightEMA:
         self.decay = decay
         self.updates = 0
         with torch.no_grad():
-            self.average = [local(p).detach().to(torch.float32, copy=True) for p in self.params]
+            self.average = [local(p).detach().to(average_dtype(p), copy=True) for p in self.params]
 
     def current_decay(self) -> float:
         """The decay of the next update: warmed up by the number of updates so far."""

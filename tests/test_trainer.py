@@ -13,6 +13,7 @@ from hf_sam.gsam import rho_min
 from hf_sam.optim import AdaSAMOptimizer
 from tests.helpers import (
     LABELS,
+    VOCAB,
     SequentialSAMTrainer,
     SequentialTrainer,
     assert_same_weights,
@@ -695,6 +696,55 @@ def test_bf16_autocast_trains_and_restores_exactly(tmp_path, method, weights_dty
     assert any(not torch.equal(before[n], p) for n, p in state(trainer.model).items())
 
 
+class ComplexMix(torch.nn.Module):
+    """A classifier with a complex weight, or (`as_real`) the same weight held as its real and imaginary parts."""
+
+    def __init__(self, as_real: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = torch.nn.Embedding(VOCAB, 8)
+        mix = torch.randn(8, 8, dtype=torch.complex64) / 3
+        self.as_real = as_real
+        if as_real:
+            self.mix_real, self.mix_imag = torch.nn.Parameter(mix.real.clone()), torch.nn.Parameter(mix.imag.clone())
+        else:
+            self.mix = torch.nn.Parameter(mix)
+        self.head = torch.nn.Linear(8, LABELS)
+
+    def weight(self) -> torch.Tensor:
+        return torch.complex(self.mix_real, self.mix_imag) if self.as_real else self.mix
+
+    def forward(self, input_ids, labels):
+        logits = self.head((self.embedding(input_ids).mean(1).to(torch.complex64) @ self.weight()).abs())
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"sam_method": "sam"},
+        {"sam_method": "gsam", "gsam_alpha": 0.5, "sam_rho": 0.5},
+        {"sam_method": "looksam", "looksam_alpha": 0.7, "sam_rho": 0.5, "max_steps": 6},
+        {"sam_method": "none", "weight_ema_decay": 0.9},
+    ],
+)
+def test_a_complex_weight_trains_as_its_real_and_imaginary_parts(tmp_path, overrides):
+    # The loss sees the same weight either way and PyTorch's gradient of a complex weight is that of its two parts, so
+    # SAM, its descent transforms and the weight average must not tell them apart. GSAM's and LookSAM's inner
+    # products took the real parts alone (weights 0.003 and 0.055 apart), and the float32 weight average dropped the
+    # imaginary part of the model it left after training.
+    weights = []
+    for as_real in (False, True):
+        model = ComplexMix(as_real)
+        trainer = SequentialSAMTrainer(model=model, args=sam_args(tmp_path / str(as_real), **overrides),
+                                       train_dataset=tiny_dataset(),
+                                       optimizers=(torch.optim.SGD(model.parameters(), lr=0.5), None))  # fmt: skip
+        trainer.train()
+        weights.append(trainer.model.weight().detach())
+    assert weights[0].imag.abs().max() > 0.1
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- features
 
 
@@ -1027,6 +1077,37 @@ def test_logged_eps_norm_is_the_perturbation_applied(tmp_path, overrides, expect
             assert math.isclose(norm, expected, rel_tol=1e-5), norms
         else:
             assert 0 < norm < 0.9 * rho, norms
+
+
+class LossRecordingTrainer(SequentialSAMTrainer):
+    """Records every micro-batch's clean and perturbed loss as the step hands them to the metrics."""
+
+    def _sam_record_losses(self, clean, perturbed, index, window_size, dropped=False):
+        self.recorded.append((clean.detach().clone(), perturbed.detach().clone()))
+        return super()._sam_record_losses(clean, perturbed, index, window_size, dropped)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"sam_accumulation": "micro"}, {"sam_method": "msam"}])
+def test_logged_losses_of_bf16_weights_are_summed_in_float32_as_trainer_sums_its_loss(tmp_path, overrides):
+    # A bf16 model returns bf16 losses. Summed over a window of 8 in bf16, each addition was rounded (to 0.0078 near
+    # 1): sam/perturbed_loss was logged as 1.125 and sam/sharpness as 0.031 where the micro-batches' own losses gave
+    # 1.133 and 0.037, while Trainer sums its `loss` in float32.
+    trainer = LossRecordingTrainer(
+        model=tiny_bert().to(torch.bfloat16), train_dataset=tiny_dataset(16),
+        args=sam_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=8, max_steps=2,
+                      **overrides),
+    )  # fmt: skip
+    trainer.recorded = []
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "sam/sharpness" in h]
+    assert len(logs) == 2 and len(trainer.recorded) == 16
+    for step, entry in enumerate(logs):
+        window = trainer.recorded[8 * step : 8 * step + 8]
+        clean = torch.stack([c.float() for c, _ in window]).double().sum()
+        perturbed = torch.stack([p.float() for _, p in window]).double().sum()
+        assert math.isclose(entry["loss"], clean.item(), rel_tol=1e-6)  # Trainer's own float32 sum
+        assert math.isclose(entry["sam/perturbed_loss"], perturbed.item(), rel_tol=1e-6)
+        assert math.isclose(entry["sam/sharpness"], (perturbed - clean).item(), rel_tol=1e-4, abs_tol=1e-6)
 
 
 def test_esam_swp_under_torch_compile_warns_of_recompiles(tmp_path):
