@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .tensors import global_norm, local
+from .tensors import bounded_groups, global_norm, local
 
 
 NORM_EPS = 1e-12
@@ -48,14 +48,24 @@ class AdaptiveAscent(AscentRule):
         scale_all = self.args.sam_adaptive_bias
         weights = [i for i, name in enumerate(names) if scale_all or not name.endswith("bias")]
         weight_grads = [local(grads[i]) for i in weights]
-        operator = torch._foreach_abs([local(params[i]) for i in weights])
-        torch._foreach_add_(operator, self.args.sam_adaptive_eta)
-        torch._foreach_mul_(weight_grads, operator)  # grads now hold T g
+        weight_params = [local(params[i]) for i in weights]
+        # T is built group by group, twice (the same bits both times): kept for every tensor between the two
+        # multiplications, it would be one more copy of the perturbed weights at every step.
+        groups = bounded_groups(weight_params)
+        for group in groups:
+            self._times_operator([weight_grads[j] for j in group], [weight_params[j] for j in group])  # T g
         norm = global_norm(grads)
         scale = rho / (norm + NORM_EPS)
-        torch._foreach_mul_(weight_grads, operator)  # T^2 g on weights; T = 1 on biases
-        torch._foreach_mul_([local(g) for g in grads], scale)
+        for group in groups:
+            self._times_operator([weight_grads[j] for j in group], [weight_params[j] for j in group])  # T^2 g
+        torch._foreach_mul_([local(g) for g in grads], scale)  # T = 1 on biases
         return torch.isfinite(norm)
+
+    def _times_operator(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> None:
+        """grads <- T grads, T = |w| + eta."""
+        operator = torch._foreach_abs(params)
+        torch._foreach_add_(operator, self.args.sam_adaptive_eta)
+        torch._foreach_mul_(grads, operator)
 
 
 class UnnormalizedAscent(AscentRule):

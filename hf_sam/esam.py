@@ -119,13 +119,16 @@ def top_rise_per_class(rise: torch.Tensor, labels: torch.Tensor, gamma: float) -
     classes' examples together and hardly touches others (docs/methods.md#esam). Ranked within each class, every
     class in the batch keeps its share of the descent.
     """
-    _, classes = torch.unique(labels, return_inverse=True)  # any integer ids, as 0..C-1
     by_rise = torch.argsort(rise, descending=True)
-    order = by_rise[torch.argsort(classes[by_rise], stable=True)]  # grouped by class, by rise within each
-    grouped = classes[order]
-    counts = torch.bincount(grouped)
-    rank = torch.arange(len(order), device=rise.device) - (torch.cumsum(counts, 0) - counts)[grouped]
-    return order[rank < torch.ceil(counts * gamma).long()[grouped]]
+    order = by_rise[torch.argsort(labels[by_rise], stable=True)]  # grouped by class, by rise within each
+    grouped = labels[order].long()  # sorted: each class's examples form one run
+    # Each example's class: where it starts in `order` and its size, found in the sorted run. torch.unique and
+    # torch.bincount size their outputs from the labels, so on an accelerator each made the host wait for the device;
+    # the selection's one host read is its own size, below (docs/methods.md#esam).
+    first = torch.searchsorted(grouped, grouped)
+    counts = torch.searchsorted(grouped, grouped, right=True) - first
+    rank = torch.arange(len(order), device=rise.device) - first
+    return order[rank < torch.ceil(counts * gamma).long()]
 
 
 def take_examples(inputs: dict[str, Any], index: torch.Tensor, batch: int) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .ascent import NORM_EPS, AscentRule
-from .tensors import average_dtype, global_norm, local
+from .tensors import average_dtype, bounded_groups, global_norm, local
 
 
 class FriendlyAscent(AscentRule):
@@ -27,7 +27,6 @@ class FriendlyAscent(AscentRule):
         self.started: torch.Tensor | None = None
 
     def __call__(self, names, params, grads, rho, grad_unit, grad_norm) -> torch.Tensor:
-        sigma, lam = self.args.fsam_sigma, self.args.fsam_lambda
         grads_local = [local(g) for g in grads]
         if not (isinstance(grad_unit, float) and grad_unit == 1.0):  # fp32/bf16 window mode: .grad already is g
             torch._foreach_mul_(grads_local, grad_unit)  # true gradient g
@@ -43,24 +42,31 @@ class FriendlyAscent(AscentRule):
         if not known:
             self.started = finite  # the first step: m holds g only if g was finite
         else:
-            grads_known, previous = [g for g, _ in known], [m for _, m in known]
-            # d = g - sigma m_prev, and m <- lam m_prev + (1 - lam) g, computed before g is overwritten by d.
-            new_ema = torch._foreach_mul(previous, lam)
-            torch._foreach_add_(new_ema, grads_known, alpha=1 - lam)
-            if self.started is not None:
-                # m_prev is still 0 when every earlier g overflowed (fp16): then this step is the first, so d = g (as
-                # below, since m_prev = 0) and m starts as g, not as (1 - lam) g.
-                started = self.started.to(finite.device)
-                for value, g in zip(new_ema, grads_known):
-                    torch.where(started, value, g, out=value)
+            # m_prev is still 0 when every earlier g overflowed (fp16): then this step is the first, so d = g (as
+            # below, since m_prev = 0) and m starts as g, not as (1 - lam) g.
+            started = self.started.to(finite.device) if self.started is not None else None
+            # Group by group: the new average of every tensor at once would be one more copy of the perturbed weights.
+            for group in bounded_groups([g for g, _ in known]):
+                self._step([known[j][0] for j in group], [known[j][1] for j in group], finite, started)
+            if started is not None:
                 self.started = started | finite
-            torch._foreach_add_(grads_known, previous, alpha=-sigma)  # in float32, rounded once to g's dtype
-            for value, old in zip(new_ema, previous):
-                torch.where(finite, value, old, out=old)  # in place: no temporary, no copy
         norm = global_norm(grads)  # of d: inf when the EMA is huge (a corrupt state), which skips the ascent
         scale = rho / (norm + NORM_EPS)
         torch._foreach_mul_(grads_local, scale)
         return torch.isfinite(norm)
+
+    def _step(self, grads, previous, finite: torch.Tensor, started: torch.Tensor | None) -> None:
+        """d = g - sigma m_prev into `grads`, and m <- lam m_prev + (1 - lam) g into `previous` where g is finite."""
+        sigma, lam = self.args.fsam_sigma, self.args.fsam_lambda
+        # The new average is computed before g is overwritten by d.
+        new_ema = torch._foreach_mul(previous, lam)
+        torch._foreach_add_(new_ema, grads, alpha=1 - lam)
+        if started is not None:
+            for value, g in zip(new_ema, grads):
+                torch.where(started, value, g, out=value)
+        torch._foreach_add_(grads, previous, alpha=-sigma)  # in float32, rounded once to g's dtype
+        for value, old in zip(new_ema, previous):
+            torch.where(finite, value, old, out=old)  # in place: no temporary, no copy
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"fsam_ema.{name}": value for name, value in self.ema.items()}

@@ -109,6 +109,25 @@ def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+def bounded_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of `tensors` in consecutive groups of at most the largest tensor's bytes each (its local shard's).
+
+    A foreach op that returns new tensors (`torch._foreach_abs`) run group by group holds one tensor's worth of them
+    at a time instead of a copy of every tensor, in a few calls rather than one per tensor.
+    """
+    sizes = [local(t).numel() * local(t).element_size() for t in tensors]
+    limit = max(sizes, default=0)
+    groups: list[list[int]] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if not groups or total + size > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
+
+
 def zero_non_finite_(tensors: list[torch.Tensor]) -> None:
     """Replace NaN and +-inf entries by 0 in place (there is no `_foreach_nan_to_num_`)."""
     for tensor in tensors:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import copy
+import os
+import traceback
 import weakref
 
 import torch
@@ -12,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import SequentialSampler
 from transformers import BertConfig, BertForSequenceClassification, Trainer
 
+import hf_sam
 from hf_sam import SAMTrainer, SAMTrainingArguments
 
 
@@ -154,3 +158,70 @@ class PeakNewTensorBytes(TorchDispatchMode):
                 self.peak = max(self.peak, self.live)
                 weakref.finalize(tensor, self._free, nbytes)
         return out
+
+
+# Ops that make the host wait for an accelerator: reading a value (`.item()`, `bool()`, `float()`), and ops whose
+# output size depends on the data (their kernels read it on the host).
+_SYNCING_OPS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+    torch.ops.aten._unique2.default,
+    torch.ops.aten.unique_dim.default,
+    torch.ops.aten.unique_consecutive.default,
+    torch.ops.aten.bincount.default,
+    torch.ops.aten.equal.default,
+    torch.ops.aten.repeat_interleave.Tensor,
+}
+# Copies to the host, which on the CPU dispatch no op (the tensor already is there).
+_HOST_COPIES = ("tolist", "numpy", "cpu")
+_HF_SAM_DIR = os.path.dirname(os.path.abspath(hf_sam.__file__))
+
+
+class HostSyncs(TorchDispatchMode):
+    """Within the block: the calls made from hf_sam's own code that would make the host wait for an accelerator
+    (reading a value, an op whose output size depends on the data, a copy to the host). On the CPU nothing waits,
+    but the same calls block on CUDA, so the count is what a GPU run would pay.
+
+    `counts[(key(), "file.py:function")]` counts them by what `key()` returned when they ran (e.g. the optimizer
+    step; calls while it returns None are not counted) and by the hf_sam function that made them.
+    """
+
+    def __init__(self, key):
+        super().__init__()
+        self.key = key
+        self.counts: collections.Counter = collections.Counter()
+        self._patched: dict[str, object] = {}
+
+    def _note(self) -> None:
+        key = self.key()
+        if key is None:
+            return
+        frames = [f for f in traceback.extract_stack()[:-2] if os.sep + "torch" + os.sep not in f.filename]
+        frame = next((f for f in reversed(frames) if f.filename != __file__), None)
+        if frame is not None and os.path.dirname(os.path.abspath(frame.filename)) == _HF_SAM_DIR:
+            self.counts[(key, f"{os.path.basename(frame.filename)}:{frame.name}")] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        )
+        if func in _SYNCING_OPS or boolean_index:
+            self._note()
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for name in _HOST_COPIES:
+            original = self._patched[name] = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self._note()
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._patched.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)

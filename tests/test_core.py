@@ -143,6 +143,36 @@ def test_global_norm_of_half_precision_tensors_is_not_rounded_to_their_dtype(dty
     assert math.isclose(result.item(), exact.item(), rel_tol=1e-6), (result.item(), exact.item())
 
 
+@pytest.mark.parametrize("rule", ["adaptive", "fsam"])
+def test_an_ascent_rule_holds_one_tensors_worth_of_temporaries(rule):
+    # ASAM's T = |w| + eta and F-SAM's new average were built for every tensor at once: one more copy of the
+    # perturbed weights at every SAM step, beside the gradient and the backup. Built group by group, as much as the
+    # largest tensor is held at a time.
+    from tests.helpers import PeakNewTensorBytes
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(32, 16)] * 6 + [(16,)] * 2
+    names = [f"t{i}.weight" for i in range(len(shapes))]
+    params = [torch.randn(s, generator=generator) for s in shapes]
+    ascent = build_ascent(rule_args(sam_ascent=rule, sam_adaptive_bias=True))
+    first = [torch.randn(s, generator=generator) for s in shapes]
+    average = [g.clone() for g in first]  # F-SAM's, after its first step
+    ascent(names, params, first, 0.05, 1.0, global_norm(first))
+    grads = [torch.randn(s, generator=generator) for s in shapes]
+    expected = [g.clone() for g in grads]
+    if rule == "adaptive":
+        t = [p.abs() + 0.01 for p in params]
+        norm = global_norm([ti * g for ti, g in zip(t, expected)])
+        expected = [0.05 * ti * ti * g / (norm + 1e-12) for ti, g in zip(t, expected)]
+    else:
+        d = [g - m for g, m in zip(expected, average)]  # sigma 1
+        expected = [0.05 * x / (global_norm(d) + 1e-12) for x in d]
+    with PeakNewTensorBytes() as counted:
+        ascent(names, params, grads, 0.05, 1.0, global_norm(grads))
+    assert counted.peak < sum(4 * math.prod(s) for s in shapes) / 4  # one (32, 16) tensor at a time
+    torch.testing.assert_close(grads, expected)
+
+
 def test_fsam_first_step_is_sam_then_subtracts_the_previous_ema():
     model = mlp()
     named = select_perturbed(model, None, None)

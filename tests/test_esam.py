@@ -67,6 +67,17 @@ def test_per_class_selection_keeps_each_class_share():
     assert len(chosen) == len(set(chosen.tolist())) == 3 + 3 + 8
 
 
+def test_per_class_selection_reads_only_its_size_on_the_host():
+    # The subset's size depends on the labels, so reading it is the selection's one host sync per micro-batch on an
+    # accelerator; torch.unique and torch.bincount each added another (docs/methods.md#esam).
+    from tests.helpers import HostSyncs
+
+    rise, labels = torch.randn(40), torch.tensor([7, -3, 1000, 7, 7] * 8)
+    with HostSyncs(lambda: "select") as syncs:
+        top_rise_per_class(rise, labels, 0.3)
+    assert dict(syncs.counts) == {("select", "esam.py:top_rise_per_class"): 1}
+
+
 def test_batch_ranking_drops_a_class_that_per_class_ranking_keeps():
     # The failure this guards against (docs/methods.md#esam): the rise is mostly first order, so one class can sit
     # below every other; ranked over the batch it never reaches the descent.

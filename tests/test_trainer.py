@@ -2,6 +2,7 @@
 
 import math
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from hf_sam.optim import AdaSAMOptimizer
 from tests.helpers import (
     LABELS,
     VOCAB,
+    HostSyncs,
     SequentialSAMTrainer,
     SequentialTrainer,
     assert_same_weights,
@@ -284,6 +286,56 @@ def test_rho_zero_is_plain_trainer_when_an_iterable_dataset_runs_out_inside_a_wi
     sam_logs = [h for h in sam.state.log_history if "loss" in h]
     assert [h["loss"] for h in plain_logs] == [h["loss"] for h in sam_logs]
     assert [h["loss"] for h in sam_logs] == pytest.approx([h["sam/perturbed_loss"] for h in sam_logs], rel=1e-6)
+
+
+class _StepInProgress(TrainerCallback):
+    """The optimizer step in progress (None between steps, where Trainer prefetches, logs and saves), and the steps
+    that ran SAM."""
+
+    def __init__(self, trainer):
+        self.trainer, self.step, self.sam_steps = trainer, None, set()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.args.sam_enabled and self.trainer._sam.window_is_sam:
+            self.sam_steps.add(self.step)
+        self.step = None
+
+
+# Draws from a CPU generator (SS-SAM's coin, ESAM's kept tensors): host tensors on any device, nothing to wait for.
+HOST_DRAWS = {"schedules.py:is_sam_step", "esam.py:kept_tensors"}
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+@pytest.mark.parametrize("method", list(METHOD_CASES))
+def test_a_step_waits_for_the_device_only_for_the_guards_flag(tmp_path, method, ga):
+    # What a steady-state step of hf_sam reads on the host, where an accelerator makes it wait: the guard's flag once
+    # per SAM step (docs/methods.md#non-finite-values) and ESAM's per-class selection its size once per micro-batch;
+    # plain steps and the loss terms nothing. The metrics stay on the device until Trainer logs.
+    case = METHOD_CASES[method]
+    overrides = {"saf_start_epoch": 0.0} if method == "saf" else {}  # SAF's lookup runs from the first step
+    if ga > 1 and method != "none" and "sam_accumulation" not in case["args"]:
+        overrides["sam_accumulation"] = case["accumulation"][0]
+    steps = 4  # LookSAM's row runs SAM at steps 0 and 3; step 0 builds the pieces and Sparse SAM's first mask
+    args = sam_args(
+        tmp_path, max_steps=steps, logging_steps=2, gradient_accumulation_steps=ga, **case["args"], **overrides
+    )
+    # One epoch, so no mask is refreshed after step 0 (a refresh reads the mask's density, once per interval).
+    trainer = SequentialSAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset(4 * ga * steps))
+    now = _StepInProgress(trainer)
+    trainer.add_callback(now)
+    with HostSyncs(lambda: now.step) as syncs:
+        trainer.train()
+    selections = ga if case["args"].get("esam_gamma", 1) < 1 else 0
+    assert now.sam_steps or loss_term(method) or method == "none"
+    for step in range(1, steps):
+        found = Counter({site: n for (at, site), n in syncs.counts.items() if at == step and site not in HOST_DRAWS})
+        allowed = Counter()
+        if step in now.sam_steps:
+            allowed.update({"guard.py:update_is_finite": 1, "esam.py:top_rise_per_class": selections})
+        assert not found - allowed, f"step {step}: {dict(found)}"
 
 
 class _PassesANewDict:
