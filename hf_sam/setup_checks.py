@@ -157,8 +157,8 @@ def _check_deepspeed(trainer) -> None:
 
 def check_train_dataset(trainer) -> None:
     """At `train()`: SSAM-F draws its Fisher examples by position, so it needs a map-style training set (and one at
-    all, where a `get_train_dataloader` override feeds the steps); SSAM-D's
-    default refresh interval is an epoch, which a training set without a length does not have."""
+    all, where a `get_train_dataloader` override feeds the steps); SSAM-D's default refresh interval is an epoch,
+    which a training set without a length does not have."""
     args, dataset = trainer.args, trainer.train_dataset
     if (
         args.sam_enabled
