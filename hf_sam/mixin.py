@@ -44,7 +44,7 @@ from .metrics import SAMMetrics
 from .momentum_sam import first_moments, keeps_momentum, no_momentum_message
 from .msam import label_count, sequence_bounds, shard_sizes, split_batch, take_sequences
 from .radius import note_peak_lr, step_rho
-from .replay import bn_snapshot, capture_rng, frozen_bn_stats, restore_bn, restore_rng
+from .replay import bn_snapshot, capture_rng, frozen_bn_stats, restore_bn, restore_rng, rng_untouched
 from .run import SAMRun
 from .saf import INDEX_COLUMN, add_example_index, signature_with_index
 from .schedules import is_sam_step
@@ -63,7 +63,7 @@ from .setup_checks import (
     window_bypass_message,
 )
 from .sync import drop_deferred_grads, gradient_sync
-from .tensors import all_reduce_mean_, global_norm, local, resharded_after
+from .tensors import all_reduce_mean_, global_norm, resharded_after
 from .weight_ema import WeightEMA
 from .zero import ZeroStep, without_shm_comm_build
 
@@ -567,7 +567,7 @@ class SAMMixin:
                 self._sam.zero_grads()
                 if stash is not None:
                     # Back in .grad before the descent backward, so a synced backward all-reduces the full sum.
-                    torch._foreach_add_([local(p.grad) for p in stash], list(stash.values()))
+                    self._sam.add_back(stash)
                 if getattr(self, "is_fsdp_enabled", False):
                     # FSDP2 keeps an unsynced backward's gradient outside `.grad` (unsharded, until the next synced
                     # backward), out of reach of the stash and of the zeroing before the next ascent: sync each one.
@@ -612,13 +612,13 @@ class SAMMixin:
         ):
             return False
         if self._sam.loss_ignores_item_count is None:
-            rng = capture_rng(self.args.device)
             was_training = model.training
             model.eval()
             try:
                 # Off the record: a host that collects per-pass metrics in compute_loss (TRL's SFTTrainer) files these
                 # eval-mode forwards under its evaluation metrics, which the next `evaluate()` would average in.
                 with (
+                    rng_untouched(self.args.device),
                     torch.no_grad(),
                     self.compute_loss_context_manager(),
                     resharded_after(model),
@@ -630,7 +630,6 @@ class SAMMixin:
                     twice = self.compute_loss(model, dict(prepared), num_items_in_batch=2 * num_items_in_batch)
             finally:
                 model.train(was_training)
-                restore_rng(rng, self.args.device)
             if self.accelerator.num_processes > 1:
                 # Decided on the ranks' summed losses, so every rank decides at the same call: a rank whose own loss
                 # is 0 (no scored token in its micro-batch) would stay undecided and probe again alone next step.

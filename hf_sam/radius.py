@@ -37,8 +37,8 @@ def note_peak_lr(trainer) -> None:
     """At the run's first step (`SAMMixin._sam_build`): the peak of a plateau scheduler's lr, before any evaluation
     lowers it. Noted at the first SAM step instead, a schedule whose SAM steps start late (late-sam, ss-sam's ramp)
     took an lr already lowered for the peak and perturbed at the full radius there."""
-    if rho_min(trainer.args) < trainer.args.sam_rho and isinstance(trainer.lr_scheduler, PLATEAU_SCHEDULERS):
-        plateau_peak_lr(trainer)
+    if rho_min(trainer.args) < trainer.args.sam_rho:
+        peak_lr(trainer)  # records a plateau scheduler's (`plateau_peak_lr`); the others keep their own
 
 
 def peak_lr(trainer) -> float:
