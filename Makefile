@@ -2,7 +2,7 @@
 
 # The test command CI runs (README "Install and test"): everything but the `slow` marker.
 test:
-	python -m pytest -m "not slow" -q -n 2
+	python -m pytest -m "not slow" -q -n 2 --dist loadgroup
 
 test-all:
 	python -m pytest -q

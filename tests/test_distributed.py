@@ -21,6 +21,8 @@ import pytest
 import torch.distributed as dist
 
 from tests.distributed.fsdp_eval_check import CASES as FSDP_EVAL_CASES
+from tests.distributed.fsdp_trainer_check import PARTS as FSDP_TRAINER_PARTS
+from tests.distributed.fsdp_trainer_check import same_as_ddp_in
 from tests.method_cases import METHOD_CASES
 
 
@@ -40,9 +42,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+LAUNCH_TIMEOUT_S = 600
+# Each rank prints every thread's stack and exits this long after joining the group, so that a launch that hangs
+# says where before `LAUNCH_TIMEOUT_S` ends it (`process_group.start_gloo` reads it).
+HANG_REPORT_S = LAUNCH_TIMEOUT_S - 60
+
+
 def _launch(script: str, out: Path, *extra: str, launcher: tuple[str, ...] | None = None) -> dict:
-    """Run `script` in two processes (torchrun, or `launcher`: a command ending with its port flag) and read the JSON
-    it writes."""
+    """Run `script` in two processes and read the JSON it writes.
+
+    torchrun's standalone mode binds its rendezvous to a port the system picks (a port chosen here and freed
+    before torchrun binds it could be taken in between by another launch); `launcher` is a command that ends with
+    its port flag, for launchers that need a port named.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(
@@ -52,14 +64,24 @@ def _launch(script: str, out: Path, *extra: str, launcher: tuple[str, ...] | Non
         OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false",
         WANDB_DISABLED="true",
+        HF_SAM_CHECK_HANG_REPORT_S=str(HANG_REPORT_S),
     )
     if launcher is None:
-        launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port")
-    command = [*launcher, str(_free_port()), str(SCRIPTS / script), str(out), *extra]
-    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        command = [*launcher, str(_free_port())]
+    command += [str(SCRIPTS / script), str(out), *extra]
+    try:
+        proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired as timeout:
+        pytest.fail(
+            f"{script} {' '.join(extra)} ran past {LAUNCH_TIMEOUT_S} s\n--- stdout (tail) ---\n"
+            f"{(timeout.stdout or '')[-4000:]}\n--- stderr (tail) ---\n{(timeout.stderr or '')[-8000:]}",
+            pytrace=False,
+        )
     if proc.returncode != 0 or not out.exists():
         pytest.fail(
-            f"{script} exited with {proc.returncode}\n--- stdout (tail) ---\n{proc.stdout[-4000:]}"
+            f"{script} {' '.join(extra)} exited with {proc.returncode}\n--- stdout (tail) ---\n{proc.stdout[-4000:]}"
             f"\n--- stderr (tail) ---\n{proc.stderr[-8000:]}",
             pytrace=False,
         )
@@ -237,16 +259,25 @@ def test_fsdp_sharded_top_k_takes_exactly_k_entries_through_ties(fsdp):
 # ---------------------------------------------------------------------- SAMTrainer under FSDP2
 
 
-@pytest.fixture(scope="module")
-def fsdp_trainer(tmp_path_factory) -> dict:
-    _require_fsdp2()
-    return _launch("fsdp_trainer_check.py", tmp_path_factory.mktemp("fsdp_trainer") / "fsdp_trainer.json")
+def _fsdp_trainer_part(part: str):
+    """A module fixture `fsdp_<part>`: the results of one part of `fsdp_trainer_check.py`, launched once."""
+
+    @pytest.fixture(scope="module", name=f"fsdp_{part}")
+    def results(tmp_path_factory) -> dict:
+        _require_fsdp2()
+        return _launch("fsdp_trainer_check.py", tmp_path_factory.mktemp(f"fsdp_{part}") / "fsdp_trainer.json", part)
+
+    return results
+
+
+# One fixture per part: each is one launch, and the two test workers share them out.
+fsdp_reference, fsdp_table, fsdp_features, fsdp_resume = map(_fsdp_trainer_part, FSDP_TRAINER_PARTS)
 
 
 @pytest.mark.parametrize("name", ["none", "sam", "stable-sam"])
-def test_trainer_under_fsdp2_equals_full_batch_training(fsdp_trainer, name):
-    result = fsdp_trainer[name]
-    assert fsdp_trainer["world_size"] == 2
+def test_trainer_under_fsdp2_equals_full_batch_training(fsdp_reference, name):
+    result = fsdp_reference[name]
+    assert fsdp_reference["world_size"] == 2
     # The Trainer really sharded the model and built its optimizer over the shards.
     assert result["sharded_dtensor_params"] and result["optimizer_params_are_dtensors"], name
     assert result["steps_per_rank"] == [3, 3] and result["ranks_identical"], name
@@ -257,21 +288,15 @@ def test_trainer_under_fsdp2_equals_full_batch_training(fsdp_trainer, name):
         assert result["sam_passes_logged"] == [2.0, 2.0, 2.0], name
 
 
-def test_gradient_accumulation_under_fsdp2_equals_the_full_batch_reference(fsdp_trainer):
+def test_gradient_accumulation_under_fsdp2_equals_the_full_batch_reference(fsdp_reference):
     # GA 2 on two ranks: one perturbation from the whole window's gradient, as the hand-written full-batch SAM step.
-    result = fsdp_trainer["sam-ga2"]
+    result = fsdp_reference["sam-ga2"]
     assert result["ranks_identical"] and result["sam_ascent_sync"] is True
     assert result["ref_max_diff"] is not None and result["ref_max_diff"] < 1e-5, result["ref_max_diff"]
 
 
-def test_sam_under_fsdp2_is_not_the_plain_run(fsdp_trainer):
-    assert fsdp_trainer["max_diff_sam_vs_none"] > 1e-4
-
-
-# Every method of the test table that has FSDP2 overrides (the others say in their row where they are checked),
-# then features on top of SAM.
-SAME_AS_DDP = [name for name, case in METHOD_CASES.items() if isinstance(case["fsdp"], dict)] + [
-    "esam-sds", "lora-sam", "checkpointed-sam", "sam-ga2", "sam-micro-ga2", "ssam-f-ga2", "sam-epoch-cut"]  # fmt: skip
+def test_sam_under_fsdp2_is_not_the_plain_run(fsdp_reference):
+    assert fsdp_reference["max_diff_sam_vs_none"] > 1e-4
 
 
 def test_every_method_says_how_it_runs_under_fsdp2():
@@ -279,69 +304,80 @@ def test_every_method_says_how_it_runs_under_fsdp2():
         assert isinstance(case.get("fsdp"), (dict, str)), f"{name}: add an `fsdp` entry to its row in method_cases"
 
 
-@pytest.mark.parametrize("name", SAME_AS_DDP)
-def test_every_method_under_fsdp2_equals_it_under_ddp_with_synced_ascent(fsdp_trainer, name):
+def check_same_as_ddp(results: dict, name: str) -> None:
     # The same SAM step on both (synced ascent, global norms and top-k masks); only the sharding differs. DDP's
     # runs are checked against hand-written loops elsewhere. AdaSAM's normalized steps amplify rounding.
-    sharded, replicated = fsdp_trainer[name], fsdp_trainer[f"{name}-ddp"]
+    sharded, replicated = results[name], results[f"{name}-ddp"]
     assert sharded["sharded_dtensor_params"] and not replicated["sharded_dtensor_params"]
     # Trainer itself runs FSDP2 (as accelerate sets it up on GPUs): it defers the reduce-scatter inside a window.
     assert sharded["accelerate_fsdp2"] and not replicated["accelerate_fsdp2"]
     assert sharded["ranks_identical"] and replicated["ranks_identical"]
     tolerance = 1e-5 if name == "adasam" else 1e-6
-    assert fsdp_trainer[f"{name}_fsdp_vs_ddp_max_diff"] < tolerance, fsdp_trainer[f"{name}_fsdp_vs_ddp_max_diff"]
+    assert results[f"{name}_fsdp_vs_ddp_max_diff"] < tolerance, results[f"{name}_fsdp_vs_ddp_max_diff"]
     if name == "lora-sam":  # only the adapters (and the head) train; the sharded frozen base stays bit-identical
         assert sharded["frozen_count"] > 0 and sharded["frozen_unchanged"] and replicated["frozen_unchanged"]
         assert sharded["moved_from_init"] > 1e-3
     elif name == "checkpointed-sam":  # recomputing activations changes nothing: the SAM run without it
         assert sharded["gradient_checkpointing"] and replicated["gradient_checkpointing"]
-        assert fsdp_trainer[f"{name}_vs_sam_max_diff"] < 1e-6
+        assert results[f"{name}_vs_sam_max_diff"] < 1e-6
     else:
-        assert fsdp_trainer[f"{name}_vs_sam_max_diff"] > 1e-5  # a different method really ran
+        assert results[f"{name}_vs_sam_max_diff"] > 1e-5  # a different method really ran
     assert sharded["sam_passes_logged"] == replicated["sam_passes_logged"]
 
 
+# Every method of the test table that has FSDP2 overrides (the others say in their row where they are checked).
+@pytest.mark.parametrize("name", same_as_ddp_in("table"))
+def test_every_method_under_fsdp2_equals_it_under_ddp_with_synced_ascent(fsdp_table, name):
+    check_same_as_ddp(fsdp_table, name)
+
+
+# Features on top of SAM: accumulation, an epoch cut mid-window, LoRA, activation checkpointing, ESAM's SDS alone.
+@pytest.mark.parametrize("name", same_as_ddp_in("features"))
+def test_every_feature_under_fsdp2_equals_it_under_ddp_with_synced_ascent(fsdp_features, name):
+    check_same_as_ddp(fsdp_features, name)
+
+
 @pytest.mark.parametrize("name", [name for name, case in METHOD_CASES.items() if case.get("fsdp_resume")])
-def test_resume_under_fsdp2_equals_the_uninterrupted_run(fsdp_trainer, name):
+def test_resume_under_fsdp2_equals_the_uninterrupted_run(fsdp_resume, name):
     # Trainer's FSDP checkpoint (model, optimizer) plus hf_sam's per-rank state: the shard masks, F-SAM's EMA shards.
-    straight, resumed = fsdp_trainer[f"{name}-straight"], fsdp_trainer[f"{name}-resumed"]
+    straight, resumed = fsdp_resume[f"{name}-straight"], fsdp_resume[f"{name}-resumed"]
     assert straight["sharded_dtensor_params"] and resumed["sharded_dtensor_params"]
     assert straight["steps_per_rank"] == [4, 4] and resumed["steps_per_rank"] == [2, 2]  # steps 3-4 after resuming
-    assert fsdp_trainer[f"{name}_resume_max_diff"] == 0.0, fsdp_trainer[f"{name}_resume_max_diff"]
-    assert fsdp_trainer[f"{name}_saved_settings"]["fsdp_processes"] == "2"
+    assert fsdp_resume[f"{name}_resume_max_diff"] == 0.0, fsdp_resume[f"{name}_resume_max_diff"]
+    assert fsdp_resume[f"{name}_saved_settings"]["fsdp_processes"] == "2"
 
 
-def test_mesa_under_fsdp2_runs_its_teacher_on_the_ema_shards(fsdp_trainer):
+def test_mesa_under_fsdp2_runs_its_teacher_on_the_ema_shards(fsdp_table):
     # Under FSDP2 the teacher borrows the model's shards (no copy of the model). Were it the student, the KL would
     # be 0; were it stale gathered weights, the run would leave the DDP run (a real copy of the model).
-    sharded, replicated = fsdp_trainer["mesa"], fsdp_trainer["mesa-ddp"]
+    sharded, replicated = fsdp_table["mesa"], fsdp_table["mesa-ddp"]
     assert sharded["mesa_kl_logged"] == replicated["mesa_kl_logged"]
     assert max(sharded["mesa_kl_logged"]) > 1e-4, sharded["mesa_kl_logged"]
-    assert fsdp_trainer["mesa_fsdp_vs_ddp_max_diff"] < 1e-6
+    assert fsdp_table["mesa_fsdp_vs_ddp_max_diff"] < 1e-6
 
 
-def test_bf16_under_fsdp2_rho_zero_is_the_plain_run_and_sam_moves_elsewhere(fsdp_trainer):
+def test_bf16_under_fsdp2_rho_zero_is_the_plain_run_and_sam_moves_elsewhere(fsdp_reference):
     # accelerate's FSDP2 mixed precision gathers bf16 copies of the fp32 shards: SAM perturbs and restores the fp32
     # shards, so rho 0 gives the plain run bit for bit.
     for name in ("bf16-none", "bf16-sam-rho0", "bf16-sam"):
-        run = fsdp_trainer[name]
+        run = fsdp_reference[name]
         assert run["sharded_dtensor_params"] and run["finite"] and run["param_dtypes"] == ["torch.float32"], name
-    assert fsdp_trainer["bf16_rho0_vs_none_max_diff"] == 0.0
-    assert fsdp_trainer["bf16_sam_vs_none_max_diff"] > 1e-3
-    assert 0 < fsdp_trainer["bf16_sam_vs_fp32_sam_max_diff"] < 1e-2  # bf16 compute, the same SAM step
+    assert fsdp_reference["bf16_rho0_vs_none_max_diff"] == 0.0
+    assert fsdp_reference["bf16_sam_vs_none_max_diff"] > 1e-3
+    assert 0 < fsdp_reference["bf16_sam_vs_fp32_sam_max_diff"] < 1e-2  # bf16 compute, the same SAM step
 
 
-def test_saf_under_fsdp2_finds_its_targets_in_the_second_epoch(fsdp_trainer):
+def test_saf_under_fsdp2_finds_its_targets_in_the_second_epoch(fsdp_table):
     # Steps 1-2 are epoch 0 (no earlier logits yet), step 3 is epoch 1: every example of its batch has a target.
-    for run in (fsdp_trainer["saf"], fsdp_trainer["saf-ddp"]):
+    for run in (fsdp_table["saf"], fsdp_table["saf-ddp"]):
         assert run["saf_coverage_logged"] == [0.0, 0.0, 1.0], run["saf_coverage_logged"]
         assert run["saf_kl_logged"][-1] > 0
-    assert fsdp_trainer["saf"]["saf_kl_logged"] == pytest.approx(fsdp_trainer["saf-ddp"]["saf_kl_logged"])
+    assert fsdp_table["saf"]["saf_kl_logged"] == pytest.approx(fsdp_table["saf-ddp"]["saf_kl_logged"])
 
 
 @pytest.mark.parametrize("name", ["ssam-f", "ssam-d"])
-def test_sparse_sam_masks_under_fsdp2_have_the_density_they_have_under_ddp(fsdp_trainer, name):
-    sharded, replicated = fsdp_trainer[name], fsdp_trainer[f"{name}-ddp"]
+def test_sparse_sam_masks_under_fsdp2_have_the_density_they_have_under_ddp(fsdp_table, name):
+    sharded, replicated = fsdp_table[name], fsdp_table[f"{name}-ddp"]
     assert sharded["mask_density_logged"] == pytest.approx(replicated["mask_density_logged"])
     assert all(0.4 < d <= 0.5 for d in sharded["mask_density_logged"]), sharded["mask_density_logged"]
 

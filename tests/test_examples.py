@@ -638,12 +638,6 @@ def test_error_unknown_glue_task(run_glue, monkeypatch, tmp_path, tiny_bert):
 # ----------------------------------------------------------------------------- two CPU processes
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_run_glue_torchrun_two_cpu_processes(tmp_path, tiny_bert, text_data):
     import torch.distributed as dist
@@ -658,10 +652,9 @@ def test_run_glue_torchrun_two_cpu_processes(tmp_path, tiny_bert, text_data):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # the rendezvous binds a port the system picks: no race with other launches for one
         "--nproc_per_node",
         "2",
-        "--master_port",
-        str(_free_port()),
         str(GLUE_SCRIPT),
         "--model_name_or_path",
         str(tiny_bert),

@@ -1,7 +1,7 @@
 """SAMTrainer under FSDP2 through accelerate (CPU, gloo), checked against a plain-PyTorch reference.
 
-Launch: `torchrun --nproc_per_node 2 tests/distributed/fsdp_trainer_check.py OUT.json`. Rank 0 writes OUT.json;
-the asserts live in `tests/test_distributed.py`.
+Launch: `torchrun --nproc_per_node 2 tests/distributed/fsdp_trainer_check.py OUT.json PART` (one of `PARTS`).
+Rank 0 writes OUT.json; the asserts live in `tests/test_distributed.py`.
 
 accelerate turns FSDP on only for accelerator devices (on CPU it falls back to DDP), so after the Trainer is
 built this script switches the shared `AcceleratorState` to FSDP with the plugin the Trainer's arguments describe
@@ -226,26 +226,33 @@ def run_config(name, overrides, out_dir, rank, world):
     }
 
 
-def main():
-    out_path = sys.argv[1]
-    rank, world = start_gloo()
+# The script runs one part per launch (`PARTS`), so that the two test workers can share the parts out and a part
+# that hangs or fails names itself. Each part trains its own `sam` run, the baseline its comparisons need.
+PARTS = ("reference", "table", "features", "resume")
+FEATURES = ("esam-sds", "lora-sam", "checkpointed-sam", "sam-ga2", "sam-micro-ga2", "ssam-f-ga2", "sam-epoch-cut")
+
+
+def same_as_ddp_in(part: str) -> list[str]:
+    """The names of `SAME_AS_DDP` that `part` runs under FSDP2 and under DDP."""
+    if part == "table":
+        return list(TABLE_UNDER_FSDP)
+    return list(FEATURES) if part == "features" else []
+
+
+def run_part(part, tmp, rank, world):
     results = {}
-    # One folder for every rank (checkpoints are written by several ranks and read by all of them).
-    folder = [tempfile.mkdtemp() if rank == 0 else None]
-    dist.broadcast_object_list(folder, src=0)
-    with contextlib.ExitStack() as cleanup:
-        tmp = folder[0]
-        if rank == 0:
-            cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+    if part == "reference":
         for name, overrides in CONFIGS.items():
             results[name] = run_config(name, {**overrides, **FSDP}, tmp, rank, world)
-        for name, overrides in SAME_AS_DDP.items():
-            if name not in results:
-                results[name] = run_config(name, {**overrides, **FSDP}, tmp, rank, world)
-            results[f"{name}-ddp"] = run_config(name, {**overrides, "sam_ascent_sync": True}, tmp, rank, world)
         for name, overrides in BF16.items():
             results[name] = run_config(name, {**overrides, **FSDP, "bf16": True}, tmp, rank, world)
-        saved_settings = {}
+    elif part in ("table", "features"):
+        results["sam"] = run_config("sam", {**CONFIGS["sam"], **FSDP}, tmp, rank, world)
+        for name in same_as_ddp_in(part):
+            overrides = SAME_AS_DDP[name]
+            results[name] = run_config(name, {**overrides, **FSDP}, tmp, rank, world)
+            results[f"{name}-ddp"] = run_config(name, {**overrides, "sam_ascent_sync": True}, tmp, rank, world)
+    elif part == "resume":
         for name, overrides in RESUMED.items():
             # 4 steps straight, and 2 steps + checkpoint + resume + 2 steps: the same weights (masks, EMA restored).
             resumable = {**overrides, **FSDP, "max_steps": 4}
@@ -258,23 +265,48 @@ def main():
             results[f"{name}-resumed"] = run_config(f"{name}-resumed", resumed, tmp, rank, world)
             if rank == 0:  # what the state file says it was written for (another process count is refused)
                 with safe_open(os.path.join(checkpoint, "sam_state-rank0.safetensors"), framework="pt") as handle:
-                    saved_settings[f"{name}_saved_settings"] = json.loads(handle.metadata()["settings"])
-    if rank == 0:
-        finals = {name: torch.tensor(results[name].pop("final")) for name in results}
+                    results[f"{name}_saved_settings"] = json.loads(handle.metadata()["settings"])
+    else:
+        raise ValueError(f"unknown part {part!r}: one of {PARTS}")
+    return results
+
+
+def compare(part, results):
+    """Rank 0: the differences between final weights that the tests read."""
+    finals = {
+        name: torch.tensor(run.pop("final"))
+        for name, run in results.items()
+        if isinstance(run, dict) and "final" in run
+    }
+    if part == "reference":
         results["bf16_rho0_vs_none_max_diff"] = float((finals["bf16-sam-rho0"] - finals["bf16-none"]).abs().max())
         results["bf16_sam_vs_none_max_diff"] = float((finals["bf16-sam"] - finals["bf16-none"]).abs().max())
         results["bf16_sam_vs_fp32_sam_max_diff"] = float((finals["bf16-sam"] - finals["sam"]).abs().max())
-        for name in RESUMED:
-            diff = (finals[f"{name}-straight"] - finals[f"{name}-resumed"]).abs().max()
-            results[f"{name}_resume_max_diff"] = float(diff)
         results["max_diff_sam_vs_none"] = float((finals["sam"] - finals["none"]).abs().max())
-        for name in SAME_AS_DDP:
-            results[f"{name}_fsdp_vs_ddp_max_diff"] = float((finals[name] - finals[f"{name}-ddp"]).abs().max())
-            if finals[name].shape == finals["sam"].shape:  # (LoRA adds parameters)
-                results[f"{name}_vs_sam_max_diff"] = float((finals[name] - finals["sam"]).abs().max())
+    for name in RESUMED if part == "resume" else ():
+        results[f"{name}_resume_max_diff"] = float(
+            (finals[f"{name}-straight"] - finals[f"{name}-resumed"]).abs().max()
+        )
+    for name in same_as_ddp_in(part):
+        results[f"{name}_fsdp_vs_ddp_max_diff"] = float((finals[name] - finals[f"{name}-ddp"]).abs().max())
+        if finals[name].shape == finals["sam"].shape:  # (LoRA adds parameters)
+            results[f"{name}_vs_sam_max_diff"] = float((finals[name] - finals["sam"]).abs().max())
+
+
+def main():
+    out_path, part = sys.argv[1], sys.argv[2]
+    rank, world = start_gloo()
+    # One folder for every rank (checkpoints are written by several ranks and read by all of them).
+    folder = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(folder, src=0)
+    with contextlib.ExitStack() as cleanup:
+        if rank == 0:
+            cleanup.callback(shutil.rmtree, folder[0], ignore_errors=True)
+        results = run_part(part, folder[0], rank, world)
+    if rank == 0:
+        compare(part, results)
         results["world_size"] = world
-        results.update(saved_settings)
-    write_and_close(out_path, results)
+    write_and_close(out_path, results if rank == 0 else None)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import json
+import os
 
 import torch
 import torch.distributed as dist
@@ -11,7 +13,14 @@ from torch.distributed.tensor import DTensor
 
 
 def start_gloo() -> tuple[int, int]:
-    """Join the process group torchrun set up (gloo, CPU), one thread per process; returns (rank, world size)."""
+    """Join the process group torchrun set up (gloo, CPU), one thread per process; returns (rank, world size).
+
+    With `HF_SAM_CHECK_HANG_REPORT_S` set (the tests set it), a rank still running that many seconds later prints
+    every thread's stack and exits: a hang names its place instead of running into the test's timeout unseen.
+    """
+    report_after = float(os.environ.get("HF_SAM_CHECK_HANG_REPORT_S", "0"))
+    if report_after > 0:
+        faulthandler.dump_traceback_later(report_after, exit=True)
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     return dist.get_rank(), dist.get_world_size()
