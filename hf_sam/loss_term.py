@@ -79,9 +79,9 @@ def term_scale(trainer, count, num_items_in_batch):
     Trainer takes the model's loss to be a per-micro-batch mean (and divides it by the GA steps), or, when the model
     accepts loss kwargs and `num_items_in_batch` is known, already normalized over the whole window (times the
     processes under `average_tokens_across_devices`). The term follows the loss's actual scale: where such a model
-    returns its own mean regardless (BERT's heads; `SAMRun.loss_ignores_item_count`), Trainer sums the micro-batch
-    means undivided, and the term is a mean over the micro-batch too (normalized over the window it had 1/GA of its
-    weight against that loss).
+    returns its own mean regardless (BERT's heads, or a `compute_loss_func` that ignores the count;
+    `SAMRun.loss_ignores_item_count`), Trainer sums the micro-batch means undivided, and the term is a mean over the
+    micro-batch too (normalized over the window it had 1/GA of its weight against that loss).
     """
     count = count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
     if not loss_taken_as_normalized(trainer, num_items_in_batch):

@@ -599,15 +599,17 @@ class SAMMixin:
         return num_items_in_batch.float() / token_average_factor(self, num_items_in_batch)
 
     def _sam_loss_ignores_item_count(self, model, shard, num_items_in_batch) -> bool:
-        """Whether Trainer takes the model's loss as normalized by `num_items_in_batch` (and skips its 1/GA) while the
-        model returns its own mean. Decided once per `train()` call from two forwards without gradient (eval mode, RNG
-        kept) at `num_items_in_batch` and twice it: a loss normalized by the count halves. Under several processes the
-        ranks' losses are summed first (a collective: every rank calls this at the same point, as the ESAM subset,
-        mSAM's shards and the loss terms do)."""
+        """Whether Trainer takes the loss as normalized by `num_items_in_batch` (and skips its 1/GA) while the model,
+        or the `compute_loss_func`, returns its own mean. Decided once per `train()` call from two forwards without
+        gradient (eval mode, RNG kept) at `num_items_in_batch` and twice it: a loss normalized by the count halves.
+        Under several processes the ranks' losses are summed first (a collective: every rank calls this at the same
+        point, as the ESAM subset, mSAM's shards and the loss terms do)."""
+        # Trainer skips its 1/GA for any `compute_loss_func`, also one that ignores the count it is given
+        # (`F.cross_entropy(outputs.logits, labels)`): probed like a model's loss, or each of mSAM's shards counted as
+        # the whole micro-batch (the loss and the gradient 4x the plain Trainer's at rho 0).
         if (
             num_items_in_batch is None
-            or self.compute_loss_func is not None
-            or not self.model_accepts_loss_kwargs
+            or not loss_taken_as_normalized(self, num_items_in_batch)
             or getattr(self, "loss_is_scaled_for_ga", None) is not None
         ):
             return False

@@ -48,8 +48,9 @@ class SAMRun:
     # The batch-norm statistics after each clean pass of the window but its last (window mode): a window that a stop
     # cuts after micro-batch i gets those of micro-batches 0..i back, as the plain Trainer has them.
     window_bn: list[list[torch.Tensor]] = field(default_factory=list)
-    # Whether the model returns its own mean where Trainer takes its loss as normalized by num_items_in_batch (mSAM's
-    # shards, ESAM's subset, SAF's and MESA's term; decided once per run by `SAMMixin._sam_loss_ignores_item_count`)
+    # Whether the model (or the compute_loss_func) returns its own mean where Trainer takes its loss as normalized by
+    # num_items_in_batch (mSAM's shards, ESAM's subset, SAF's and MESA's term; decided once per run by
+    # `SAMMixin._sam_loss_ignores_item_count`)
     loss_ignores_item_count: bool | None = None
     epoch_steps: int | None = None  # Trainer's optimizer steps per epoch (None: a dataloader without a length)
     step_losses: list[tuple[Any, Any]] = field(default_factory=list)  # (clean, perturbed) of each micro-batch so far

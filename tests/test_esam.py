@@ -247,6 +247,29 @@ def test_esam_selection_with_a_compute_loss_func_matches_the_models_loss(tmp_pat
     assert "loss_is_scaled_for_ga" not in vars(runs[1])
 
 
+def ce_mean(outputs, labels, num_items_in_batch=None):
+    return F.cross_entropy(outputs.logits, labels)
+
+
+# A compute_loss_func that returns its own mean, ignoring the count: Trainer skips its 1/GA for it and sums the
+# micro-batch means, twice the loss of the same model loss that it divides by GA. The rise was scaled as a share of the
+# window's items: sam/sharpness read 0.0084 where the loss's scale gives 0.0167.
+def test_esam_selection_with_a_compute_loss_func_that_returns_its_own_mean(tmp_path):
+    runs = []
+    # Half the learning rate for twice the loss: the same SGD steps.
+    for name, kwargs, lr in (("model", {}, 0.5), ("func", {"compute_loss_func": ce_mean}, 0.25)):
+        args = sam_args(tmp_path / name, sam_method="esam", esam_gamma=0.5, esam_selection="batch",
+                        gradient_accumulation_steps=2, per_device_train_batch_size=2, max_steps=3, optim="sgd",
+                        learning_rate=lr)  # fmt: skip
+        trainer = SequentialSAMTrainer(model=tiny_bert(), args=args, train_dataset=tiny_dataset(), **kwargs)
+        trainer.train()
+        runs.append(trainer)
+    assert_same_weights(state(runs[0].model), state(runs[1].model), exact=False, atol=1e-5)
+    model_logs, func_logs = ([h for h in t.state.log_history if "loss" in h] for t in runs)
+    for key in ("loss", "sam/sharpness"):
+        assert [2 * h[key] for h in model_logs] == pytest.approx([h[key] for h in func_logs], rel=1e-4), key
+
+
 @pytest.mark.parametrize("accumulation", ["window", "micro"])
 def test_data_selection_leaves_the_rng_stream_as_the_plain_trainers(tmp_path, accumulation):
     # The subset's descent pass draws dropout masks for fewer examples than the clean pass: the global RNG, which

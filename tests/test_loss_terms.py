@@ -1,6 +1,7 @@
 """SAF and MESA (one pass + a trajectory KL term) against hand-written loops, and their plumbing in Trainer."""
 
 import copy
+import functools
 import math
 
 import pytest
@@ -353,27 +354,36 @@ def test_mesa_kl_is_logged_as_the_mean_over_the_windows_scored_tokens(tmp_path):
     assert logged(ga) == pytest.approx(logged(whole), rel=1e-4, abs=1e-9)
 
 
+def _cross_entropy_mean(outputs, labels, num_items_in_batch=None):
+    """A `compute_loss_func` that returns its own mean, ignoring the count it is given."""
+    return F.cross_entropy(outputs.logits, labels)
+
+
+@pytest.mark.parametrize("mean_from", ["model", "compute_loss_func"])
 @pytest.mark.parametrize("method", ["saf", "mesa"])
-def test_the_term_keeps_its_weight_against_the_loss_of_a_model_that_returns_its_own_mean(tmp_path, method):
+def test_the_term_keeps_its_weight_against_the_loss_of_a_model_that_returns_its_own_mean(tmp_path, method, mean_from):
     # BERT's classification head takes **kwargs, so Trainer passes num_items_in_batch and skips its 1/GA, but returns
     # its own mean: under GA 2 Trainer sums the two micro-batch means (twice the batch-4 loss), while the term was
     # normalized over the window's examples, at half its weight against that loss. Both follow the loss's scale now:
-    # GA 2 at half the learning rate is the batch-4 run.
+    # GA 2 at half the learning rate is the batch-4 run. Trainer skips its 1/GA for any `compute_loss_func` too, also
+    # one that returns its own mean (MESA's term had half its weight there: weights 0.018 apart after 4 steps).
     def model():
         bert = tiny_bert()
-        bert.accepts_loss_kwargs = True  # transformers' default for this model
+        bert.accepts_loss_kwargs = mean_from == "model"  # transformers' default for this model: True
         return bert
 
     common = dict(sam_method=method, optim="sgd", **({"num_train_epochs": 3} if method == "saf" else {"max_steps": 4}))
     if method == "mesa":
         common.update(mesa_ema_decay=0.5)
+    if mean_from == "compute_loss_func":
+        common["trainer_cls"] = functools.partial(SequentialSAMTrainer, compute_loss_func=_cross_entropy_mean)
     data = tiny_dataset(8)
     whole = train(tmp_path / "b4", model(), data, optimizer=False, per_device_train_batch_size=4, learning_rate=0.1,
                   **common)  # fmt: skip
     ga = train(tmp_path / "ga", model(), data, optimizer=False, per_device_train_batch_size=2,
                gradient_accumulation_steps=2, learning_rate=0.05, **common)  # fmt: skip
-    assert ga._sam.loss_ignores_item_count is True
     assert_same_weights(state(ga.model), state(whole.model), exact=False, atol=1e-6)
+    assert ga._sam.loss_ignores_item_count is True
 
 
 def test_mesa_teacher_shares_frozen_weights_under_lora_and_runs_the_class_forward(tmp_path):

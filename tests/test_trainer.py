@@ -1799,6 +1799,29 @@ def test_micro_accumulation_ascends_along_each_micro_batch_gradient_on_token_los
     assert log["sam/eps_norm"] == pytest.approx(expected_eps, rel=1e-4)
 
 
+def _cross_entropy_mean(outputs, labels, num_items_in_batch=None):
+    """A `compute_loss_func` that returns its own mean, ignoring the count it is given."""
+    return torch.nn.functional.cross_entropy(outputs.logits, labels)
+
+
+# Trainer skips its 1/GA for any `compute_loss_func`, also one that returns its own mean: each of mSAM's 4 shards then
+# counted as the whole micro-batch (at rho 0 the logged loss read 4.39 where the plain Trainer's was 1.10, the weights
+# 0.15 apart after 4 AdamW steps). One that normalizes by the count is a share of the window already.
+@pytest.mark.parametrize(
+    "loss_func, ga", [(_cross_entropy_mean, 1), (_cross_entropy_mean, 2), (_cross_entropy_sum_over_window, 2)]
+)
+def test_msam_at_rho_zero_is_the_plain_trainer_with_a_compute_loss_func(tmp_path, loss_func, ga):
+    common = dict(gradient_accumulation_steps=ga, max_steps=3, optim="sgd", learning_rate=0.5)
+    kwargs = {"compute_loss_func": loss_func}
+    plain = train_sam(tmp_path / "p", tiny_bert(), tiny_dataset(), trainer_kwargs=kwargs, sam_method="none", **common)
+    msam = train_sam(tmp_path / "m", tiny_bert(), tiny_dataset(), trainer_kwargs=kwargs, sam_method="msam",
+                     sam_rho=0.0, **common)  # fmt: skip
+    assert bool(msam._sam.loss_ignores_item_count) is (loss_func is _cross_entropy_mean)
+    assert_same_weights(state(plain.model), state(msam.model), exact=False, atol=1e-6)
+    plain_losses = [h["loss"] for h in plain.state.log_history if "loss" in h]
+    assert plain_losses == pytest.approx([h["loss"] for h in msam.state.log_history if "loss" in h], rel=1e-5)
+
+
 def test_msam_at_rho_zero_is_the_plain_trainer_with_label_smoothing(tmp_path):
     # Deciding whether the loss is normalized by num_items_in_batch ran compute_loss twice on one dict, and Trainer's
     # label smoother pops `labels` from it: the second call found no labels and no loss (a ValueError).
