@@ -96,9 +96,7 @@ def load_sam_state(
     path = os.path.join(checkpoint, name)
     if not os.path.isfile(path):
         raise ValueError(
-            f"Cannot resume sam_method={method!r} from {checkpoint}: it has no {name} (it was not written by"
-            " SAMTrainer, with another number of processes, or with save_only_model=True). To start SAM from those"
-            " weights instead, load the model from the checkpoint folder and train without resume_from_checkpoint."
+            f"Cannot resume sam_method={method!r} from {checkpoint}: it has no {name}, {_why_no_state(checkpoint)}"
         )
     corrupt = (
         f"The file is truncated or corrupt (a save cut off, a disk or copy error): resume from an earlier"
@@ -124,6 +122,28 @@ def load_sam_state(
     _check_settings(saved_settings, settings or {}, path)
     tensors.pop("__format__", None)
     return tensors
+
+
+def _why_no_state(checkpoint: str) -> str:
+    """Why `checkpoint` has no state file for this rank, and what to do, read from the files it holds."""
+    files = os.listdir(checkpoint) if os.path.isdir(checkpoint) else []
+    others = sorted(f for f in files if re.fullmatch(r"sam_state(-rank\d+)?\.safetensors", f))
+    if others:
+        return (
+            f"so it was written by another number of processes (it holds {', '.join(others[:2])}"
+            f"{', ...' if len(others) > 2 else ''}): resume with as many processes as wrote it."
+        )
+    restart = (
+        "To start SAM from those weights instead, load the model from the checkpoint folder and train without"
+        " resume_from_checkpoint."
+    )
+    # Trainer writes its RNG state with the optimizer's, under every backend, unless save_only_model is set.
+    if not any(re.fullmatch(r"rng_state(_\d+)?\.pth", f) for f in files):
+        return f"as it was written with save_only_model=True (no optimizer or method state). {restart}"
+    return (
+        "so it was written by the plain Trainer or by SAMTrainer with sam_method='none', which keep no method state."
+        f" {restart}"
+    )
 
 
 def saved_method(checkpoint: str, suffix: str = "") -> str | None:
@@ -153,8 +173,9 @@ def _check_values(tensors: dict[str, torch.Tensor], path: str, corrupt: str) -> 
 
 
 def _check_settings(saved: dict[str, str], current: dict[str, str], path: str) -> None:
-    """Refuse state written for another perturbed set, or under FSDP with another number of processes (an older file
-    without settings, or without the FSDP entry, is taken as it is).
+    """Refuse state written for another perturbed set, Sparse SAM masks written for another `sam_sparsity`, or state
+    written under FSDP with another number of processes (an older file without settings, or without the FSDP or
+    sparsity entry, is taken as it is).
 
     This run's set may be the one the state belongs to (`perturbed`: the script restarted as it was), or the one the
     trainable parameters gave when the file was written (`trainable`: parameters a callback unfroze or froze since the
@@ -169,6 +190,13 @@ def _check_settings(saved: dict[str, str], current: dict[str, str], path: str) -
             f"{path} was written under FSDP with {processes} processes, each holding the method state of its own"
             f" shards of the weights; this run has {f'FSDP with {now} processes' if now else 'no FSDP'}. Resume with"
             f" {processes} processes under FSDP, or start a new run from the weights of the checkpoint."
+        )
+    sparsity, now_sparsity = saved.get("sam_sparsity"), current.get("sam_sparsity")
+    if sparsity is not None and now_sparsity is not None and sparsity != now_sparsity:
+        raise ValueError(
+            f"{path} holds Sparse SAM masks written for sam_sparsity={sparsity}; this run has"
+            f" sam_sparsity={now_sparsity}. The masks would keep perturbing the old share of the entries until their"
+            f" next refresh: resume with --sam_sparsity {sparsity}, or start a new run from the weights."
         )
     if current.get("perturbed") in (saved.get("perturbed"), saved.get("trainable")):
         return
@@ -238,8 +266,8 @@ def _rank_suffix(trainer) -> str:
 
 
 def _run_settings(trainer) -> dict[str, str] | None:
-    """What the method state belongs to, recorded in the state file and checked on resume: the perturbed set, and
-    under FSDP the number of processes."""
+    """What the method state belongs to, recorded in the state file and checked on resume: the perturbed set, Sparse
+    SAM's sparsity, and under FSDP the number of processes."""
     args = trainer.args
     settings = {}
     if args.sam_enabled:
@@ -251,6 +279,10 @@ def _run_settings(trainer) -> dict[str, str] | None:
         settings.update(perturbed_set_settings(names, args.sam_include, args.sam_exclude))
         if trainable != names:
             settings["trainable"] = perturbed_set_settings(trainable, args.sam_include, args.sam_exclude)["perturbed"]
+        if args.sam_mask in ("fisher", "dynamic"):
+            # The masks keep (1 - sam_sparsity) of the entries: taken back under another sparsity, they would keep the
+            # old share until the next refresh (an epoch away for SSAM-F).
+            settings["sam_sparsity"] = str(float(args.sam_sparsity))  # 0 and 0.0 are one setting
     if getattr(trainer, "is_fsdp_enabled", False):
         # Each rank's file holds the state of its own shards (MESA's teacher too): only the same number of processes
         # can take it back (with another, the shards have other shapes, or some ranks find no file).

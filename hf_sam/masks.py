@@ -146,7 +146,12 @@ class SparseMask:
         # Under FSDP2 the model is its own wrapper, and each backward must reduce-scatter into the sharded `.grad` (the
         # mean of the ranks' identical gradients), also inside Trainer's deferral on a window's early micro-batches:
         # deferred, the gradients stay off `.grad` (a Fisher of zeros) and join the step's first synced backward.
-        # Under DDP `model` is the unwrapped module, which has no sync to turn on: nothing is all-reduced.
+        # Under DDP `model` is the unwrapped module, which has no sync to turn on, but DDP's gradient hooks sit on the
+        # parameters and fire for any backward that fills `.grad`: it marks what the pass reached as used in the coming
+        # iteration (a tensor the step's own passes then leave without a gradient failed DDP's reduction), and under
+        # `ddp_static_graph` it was taken for the graph's first iteration (no gradient was all-reduced after it, and
+        # the ranks drifted apart). `torch.autograd.grad` computes the gradients without running those hooks.
+        outside_hooks = hasattr(trainer.model_wrapped, "require_backward_grad_sync")  # DDP
         # The examples' collation (a masked-LM collator draws its masks) must not move the training's random streams:
         # the next batches and dropout masks stay the plain Trainer's.
         with gradient_sync(model, True), rng_untouched(trainer.args.device, trainer.data_collator):
@@ -155,11 +160,18 @@ class SparseMask:
                     model.zero_grad(set_to_none=True)
                     with trainer.compute_loss_context_manager():
                         loss = trainer.compute_loss(model, trainer._prepare_inputs(example))
-                    loss.backward()
+                    if outside_hooks:
+                        # Only tensors that still require grad (a callback may have frozen one since the first step).
+                        wanted = [p for p in params if p.requires_grad]
+                        found = dict(zip(map(id, wanted), torch.autograd.grad(loss, wanted, allow_unused=True)))
+                        grads = [found.get(id(p)) for p in params]
+                    else:
+                        loss.backward()
+                        grads = [p.grad for p in params]
                     with torch.no_grad():
-                        for f, p in zip(fisher, params):
-                            if p.grad is not None:
-                                f.add_(local(p.grad).float().square())
+                        for f, g in zip(fisher, grads):
+                            if g is not None:
+                                f.add_(local(g).float().square())
             finally:
                 model.zero_grad(set_to_none=True)
                 model.train(was_training)

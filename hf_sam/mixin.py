@@ -62,7 +62,7 @@ from .setup_checks import (
     step_bypass_message,
     window_bypass_message,
 )
-from .sync import drop_deferred_grads, gradient_sync
+from .sync import drop_deferred_grads, gradient_sync, tracks_used_tensors
 from .tensors import all_reduce_mean_, global_norm, resharded_after
 from .weight_ema import WeightEMA
 from .zero import ZeroStep, without_shm_comm_build
@@ -329,6 +329,15 @@ class SAMMixin:
         if self._sam.zero is not None:
             all_reduce_mean_([p.grad for p in params if p.grad is not None])
 
+    def _sam_average_grads(self) -> list[torch.Tensor]:
+        """Average the `.grad` of an unsynced backward over the ranks in place, 0 where this rank's pass reached no
+        tensor (as DDP counts it); returns the tensors that were given that 0."""
+        unreached = [p for p in self._sam.trainable if p.grad is None]
+        for p in unreached:
+            p.grad = torch.zeros_like(p)
+        all_reduce_mean_([p.grad for p in self._sam.trainable])
+        return unreached
+
     # ------------------------------------------------------------------ the step
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -482,10 +491,15 @@ class SAMMixin:
             local_ascent = self.accelerator.num_processes > 1 and not self.args.sam_ascent_sync
             self._sam.descent.keep_clean(self._sam.perturbation, local_ascent)
             self._sam_ascend(grad_factor=1.0)
-            if carry is None:
-                self._sam.release_grads()
-            else:
+            if carry is not None or (local_ascent and tracks_used_tensors(model)):
+                # Zeroed, not dropped: the carried gradient is added back to it; and under DDP that finds unused
+                # tensors the unsynced clean passes marked every tensor they reached as used, so one that w + eps (a
+                # routed model) or ESAM's subset leaves without a descent gradient must still hold one (0), or DDP's
+                # reduction fails on it.
                 self._sam.zero_grads()
+            else:
+                self._sam.release_grads()
+            if carry is not None:
                 if self._sam.descent.active:
                     self._sam.carry = carry  # added after the descent transform, which acts on this window's own
                 else:
@@ -553,9 +567,15 @@ class SAMMixin:
                 if (index > 0 or j > 0 or self._sam.window is None or self._sam.carried) and held:
                     stash = self._sam.stash_grads(held)
                     self._sam.zero_grads()  # the ascent gradient must not mix with the stashed descent gradients
+                # Under DDP that finds unused tensors, a synced backward ends DDP's iteration and forgets the tensors
+                # that this window's earlier, unsynced descent backwards reached: one that only they reached was left
+                # out of the window's reduction, another gradient on each rank. Such a clean gradient is averaged by
+                # hand (one flat all-reduce, where DDP's would have run).
+                by_hand = self.args.sam_ascent_sync and stash is not None and tracks_used_tensors(model)
                 clean, rng, examples = self._sam_clean_pass(
-                    model, shard, num_items_in_batch, self.args.sam_ascent_sync
+                    model, shard, num_items_in_batch, self.args.sam_ascent_sync and not by_hand
                 )
+                unreached = self._sam_average_grads() if by_hand else []
                 # `.grad` holds the shard's own gradient g over this factor (a device tensor when counted from labels):
                 # 1/GA of the micro-batch's share, or, for a loss Trainer normalizes by `num_items_in_batch`, the
                 # shard's share of the window's items (a micro-batch of few tokens is no 1/GA of the window).
@@ -565,6 +585,8 @@ class SAMMixin:
                     grad_factor = window_items / items.clamp(min=1).to(window_items.device)
                 self._sam_ascend(grad_factor=grad_factor)
                 self._sam.zero_grads()
+                for p in unreached:
+                    p.grad = None  # as before the average: this rank's passes have not reached it
                 if stash is not None:
                     # Back in .grad before the descent backward, so a synced backward all-reduces the full sum.
                     self._sam.add_back(stash)
@@ -1012,3 +1034,15 @@ class SAMMixin:
             if self.args.sam_enabled and self._sam.perturbation is None:
                 self._sam_build()
             self.load_sam_state_dict(load_run_state(self, checkpoint))
+        if checkpoint is not None and self.args.sam_enabled:
+            self._sam_replay_logged_losses()
+
+    def _sam_replay_logged_losses(self) -> None:
+        """Hand the stall check the training losses that the checkpoint logged (Trainer has read its log history):
+        the resumed run's own first log comes past the first tenth of training, which the check compares with, so a
+        run resumed after it stalled was never reported."""
+        for logs in self.state.log_history:
+            if "loss" in logs and "sam/rho" in logs and "step" in logs:
+                self._sam.stall.observe(
+                    logs["loss"], logs.get("sam/sharpness"), logs["step"], self.state.max_steps, logs["sam/rho"]
+                )

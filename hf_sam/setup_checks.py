@@ -46,6 +46,16 @@ def check_sam_run(trainer) -> None:
         if "sam_ascent_sync" in getattr(args, "_sam_given", {}):
             raise ValueError(LOCAL_ASCENT_UNDER_FSDP)
         args.sam_ascent_sync = True
+    if not args.sam_ascent_sync and args.sam_direction != "momentum" and _ddp_static_graph(trainer):
+        # DDP's static graph takes the first backward of the run for its graph's first iteration and all-reduces it
+        # when it ends; a per-rank ascent's clean pass syncs nothing, and DDP failed in it on an internal assert of
+        # its reducer ("expect_autograd_hooks_ INTERNAL ASSERT FAILED"), at the first step or after a resume.
+        raise ValueError(
+            "ddp_static_graph=True needs every SAM step's first backward to all-reduce, but with"
+            " sam_ascent_sync=False each rank runs its clean pass without gradient sync (DDP's reducer fails there)."
+            " Set --sam_ascent_sync true (one perturbation from the all-reduced gradient), or drop"
+            " --ddp_static_graph."
+        )
     if args.esam_swp and args.sam_ascent_sync and trainer.accelerator.num_processes > 1:
         fix = (
             "FSDP always syncs the ascent: run ESAM under DDP, or use --esam_swp false under FSDP."
@@ -73,6 +83,16 @@ def check_sam_run(trainer) -> None:
             f"No trainable parameter matches sam_include={args.sam_include!r} and"
             f" sam_exclude={args.sam_exclude!r}: nothing would be perturbed. Loosen the regexes."
         )
+
+
+def _ddp_static_graph(trainer) -> bool:
+    """Whether the trainer wraps the model in DDP with `static_graph` (`--ddp_static_graph`, through accelerate's
+    DDP kwargs, which FSDP and DeepSpeed ignore)."""
+    if trainer.accelerator.num_processes < 2 or getattr(trainer, "is_fsdp_enabled", False):
+        return False
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return False
+    return bool(getattr(getattr(trainer.accelerator, "ddp_handler", None), "static_graph", False))
 
 
 def _use_the_method_optimizer(trainer, optimizer_cls: type) -> None:

@@ -32,6 +32,16 @@ def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
         yield
 
 
+def tracks_used_tensors(model: nn.Module) -> bool:
+    """Whether `model` is DDP with `find_unused_parameters` (transformers' default for a model without gradient
+    checkpointing): its reducer counts every tensor that a backward since its last reduction reached as used, an
+    unsynced backward's too, and fails that reduction on a used tensor whose `.grad` is None ("Encountered gradient
+    which is undefined, but still allreduced by DDP reducer"). A synced backward ends DDP's iteration: the tensors
+    the unsynced backwards before it reached are forgotten, and a tensor that only they reached is no longer
+    averaged by the next reduction."""
+    return hasattr(model, "require_backward_grad_sync") and bool(getattr(model, "find_unused_parameters", False))
+
+
 def _fsdp2_gradient_sync(model: nn.Module) -> bool:
     """Whether FSDP2 reduces gradients in the next backward. FSDP2 has a setter only: this reads the flag its
     `set_requires_gradient_sync` writes on the root's parameter group (True, FSDP2's default, if absent)."""

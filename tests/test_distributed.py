@@ -417,6 +417,50 @@ def test_descent_transforms_under_ddp_with_a_branch_unused_on_one_rank(tmp_path)
         assert results[method]["ranks_identical"] and results[method]["finite"], method
 
 
+@pytest.fixture(scope="module")
+def ddp_options(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("ddp_options")
+    return _launch("ddp_options_check.py", work / "options.json", str(work))
+
+
+def _ddp_option(results: dict, part: str) -> dict:
+    result = results[part]
+    assert "error" not in result, result["error"]  # the part raised (on every rank alike)
+    return result
+
+
+def test_per_rank_ascent_under_ddp_static_graph_is_refused_when_the_trainer_is_built(ddp_options):
+    # DDP's static graph takes the run's first backward for its first iteration and all-reduces it; the per-rank
+    # ascent's clean pass syncs nothing, and training failed there on "expect_autograd_hooks_ INTERNAL ASSERT FAILED".
+    message = _ddp_option(ddp_options, "static")["local_ascent_refused"]
+    assert message is not None and "ddp_static_graph" in message and "--sam_ascent_sync true" in message
+
+
+def test_ssam_f_under_ddp_static_graph_equals_the_run_without_it(ddp_options):
+    # SSAM-F's Fisher passes ran a backward before the step's first synced one: DDP took it for the static graph's
+    # first iteration and all-reduced nothing after it (the ranks ended 0.28 apart from the run without it).
+    result = _ddp_option(ddp_options, "static")
+    assert result["ranks_identical"] and result["moved"] > 1e-3
+    assert result["static_vs_dynamic"] == 0.0, result
+
+
+def test_a_model_routed_by_its_weights_trains_under_ddp_as_the_mean_of_per_rank_sam_steps(ddp_options):
+    # Expert b at w, expert c at w + eps: the unsynced clean pass marked b used on each rank, its gradient was then
+    # dropped, and DDP's reduction failed ("Encountered gradient which is undefined, but still allreduced").
+    result = _ddp_option(ddp_options, "routed")
+    assert result["ranks_identical"] and result["moved"] > 1e-3
+    assert result["ref_max_diff"] < TOL, result
+
+
+def test_synced_ascent_per_micro_batch_under_ddp_averages_what_earlier_descents_reached(ddp_options):
+    # A head used by some micro-batches only: a synced clean pass in the middle of the window ended DDP's iteration,
+    # and a tensor only an earlier micro-batch's (or shard's) descent reached was left out of the window's reduction.
+    result = _ddp_option(ddp_options, "branch")
+    assert result["plain_moved"] > 1e-3
+    assert result["micro_ranks_identical"] and result["micro_vs_plain"] == 0.0, result  # rho 0: the plain Trainer
+    assert result["msam_ranks_identical"] and result["msam_sync_vs_local"] == 0.0, result  # rho 0: sync is moot
+
+
 def test_resume_under_ddp_matches_uninterrupted_run(ddp_methods):
     resumed = {m: e["resume_max_diff"] for m, e in ddp_methods.items() if "resume_max_diff" in e}
     assert resumed, "no stateful method was resumed"

@@ -300,6 +300,41 @@ def test_resuming_state_written_for_another_perturbed_set_is_refused_naming_both
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
 
 
+@pytest.mark.parametrize(
+    "written_by, said",
+    [
+        ({"sam_method": "none"}, "by the plain Trainer or by SAMTrainer with sam_method='none'"),
+        ({"sam_method": "sam", "save_only_model": True}, "with save_only_model=True"),
+        ({"sam_method": "sam", "suffix": "-rank0"}, r"another number of processes \(it holds sam_state.safetensors"),
+    ],
+)
+def test_a_checkpoint_without_this_runs_state_file_is_refused_saying_why(tmp_path, written_by, said):
+    # It said "not written by SAMTrainer, with another number of processes, or with save_only_model=True" whatever
+    # the checkpoint was: for one that SAMTrainer wrote with sam_method='none' (warm-up before SAM), none of the three.
+    written_by = dict(written_by)
+    suffix = written_by.pop("suffix", "")
+    args = sam_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, **written_by)
+    SAMTrainer(model=tiny_bert(), train_dataset=tiny_dataset(), args=args).train()
+    from hf_sam.checkpoint import load_sam_state
+
+    with pytest.raises(ValueError, match=f"Cannot resume sam_method='sam' from .*checkpoint-2: .*{said}"):
+        load_sam_state(str(tmp_path / "checkpoint-2"), "sam", suffix)
+
+
+@pytest.mark.parametrize("method", ["ssam-f", "ssam-d"])
+def test_masks_resumed_under_another_sparsity_are_refused_naming_both(tmp_path, method):
+    # The masks keep (1 - s) of the entries: taken back under another sam_sparsity they kept the old share until the
+    # next refresh (an epoch away for SSAM-F), silently: sam/mask_density read 0.4999 where 0.9 asks for 0.0999.
+    common = {**METHOD_CASES[method]["args"], "max_steps": 4}
+    args = sam_args(tmp_path, save_strategy="steps", save_steps=2, sam_sparsity=0.5, **common)
+    SAMTrainer(model=tiny_bert(), train_dataset=tiny_dataset(), args=args).train()
+    resumed = SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path, sam_sparsity=0.9, **common),
+                         train_dataset=tiny_dataset())  # fmt: skip
+    with pytest.raises(ValueError, match="sam_sparsity=0.5.*this run has sam_sparsity=0.9.*--sam_sparsity 0.5"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 2  # refused when the checkpoint is loaded, before any step
+
+
 def test_fsdp_state_resumed_with_another_number_of_processes_is_refused_naming_both(tmp_path):
     # Each rank's file holds the state of its own shards: resumed with another process count, ranks 0-1 said only
     # that a state had another shape, and the others that they found no file.
@@ -604,6 +639,25 @@ def stall_warnings_of(tmp_path, learning_rate, logging_steps):
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return captured.out.count("sam_rho=0.05 is likely too large"), losses
+
+
+def test_a_stalled_run_resumed_from_a_checkpoint_is_still_reported(tmp_path):
+    # Stopped at 20% of training and resumed, the run's first log came at 30% (past the first tenth, the start the
+    # check compares with): the uninterrupted run warned once, the resumed one never. The checkpoint's logged losses
+    # are its start.
+    common = dict(logging_steps=8, learning_rate=0.0, sam_rho=0.05)
+    args = sam_args(tmp_path / "a", max_steps=16, save_strategy="steps", save_steps=16, **common)
+    SequentialSAMTrainer(model=tiny_bert(), train_dataset=tiny_dataset(), args=args).train()
+    warnings = []
+    for resume in (None, str(tmp_path / "a" / "checkpoint-16")):
+        trainer = SequentialSAMTrainer(model=tiny_bert(), args=sam_args(tmp_path / "b", max_steps=80, **common),
+                                       train_dataset=tiny_dataset())  # fmt: skip
+        with CaptureLogger(stall.logger) as captured:
+            trainer.train(resume_from_checkpoint=resume)
+        warnings.append(captured.out)
+    straight, resumed = warnings
+    assert straight.count("sam_rho=0.05 is likely too large") == 1
+    assert resumed == straight  # the same step, the same losses compared
 
 
 @pytest.mark.parametrize("logging_steps", [1, 2])
