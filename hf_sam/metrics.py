@@ -13,7 +13,7 @@ class SAMMetrics:
     `add(name, value)` adds one sample of `name` (`add(name, total, count)`: `count` samples adding up to `total`);
     `log_values()` returns each mean over the samples since the last call (a name with no finite sample is left out)
     and resets. Under several processes, `reduce` (a sum over ranks, e.g. `accelerator.reduce`) adds up the sums and
-    sample counts of every rank first.
+    sample counts of every rank first, on `device`.
     """
 
     def __init__(self):
@@ -42,11 +42,24 @@ class SAMMetrics:
     def __bool__(self) -> bool:
         return bool(self._sums)
 
-    def log_values(self, reduce=None) -> dict[str, float]:
+    def log_values(self, reduce=None, device: torch.device | str | None = None) -> dict[str, float]:
+        """Each name's mean since the last call, then reset.
+
+        Args:
+            reduce (`Callable`, *optional*):
+                A sum over ranks of a tensor (e.g. `accelerator.reduce(t, "sum")`); None for one process.
+            device (`torch.device` or `str`, *optional*):
+                Where the sums are stacked and reduced: the training device. Without it, where the first tensor
+                sample lives (the CPU when every sample is a host float).
+
+        Returns:
+            `dict[str, float]`: each name's mean, to 7 significant digits.
+        """
         if not self._sums:
             return {}
         names = sorted(self._sums)
-        device = next((v.device for v in self._sums.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        if device is None:
+            device = next((v.device for v in self._sums.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
         sums = torch.stack([torch.as_tensor(self._sums[n], dtype=torch.float32, device=device) for n in names])
         counts = torch.stack([torch.as_tensor(self._counts[n], dtype=torch.float32, device=device) for n in names])
         if reduce is not None:
@@ -58,4 +71,13 @@ class SAMMetrics:
         self._counts.clear()
         # A name without a single finite sample (a window holding only a dropped step) is left out of this log:
         # 0 / 0 would log NaN, which reads as a diverged run. `sam/skipped_updates` reports the drop.
-        return {name: round(float(v), 6) for name, v, n in zip(names, means.tolist(), counts.tolist()) if n > 0}
+        return {name: _significant(v) for name, v, n in zip(names, means.tolist(), counts.tolist()) if n > 0}
+
+
+def _significant(value: float) -> float:
+    """A float32 mean to 7 significant digits (float32 holds about 7.2): 0.05 reads 0.05, not 0.0500000007.
+
+    Not to a fixed number of decimals: rounded to 6, a radius of 3e-7 logged `sam/rho` and `sam/eps_norm` as 0.0,
+    and MESA's KL of 8.7e-6 (a teacher still near the student) as 9e-6.
+    """
+    return float(f"{value:.7g}")

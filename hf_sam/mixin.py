@@ -990,7 +990,10 @@ class SAMMixin:
             reduce = None
             if self.accelerator.num_processes > 1:
                 reduce = lambda t: self.accelerator.reduce(t, reduction="sum")  # noqa: E731
-            logs.update(self._sam_metrics.log_values(reduce))
+            # Reduced on the training device: a window of host floats alone (a schedule's plain steps, Momentum-SAM's
+            # first step) was stacked on the CPU, which NCCL's process group refuses ("No backend type associated
+            # with device type cpu").
+            logs.update(self._sam_metrics.log_values(reduce, device=self.accelerator.device))
             if self.args.sam_enabled and "sam/rho" in logs:
                 self._sam.stall.observe(
                     logs["loss"],

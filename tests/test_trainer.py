@@ -1131,6 +1131,53 @@ def test_logged_eps_norm_is_the_perturbation_applied(tmp_path, overrides, expect
             assert 0 < norm < 0.9 * rho, norms
 
 
+def test_small_logged_values_keep_their_significant_digits(tmp_path):
+    # Every logged mean was rounded to 6 decimals: at sam_rho=3e-7, sam/rho and sam/eps_norm were logged as 0.0.
+    trainer = train_sam(tmp_path, tiny_bert(), tiny_dataset(), "sgd", sam_rho=3e-7, max_steps=2)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for entry in logs:
+        assert entry["sam/rho"] == 3e-7  # to 7 significant digits, the float32 mean reads as the radius given
+        assert entry["sam/eps_norm"] == pytest.approx(3e-7, rel=1e-5)
+        assert entry["sam/passes_per_step"] == 2.0
+
+
+def test_metrics_of_plain_steps_alone_are_reduced_on_the_training_device(tmp_path, monkeypatch):
+    # A logging window of plain steps (late-sam's first 87.5%, ss-sam's plain draws) holds host floats alone. They
+    # were stacked on the CPU for the sum over ranks, which NCCL's process group refuses ("No backend type associated
+    # with device type cpu"): multi-GPU late-sam failed at its first log.
+    import hf_sam.mixin
+    from hf_sam.metrics import SAMMetrics
+
+    windows = []
+
+    class Recording(SAMMetrics):
+        def log_values(self, *args, **kwargs):
+            windows.append((kwargs.get("device"), [isinstance(v, torch.Tensor) for v in self._sums.values()]))
+            return super().log_values(*args, **kwargs)
+
+    monkeypatch.setattr(hf_sam.mixin, "SAMMetrics", Recording)
+    trainer = train_sam(tmp_path, tiny_bert(), tiny_dataset(), sam_method="late-sam", max_steps=4)
+    assert windows == [(trainer.accelerator.device, [False, False])] * 4  # every step plain, every sample a float
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [sorted(k for k in h if k.startswith("sam/")) for h in logs] == [
+        ["sam/passes_per_step", "sam/sam_step_fraction"]
+    ] * 4  # nothing that only a SAM step measures
+    # What the sum over ranks gets: the stacked sums and counts on that device, whatever the samples were.
+    devices = []
+
+    def two_ranks(stacked):
+        devices.append(stacked.device)
+        return torch.tensor([[2.0, 0.0], [2.0, 2.0]])  # each of two ranks: passes 1.0 and fraction 0.0, one sample
+
+    metrics = SAMMetrics()
+    metrics.add("sam/sam_step_fraction", 0.0)
+    metrics.add("sam/passes_per_step", 1.0)
+    meta = torch.device("meta")
+    assert metrics.log_values(two_ranks, device=meta) == {"sam/passes_per_step": 1.0, "sam/sam_step_fraction": 0.0}
+    assert devices == [meta]
+
+
 class LossRecordingTrainer(SequentialSAMTrainer):
     """Records every micro-batch's clean and perturbed loss as the step hands them to the metrics."""
 
