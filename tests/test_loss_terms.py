@@ -445,7 +445,7 @@ def test_mesa_on_an_encoder_decoder_feeds_the_teacher_its_labels(tmp_path):
     kls = [h["mesa/kl"] for h in trainer.state.log_history if "mesa/kl" in h]
     # At the first step the teacher is the student: a KL of float32 rounding noise (-1.8e-08 here, T5 in eval and in
     # train mode), where the next steps' are above 1e-4.
-    assert len(kls) == 3 and abs(kls[0]) < 1e-7 and all(math.isfinite(k) and k > 1e-4 for k in kls[1:])
+    assert len(kls) == 3 and abs(kls[0]) < 1e-5 and all(math.isfinite(k) and k > 1e-4 for k in kls[1:])
 
 
 # ---------------------------------------------------------------------- cost: one pass

@@ -618,7 +618,8 @@ def test_mesa_under_kto_takes_the_student_from_the_trained_forward(tmp_path):
     host = type("KTOTrainerWithSAM", (SAMMixin, trl.KTOTrainer), {"sam_default_args_class": config})
     trainer = kto(tmp_path, "mesa", classes=(host, config), max_steps=1)
     first = trainer.state.log_history[0]
-    assert first["mesa/kl"] == pytest.approx(0.0, abs=1e-7)
+    # 0 up to float32 rounding (the log keeps 7 significant digits: 2e-7 here).
+    assert first["mesa/kl"] == pytest.approx(0.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("method", ["sam", "mesa"])
