@@ -351,7 +351,8 @@ def test_mesa_under_fsdp2_runs_its_teacher_on_the_ema_shards(fsdp_table):
     # Under FSDP2 the teacher borrows the model's shards (no copy of the model). Were it the student, the KL would
     # be 0; were it stale gathered weights, the run would leave the DDP run (a real copy of the model).
     sharded, replicated = fsdp_table["mesa"], fsdp_table["mesa-ddp"]
-    assert sharded["mesa_kl_logged"] == replicated["mesa_kl_logged"]
+    # (The logged KLs keep 7 significant digits: reduce-scatter and all-reduce may round their last one apart.)
+    assert sharded["mesa_kl_logged"] == pytest.approx(replicated["mesa_kl_logged"], rel=1e-5)
     assert max(sharded["mesa_kl_logged"]) > 1e-4, sharded["mesa_kl_logged"]
     assert fsdp_table["mesa_fsdp_vs_ddp_max_diff"] < 1e-6
 
