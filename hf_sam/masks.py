@@ -15,7 +15,7 @@ import torch.distributed as dist
 from .replay import rng_untouched
 from .schedules import is_sam_step
 from .seeds import step_generator
-from .sync import gradient_sync
+from .sync import gradient_sync, is_ddp
 from .tensors import local, shard_group, shard_rows
 
 
@@ -151,7 +151,7 @@ class SparseMask:
         # iteration (a tensor the step's own passes then leave without a gradient failed DDP's reduction), and under
         # `ddp_static_graph` it was taken for the graph's first iteration (no gradient was all-reduced after it, and
         # the ranks drifted apart). `torch.autograd.grad` computes the gradients without running those hooks.
-        outside_hooks = hasattr(trainer.model_wrapped, "require_backward_grad_sync")  # DDP
+        outside_hooks = is_ddp(trainer.model_wrapped)
         # The examples' collation (a masked-LM collator draws its masks) must not move the training's random streams:
         # the next batches and dropout masks stay the plain Trainer's.
         with gradient_sync(model, True), rng_untouched(trainer.args.device, trainer.data_collator):

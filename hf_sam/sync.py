@@ -14,7 +14,7 @@ def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
     setting afterwards: an ascent may sync on an early micro-batch of a window that Trainer defers, and accelerate's
     `no_sync` would turn FSDP2's sync back on when it exits, even inside the Trainer's deferral. A model that is
     neither DDP nor FSDP2 runs the block as it is."""
-    if hasattr(model, "require_backward_grad_sync"):  # DDP
+    if is_ddp(model):
         previous = model.require_backward_grad_sync
         model.require_backward_grad_sync = sync
         try:
@@ -39,7 +39,12 @@ def tracks_used_tensors(model: nn.Module) -> bool:
     which is undefined, but still allreduced by DDP reducer"). A synced backward ends DDP's iteration: the tensors
     the unsynced backwards before it reached are forgotten, and a tensor that only they reached is no longer
     averaged by the next reduction."""
-    return hasattr(model, "require_backward_grad_sync") and bool(getattr(model, "find_unused_parameters", False))
+    return is_ddp(model) and bool(getattr(model, "find_unused_parameters", False))
+
+
+def is_ddp(model: nn.Module) -> bool:
+    """Whether `model` is a DDP wrapper (it has the gradient-sync switch that `no_sync` flips)."""
+    return hasattr(model, "require_backward_grad_sync")
 
 
 def _fsdp2_gradient_sync(model: nn.Module) -> bool:
