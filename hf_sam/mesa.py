@@ -202,6 +202,7 @@ class MESATerm(LossTerm):
             labels = labels_of_positions(labels, logits, trainer.accelerator.unwrap_model(trainer.model))
             logits, mask = token_mask(logits, labels, shift)
             teacher_logits, _ = token_mask(teacher_logits, labels, shift)
+        self.say_if_two_classes(logits)
         kl = torch.where(mask, kl_to_target(logits, teacher_logits, args.mesa_tau, args.sam_method), 0.0)
         count = mask.sum()
         term = args.mesa_lambda * args.mesa_tau**2 * kl.sum() * term_scale(trainer, count, num_items_in_batch)

@@ -260,6 +260,7 @@ class SAFTerm(LossTerm):
                 " adds it to a datasets.Dataset or a dataset of dicts; a custom collator must pass it through."
             )
         logits = logits_of(captured.output, args.sam_method)
+        self.say_if_two_classes(logits)
         bank = self.bank
         rows = bank.rows(index.to(logits.device).long().reshape(-1))
         epoch = trainer.state.epoch or 0.0

@@ -281,6 +281,25 @@ def reference_mesa(model, windows, lam, tau, decay, start, steps_per_epoch, shif
     return model, teacher
 
 
+# With two classes the term's gradient is a multiple of the margin's gradient (docs/methods.md#on-two-classes): the run
+# is told once, by name, which methods paid there; three classes say nothing.
+@pytest.mark.parametrize("method", ["saf", "mesa"])
+@pytest.mark.parametrize("num_labels", [2, 3])
+def test_a_two_class_head_is_warned_about_once_naming_the_methods_that_paid(tmp_path, method, num_labels):
+    from transformers.testing_utils import CaptureLogger
+
+    from hf_sam import loss_term
+
+    data = tiny_dataset(8).map(lambda row: {"labels": row["labels"] % num_labels})
+    with CaptureLogger(loss_term.logger) as captured:
+        trainer = train(tmp_path, tiny_bert(num_labels=num_labels), data, max_steps=-1, num_train_epochs=2,
+                        per_device_train_batch_size=2, sam_method=method)  # fmt: skip
+    assert sum(f"{method}/kl" in h for h in trainer.state.log_history) >= 2  # the term ran on several steps
+    assert captured.out.count("two-class head") == (1 if num_labels == 2 else 0)
+    if num_labels == 2:
+        assert f"sam_method={method!r}" in captured.out and "--sam_method sam, ssam-f or esam" in captured.out
+
+
 def test_mesa_matches_hand_written_ema_teacher_loop(tmp_path):
     data = tiny_dataset(8)
     model = tiny_bert()
