@@ -21,6 +21,9 @@ class UpdateGuard:
     def __init__(self):
         self.finite: torch.Tensor | None = None
         self.skipped_in_a_row = 0
+        # Whether the step being taken had its update dropped: the weight average must not fold in its unchanged
+        # weights as a new iterate. Read and cleared after the optimizer step (`take_dropped`).
+        self.dropped = False
 
     def note(self, loss: torch.Tensor) -> None:
         """Record one descent pass's loss."""
@@ -29,6 +32,12 @@ class UpdateGuard:
 
     def forget_step(self) -> None:
         self.finite = None
+
+    def take_dropped(self) -> bool:
+        """Whether the update of the optimizer step just taken was dropped; cleared for the next step (a plain step
+        of a schedule never asks the guard)."""
+        dropped, self.dropped = self.dropped, False
+        return dropped
 
     def update_is_finite(self, trainer) -> bool:
         """At the end of a SAM step: True when its descent losses were finite; else its update is dropped.
@@ -54,6 +63,7 @@ class UpdateGuard:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # the descent gradient is shared: so is the decision
         skipped = not bool(finite)
         trainer._sam_metrics.add("sam/skipped_updates", float(skipped))
+        self.dropped = skipped
         if not skipped:
             self.skipped_in_a_row = 0
             return True

@@ -133,7 +133,8 @@ class SAMMixin:
             check_sam_setup(self)  # also hands AdaSAM's optimizer to Trainer
             # First, so no callback's on_epoch_end sees w + eps of a window that Trainer left early.
             self.callback_handler.callbacks.insert(0, AtEpochEnd(self._sam_end_cut_window))
-            self.add_callback(BeforeOptimizerStep(self._sam_check_step_ran))
+        if self.args.sam_enabled or self.args.weight_ema_decay > 0:
+            self.add_callback(BeforeOptimizerStep(self._sam_before_optimizer_step))
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
@@ -307,6 +308,16 @@ class SAMMixin:
             # after each micro-batch, a plain window of a schedule never perturbs): without this the engine stayed
             # inside its held reduction, with accelerate's wrapper swapped out and the partial gradient in `.grad`.
             self._sam.zero.abort()
+
+    def _sam_before_optimizer_step(self) -> None:
+        """A TrainerCallback calls this right before every optimizer step."""
+        if self.args.sam_enabled:
+            self._sam_check_step_ran()
+        if self._sam.weight_ema is not None:
+            # Parameters that a callback unfroze since the last step (gradual unfreezing) join the average now, at the
+            # weights they held while frozen: built at the first step, it left them out, and the model left after
+            # training held their trained weights among the averaged ones.
+            self._sam.weight_ema.admit_trainable(self.model)
 
     def _sam_check_step_ran(self) -> None:
         """Before the first update: a `training_step` override that never calls SAMMixin's would train as the plain
@@ -978,10 +989,14 @@ class SAMMixin:
         """A TrainerCallback calls this right after every optimizer step (MESA's EMA update, the weight average)."""
         if self._sam.loss_term is not None:
             self._sam.loss_term.after_optimizer_step()
+        # A step that changed no weight: the guard dropped its update (a non-finite loss at w + eps), or fp16 loss
+        # scaling skipped it (an overflow; Trainer leaves the learning rate as it is then). Both are host flags.
+        skipped = self._sam.guard.take_dropped() or self.accelerator.optimizer_step_was_skipped
         if self.args.weight_ema_decay > 0:
             if self._sam.weight_ema is None:
                 self._sam_weight_ema_build()  # from the weights after the first step
-            self._sam.weight_ema.update()
+            if not skipped:  # its unchanged weights are no new iterate: folded in, they pulled the average to them
+                self._sam.weight_ema.update()
 
     # ------------------------------------------------------------------ logging and checkpoints
 
@@ -1013,8 +1028,14 @@ class SAMMixin:
         """Restore what `sam_state_dict` returned: each piece gets the keys of its namespace, with it stripped."""
         if self.args.sam_loss_term != "none" and self._sam.loss_term is None:
             self._sam_loss_term_build()
-        if self.args.weight_ema_decay > 0 and self._sam.weight_ema is None:
-            self._sam_weight_ema_build()
+        if self.args.weight_ema_decay > 0:
+            if self._sam.weight_ema is None:
+                self._sam_weight_ema_build()
+            # The checkpoint's average also covers the parameters that a callback unfroze during the run, which the
+            # same script restarted holds frozen until its callback unfreezes them again: they stay averaged.
+            prefix = "weight_ema.average."
+            averaged = {key[len(prefix) :] for key in state if key.startswith(prefix)}
+            self._sam.weight_ema.admit([(n, p) for n, p in self.model.named_parameters() if n in averaged])
         self._sam.load_state_dict(state, self.args.device, f"sam_method={self.args.sam_method!r}")
 
     def _sam_has_run_state(self) -> bool:

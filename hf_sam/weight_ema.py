@@ -57,12 +57,34 @@ class WeightEMA:
     """
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float):
-        self.names = [name for name, _ in named_params]
-        self.params = [p for _, p in named_params]
+        self.names: list[str] = []
+        self.params: list[nn.Parameter] = []
+        self.average: list[torch.Tensor] = []
+        self.ids: set[int] = set()  # of the averaged parameters, for the check before every optimizer step
         self.decay = decay
         self.updates = 0
-        with torch.no_grad():
-            self.average = [local(p).detach().to(average_dtype(p), copy=True) for p in self.params]
+        self.admit(named_params)
+
+    @torch.no_grad()
+    def admit(self, named_params: list[tuple[str, nn.Parameter]]) -> None:
+        """Average `named_params` too, from their weights now; those averaged already are left as they are.
+
+        A parameter that a callback unfreezes during training (gradual unfreezing) is admitted before its first
+        update: until then it held these weights at every step, and the moving average of an unchanged weight is that
+        weight, so the average is the one a run averaging it from the start has.
+        """
+        for name, p in named_params:
+            if id(p) not in self.ids:
+                self.ids.add(id(p))
+                self.names.append(name)
+                self.params.append(p)
+                self.average.append(local(p).detach().to(average_dtype(p), copy=True))
+
+    def admit_trainable(self, model: nn.Module) -> None:
+        """Admit the parameters of `model` that require a gradient and are not averaged yet (called before every
+        optimizer step: one pass over the parameters when, as usual, there are none)."""
+        if any(p.requires_grad and id(p) not in self.ids for p in model.parameters()):
+            self.admit([(name, p) for name, p in model.named_parameters() if p.requires_grad])
 
     def current_decay(self) -> float:
         """The decay of the next update: warmed up by the number of updates so far."""
@@ -70,7 +92,8 @@ class WeightEMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        """Fold the current weights in: average <- d average + (1 - d) w (called after every optimizer step)."""
+        """Fold the current weights in: average <- d average + (1 - d) w (called after every optimizer step that
+        changed the weights)."""
         weight = 1.0 - self.current_decay()
         lerp_float32_(self.average, [local(p).detach() for p in self.params], weight)
         self.updates += 1

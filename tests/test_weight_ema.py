@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -57,6 +59,94 @@ def test_the_model_left_after_training_is_the_moving_average_of_the_iterates(tmp
     expected = hand_average(recorder.weights)
     assert_same_weights(state(trainer.model), expected, exact=False, atol=1e-6)
     assert not torch.equal(trainer.model.classifier.weight, recorder.weights[-1]["classifier.weight"])
+
+
+class LossTimesAtStep(SequentialSAMTrainer):
+    """Multiplies the loss of every pass with gradient of optimizer step `at` (from 0) by `factor`."""
+
+    def __init__(self, *args, at: int, factor: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.factor = at, factor
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        return loss * self.factor if self.state.global_step == self.at and torch.is_grad_enabled() else loss
+
+
+@pytest.mark.parametrize(
+    ("method", "loss_scaler", "factor", "optim"),
+    [
+        # The guard drops the update of a step whose loss at w + eps is not finite.
+        ("sam", False, math.nan, "adamw_torch_fused"),
+        # fp16 loss scaling skips a step whose scaled gradient overflowed (a finite loss); accelerate reports it for
+        # an optimizer that the scaler steps itself, not for a fused one, which skips on the device.
+        ("none", True, 1e36, "adamw_torch"),
+        # Both: the guard leaves the skip to the scaler, and knows of it under a fused optimizer too.
+        ("sam", True, math.inf, "adamw_torch_fused"),
+    ],
+)
+def test_a_step_that_changed_no_weight_is_not_folded_into_the_average(tmp_path, method, loss_scaler, factor, optim):
+    # Its unchanged weights were folded in as one more iterate (and the warm-up advanced): the average ended 0.0035
+    # away from the moving average of the iterates the run went through.
+    from transformers import TrainerCallback
+
+    class Recorder(Snapshots, TrainerCallback):
+        pass
+
+    recorder = Recorder()
+    args = sam_args(tmp_path, sam_method=method, max_steps=8, weight_ema_decay=DECAY, optim=optim)
+    trainer = LossTimesAtStep(model=tiny_bert(), args=args, train_dataset=tiny_dataset(), callbacks=[recorder],
+                              at=2, factor=factor)  # fmt: skip
+    if loss_scaler:
+        # fp16 on a GPU runs accelerate's loss scaler; on the CPU the same scaler is set by hand, before train()
+        # prepares the optimizer with it.
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.train()
+    unchanged = [t for t in range(1, 8) if all(torch.equal(a, recorder.weights[t - 1][n])
+                                               for n, a in recorder.weights[t].items())]  # fmt: skip
+    assert unchanged == [2]
+    if loss_scaler:
+        assert trainer.accelerator.scaler.get_scale() == 2.0**15  # it skipped that step, and no other
+    iterates = [w for t, w in enumerate(recorder.weights) if t not in unchanged]
+    assert_same_weights(state(trainer.model), hand_average(iterates), exact=False, atol=1e-6)
+
+
+class UnfreezeTheClassifierAtStep2(TrainerCallback):
+    """Gradual unfreezing: the head is frozen at the start and trains from step 2 on (also after a resume past it)."""
+
+    def on_step_begin(self, args, state_, control, model=None, **kwargs):
+        if state_.global_step >= 2:
+            model.classifier.requires_grad_(True)
+
+
+def test_a_parameter_unfrozen_during_training_is_averaged_from_the_weights_it_held_frozen(tmp_path):
+    # The average covered the parameters trainable at the first step: the head unfrozen at step 2 was left out, and the
+    # model left after training held its trained weights (0.0022 from its average) among the averaged ones.
+    class Recorder(Snapshots, TrainerCallback):
+        pass
+
+    def run(output_dir, resume=None, callbacks=(), **extra):
+        model = tiny_bert()
+        model.classifier.requires_grad_(False)
+        trainer = SequentialSAMTrainer(
+            model=model,
+            args=sam_args(output_dir, sam_method="none", max_steps=5, weight_ema_decay=DECAY, **extra),
+            train_dataset=tiny_dataset(),
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),  # every parameter, frozen or not
+            callbacks=[UnfreezeTheClassifierAtStep2(), *callbacks],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    recorder = Recorder()
+    straight = run(tmp_path / "straight", callbacks=[recorder])
+    assert not torch.equal(recorder.weights[-1]["classifier.weight"], tiny_bert().classifier.weight)  # it trained
+    assert_same_weights(state(straight.model), hand_average(recorder.weights), exact=False, atol=1e-6)
+    # The same script restarted after the unfreezing holds the head frozen until its callback unfreezes it again:
+    # the checkpoint's average of it is taken back, and the run continues as the uninterrupted one.
+    run(tmp_path / "cut", save_strategy="steps", save_steps=3)
+    resumed = run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-3"))
+    assert_same_weights(state(resumed.model), state(straight.model))
 
 
 def test_callbacks_see_the_average_when_training_ends(tmp_path):
