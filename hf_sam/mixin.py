@@ -729,10 +729,12 @@ class SAMMixin:
             with self.compute_loss_context_manager(), capture_outputs(self.model) as captured:
                 self.compute_loss(scorer, dict(prepared))
             rise = self.per_example_loss(captured[-1], prepared) - clean_examples
-        # Where the clean pass left the RNG (the scoring forward drew its masks again): the subset's pass draws for
-        # fewer examples, and the stream after the step must stay the plain Trainer's (later dropout, and samplers
-        # that draw from the global RNG, such as group_by_length's).
-        after_clean = capture_rng(self.args.device) if rng is not None else None
+        # Where the clean pass left the RNG (the scoring forward drew its masks again). With `sam_same_dropout` the
+        # subset's pass replays the clean pass's draws but draws for fewer examples, so the stream is put back here
+        # after it: it must stay the plain Trainer's (later dropout, and samplers that draw from the global RNG, such
+        # as group_by_length's). Without it the subset's pass draws fresh masks from here, as the descent pass does
+        # without data selection (the scoring forward replays either way: the rise must measure eps, not dropout).
+        after_clean = capture_rng(self.args.device) if rng is not None and self.args.sam_same_dropout else None
         bounds = sequence_bounds(prepared)
         if bounds is not None:
             batch = len(bounds) - 1
@@ -754,7 +756,7 @@ class SAMMixin:
         # multiplies it by the processes under `average_tokens_across_devices`). The subset's mean must be scaled
         # the same way, or its descent was 1/GA (1/(GA x processes) under DDP) of the plain Trainer's.
         own_mean = self._sam_loss_ignores_item_count(model, subset, num_items_in_batch)
-        if rng is not None:
+        if after_clean is not None:
             restore_rng(rng, self.args.device)
         if own_mean:
             # The count reaches Trainer (which then scales as for the clean pass), not the model's mean loss.

@@ -300,6 +300,31 @@ def test_data_selection_leaves_the_rng_stream_as_the_plain_trainers(tmp_path, ac
     assert all(torch.equal(a, b) for a, b in zip(plain.states, sam.states))
 
 
+@pytest.mark.parametrize("same_dropout", [True, False])
+def test_data_selection_descent_draws_the_dropout_masks_sam_same_dropout_asks_for(tmp_path, same_dropout):
+    # The scoring forward always replays the clean pass's masks (the rise must measure eps, not dropout noise), but
+    # the subset's descent pass replayed them too with sam_same_dropout=False: the flag did nothing under data
+    # selection (weights bit for bit those of sam_same_dropout=True, 0.35 apart without selection).
+    forwards = []  # (grad enabled, RNG state at the forward's start, at its end), in order
+
+    def start(module, args):
+        forwards.append([torch.is_grad_enabled(), torch.get_rng_state(), None])
+
+    def end(module, args, output):
+        forwards[-1][2] = torch.get_rng_state()
+
+    model = tiny_bert(dropout=0.1)
+    model.register_forward_pre_hook(start)
+    model.register_forward_hook(end)
+    args = sam_args(tmp_path, sam_method="sam", esam_gamma=0.5, sam_same_dropout=same_dropout, max_steps=2)
+    SequentialSAMTrainer(model=model, args=args, train_dataset=tiny_dataset()).train()
+    assert [grad for grad, _, _ in forwards] == [True, False, True] * 2  # clean, scoring, subset's descent
+    for clean, scoring, descent in zip(forwards[0::3], forwards[1::3], forwards[2::3]):
+        assert torch.equal(scoring[1], clean[1])  # the clean pass's masks, whatever the flag
+        # True: the clean pass's draws again; False: fresh masks, from where the clean pass left the RNG.
+        assert torch.equal(descent[1], clean[1] if same_dropout else clean[2])
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's inductor needs a C++ compiler on CPU")
 def test_selection_under_torch_compile_scores_with_the_clean_pass_dropout_masks(tmp_path):
     # Inductor draws its own dropout masks (from a seed it takes from the torch generator): the no-grad forward that
