@@ -7,7 +7,8 @@ its floor. It costs one multiply-add over the trainable weights per optimizer st
 
 The decay warms up, d_t = min(decay, (1 + t) / (10 + t)) after t updates (as TensorFlow's
 `ExponentialMovingAverage(num_updates=...)`), so a short run averages over its recent steps rather than over its
-random start, and a long run over about 1 / (1 - decay) steps.
+random start, and a long run over about 1 / (1 - decay) steps. The first update (t = 0) takes the weights as they
+are: the average starts at the first iterate.
 """
 
 from __future__ import annotations
@@ -87,8 +88,14 @@ class WeightEMA:
             self.admit([(name, p) for name, p in model.named_parameters() if p.requires_grad])
 
     def current_decay(self) -> float:
-        """The decay of the next update: warmed up by the number of updates so far."""
-        return warmed_up_decay(self.decay, self.updates)
+        """The decay of the next update: 0 for the first, then warmed up by the number of updates so far.
+
+        The first update takes the weights as they are, so the average starts at the first iterate. Built at the first
+        step, the average holds the weights before training when that step changed none (fp16 loss scaling skips
+        the first steps of a run whose initial scale overflows, the guard drops a first update at w + eps that was not
+        finite), and a warmed-up decay of 0.1 kept a tenth of them.
+        """
+        return 0.0 if self.updates == 0 else warmed_up_decay(self.decay, self.updates)
 
     @torch.no_grad()
     def update(self) -> None:

@@ -650,9 +650,31 @@ def _assert_resumed(results: dict, name: str) -> None:
     assert _zero_diff(results, f"{name}-straight", f"{name}-resumed") == 0.0, name
 
 
-@pytest.mark.parametrize("name", ["fsam", "mesa"])
+@pytest.mark.parametrize("name", ["fsam", "mesa", "weight-ema"])
 def test_resume_from_a_deepspeed_checkpoint_equals_the_uninterrupted_run(zero, name):
     _assert_resumed(zero, name)
+
+
+def test_the_weight_average_under_zero_is_built_from_the_stepped_weights_and_equals_ddp(zero):
+    # engine.step() copies DeepSpeed's fp32 master partitions into the module: the average is built from those
+    # weights after every step, on both ranks, scored by the evaluations and left in the model, as under DDP.
+    _assert_under_zero_equals_ddp(zero, "weight-ema", 1)
+    sharded, replicated = zero["weight-ema-z1"], zero["weight-ema-ddp"]
+    for run in (sharded, replicated):
+        assert run["unchanged_steps"] == [] and run["ema_vs_iterates"] < 1e-6, run
+        assert run["ema_vs_last_iterate"] > 1e-3  # the model holds the average, not the last trained weights
+    assert len(sharded["eval_losses"]) == 4
+    assert sharded["eval_losses"] == pytest.approx(replicated["eval_losses"], rel=1e-6)
+
+
+def test_a_step_deepspeed_skips_is_not_folded_into_the_weight_average(zero):
+    # DeepSpeed skips a step whose gradient overflowed (under fp16 the first steps, while its initial loss scale is too
+    # large; here a NaN loss at step 0) and says so in its optimizer's `overflow`: that step changed no weight. The
+    # average built at it started at the weights before training and kept a tenth of them after the next update: it
+    # ended 1.9e-4 from the average of the iterates.
+    run = zero["none-weight-ema-skip-z2"]
+    assert run["wrapper"] == "DeepSpeedEngine" and run["skipped_steps"] == 1 and run["unchanged_steps"] == [0]
+    assert run["ranks_identical"] and run["ema_vs_iterates"] < 1e-6, run
 
 
 def test_resuming_adasam_under_zero_with_another_method_is_refused_before_deepspeed_reads_its_optimizer(zero):

@@ -111,6 +111,35 @@ def test_a_step_that_changed_no_weight_is_not_folded_into_the_average(tmp_path, 
     assert_same_weights(state(trainer.model), hand_average(iterates), exact=False, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("method", "loss_scaler", "factor"),
+    [
+        # fp16 loss scaling's first steps, whose scale (2 ** 16 at the start) makes the gradient overflow.
+        ("none", True, 1e36),
+        # The guard drops the first step's update (a radius too large for the starting weights).
+        ("sam", False, math.nan),
+    ],
+)
+def test_the_average_starts_at_the_first_iterate_when_the_first_step_changed_no_weight(
+    tmp_path, method, loss_scaler, factor
+):
+    # The average was built at the first step, skipped or not: the weights before training, which no step produced,
+    # kept their share d_0 = 0.1 after the next update, and the average ended 2.3e-4 from that of the iterates.
+    class Recorder(Snapshots, TrainerCallback):
+        pass
+
+    recorder = Recorder()
+    args = sam_args(tmp_path, sam_method=method, max_steps=4, weight_ema_decay=DECAY, optim="adamw_torch")
+    trainer = LossTimesAtStep(model=tiny_bert(), args=args, train_dataset=tiny_dataset(), callbacks=[recorder],
+                              at=0, factor=factor)  # fmt: skip
+    if loss_scaler:
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu")  # as in the test above
+    trainer.train()
+    assert_same_weights(recorder.weights[0], state(tiny_bert()))  # the first step changed no weight
+    assert not torch.equal(recorder.weights[1]["classifier.weight"], recorder.weights[0]["classifier.weight"])
+    assert_same_weights(state(trainer.model), hand_average(recorder.weights[1:]), exact=False, atol=1e-6)
+
+
 class UnfreezeTheClassifierAtStep2(TrainerCallback):
     """Gradual unfreezing: the head is frozen at the start and trains from step 2 on (also after a resume past it)."""
 
@@ -309,7 +338,8 @@ def test_the_update_of_bf16_weights_holds_no_float32_copy_of_the_whole_model():
     model = tiny_bert().to(torch.bfloat16)
     named = list(model.named_parameters())
     ema = WeightEMA(named, DECAY)
-    reference = [p.detach().float().clone() for _, p in named]
+    ema.update()  # the first update takes the weights as they are; the second one averages
+    reference = [average.clone() for average in ema.average]
     with torch.no_grad():
         for _, p in named:
             p.add_(1.0)
@@ -317,6 +347,6 @@ def test_the_update_of_bf16_weights_holds_no_float32_copy_of_the_whole_model():
         ema.update()
     largest = max(4 * p.numel() for _, p in named)
     assert counted.peak <= largest < sum(4 * p.numel() for _, p in named) / 4
-    weight = 1 - min(DECAY, 1 / 10)
+    weight = 1 - min(DECAY, 2 / 11)
     for average, before, (_, p) in zip(ema.average, reference, named):  # and the same numbers
         torch.testing.assert_close(average, before.lerp(p.detach().float(), weight), atol=0, rtol=0)

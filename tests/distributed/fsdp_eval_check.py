@@ -30,6 +30,10 @@ from tests.helpers import tiny_bert, tiny_dataset
 CASES = {
     "momentum-sam": dict(sam_method="momentum-sam", sam_rho=0.2, optim_args="momentum=0.9"),
     "sam-weight-ema": dict(sam_method="sam", weight_ema_decay=0.5),
+    # The average after each window of 2 micro-batches (one optimizer step), from the sharded weights.
+    "sam-weight-ema-ga2": dict(
+        sam_method="sam", weight_ema_decay=0.5, gradient_accumulation_steps=2, per_device_train_batch_size=1
+    ),
     "mesa": dict(sam_method="mesa", mesa_ema_decay=0.5, learning_rate=3.0),
 }
 

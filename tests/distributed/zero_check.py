@@ -115,6 +115,9 @@ SHIPPED_CONFIG = os.path.abspath(
 )
 RESUMED = ("fsam", "mesa")  # an ascent rule's average, a loss term's teacher
 RESUMED_FULL = ("ssam-d", "looksam", "saf")
+# The weight average (decay 0.6: the warm-up and the plain decay both occur in 4 steps), built from the weights
+# DeepSpeed copies from its master partitions into the module after every step.
+WEIGHT_EMA = dict(sam_method="sam", sam_rho=RHO, sam_ascent_sync=True, weight_ema_decay=0.6, max_steps=4)
 
 
 class EngineProbe(TrainerCallback):
@@ -152,11 +155,47 @@ class EngineProbe(TrainerCallback):
         self.start = [p.detach().clone() for p in self.trainer.model.parameters()]
 
 
+class NaNLossAtStep(RecordingTrainer):
+    """The loss of every training pass of optimizer step `nan_step` is NaN: DeepSpeed's overflow check skips that step,
+    as it skips an fp16 overflow, and reports it as its optimizer's `overflow` (accelerate's
+    `optimizer_step_was_skipped`)."""
+
+    nan_step: int | None = None
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        return loss * math.nan if self.state.global_step == self.nan_step and torch.is_grad_enabled() else loss
+
+
+class Iterates(TrainerCallback):
+    """The trained weights after every optimizer step, for the weight average by hand."""
+
+    def __init__(self):
+        self.trainer = None
+        self.weights: list[torch.Tensor] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.weights.append(flat(self.trainer.model).float())
+
+
+def iterates_average(start: torch.Tensor, weights: list[torch.Tensor], decay: float) -> tuple[torch.Tensor, list[int]]:
+    """The weight average by hand, over the iterates that changed the weights (from `start`): it starts at the first
+    of them, then w_avg <- d_t w_avg + (1 - d_t) w with d_t = min(decay, (1 + t) / (10 + t)). Also returns the steps
+    that changed no weight."""
+    unchanged = [t for t, w in enumerate(weights) if torch.equal(w, ([start] + weights)[t])]
+    average = None
+    for t, w in enumerate(w for step, w in enumerate(weights) if step not in unchanged):
+        d = min(decay, (1 + t) / (10 + t))
+        average = w.clone() if average is None else d * average + (1 - d) * w
+    return average, unchanged
+
+
 def run(name, overrides, out_dir, rank, world, stage=None, resume=None, **extra):
     """Train the tiny BERT (SGD, 3 steps of 2 examples per rank) under ZeRO `stage` (or the DeepSpeed JSON file it
     names), or under DDP when None."""
     overrides = {**overrides, **extra}
     train_size = overrides.pop("train_size", 32)
+    nan_step = overrides.pop("nan_step", None)
     sgd = dict(optim="sgd", learning_rate=LR, weight_decay=0.0)
     if overrides.get("sam_method") == "adasam":  # brings its own optimizer
         del sgd["optim"]
@@ -175,11 +214,14 @@ def run(name, overrides, out_dir, rank, world, stage=None, resume=None, **extra)
     model = tiny_bert(dropout=0.0)
     args = check_arguments(os.path.join(out_dir, name), **{**sgd, **overrides})
     probe = EngineProbe() if stage is not None else None
-    trainer = RecordingTrainer(
-        model=model, args=args, train_dataset=tiny_dataset(train_size), callbacks=[probe] if probe else None
-    )
-    if probe is not None:
-        probe.trainer = trainer
+    iterates = Iterates() if args.weight_ema_decay > 0 else None
+    callbacks = [c for c in (probe, iterates) if c is not None]
+    eval_dataset = tiny_dataset(8, seed=1) if args.eval_strategy != "no" else None
+    trainer = NaNLossAtStep(model=model, args=args, train_dataset=tiny_dataset(train_size), eval_dataset=eval_dataset,
+                            callbacks=callbacks or None)  # fmt: skip
+    trainer.nan_step = nan_step
+    for callback in callbacks:
+        callback.trainer = trainer
     trainer.train(resume_from_checkpoint=resume)
     final = flat(trainer.model).float()
     gathered = [None] * world
@@ -200,7 +242,14 @@ def run(name, overrides, out_dir, rank, world, stage=None, resume=None, **extra)
         "first_step": probe.first_step if probe else None,
         "backwards": probe.backwards if probe else None,
         "param_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()}),
+        "eval_losses": [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e],
     }
+    if iterates is not None and resume is None:
+        average, unchanged = iterates_average(flat(tiny_bert(dropout=0.0)).float(), iterates.weights,
+                                              args.weight_ema_decay)  # fmt: skip
+        result["ema_vs_iterates"] = float((final - average).abs().max())
+        result["ema_vs_last_iterate"] = float((final - iterates.weights[-1]).abs().max())
+        result["unchanged_steps"] = unchanged
     del trainer
     return result, final
 
@@ -365,6 +414,16 @@ def main():
             run(f"{name}-saved", resumable, tmp, rank, world, stage=stage, save_strategy="steps", save_steps=2)
             checkpoint = os.path.join(tmp, f"{name}-saved", "checkpoint-2")
             record(f"{name}-resumed", resumable, tmp, rank, world, stage=stage, resume=checkpoint)
+        # The weight average: evaluated after every step and left in the model (ZeRO-1 against DDP), a step that
+        # DeepSpeed's overflow check skips (the first: fp16's initial loss scale often overflows), and the resume.
+        record("weight-ema-z1", WEIGHT_EMA, tmp, rank, world, stage=1, eval_strategy="steps", eval_steps=1)
+        record("weight-ema-ddp", WEIGHT_EMA, tmp, rank, world, eval_strategy="steps", eval_steps=1)
+        record("none-weight-ema-skip-z2", dict(sam_method="none", weight_ema_decay=0.6, max_steps=4, nan_step=0), tmp,
+               rank, world, stage=2)  # fmt: skip
+        record("weight-ema-straight", WEIGHT_EMA, tmp, rank, world, stage=2)
+        run("weight-ema-saved", WEIGHT_EMA, tmp, rank, world, stage=2, save_strategy="steps", save_steps=2)
+        checkpoint = os.path.join(tmp, "weight-ema-saved", "checkpoint-2")
+        record("weight-ema-resumed", WEIGHT_EMA, tmp, rank, world, stage=2, resume=checkpoint)
     if rank == 0:
         results["world_size"] = world
         results["sam-sync-ddp-final"] = finals["sam-sync-ddp"].tolist()  # for the `accelerate launch` check
