@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from .methods import METHODS
 from .momentum_sam import base_optimizer
-from .perturbation import select_perturbed
+from .perturbation import optimizer_held, select_perturbed
 
 
 logger = logging.get_logger(__name__)
@@ -159,6 +159,29 @@ def saved_method(checkpoint: str, suffix: str = "") -> str | None:
         return None
 
 
+def check_saved_average(trainer, checkpoint: str) -> None:
+    """Refuse, for a run without a weight average (`weight_ema_decay=0`), a checkpoint whose state file holds one: the
+    average would be dropped and the model left after training be the trained weights, without a word under `none`
+    (which reads no state file then) and under another method with a message that named no field."""
+    if trainer.args.weight_ema_decay > 0:
+        return
+    path = os.path.join(checkpoint, STATE_FILE.format(suffix=_rank_suffix(trainer)))
+    if not os.path.isfile(path):
+        return
+    try:
+        with safe_open(path, framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception:  # a damaged file: `load_sam_state` refuses it with the full explanation where the run reads it
+        return
+    if any(key.startswith("weight_ema.") for key in keys):
+        raise ValueError(
+            f"{path} holds a moving average of the weights (written with weight_ema_decay > 0), but this run has"
+            " weight_ema_decay=0: the average would be dropped, and the model left after training would be the"
+            " trained weights instead of it. Resume with --weight_ema_decay set as in the original run, or start a"
+            f" new run from the weights of {checkpoint}."
+        )
+
+
 def _check_values(tensors: dict[str, torch.Tensor], path: str, corrupt: str) -> None:
     for key, value in tensors.items():
         if not value.is_floating_point() or value.numel() == 0:
@@ -271,7 +294,8 @@ def _run_settings(trainer) -> dict[str, str] | None:
     args = trainer.args
     settings = {}
     if args.sam_enabled:
-        trainable = [name for name, _ in select_perturbed(trainer.model, args.sam_include, args.sam_exclude)]
+        held = optimizer_held(trainer)
+        trainable = [name for name, _ in select_perturbed(trainer.model, args.sam_include, args.sam_exclude, held)]
         perturbation = trainer._sam.perturbation
         # The set chosen at the run's first step, which the state covers: a callback may have unfrozen or frozen
         # parameters since, and the trainable set of now would refuse the same script restarted from this checkpoint.

@@ -135,10 +135,16 @@ class SparseMask:
         # a SAM step earlier in this interval already refreshed the mask that the checkpoint holds.
         return not any(is_sam_step(self.args, t, state.max_steps) for t in range(start, state.global_step))
 
-    def before_step(self, trainer, params: list[torch.Tensor]) -> None:
-        """SSAM-F: before a due step (the first one included), rebuild the mask from the empirical Fisher."""
+    def before_step(self, trainer, params: list[torch.Tensor]) -> float:
+        """SSAM-F: before a due step (the first one included), rebuild the mask from the empirical Fisher.
+
+        Returns:
+            `float`: the floating-point operations of its forward+backward passes, by `trainer.floating_point_ops`
+            (0 when no refresh is due), for Trainer's `total_flos`.
+        """
+        flops = 0.0
         if self.kind != "fisher" or not self.due(trainer):
-            return
+            return flops
         fisher = [torch.zeros_like(local(p), dtype=torch.float32) for p in params]
         model = trainer.model  # unwrapped: these passes must not all-reduce; every rank sees the same examples
         was_training = model.training
@@ -160,6 +166,7 @@ class SparseMask:
                     model.zero_grad(set_to_none=True)
                     with trainer.compute_loss_context_manager():
                         loss = trainer.compute_loss(model, trainer._prepare_inputs(example))
+                    flops += float(trainer.floating_point_ops(example))
                     if outside_hooks:
                         # Only tensors that still require grad (a callback may have frozen one since the first step).
                         wanted = [p for p in params if p.requires_grad]
@@ -178,6 +185,7 @@ class SparseMask:
         self.set_fisher(fisher, params)
         self.updated_at = trainer.state.global_step
         self.current_density = self.density()
+        return flops
 
     def _fisher_examples(self, trainer):
         """`sam_fisher_samples` training examples, one per batch, drawn from (seed, global_step)."""

@@ -185,7 +185,7 @@ class MESATerm(LossTerm):
     def term(self, inputs, captured, index, prepared, num_items_in_batch) -> torch.Tensor | None:
         args, trainer, teacher_logits = self.args, self.trainer, prepared
         if teacher_logits is None:
-            trainer._sam_metrics.add("sam/passes_per_step", 1.0)
+            trainer._sam_count_passes(1.0)
             return None
         fused = per_token_log_probs(captured.output)
         if fused is not None:
@@ -210,7 +210,7 @@ class MESATerm(LossTerm):
         # of a causal LM score different numbers of tokens.
         trainer._sam_metrics.add("mesa/kl", kl.detach().sum(), count=count)
         # A no-grad forward counted as a third of a pass (backward = 2 forwards), as ESAM's SDS forward.
-        trainer._sam_metrics.add("sam/passes_per_step", 1.0 + 1 / 3)
+        trainer._sam_count_passes(1.0 + 1 / 3)
         return term
 
     def _scored_positions(self, hidden: torch.Tensor | None, label_mask: torch.Tensor, teacher_logits: torch.Tensor):

@@ -21,7 +21,13 @@ from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
 from .arguments import SAMArgumentsMixin
-from .checkpoint import check_saved_optimizer, load_run_state, save_run_state
+from .checkpoint import (
+    check_saved_average,
+    check_saved_optimizer,
+    last_complete_checkpoint,
+    load_run_state,
+    save_run_state,
+)
 from .components import LOSS_TERMS
 from .esam import per_example_loss, per_example_nll, take_examples
 from .host_state import off_the_record
@@ -41,8 +47,9 @@ from .loss_term import (
 )
 from .methods import METHODS
 from .metrics import SAMMetrics
-from .momentum_sam import first_moments, keeps_momentum, no_momentum_message
+from .momentum_sam import first_moments, holds_moments, keeps_momentum, no_momentum_message
 from .msam import label_count, sequence_bounds, shard_sizes, split_batch, take_sequences
+from .perturbation import optimizer_held
 from .radius import note_peak_lr, step_rho
 from .replay import bn_snapshot, capture_rng, frozen_bn_stats, restore_bn, restore_rng, rng_untouched
 from .run import SAMRun
@@ -60,6 +67,7 @@ from .setup_checks import (
     check_training_args,
     loss_term_bypass_message,
     step_bypass_message,
+    unheld_perturbed_set_message,
     window_bypass_message,
 )
 from .sync import drop_deferred_grads, gradient_sync, tracks_used_tensors
@@ -156,6 +164,7 @@ class SAMMixin:
         """Refuse, before the host trainer builds anything, a method this host cannot run (see `SAMDPOTrainer`)."""
 
     def train(self, *args: Any, **kwargs: Any):
+        args, kwargs = self._sam_last_complete_checkpoint(args, kwargs)
         # Parameters may be replaced between __init__ and the first step (FSDP2 sharding, model_init), so the
         # method's pieces are built again, from the prepared model, at the first step of every `train()` call.
         self._sam.reset()
@@ -183,6 +192,25 @@ class SAMMixin:
         # callbacks).
         self._sam_leave_average()
         return result
+
+    def _sam_last_complete_checkpoint(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """`train(resume_from_checkpoint=True)`: the newest checkpoint written to the end (`last_complete_checkpoint`),
+        where Trainer takes the newest folder, loads its weights into the model and then fails on its missing
+        trainer_state.json (written last) when the save was cut off. Returns `train`'s arguments with that folder."""
+        by_name = "resume_from_checkpoint" in kwargs
+        resume = kwargs["resume_from_checkpoint"] if by_name else (args[0] if args else None)
+        if resume is not True:
+            return args, kwargs
+        checkpoint = last_complete_checkpoint(self.args.output_dir)
+        if checkpoint is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True found no complete checkpoint in output_dir={self.args.output_dir!r} (a"
+                " checkpoint-N folder whose trainer_state.json, which Trainer writes last, is readable). Pass the"
+                " checkpoint folder to resume from, or train without resume_from_checkpoint."
+            )
+        if by_name:
+            return args, {**kwargs, "resume_from_checkpoint": checkpoint}
+        return (checkpoint, *args[1:]), kwargs
 
     def _inner_training_loop(self, *args: Any, **kwargs: Any):
         # `auto_find_batch_size` runs Trainer's inner loop again, with a smaller batch, after an out-of-memory error:
@@ -330,7 +358,9 @@ class SAMMixin:
             raise ValueError(no_momentum_message(self.optimizer))  # at the first step, before any update
         check_own_optimizer(self)
         note_peak_lr(self)
-        self._sam.build(self.model, self.args)
+        self._sam.build(self.model, self.args, optimizer_held(self))
+        if not self._sam.perturbation.params:  # __init__ found some: the optimizer (one passed in) holds none of them
+            raise ValueError(unheld_perturbed_set_message(self.args))
         if getattr(self, "is_deepspeed_enabled", False):
             self._sam.zero = ZeroStep(self.accelerator, self.model_wrapped)
 
@@ -365,6 +395,22 @@ class SAMMixin:
         inputs: dict[str, torch.Tensor | Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
+        self._sam.passes = 1.0
+        loss = self._sam_training_step(model, inputs, num_items_in_batch)
+        if self._sam.passes != 1.0:
+            # Trainer adds one forward+backward, `floating_point_ops(inputs)`, to `total_flos` after this returns: the
+            # passes beyond it (a SAM step's second, ESAM's partial ones, MESA's teacher forward) are added here.
+            self.current_flos += (self._sam.passes - 1.0) * float(self.floating_point_ops(inputs))
+        return loss
+
+    def _sam_count_passes(self, passes: float) -> None:
+        """The forward+backward passes this micro-batch runs (no-grad forwards as 1/3): logged as
+        `sam/passes_per_step`, and counted in Trainer's `total_flos`."""
+        self._sam_metrics.add("sam/passes_per_step", passes)
+        self._sam.passes = passes
+
+    def _sam_training_step(self, model, inputs, num_items_in_batch) -> torch.Tensor:
+        """One micro-batch's passes (`training_step` adds those beyond Trainer's one to `total_flos`)."""
         if not isinstance(inputs, Mapping) and (self.args.sam_enabled or self.args.sam_loss_term != "none"):
             raise ValueError(batch_not_a_dict_message(type(self).__name__, inputs))  # before any pass
         if self.args.sam_loss_term != "none" or (self.args.sam_enabled and self.args.esam_gamma < 1):
@@ -400,23 +446,28 @@ class SAMMixin:
                 )
             if self._sam.perturbation.mask is not None:
                 with off_the_record(self):  # the Fisher passes are no training passes of the host's
-                    self._sam.perturbation.mask.before_step(self, self._sam.perturbation.params)
+                    fisher_flops = self._sam.perturbation.mask.before_step(self, self._sam.perturbation.params)
+                # Outside: off_the_record puts the host's counters back, Trainer's `current_flos` among them.
+                self.current_flos += fisher_flops
             self._sam.esam.before_step(self.state.global_step)
             # One decision per optimizer step, seeded by (seed, global_step): identical on every rank.
             self._sam.window_is_sam = is_sam_step(self.args, self.state.global_step, self.state.max_steps)
+            if self._sam.window_is_sam and self.args.sam_direction == "momentum":
+                # Before the optimizer's first update it holds no moment to perturb along: a plain step, logged as one.
+                self._sam.window_is_sam = holds_moments(self.optimizer, self._sam.perturbation.params)
             self._sam_metrics.add("sam/sam_step_fraction", float(self._sam.window_is_sam))
         try:
             if self._sam.window_is_sam and self.args.sam_direction == "momentum":
-                self._sam_metrics.add("sam/passes_per_step", 1.0)
+                self._sam_count_passes(1.0)
                 loss = self._sam_momentum_step(model, inputs, index, last, num_items_in_batch)
             elif not self._sam.window_is_sam:
-                self._sam_metrics.add("sam/passes_per_step", 1.0)
+                self._sam_count_passes(1.0)
                 loss = super().training_step(model, inputs, num_items_in_batch)
                 if last and self._sam.descent.active:
                     self._sam_sync_held_grads(self._sam.perturbation.params)
                     self._sam.descent.after_plain_step(self._sam.perturbation)
             else:
-                self._sam_metrics.add("sam/passes_per_step", self._sam.esam.passes())
+                self._sam_count_passes(self._sam.esam.passes())
                 if self.args.sam_micro_batches > 1 or (self.args.sam_accumulation == "micro" and len(window) > 1):
                     loss = self._sam_micro_step(model, inputs, index, window, num_items_in_batch)
                 else:
@@ -540,7 +591,7 @@ class SAMMixin:
         if index == 0:
             rho = self._sam_rho()
             # m is identical on every rank (replicated optimizer state) or sharded like its weight (FSDP2): no sync.
-            moments = first_moments(self.optimizer, perturbation.params)  # None before the first update
+            moments = first_moments(self.optimizer, perturbation.params)  # None for a tensor not yet stepped
             norm = perturbation.shift(moments, -rho)  # -m: along the coming update
             self._sam_metrics.add("sam/momentum_norm", norm)
             self._sam_metrics.add("sam/rho", rho)
@@ -1055,6 +1106,7 @@ class SAMMixin:
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None:
             check_saved_optimizer(self, checkpoint)  # before torch reads another optimizer's state
+            check_saved_average(self, checkpoint)
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self._sam_has_run_state():
             if self.args.sam_enabled and self._sam.perturbation is None:

@@ -35,6 +35,13 @@ def keeps_momentum(optimizer) -> bool:
     return all("betas" in group or group.get("momentum", 0) > 0 or group.get("beta1") is not None for group in groups)
 
 
+def holds_moments(optimizer, params: list[torch.Tensor]) -> bool:
+    """Whether the optimizer has stepped any of `params` (it builds its state, the first moment with it, at the first
+    update of each parameter): before that there is nothing to perturb along, and the step is a plain one."""
+    state = base_optimizer(optimizer).state
+    return any(param in state for param in params)
+
+
 def first_moments(optimizer, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """Each parameter's first moment, or None where the optimizer has not stepped it yet.
 

@@ -10,16 +10,21 @@ import torch
 from torch import nn
 
 from .ascent import AscentRule
+from .momentum_sam import base_optimizer
 from .tensors import global_norm, local, zero_non_finite_
 
 
-def select_perturbed(model: nn.Module, include: str | None, exclude: str | None) -> list[tuple[str, nn.Parameter]]:
-    """Trainable parameters of `model` whose name matches `include` and not `exclude` (both regexes, optional).
+def select_perturbed(
+    model: nn.Module, include: str | None, exclude: str | None, held: set[int] | None = None
+) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters of `model` whose name matches `include` and not `exclude` (both regexes, optional), and
+    that the optimizer holds (`held`: their ids, see `optimizer_held`; None takes every trainable parameter).
 
-    Frozen parameters (e.g. a LoRA base model) are never perturbed. A tied weight (GPT-2's `lm_head.weight` is
-    `transformer.wte.weight`) is one tensor under several names: it is listed once, under the name
-    `named_parameters()` gives it, and matched on every one of its names, so `lm_head` includes or excludes it
-    whichever module registered it first.
+    Frozen parameters (e.g. a LoRA base model) are never perturbed, nor is a parameter that requires grad but that the
+    optimizer does not hold (one built over a subset): it is never updated, as constant as a frozen one. A tied weight
+    (GPT-2's `lm_head.weight` is `transformer.wte.weight`) is one tensor under several names: it is listed once, under
+    the name `named_parameters()` gives it, and matched on every one of its names, so `lm_head` includes or excludes
+    it whichever module registered it first.
     """
     include_re = re.compile(include) if include else None
     exclude_re = re.compile(exclude) if exclude else None
@@ -28,7 +33,7 @@ def select_perturbed(model: nn.Module, include: str | None, exclude: str | None)
         aliases.setdefault(id(param), []).append(name)
     selected = []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or (held is not None and id(param) not in held):
             continue
         names = aliases[id(param)]
         if include_re is not None and not any(include_re.search(n) for n in names):
@@ -37,6 +42,15 @@ def select_perturbed(model: nn.Module, include: str | None, exclude: str | None)
             continue
         selected.append((name, param))
     return selected
+
+
+def optimizer_held(trainer) -> set[int] | None:
+    """The ids of the parameters that `trainer.optimizer` updates, or None where it cannot tell: no optimizer yet, or
+    one whose groups hold copies of the weights instead of the model's parameters (DeepSpeed's flat partitions)."""
+    if trainer.optimizer is None:
+        return None
+    held = {id(p) for group in base_optimizer(trainer.optimizer).param_groups for p in group["params"]}
+    return held if any(id(p) in held for p in trainer.model.parameters()) else None
 
 
 class Perturbation:

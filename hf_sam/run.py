@@ -42,6 +42,8 @@ class SAMRun:
     in_train: bool = False  # inside train(), whose loop prefetches every window through get_batch_samples
     window_next: int = 0
     window_is_sam: bool = True
+    # The forward+backward passes of the current micro-batch (`sam/passes_per_step`): Trainer counts one in total_flos
+    passes: float = 1.0
     window_clean: list[torch.Tensor] = field(default_factory=list)  # each micro-batch's clean loss
     window_rng: list[Any] = field(default_factory=list)  # the RNG state before each clean pass (dropout replay)
     window_examples: list[Any] = field(default_factory=list)  # ESAM SDS: each micro-batch's per-example losses
@@ -69,10 +71,11 @@ class SAMRun:
     stall: StallWatch = field(default_factory=StallWatch)  # warns when the training loss does not fall
     warned_new_trainable: bool = False  # the warning about parameters unfrozen after the first step, given once
 
-    def build(self, model: torch.nn.Module, args) -> None:
-        """The method's pieces, from the prepared model: the perturbed set with its ascent rule and mask, the
-        descent transforms and ESAM's selection (inactive unless its fields are set)."""
-        named = select_perturbed(model, args.sam_include, args.sam_exclude)
+    def build(self, model: torch.nn.Module, args, held: set[int] | None = None) -> None:
+        """The method's pieces, from the prepared model: the perturbed set (of the parameters the optimizer holds,
+        `held`) with its ascent rule and mask, the descent transforms and ESAM's selection (inactive unless its fields
+        are set)."""
+        named = select_perturbed(model, args.sam_include, args.sam_exclude, held)
         names, params = [n for n, _ in named], [p for _, p in named]
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.bn_layers = batch_norm_layers(model) if args.sam_freeze_bn_stats else []

@@ -280,7 +280,7 @@ class SAFTerm(LossTerm):
         # Every rank records every rank's batch, so a later lookup never misses an example another rank saw.
         all_rows, all_logits = gather_rows(rows, logits.detach().float(), trainer._train_batch_size, bank.num_examples)
         bank.record(all_logits, all_rows, whole)
-        trainer._sam_metrics.add("sam/passes_per_step", 1.0)
+        trainer._sam_count_passes(1.0)
         return term
 
     def state_dict(self) -> dict[str, torch.Tensor]:

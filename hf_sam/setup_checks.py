@@ -299,6 +299,17 @@ def check_own_optimizer(trainer) -> None:
         )
 
 
+def unheld_perturbed_set_message(args) -> str:
+    """An optimizer (passed to the trainer, or built by an override) over none of the parameters the method would
+    perturb: each SAM step would perturb nothing, and the run would be the plain optimizer at twice its cost."""
+    return (
+        f"The optimizer holds none of the trainable parameters that match sam_include={args.sam_include!r} and"
+        f" sam_exclude={args.sam_exclude!r}: sam_method={args.sam_method!r} perturbs only parameters the optimizer"
+        " updates, so nothing would be perturbed. Build the optimizer over the parameters to train, or set"
+        " --sam_include / --sam_exclude to select some of them."
+    )
+
+
 def window_bypass_message(host: str) -> str:
     """A `get_batch_samples` override that never reached SAMMixin's: each micro-batch would be taken for a window of
     one, its clean pass would add to the earlier micro-batches' descent gradients, and the ascent would drop them."""

@@ -280,9 +280,10 @@ def test_mask_refresh_interval_defaults_to_one_epoch_of_optimizer_steps(tmp_path
 
     def spy(self, trainer, params):
         before = self.updated_at
-        original(self, trainer, params)
+        flops = original(self, trainer, params)
         if self.updated_at != before:
             refreshed.append(trainer.state.global_step)
+        return flops
 
     monkeypatch.setattr(SparseMask, "before_step", spy)
     args = sam_args(tmp_path, sam_method="ssam-f", sam_fisher_samples=2, **overrides)

@@ -1007,6 +1007,38 @@ def test_include_exclude_match_every_name_of_a_tied_weight(tmp_path):
     assert torch.equal(seen["restored"], seen["w"])
 
 
+@pytest.mark.parametrize("method", ["sam", "asam", "momentum-sam"])
+def test_a_parameter_the_optimizer_does_not_hold_is_not_perturbed(tmp_path, method):
+    # An optimizer built over the head alone (`optimizers=(opt, None)`) trains nothing else: the rest of the model,
+    # though it requires grad, is as constant as a frozen one and must not be perturbed either. It was: the head's
+    # weights after these 4 `sam` steps differed by 0.0064 from those of the same run with the rest frozen.
+    def run(folder, freeze):
+        model = tiny_bert()
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("classifier") or not freeze)
+        head = [p for name, p in model.named_parameters() if name.startswith("classifier")]
+        optimizer = torch.optim.SGD(head, lr=0.05, momentum=0.9)
+        trainer = SequentialSAMTrainer(model=model, args=sam_args(tmp_path / folder, sam_method=method),
+                                       train_dataset=tiny_dataset(), optimizers=(optimizer, None))  # fmt: skip
+        trainer.train()
+        return trainer
+
+    held, frozen = run("held", freeze=False), run("frozen", freeze=True)
+    assert_same_weights(state(held.model), state(frozen.model))
+    assert [id(p) for p in held._sam.perturbation.params] == [id(p) for p in held.model.classifier.parameters()]
+
+
+def test_an_optimizer_holding_no_parameter_of_the_perturbed_set_is_refused(tmp_path):
+    model = tiny_bert()
+    optimizer = torch.optim.SGD(model.classifier.parameters(), lr=0.05)
+    trainer = SequentialSAMTrainer(model=model, args=sam_args(tmp_path, sam_include="LayerNorm"),
+                                   train_dataset=tiny_dataset(), optimizers=(optimizer, None))  # fmt: skip
+    before = state(model)
+    with pytest.raises(ValueError, match="optimizer holds none"):
+        trainer.train()
+    assert_same_weights(before, state(trainer.model))
+
+
 @pytest.mark.parametrize("method", ["sam", "gsam", "stable-sam"])
 def test_a_perturbed_set_without_gradients_in_a_step_leaves_it_plain(tmp_path, method):
     # sam_include on a head (or tower) that a batch does not use: no gradient to ascend along, so eps = 0. The
@@ -1371,6 +1403,25 @@ def test_resume_without_or_with_foreign_state_is_a_clear_error(tmp_path):
         again.train(resume_from_checkpoint=str(checkpoint))
 
 
+def test_resume_from_checkpoint_true_skips_a_checkpoint_cut_off_while_saving(tmp_path):
+    # Trainer's `get_last_checkpoint` took the newest folder: its weights were loaded into the model, then reading its
+    # trainer_state.json (written last) failed with a FileNotFoundError.
+    data = tiny_dataset()
+    straight = train_sam(tmp_path / "a", tiny_bert(), data, trainer_cls=SAMTrainer, max_steps=6)
+    saving = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path / "b", **saving), train_dataset=data).train()
+    (tmp_path / "b" / "checkpoint-4" / "trainer_state.json").unlink()  # a save cut off before its last file
+    resumed = SAMTrainer(model=tiny_bert(1), args=sam_args(tmp_path / "b", max_steps=6), train_dataset=data)
+    resumed.train(resume_from_checkpoint=True)
+    assert_same_weights(state(straight.model), state(resumed.model))
+    (tmp_path / "b" / "checkpoint-2" / "trainer_state.json").unlink()
+    none_whole = SAMTrainer(model=tiny_bert(1), args=sam_args(tmp_path / "b", max_steps=6), train_dataset=data)
+    before = state(none_whole.model)
+    with pytest.raises(ValueError, match="found no complete checkpoint"):
+        none_whole.train(resume_from_checkpoint=True)
+    assert_same_weights(before, state(none_whole.model))
+
+
 @pytest.mark.parametrize("other", ["sam", "none"])
 def test_resuming_adasam_with_another_method_is_refused_before_its_optimizer_state_is_read(tmp_path, other):
     # optimizer.pt holds AdaSAMOptimizer's state: torch's AdamW fails on it with a bare KeyError('step'), before
@@ -1476,6 +1527,30 @@ def test_plain_steps_run_one_pass(tmp_path, method, extra):
     assert math.isclose(log["sam/passes_per_step"], 1 + sam_steps / steps, rel_tol=1e-6)
     if method == "looksam":
         assert sam_steps == 3  # steps 0, 4, 8
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [("none", {}), ("sam", {}), ("ss-sam", {}), ("esam", {}), ("esam", {"esam_gamma": 0.5}), ("mesa", {})],
+)
+def test_total_flos_counts_the_passes_that_ran(tmp_path, method, extra):
+    # Trainer adds one forward+backward per micro-batch to `state.total_flos` after `training_step`: a SAM step's two
+    # passes were counted as one (3,283,200 for `sam` here, the plain Trainer's count).
+    plain = train_plain(tmp_path / "p", tiny_bert(), tiny_dataset(), "sgd")
+    trainer = train_sam(tmp_path / "s", tiny_bert(), tiny_dataset(), "sgd", sam_method=method, **extra)
+    passes = [h["sam/passes_per_step"] for h in trainer.state.log_history if "loss" in h and method != "none"]
+    # One micro-batch per step: the mean of the logged passes is the run's (ss-sam mixes plain steps and SAM steps).
+    mean_passes = sum(passes) / len(passes) if passes else 1.0
+    assert method != "sam" or mean_passes == 2.0
+    assert trainer.state.total_flos == pytest.approx(plain.state.total_flos * mean_passes, rel=1e-6)
+
+
+def test_total_flos_counts_the_fisher_passes_of_ssam_f(tmp_path):
+    plain = train_plain(tmp_path / "p", tiny_bert(), tiny_dataset(), "sgd")
+    trainer = train_sam(tmp_path / "s", tiny_bert(), tiny_dataset(), "sgd", sam_method="ssam-f", sam_fisher_samples=6)
+    per_example = plain.state.total_flos / (4 * 4)  # 4 steps of 4 examples of one length
+    # Two passes per micro-batch, and one refresh (at the first step) of 6 one-example forward+backward passes.
+    assert trainer.state.total_flos == pytest.approx(2 * plain.state.total_flos + 6 * per_example, rel=1e-6)
 
 
 def test_looksam_preset_is_sam_every_k_steps_and_keeps_no_copy(tmp_path):
@@ -1677,6 +1752,20 @@ def test_momentum_sam_refuses_an_optimizer_without_momentum_before_any_update(tm
     assert_same_weights(before, state(trainer.model))
 
 
+def test_momentum_sam_logs_its_first_step_as_the_plain_step_it_is(tmp_path):
+    # Before the optimizer's first update there is no moment to perturb along: the step ran one plain pass at w, and
+    # was logged as a SAM step (sam/sam_step_fraction 1.0, sam/rho 0.2).
+    model = tiny_bert()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    trainer = SequentialSAMTrainer(model=model, args=sam_args(tmp_path, sam_method="momentum-sam", max_steps=3),
+                                   train_dataset=tiny_dataset(), optimizers=(optimizer, None))  # fmt: skip
+    trainer.train()
+    logs = [{k: v for k, v in h.items() if k.startswith("sam/")} for h in trainer.state.log_history if "loss" in h]
+    assert logs[0] == {"sam/passes_per_step": 1.0, "sam/sam_step_fraction": 0.0}
+    assert all(log["sam/sam_step_fraction"] == 1.0 and log["sam/rho"] == 0.2 for log in logs[1:])
+    assert all(log["sam/momentum_norm"] > 0 for log in logs[1:])
+
+
 def test_momentum_direction_over_adasam_perturbs_along_its_first_moment(tmp_path):
     # AdaSAM keeps its first moment as "m": the direction used to find none there and ran plain AMSGrad steps.
     args = {"sam_method": "adasam", "sam_direction": "momentum", "sam_rho": 0.2, "adam_epsilon": 1e-3}
@@ -1684,7 +1773,8 @@ def test_momentum_direction_over_adasam_perturbs_along_its_first_moment(tmp_path
         tmp_path, None, 1, "window", args, {"rho": 0.2, "direction": "momentum"}, own_eps=1e-3
     )
     norms = [h["sam/momentum_norm"] for h in trainer.state.log_history if "sam/momentum_norm" in h]
-    assert norms[0] == 0 and all(n > 0 for n in norms[1:]), norms  # no moment before the first update
+    # No moment before the first update: that step is a plain one, and logs no norm.
+    assert len(norms) == 3 and all(n > 0 for n in norms), norms
     assert_same_weights(state(trainer.model), state(reference_model), exact=False)
     plain = copy_model(tiny_bert())
     reference_sam(plain, AMSGrad(plain.parameters(), lr=0.05, eps=1e-3), windows, rho=0.0)
@@ -1700,7 +1790,8 @@ def test_momentum_sam_perturbs_along_adafactors_first_moment(tmp_path):
         tmp_path, "adafactor", 1, "window", args, {"rho": 0.2, "direction": "momentum"}
     )
     norms = [h["sam/momentum_norm"] for h in trainer.state.log_history if "sam/momentum_norm" in h]
-    assert norms[0] == 0 and all(n > 0 for n in norms[1:]), norms  # no moment before the first update
+    # No moment before the first update: that step is a plain one, and logs no norm.
+    assert len(norms) == 3 and all(n > 0 for n in norms), norms
     assert_same_weights(state(trainer.model), state(reference_model), exact=False)
     plain = copy_model(tiny_bert())
     reference_sam(plain, OPTIMIZERS["adafactor"](plain.parameters()), windows, rho=0.0)

@@ -268,6 +268,25 @@ def test_a_checkpoint_without_the_average_is_refused_on_resume(tmp_path):
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
 
 
+@pytest.mark.parametrize("method", ["none", "sam"])
+def test_a_checkpoint_with_the_average_is_refused_on_resume_without_it(tmp_path, method):
+    # The average would be dropped, and the model left after training be the trained weights: under `none` that went
+    # without a word, under `sam` the message named no field ("state 'weight_ema.updates', which no piece of this
+    # run (ascent) owns").
+    SAMTrainer(
+        model=tiny_bert(),
+        train_dataset=tiny_dataset(),
+        args=sam_args(
+            tmp_path, max_steps=2, save_strategy="steps", save_steps=2, sam_method=method, weight_ema_decay=DECAY
+        ),
+    ).train()
+    resumed = SAMTrainer(
+        model=tiny_bert(), train_dataset=tiny_dataset(), args=sam_args(tmp_path, max_steps=4, sam_method=method)
+    )
+    with pytest.raises(ValueError, match="weight_ema_decay=0.*--weight_ema_decay"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
