@@ -146,17 +146,23 @@ def _why_no_state(checkpoint: str) -> str:
     )
 
 
-def saved_method(checkpoint: str, suffix: str = "") -> str | None:
-    """The `sam_method` recorded in `checkpoint`'s state file, or None when it has none or it cannot be read (then
-    `load_sam_state` says why, where a run needs the file)."""
+def _state_file_header(checkpoint: str, suffix: str = "") -> tuple[dict[str, str], list[str]] | None:
+    """The metadata and tensor names of `checkpoint`'s state file (its header only), or None when it has none or it
+    cannot be read (then `load_sam_state` says why, where a run needs the file)."""
     path = os.path.join(checkpoint, STATE_FILE.format(suffix=suffix))
     if not os.path.isfile(path):
         return None
     try:
         with safe_open(path, framework="pt") as handle:
-            return (handle.metadata() or {}).get("sam_method")
+            return handle.metadata() or {}, list(handle.keys())
     except Exception:  # a damaged file: `load_sam_state` refuses it with the full explanation
         return None
+
+
+def saved_method(checkpoint: str, suffix: str = "") -> str | None:
+    """The `sam_method` recorded in `checkpoint`'s state file, or None when it has none or it cannot be read."""
+    header = _state_file_header(checkpoint, suffix)
+    return header[0].get("sam_method") if header is not None else None
 
 
 def check_saved_average(trainer, checkpoint: str) -> None:
@@ -165,15 +171,10 @@ def check_saved_average(trainer, checkpoint: str) -> None:
     (which reads no state file then) and under another method with a message that named no field."""
     if trainer.args.weight_ema_decay > 0:
         return
-    path = os.path.join(checkpoint, STATE_FILE.format(suffix=_rank_suffix(trainer)))
-    if not os.path.isfile(path):
-        return
-    try:
-        with safe_open(path, framework="pt") as handle:
-            keys = list(handle.keys())
-    except Exception:  # a damaged file: `load_sam_state` refuses it with the full explanation where the run reads it
-        return
-    if any(key.startswith("weight_ema.") for key in keys):
+    suffix = _rank_suffix(trainer)
+    header = _state_file_header(checkpoint, suffix)
+    if header is not None and any(key.startswith("weight_ema.") for key in header[1]):
+        path = os.path.join(checkpoint, STATE_FILE.format(suffix=suffix))
         raise ValueError(
             f"{path} holds a moving average of the weights (written with weight_ema_decay > 0), but this run has"
             " weight_ema_decay=0: the average would be dropped, and the model left after training would be the"

@@ -785,7 +785,8 @@ class SAMMixin:
         # after it: it must stay the plain Trainer's (later dropout, and samplers that draw from the global RNG, such
         # as group_by_length's). Without it the subset's pass draws fresh masks from here, as the descent pass does
         # without data selection (the scoring forward replays either way: the rise must measure eps, not dropout).
-        after_clean = capture_rng(self.args.device) if rng is not None and self.args.sam_same_dropout else None
+        replay = rng is not None and self.args.sam_same_dropout
+        after_clean = capture_rng(self.args.device) if replay else None
         bounds = sequence_bounds(prepared)
         if bounds is not None:
             batch = len(bounds) - 1
@@ -807,7 +808,7 @@ class SAMMixin:
         # multiplies it by the processes under `average_tokens_across_devices`). The subset's mean must be scaled
         # the same way, or its descent was 1/GA (1/(GA x processes) under DDP) of the plain Trainer's.
         own_mean = self._sam_loss_ignores_item_count(model, subset, num_items_in_batch)
-        if after_clean is not None:
+        if replay:
             restore_rng(rng, self.args.device)
         if own_mean:
             # The count reaches Trainer (which then scales as for the clean pass), not the model's mean loss.
